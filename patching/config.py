@@ -1,0 +1,104 @@
+"""Typed settings of the trainer and the gate. Every default carries its reason.
+
+These dataclasses are the single definition of the algorithm's knobs; the daemon's
+settings file maps its `[trainer]` and `[gate]` sections onto them field by field.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Literal
+
+Activation = Literal["relu", "gelu"]
+TrainerMode = Literal["cached", "reference"]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    # relu gives exact zeros on unrelated inputs, so thousands of neurons cannot leak (DESIGN §3)
+    activation: Activation = "relu"
+    # Adam learning rate of the reference implementation
+    lr: float = 1e-2
+    # hard cap; the stop rule usually ends training after tens of steps
+    max_steps: int = 500
+    # k_a: the activation loss averages the top-k of exp(margin_a - a) over edit positions
+    act_topk: int = 5
+    # pre-activation the edit should reach (the init puts it at exactly 1)
+    act_margin: float = 1.0
+    # k: memory terms average the top-k memory rows (reference: 1000)
+    mem_topk: int = 1000
+    # beta: memory pre-activations are pushed below this (reference: -3)
+    mem_margin: float = -3.0
+    # gamma: the edit's activation must beat every memory row by this much (reference: 3)
+    rel_margin: float = 3.0
+    # c_m: weight of both memory terms (reference: 5 for classification, 10 for generation);
+    # None = pick by task kind
+    mem_weight: float | None = None
+    # stop rule: every memory pre-activation below this (0 = relu exactly silent on M)
+    stop_mem_margin: float = 0.0
+    # stop rule: edit activation minus the largest memory activation at least this
+    stop_rel_margin: float = 0.5
+    # generation: one neuron per wrong target token, at most this many (reference caps at 5)
+    max_neurons: int = 5
+    # std of the initial value vector, relative to the residual scale; small keeps the
+    # neuron from moving the output before its key is trained
+    value_init_std: float = 0.1
+    # perturbed copies of the edit's q (dropout on q) trained alongside the clean one;
+    # the cached stand-in for the reference's dropout-on-8-copies, which buys generality
+    augment_copies: int = 0
+    augment_dropout: float = 0.1
+    # hard-negative mining: recompute M @ k in full every this many steps and train on
+    # the current top rows in between (0 = full product every step)
+    mining_interval: int = 0
+    mining_rows: int = 4096
+    # reference mode only: its fixed schedule (at least 100 steps, checks every 25)
+    reference_min_steps: int = 100
+    reference_check_every: int = 25
+    mode: TrainerMode = "cached"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check_positive(self, "lr", "max_steps", "act_topk", "mem_topk", "max_neurons")
+        if self.activation not in ("relu", "gelu"):
+            raise ValueError(f"trainer.activation must be 'relu' or 'gelu', got {self.activation!r}")
+        if self.mode not in ("cached", "reference"):
+            raise ValueError(f"trainer.mode must be 'cached' or 'reference', got {self.mode!r}")
+        if not 0.0 <= self.augment_dropout < 1.0:
+            raise ValueError("trainer.augment_dropout must be in [0, 1)")
+        if self.augment_copies < 0 or self.mining_interval < 0:
+            raise ValueError("trainer.augment_copies and trainer.mining_interval must be >= 0")
+
+    def memory_weight(self, generation: bool) -> float:
+        if self.mem_weight is not None:
+            return self.mem_weight
+        return 10.0 if generation else 5.0
+
+
+@dataclass(frozen=True)
+class GateConfig:
+    # strict default: a new neuron may not change a single held-out prediction
+    max_changed: int = 0
+    # "changed" counts every flip; "regressed" counts only right->wrong (needs labels)
+    policy: Literal["changed", "regressed"] = "changed"
+    # a failed gate is retried this many times, each with a stronger memory weight
+    retries: int = 2
+    # multiplier of the memory weight and margins per retry
+    retry_factor: float = 2.0
+
+    def __post_init__(self) -> None:
+        if self.max_changed < 0 or self.retries < 0:
+            raise ValueError("gate.max_changed and gate.retries must be >= 0")
+        if self.policy not in ("changed", "regressed"):
+            raise ValueError(f"gate.policy must be 'changed' or 'regressed', got {self.policy!r}")
+        if self.retry_factor < 1.0:
+            raise ValueError("gate.retry_factor must be >= 1")
+
+
+def _check_positive(obj: object, *names: str) -> None:
+    for name in names:
+        if getattr(obj, name) <= 0:
+            raise ValueError(f"trainer.{name} must be > 0, got {getattr(obj, name)!r}")
+
+
+def field_names(cls: type) -> list[str]:
+    return [f.name for f in fields(cls)]
