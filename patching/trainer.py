@@ -1,0 +1,211 @@
+"""Train the neurons of one edit on cached tensors (the fast path of DESIGN §3).
+
+One frozen forward of the current patched model gave, at the R positions that matter for the
+edit, the FFN input q, the FFN output and the residual ([R, d] each). A training step then only
+runs the new neurons on q, `tail` (residual + norm + head, see arch.tail_logits) and one product
+of the memory M [N, d] with the keys. The model itself is never run here.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from patching import losses
+from patching.config import TrainConfig
+from patching.layer import activate
+
+Tail = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (ffn_out [R, d], residual [R, d]) -> logits
+
+
+@dataclass
+class EditTensors:
+    """The cached edit: R rows (positions) of the patched layer."""
+
+    q: torch.Tensor  # [R, d] FFN input
+    ffn: torch.Tensor  # [R, d] FFN output of the current model
+    residual: torch.Tensor  # [R, d]
+    targets: torch.Tensor  # [R] target label / token ids
+    group: torch.Tensor | None = None  # [R] example index of each row (for sets of several examples)
+
+    @property
+    def rows(self) -> int:
+        return int(self.q.shape[0])
+
+
+@dataclass
+class Neurons:
+    keys: torch.Tensor  # [n, d]
+    biases: torch.Tensor  # [n]
+    values: torch.Tensor  # [n, d]
+
+    @property
+    def n(self) -> int:
+        return int(self.keys.shape[0])
+
+
+@dataclass
+class TrainResult:
+    neurons: Neurons
+    success: bool  # the stop rule was met (edit right, memory within margins)
+    steps: int
+    seconds: float
+    edit_activation: float  # min pre-activation of the neurons at their anchors
+    memory_max: float  # max pre-activation over the whole memory
+    losses: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Objective:
+    """Loss weights and margins for one training run (the retry logic strengthens them)."""
+
+    act_margin: float
+    mem_margin: float
+    rel_margin: float
+    mem_weight: float
+    stop_mem_margin: float
+    stop_rel_margin: float
+
+    @classmethod
+    def from_config(cls, cfg: TrainConfig, generation: bool, strength: float = 1.0) -> Objective:
+        # a retry multiplies the memory weight and pushes the stop margins further from the edge
+        return cls(
+            act_margin=cfg.act_margin,
+            mem_margin=cfg.mem_margin,
+            rel_margin=cfg.rel_margin,
+            mem_weight=cfg.memory_weight(generation) * strength,
+            stop_mem_margin=cfg.stop_mem_margin - (strength - 1.0) * 0.5,
+            stop_rel_margin=cfg.stop_rel_margin * strength,
+        )
+
+
+def init_neurons(q_anchor: torch.Tensor, ffn: torch.Tensor, cfg: TrainConfig, gen: torch.Generator) -> Neurons:
+    """k = q/|q|^2 and b = 0 put the pre-activation on the edit at exactly 1; v small and random.
+
+    q_anchor [n, d]; ffn [R, d] sets the scale of v (a fraction of the FFN output's rms).
+    """
+    keys = q_anchor / q_anchor.pow(2).sum(-1, keepdim=True)
+    scale = ffn.float().pow(2).mean().sqrt() * cfg.value_init_std
+    values = torch.randn(q_anchor.shape, generator=gen, dtype=torch.float32).to(q_anchor) * scale
+    return Neurons(keys.clone(), torch.zeros(q_anchor.shape[0]).to(q_anchor), values)
+
+
+def augmented_q(q: torch.Tensor, cfg: TrainConfig, gen: torch.Generator) -> torch.Tensor:
+    """[R, d] -> [(1 + copies) * R, d]: the clean rows first, then dropout-perturbed copies."""
+    if cfg.augment_copies == 0:
+        return q
+    copies = q.repeat(cfg.augment_copies, 1)
+    keep = torch.rand(copies.shape, generator=gen, dtype=torch.float32).to(q) >= cfg.augment_dropout
+    return torch.cat([q, copies * keep / (1.0 - cfg.augment_dropout)])
+
+
+def stop_met(edit_ok: bool, a_edit: torch.Tensor, m_max: float, obj: Objective) -> bool:
+    return edit_ok and m_max < obj.stop_mem_margin and float(a_edit.min()) - m_max >= obj.stop_rel_margin
+
+
+def total_loss(
+    logits: torch.Tensor, targets: torch.Tensor, a_rows: torch.Tensor, a_edit: torch.Tensor, m: torch.Tensor,
+    obj: Objective, cfg: TrainConfig,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """l_e + l_a + c_m (l_abs + l_rel). a_rows [C, n] activations at each neuron's anchor (all copies)."""
+    le = losses.edit_loss(logits, targets)
+    la = losses.activation_loss(a_rows, obj.act_margin, cfg.act_topk)
+    lm_abs = losses.memory_abs_loss(m, obj.mem_margin, cfg.mem_topk)
+    lm_rel = losses.memory_rel_loss(m, a_edit, obj.rel_margin, cfg.mem_topk)
+    total = le + la + obj.mem_weight * (lm_abs + lm_rel)
+    return total, {"edit": float(le), "act": float(la), "mem_abs": float(lm_abs), "mem_rel": float(lm_rel)}
+
+
+class MemoryScorer:
+    """M @ k with optional hard-negative mining: the full product every `interval` steps, and in
+    between only the rows that were on top then (the memory terms only ever read the top-k)."""
+
+    def __init__(self, memory: torch.Tensor, cfg: TrainConfig):
+        self.memory = memory  # [N, d]
+        self.interval = cfg.mining_interval
+        self.rows = cfg.mining_rows
+        self.subset: torch.Tensor | None = None
+
+    def full(self, nr: Neurons) -> torch.Tensor:
+        return self.memory @ nr.keys.T + nr.biases  # [N, n]
+
+    def __call__(self, nr: Neurons, step: int) -> torch.Tensor:
+        if self.interval == 0 or self.memory.shape[0] <= self.rows:
+            return self.full(nr)
+        if self.subset is None or step % self.interval == 0:
+            with torch.no_grad():
+                top = self.full(nr).max(dim=1).values
+                self.subset = top.topk(self.rows).indices
+        return self.memory[self.subset] @ nr.keys.T + nr.biases
+
+
+def train_cached(
+    edit: EditTensors,
+    anchors: torch.Tensor,
+    memory: torch.Tensor,
+    tail: Tail,
+    cfg: TrainConfig,
+    obj: Objective,
+    activation: str,
+    seed: int = 0,
+) -> TrainResult:
+    """Train len(anchors) neurons (neuron i anchored at edit row anchors[i]) until the stop rule holds.
+
+    memory [N, d] must already hold the q rows of every earlier accepted edit.
+    """
+    t0 = time.perf_counter()
+    gen = torch.Generator().manual_seed(seed)
+    nr = init_neurons(edit.q[anchors], edit.ffn, cfg, gen)
+    params = [nr.keys.requires_grad_(), nr.biases.requires_grad_(), nr.values.requires_grad_()]
+    opt = torch.optim.Adam(params, lr=cfg.lr)
+    scorer = MemoryScorer(memory, cfg)
+    R = edit.rows
+    n = anchors.shape[0]
+    copies = 1 + cfg.augment_copies
+    targets_all = edit.targets.repeat(copies)
+    ffn_all = edit.ffn.repeat(copies, 1)
+    res_all = edit.residual.repeat(copies, 1)
+    # anchor row of neuron i in copy c is c * R + anchors[i]
+    anchor_rows = (torch.arange(copies)[:, None] * R + anchors[None, :].cpu()).to(edit.q.device)  # [C, n]
+    q_all = augmented_q(edit.q, cfg, gen)
+    cols = torch.arange(n, device=edit.q.device)
+    info: dict[str, float] = {}
+    success = False
+    step = 0
+    a_edit = torch.zeros(n)
+    m_max = float("inf")
+    for step in range(cfg.max_steps + 1):
+        pre = q_all @ nr.keys.T + nr.biases  # [C*R, n]
+        out = ffn_all + activate(pre, activation) @ nr.values  # type: ignore[arg-type]
+        logits = tail(out, res_all)  # [C*R, V]
+        a_rows = pre[anchor_rows, cols[None, :]]  # [C, n]
+        a_edit = a_rows[0]
+        m = scorer(nr, step)
+        with torch.no_grad():
+            edit_ok = bool((logits[:R].argmax(-1) == edit.targets).all())
+            m_max = float(m.max()) if m.numel() else float("-inf")
+            if stop_met(edit_ok, a_edit, m_max, obj) and scorer.subset is not None:
+                m_max = float(scorer.full(nr).max())  # mined rows passed: confirm on the whole memory
+            if stop_met(edit_ok, a_edit, m_max, obj):
+                success = True
+                break
+        if step == cfg.max_steps:
+            break
+        loss, info = total_loss(logits, targets_all, a_rows, a_edit, m, obj, cfg)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    final = Neurons(nr.keys.detach(), nr.biases.detach(), nr.values.detach())
+    return TrainResult(
+        neurons=final,
+        success=success,
+        steps=step,
+        seconds=time.perf_counter() - t0,
+        edit_activation=float(a_edit.detach().min()),
+        memory_max=m_max,
+        losses=info,
+    )
+
