@@ -1,0 +1,110 @@
+"""From text to the model inputs and the rows (positions) that matter at the patched layer.
+
+Classification: the head reads position 0, so that is the only row of an example.
+Generation (teacher forcing): the rows are the positions that predict each target token;
+for a decoder-only model that is prompt_len - 1 + j, for an encoder-decoder model j.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+@dataclass
+class Encoded:
+    batch: dict[str, torch.Tensor]  # model inputs for B examples
+    rows_b: torch.Tensor  # [R] example of each row (index into the batch)
+    rows_t: torch.Tensor  # [R] position of each row in the patched stack
+    targets: torch.Tensor  # [R] label / next-token id per row (-1 where unknown)
+    # generation: the prompt alone per example, for the real generate() check; None otherwise
+    prompts: list[torch.Tensor] | None = None
+    target_ids: list[torch.Tensor] | None = None
+
+    @property
+    def size(self) -> int:
+        return int(self.batch["input_ids"].shape[0])
+
+
+def classification(
+    tokenizer: Any, texts: Sequence[str], labels: Sequence[int] | None = None, max_length: int = 128
+) -> Encoded:
+    batch = dict(tokenizer(list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt"))
+    B = len(texts)
+    targets = torch.tensor(list(labels), dtype=torch.long) if labels is not None else torch.full((B,), -1)
+    return Encoded(batch, torch.arange(B), torch.zeros(B, dtype=torch.long), targets)
+
+
+def _pad(seqs: Sequence[torch.Tensor], value: int) -> tuple[torch.Tensor, torch.Tensor]:
+    T = max(int(s.numel()) for s in seqs)
+    ids = torch.full((len(seqs), T), value, dtype=torch.long)
+    mask = torch.zeros((len(seqs), T), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : s.numel()] = s
+        mask[i, : s.numel()] = 1
+    return ids, mask
+
+
+def generation_ids(
+    prompts: Sequence[torch.Tensor], targets: Sequence[torch.Tensor], *, seq2seq: bool,
+    pad_id: int, decoder_start_id: int | None = None, all_rows: bool = False,
+) -> Encoded:
+    """Token-id level encoding (right padding). prompts[i] [P_i], targets[i] [L_i] (may be empty).
+
+    all_rows=True makes every non-pad position of the patched stack a row (memory building);
+    rows then carry target -1 except where a target token is known.
+    """
+    rows_b: list[int] = []
+    rows_t: list[int] = []
+    tgts: list[int] = []
+    if seq2seq:
+        if decoder_start_id is None:
+            raise ValueError("an encoder-decoder model needs decoder_start_id")
+        enc_ids, enc_mask = _pad(prompts, pad_id)
+        dec = [torch.cat([torch.tensor([decoder_start_id]), t[:-1]]) if t.numel() else torch.tensor([decoder_start_id])
+               for t in targets]
+        dec_ids, dec_mask = _pad(dec, pad_id)
+        batch = {"input_ids": enc_ids, "attention_mask": enc_mask,
+                 "decoder_input_ids": dec_ids, "decoder_attention_mask": dec_mask}
+        for i, t in enumerate(targets):
+            n = int(t.numel()) if not all_rows else int(dec[i].numel())
+            for j in range(n):
+                rows_b.append(i)
+                rows_t.append(j)
+                tgts.append(int(t[j]) if j < t.numel() else -1)
+    else:
+        full = [torch.cat([p, t]) for p, t in zip(prompts, targets, strict=True)]
+        ids, mask = _pad(full, pad_id)
+        batch = {"input_ids": ids, "attention_mask": mask}
+        for i, (p, t) in enumerate(zip(prompts, targets, strict=True)):
+            P, L = int(p.numel()), int(t.numel())
+            start = 0 if all_rows else P - 1
+            for pos in range(start, P + L - 1 if not all_rows else P + L):
+                rows_b.append(i)
+                rows_t.append(pos)
+                j = pos - (P - 1)
+                tgts.append(int(t[j]) if 0 <= j < L else -1)
+    return Encoded(
+        batch, torch.tensor(rows_b, dtype=torch.long), torch.tensor(rows_t, dtype=torch.long),
+        torch.tensor(tgts, dtype=torch.long), prompts=list(prompts), target_ids=list(targets),
+    )
+
+
+def generation(
+    tokenizer: Any, prompts: Sequence[str], answers: Sequence[str], *, seq2seq: bool = False,
+    decoder_start_id: int | None = None, all_rows: bool = False, stop: str = "\n",
+) -> Encoded:
+    """Text level: each target is " " + answer + stop, tokenised apart from the prompt so that the
+    rows line up with the target tokens exactly."""
+    p_ids = [torch.tensor(tokenizer(p)["input_ids"], dtype=torch.long) for p in prompts]
+    t_ids = [
+        torch.tensor(tokenizer((" " + a.strip() + stop) if a else "", add_special_tokens=False)["input_ids"],
+                     dtype=torch.long)
+        for a in answers
+    ]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return generation_ids(p_ids, t_ids, seq2seq=seq2seq, pad_id=int(pad or 0),
+                          decoder_start_id=decoder_start_id, all_rows=all_rows)

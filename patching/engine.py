@@ -1,0 +1,230 @@
+"""The Patcher: one model, its patched layer, the memory M, the held-out cache and the edits kept.
+
+    patcher = Patcher(model, train=TrainConfig(), gate=GateConfig())
+    patcher.build_memory(batches)      # FFN inputs of unrelated inputs -> M [N, d]
+    patcher.build_heldout(batches)     # cached held-out rows for the locality gate
+    outcome = patcher.edit(encoded, edit_id="42")   # already_fixed | accepted | rejected
+
+`propose` trains and gates without changing anything; `commit` applies an accepted proposal
+(the daemon stores it durably in between). A rejected neuron is never kept.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+
+from patching import gate as gating
+from patching.arch import FFNSite, locate, tail_logits
+from patching.capture import frozen_forward
+from patching.config import GateConfig, TrainConfig
+from patching.encode import Encoded
+from patching.layer import PatchedFFN, attach, detach, neuron_output
+from patching.memory_bank import MemoryBank
+from patching.trainer import EditTensors, Neurons, Objective, TrainResult, train_cached
+
+Status = Literal["already_fixed", "accepted", "rejected"]
+
+
+@dataclass
+class Proposal:
+    edit_id: str
+    edit: EditTensors
+    neurons: Neurons
+    train: TrainResult
+    gate: gating.GateResult
+    attempts: int
+    seconds: float
+
+    @property
+    def accepted(self) -> bool:
+        return self.train.success and self.gate.passed
+
+
+@dataclass
+class EditOutcome:
+    status: Status
+    proposal: Proposal | None = None
+    reasons: list[str] = field(default_factory=list)
+
+
+class Patcher:
+    def __init__(
+        self, model: torch.nn.Module, *, train: TrainConfig | None = None, gate: GateConfig | None = None,
+        arch: Mapping[str, Any] | None = None,
+    ):
+        self.model = model.eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        self.train_cfg = train or TrainConfig()
+        self.gate_cfg = gate or GateConfig()
+        self.site: FFNSite = locate(model, arch)
+        self.generation = self.site.spec.kind == "generation"
+        self.wrapper: PatchedFFN = attach(self.site, self.train_cfg.activation)
+        ref = next(model.parameters())
+        self.memory = MemoryBank(self.site.hidden_size, ref.dtype, ref.device)
+        self.heldout: gating.HeldoutTensors | None = None
+        self.retention: EditTensors | None = None  # rows of every accepted edit, group = edit number
+        self._edits: list[str] = []
+
+    # ------------------------------------------------------------------ caching
+    def tail(self, ffn: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        return tail_logits(self.site, ffn, residual)
+
+    def cache(self, enc: Encoded) -> EditTensors:
+        """One frozen forward of the current model; the rows of `enc` at the patched layer."""
+        batch = {k: v.to(self.memory.device) for k, v in enc.batch.items()}
+        cap, _ = frozen_forward(self.site, batch)
+        q, ffn, res = cap.require()
+        b, t = enc.rows_b.to(q.device), enc.rows_t.to(q.device)
+        return EditTensors(q[b, t], ffn[b, t], res[b, t], enc.targets.to(q.device), group=b)
+
+    def build_memory(self, batches: Iterable[Encoded]) -> int:
+        """Append the FFN inputs of every row of every batch to M. Returns the memory size."""
+        for enc in batches:
+            self.memory.append(self.cache(enc).q)
+        return len(self.memory)
+
+    def build_heldout(self, batches: Iterable[Encoded], with_labels: bool = False) -> int:
+        parts: list[EditTensors] = []
+        offset = 0
+        for enc in batches:
+            et = self.cache(enc)
+            assert et.group is not None
+            et.group = et.group + offset
+            offset += enc.size
+            parts.append(et)
+        cat = _concat(parts)
+        pred = self.tail(cat.ffn, cat.residual).argmax(-1)
+        assert cat.group is not None
+        self.heldout = gating.HeldoutTensors(
+            cat.q, cat.ffn, cat.residual, pred, cat.group, labels=cat.targets if with_labels else None
+        )
+        return offset
+
+    # ------------------------------------------------------------------ queries
+    def is_right(self, et: EditTensors) -> bool:
+        return bool((self.tail(et.ffn, et.residual).argmax(-1) == et.targets).all())
+
+    @property
+    def edit_ids(self) -> list[str]:
+        return list(self._edits)
+
+    # ------------------------------------------------------------------ editing
+    def anchors(self, et: EditTensors) -> torch.Tensor:
+        """Rows that get a neuron: the single row (classification), or each wrong target token,
+        at most max_neurons of them (generation)."""
+        wrong = (self.tail(et.ffn, et.residual).argmax(-1) != et.targets).nonzero().flatten()
+        return wrong[: self.train_cfg.max_neurons]
+
+    def propose(self, enc: Encoded | EditTensors, edit_id: str) -> Proposal | None:
+        """Train and gate neurons for one edit; None when the model is already right."""
+        t0 = time.perf_counter()
+        et = enc if isinstance(enc, EditTensors) else self.cache(enc)
+        if self.is_right(et):
+            return None
+        anchors = self.anchors(et)
+        proposal: Proposal | None = None
+        for attempt in range(self.gate_cfg.retries + 1):
+            strength = self.gate_cfg.retry_factor ** attempt
+            obj = Objective.from_config(self.train_cfg, self.generation, strength)
+            result = self._train(enc, et, anchors, obj, attempt)
+            verdict = gating.check(
+                result.neurons, self.train_cfg.activation, et, self.retention, self.heldout, self.tail, self.gate_cfg
+            )
+            if not result.success:
+                verdict.reasons.insert(0, f"training: stop rule not met in {result.steps} steps")
+                verdict.passed = False
+            proposal = Proposal(edit_id, et, result.neurons, result, verdict, attempt + 1, 0.0)
+            if proposal.accepted and self.generation and not isinstance(enc, EditTensors):
+                if not self._generates(enc, result.neurons, edit_id):
+                    verdict.passed = False
+                    verdict.reasons.append("generate: greedy output differs from the target")
+            if proposal.accepted:
+                break
+        assert proposal is not None
+        proposal.seconds = time.perf_counter() - t0
+        return proposal
+
+    def _train(self, enc: Encoded | EditTensors, et: EditTensors, anchors: torch.Tensor, obj: Objective,
+               attempt: int) -> TrainResult:
+        seed = self.train_cfg.seed + attempt
+        if self.train_cfg.mode == "reference":
+            from patching.reference import train_reference
+
+            if isinstance(enc, EditTensors):
+                raise ValueError("the reference trainer needs the encoded input, not cached tensors")
+            return train_reference(self, enc, et, anchors, obj, seed)
+        return train_cached(et, anchors, self.memory.view(), self.tail, self.train_cfg, obj,
+                            self.train_cfg.activation, seed)
+
+    def _generates(self, enc: Encoded, nr: Neurons, edit_id: str) -> bool:
+        """Real greedy generate() with the neurons in place; they are removed again afterwards."""
+        assert enc.prompts is not None and enc.target_ids is not None
+        self.wrapper.add(nr.keys, nr.biases, nr.values, edit_id)
+        try:
+            prompt, target = enc.prompts[0].to(self.memory.device), enc.target_ids[0].to(self.memory.device)
+            with torch.no_grad():
+                out = self.model.generate(  # type: ignore[operator]
+                    input_ids=prompt[None], attention_mask=torch.ones_like(prompt)[None],
+                    max_new_tokens=int(target.numel()), do_sample=False,
+                    pad_token_id=int(self.model.config.pad_token_id or 0),  # type: ignore[union-attr]
+                )
+            new = out[0, prompt.numel():] if not self.model.config.is_encoder_decoder else out[0, 1:]  # type: ignore[union-attr]
+            return new.shape == target.shape and bool((new == target).all())
+        finally:
+            self.wrapper.remove([edit_id])
+
+    def commit(self, proposal: Proposal) -> None:
+        """Apply an accepted proposal: add its neurons, update every cache, extend M."""
+        if not proposal.accepted:
+            raise ValueError(f"edit {proposal.edit_id}: a rejected proposal is never committed")
+        nr = proposal.neurons
+        self.wrapper.add(nr.keys, nr.biases, nr.values, proposal.edit_id)
+        self._add_to_caches(nr)
+        et = proposal.edit
+        new_rows = EditTensors(et.q, et.ffn + self._delta(nr, et.q), et.residual, et.targets,
+                               group=torch.full_like(et.targets, len(self._edits)))
+        self.retention = new_rows if self.retention is None else _concat([self.retention, new_rows])
+        self.memory.append(et.q)
+        self._edits.append(proposal.edit_id)
+
+    def edit(self, enc: Encoded, edit_id: str) -> EditOutcome:
+        proposal = self.propose(enc, edit_id)
+        if proposal is None:
+            return EditOutcome("already_fixed")
+        if proposal.accepted:
+            self.commit(proposal)
+            return EditOutcome("accepted", proposal)
+        return EditOutcome("rejected", proposal, list(proposal.gate.reasons))
+
+    def _delta(self, nr: Neurons, q: torch.Tensor) -> torch.Tensor:
+        return neuron_output(q, nr.keys, nr.biases, nr.values, self.train_cfg.activation)
+
+    def _add_to_caches(self, nr: Neurons) -> None:
+        if self.heldout is not None:
+            h = self.heldout
+            # only rows where the new neurons fire can change; predictions_with skips the rest
+            h.pred, _ = gating.predictions_with(
+                nr, self.train_cfg.activation, h.q, h.ffn, h.residual, self.tail, h.pred
+            )
+            h.ffn = h.ffn + self._delta(nr, h.q)
+        if self.retention is not None:
+            self.retention.ffn = self.retention.ffn + self._delta(nr, self.retention.q)
+
+    def detach(self) -> None:
+        """Remove the wrapper: the model is the untouched base again."""
+        detach(self.site)
+
+
+def _concat(parts: list[EditTensors]) -> EditTensors:
+    groups = [p.group for p in parts if p.group is not None]
+    return EditTensors(
+        torch.cat([p.q for p in parts]), torch.cat([p.ffn for p in parts]),
+        torch.cat([p.residual for p in parts]), torch.cat([p.targets for p in parts]),
+        group=torch.cat(groups) if len(groups) == len(parts) else None,
+    )

@@ -1,0 +1,83 @@
+"""The keystone: the cached path gives the same logits as a full forward of the patched model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from patching.arch import tail_logits
+from patching.config import TrainConfig
+from patching.encode import Encoded, generation_ids
+from patching.engine import Patcher
+from patching.layer import neuron_output
+from tests.fixtures_models import VOCAB, tiny_model
+
+
+def tiny_batch(model, seed: int = 1) -> Encoded:
+    g = torch.Generator().manual_seed(seed)
+    if model.config.model_type in ("bert", "roberta", "distilbert"):
+        ids = torch.randint(3, VOCAB, (4, 7), generator=g)
+        mask = torch.ones_like(ids)
+        mask[1, 5:] = 0  # one padded example
+        B = ids.shape[0]
+        return Encoded({"input_ids": ids, "attention_mask": mask}, torch.arange(B), torch.zeros(B, dtype=torch.long),
+                       torch.zeros(B, dtype=torch.long))
+    prompts = [torch.randint(3, VOCAB, (n,), generator=g) for n in (5, 3, 6)]
+    targets = [torch.randint(3, VOCAB, (n,), generator=g) for n in (3, 4, 2)]
+    seq2seq = bool(model.config.is_encoder_decoder)
+    return generation_ids(prompts, targets, seq2seq=seq2seq, pad_id=int(model.config.pad_token_id or 0),
+                          decoder_start_id=getattr(model.config, "decoder_start_token_id", None))
+
+
+def full_logits(model, enc: Encoded) -> torch.Tensor:
+    with torch.no_grad():
+        logits = model(**enc.batch).logits
+    if logits.ndim == 2:  # classification: one row per example
+        return logits[enc.rows_b]
+    return logits[enc.rows_b, enc.rows_t]
+
+
+def random_neurons(n: int, d: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(n, d, generator=g) * 0.3, torch.randn(n, generator=g) * 0.5,
+            torch.randn(n, d, generator=g) * 0.5)
+
+
+@pytest.mark.parametrize("activation", ["relu", "gelu"])
+@pytest.mark.parametrize("earlier", [0, 1, 50])
+def test_cached_path_equals_full_forward(arch_name: str, activation: str, earlier: int) -> None:
+    model = tiny_model(arch_name)
+    patcher = Patcher(model, train=TrainConfig(activation=activation))
+    d = patcher.site.hidden_size
+    for i in range(earlier):
+        k, b, v = random_neurons(1, d, seed=100 + i)
+        patcher.wrapper.add(k, b, v, edit_id=f"e{i}")
+    enc = tiny_batch(model)
+    cached = patcher.cache(enc)
+    # the current model (base + earlier patches) through the cached tail
+    assert torch.allclose(tail_logits(patcher.site, cached.ffn, cached.residual), full_logits(model, enc), atol=1e-4)
+    # a new neuron evaluated on cached tensors == the full model with that neuron added
+    k, b, v = random_neurons(2, d, seed=7)
+    new_ffn = cached.ffn + neuron_output(cached.q, k, b, v, activation)
+    cached_logits = tail_logits(patcher.site, new_ffn, cached.residual)
+    patcher.wrapper.add(k, b, v, edit_id="new")
+    assert torch.allclose(cached_logits, full_logits(model, enc), atol=1e-4)
+    # and the new neuron really changes something, so the comparison is not vacuous
+    patcher.wrapper.remove(["new"])
+    assert not torch.allclose(cached_logits, full_logits(model, enc), atol=1e-4)
+
+
+def test_detach_restores_the_base_exactly(arch_name: str) -> None:
+    model = tiny_model(arch_name)
+    enc = tiny_batch(model)
+    before = full_logits(model, enc)
+    state_before = {k: v.clone() for k, v in model.state_dict().items()}
+    patcher = Patcher(model)
+    k, b, v = random_neurons(3, patcher.site.hidden_size, seed=3)
+    patcher.wrapper.add(k, b, v, edit_id="x")
+    assert not torch.equal(full_logits(model, enc), before)
+    patcher.detach()
+    assert torch.equal(full_logits(model, enc), before)
+    after = model.state_dict()
+    assert after.keys() == state_before.keys()
+    assert all(torch.equal(after[k], state_before[k]) for k in after)
