@@ -1,0 +1,70 @@
+"""The reference trainer: the original procedure, kept only to measure the cached trainer against.
+
+Like Transformer-Patcher's code, every step runs a full forward (and backward) of the whole
+model with the candidate neuron in place, and it follows the reference's fixed schedule: at
+least `reference_min_steps` steps, the stop rule checked only every `reference_check_every`.
+Losses, memory, initialisation and stop rule are the same as the cached trainer's.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+import torch
+
+from patching.capture import capture
+from patching.encode import Encoded
+from patching.trainer import EditTensors, Neurons, Objective, TrainResult, init_neurons, stop_met, total_loss
+
+if TYPE_CHECKING:
+    from patching.engine import Patcher
+
+
+def train_reference(
+    patcher: Patcher, enc: Encoded, et: EditTensors, anchors: torch.Tensor, obj: Objective, seed: int
+) -> TrainResult:
+    cfg = patcher.train_cfg
+    t0 = time.perf_counter()
+    gen = torch.Generator().manual_seed(seed)
+    nr = init_neurons(et.q[anchors], et.ffn, cfg, gen)
+    params = [nr.keys.requires_grad_(), nr.biases.requires_grad_(), nr.values.requires_grad_()]
+    opt = torch.optim.Adam(params, lr=cfg.lr)
+    device = patcher.memory.device
+    batch = {k: v.to(device) for k, v in enc.batch.items()}
+    rb, rt = enc.rows_b.to(device), enc.rows_t.to(device)
+    memory = patcher.memory.view()
+    cols = torch.arange(anchors.numel(), device=device)
+    patcher.wrapper.candidate = (nr.keys, nr.biases, nr.values)
+    success, step, info = False, 0, {}
+    a_edit = torch.zeros(anchors.numel())
+    m_max = float("inf")
+    try:
+        for step in range(cfg.max_steps + 1):
+            with capture(patcher.site) as cap:
+                logits = patcher.model(**batch).logits  # the whole model, every step
+            q = cap.q
+            assert q is not None
+            logits = logits[rb] if logits.ndim == 2 else logits[rb, rt]
+            # the capture hook detaches q; the pre-activation is a function of the keys only
+            pre = q[rb, rt] @ nr.keys.T + nr.biases  # [R, n]
+            a_edit = pre[anchors, cols]
+            m = memory @ nr.keys.T + nr.biases  # [N, n]
+            check_now = step >= cfg.reference_min_steps and step % cfg.reference_check_every == 0
+            if check_now or step == cfg.max_steps:
+                with torch.no_grad():
+                    edit_ok = bool((logits.argmax(-1) == et.targets).all())
+                    m_max = float(m.max()) if m.numel() else float("-inf")
+                    if stop_met(edit_ok, a_edit, m_max, obj):
+                        success = True
+                        break
+            if step == cfg.max_steps:
+                break
+            loss, info = total_loss(logits, et.targets, a_edit[None, :], a_edit, m, obj, cfg)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    finally:
+        patcher.wrapper.candidate = None
+    final = Neurons(nr.keys.detach(), nr.biases.detach(), nr.values.detach())
+    return TrainResult(final, success, step, time.perf_counter() - t0, float(a_edit.detach().min()), m_max, info)
