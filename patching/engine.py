@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import torch
@@ -207,14 +207,26 @@ class Patcher:
 
     def _add_to_caches(self, nr: Neurons) -> None:
         if self.heldout is not None:
-            h = self.heldout
+            h = self.heldout = replace(self.heldout)  # a new object: checkpoints keep the old one
             # only rows where the new neurons fire can change; predictions_with skips the rest
             h.pred, _ = gating.predictions_with(
                 nr, self.train_cfg.activation, h.q, h.ffn, h.residual, self.tail, h.pred
             )
             h.ffn = h.ffn + self._delta(nr, h.q)
         if self.retention is not None:
-            self.retention.ffn = self.retention.ffn + self._delta(nr, self.retention.q)
+            r = self.retention
+            self.retention = replace(r, ffn=r.ffn + self._delta(nr, r.q))
+
+    def checkpoint(self) -> tuple[int, gating.HeldoutTensors | None, EditTensors | None, list[str]]:
+        """A cheap snapshot of the editing state (caches are replaced on commit, never mutated)."""
+        return len(self.memory), self.heldout, self.retention, list(self._edits)
+
+    def rollback(self, cp: tuple[int, gating.HeldoutTensors | None, EditTensors | None, list[str]]) -> None:
+        """Undo every edit committed after `cp` (neurons, memory rows, caches)."""
+        n_mem, held, retention, edits = cp
+        self.wrapper.remove([e for e in self._edits if e not in set(edits)])
+        self.memory.truncate(n_mem)
+        self.heldout, self.retention, self._edits = held, retention, edits
 
     def detach(self) -> None:
         """Remove the wrapper: the model is the untouched base again."""
