@@ -1,1 +1,184 @@
-"""Fixtures (filled in by the owning module)."""
+"""Kafka fixtures: one real Apache Kafka broker per test session, and a fresh topic per test.
+
+The broker is the one `deploy/kafka/broker.sh` runs in development (KRaft combined mode on
+127.0.0.1), started on free ports with a private state directory, unless
+`PATCHD_TEST_BOOTSTRAP=host:port` names a running broker. A broker that cannot start fails
+the tests that need it; Kafka tests are never skipped.
+
+Fixtures:
+  kafka_bootstrap      (session) "127.0.0.1:PORT"
+  kafka_admin          (session) a KafkaAdminClient on that broker
+  kafka_topic_factory  (test)    make_topic(name=None, partitions=1) -> a new, empty topic's name
+  kafka_topic          (test)    one new topic's name
+Tests that use kafka_bootstrap (directly or through the others) get the `kafka` marker.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from kafka import KafkaAdminClient
+from kafka.admin import NewTopic
+
+BROKER_SH = Path(__file__).resolve().parents[1] / "deploy" / "kafka" / "broker.sh"
+# a cold JVM plus storage format takes ~7 s on an idle 2-core machine; leave room for a loaded one
+START_TIMEOUT_S = 180
+# a clean KRaft shutdown takes ~2 s; the script itself kills after its own timeout (60 s)
+STOP_TIMEOUT_S = 90
+
+
+class BrokerError(RuntimeError):
+    """broker.sh failed; the message carries its output (and so the broker log's tail)."""
+
+
+def free_ports(count: int) -> list[int]:
+    """`count` distinct free TCP ports on 127.0.0.1 (all bound at once, so they differ)."""
+    sockets = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+@dataclass(frozen=True)
+class BrokerScript:
+    """One broker instance as deploy/kafka/broker.sh sees it: its ports and state directory."""
+
+    port: int
+    controller_port: int
+    state_dir: Path
+
+    @classmethod
+    def on_free_ports(cls, state_dir: Path) -> BrokerScript:
+        port, controller_port = free_ports(2)
+        return cls(port=port, controller_port=controller_port, state_dir=state_dir)
+
+    @property
+    def bootstrap(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(
+            KAFKA_PORT=str(self.port),
+            KAFKA_CONTROLLER_PORT=str(self.controller_port),
+            KAFKA_STATE_DIR=str(self.state_dir),
+        )
+        return env
+
+    def run(self, command: str, timeout: float = START_TIMEOUT_S) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["bash", str(BROKER_SH), command],
+            env=self.env(),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            stdin=subprocess.DEVNULL,
+        )
+
+    def start(self) -> str:
+        result = self.run("start", START_TIMEOUT_S)
+        if result.returncode != 0:
+            raise BrokerError(
+                f"deploy/kafka/broker.sh start failed (exit {result.returncode}) on port {self.port}, "
+                f"state {self.state_dir}:\n{result.stdout}{result.stderr}"
+            )
+        return result.stdout.strip().splitlines()[-1]
+
+    def stop(self) -> None:
+        result = self.run("stop", STOP_TIMEOUT_S)
+        if result.returncode != 0:
+            raise BrokerError(f"deploy/kafka/broker.sh stop failed:\n{result.stdout}{result.stderr}")
+
+
+def _wait_for_external(bootstrap: str, timeout_s: float = 30.0) -> None:
+    """Fail (not skip) unless the broker named by PATCHD_TEST_BOOTSTRAP answers."""
+    deadline = time.monotonic() + timeout_s
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=5000)
+            try:
+                admin.describe_cluster()
+                return
+            finally:
+                admin.close()
+        except Exception as exc:  # any client error means "not yet"; the last one is reported
+            last = exc
+            time.sleep(1.0)
+    pytest.fail(f"PATCHD_TEST_BOOTSTRAP={bootstrap}: no Kafka broker answered within {timeout_s}s ({last})")
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    external = os.environ.get("PATCHD_TEST_BOOTSTRAP", "").strip()
+    if external:
+        _wait_for_external(external)
+        yield external
+        return
+    broker = BrokerScript.on_free_ports(tmp_path_factory.mktemp("kafka-broker"))
+    try:
+        bootstrap = broker.start()
+    except (BrokerError, subprocess.TimeoutExpired) as exc:
+        # pytest caches a session fixture's failure: the broker is tried once, every Kafka test fails
+        pytest.fail(f"the test Kafka broker did not start: {exc}", pytrace=False)
+    try:
+        yield bootstrap
+    finally:
+        broker.stop()
+
+
+@pytest.fixture(scope="session")
+def kafka_admin(kafka_bootstrap: str) -> Iterator[KafkaAdminClient]:
+    admin = KafkaAdminClient(bootstrap_servers=kafka_bootstrap, client_id="patchd-tests")
+    try:
+        yield admin
+    finally:
+        admin.close()
+
+
+def _slug(text: str) -> str:
+    # topic names allow [A-Za-z0-9._-] up to 249 characters; keep the test's name readable
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-")[:80]
+
+
+@pytest.fixture
+def kafka_topic_factory(
+    kafka_admin: KafkaAdminClient, request: pytest.FixtureRequest
+) -> Callable[..., str]:
+    """make_topic(name=None, partitions=1): create a topic and return its name.
+
+    Without a name it is unique to this test ("t-<test>-<random>"); pass a name to derive one,
+    e.g. make_topic(f"{topic}.dlq").
+    """
+
+    def make_topic(name: str | None = None, partitions: int = 1) -> str:
+        topic = name or f"t-{_slug(request.node.name)}-{uuid.uuid4().hex[:8]}"
+        kafka_admin.create_topics([NewTopic(topic, num_partitions=partitions, replication_factor=1)])
+        return topic
+
+    return make_topic
+
+
+@pytest.fixture
+def kafka_topic(kafka_topic_factory: Callable[..., str]) -> str:
+    return kafka_topic_factory()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # `-m kafka` / `-m "not kafka"` select by need, without every test remembering the marker
+    for item in items:
+        if "kafka_bootstrap" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.kafka)
