@@ -15,8 +15,10 @@ from collections.abc import Sequence
 
 # Modules that add commands; each owns its commands' arguments and handlers.
 COMMAND_MODULES: tuple[str, ...] = (
-    "daemon.cmd_engine",  # prepare, bench edit
+    "daemon.cmd_engine",  # bench edit
     "daemon.cmd_db",  # db upgrade, bench store
+    "daemon.cmd_prepare",  # prepare fever-minilm | zsre-smollm2
+    "daemon.cmd_evaluate",  # evaluate
 )
 
 

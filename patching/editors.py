@@ -1,0 +1,116 @@
+"""Editors that `patchd evaluate` runs through the same stream: tpatcher and the FT baselines.
+
+Every editor takes one (input, target) at a time, in place, without reset, and says what it did.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+
+from patching.engine import Patcher
+from patching.tasks import TaskAdapter
+
+
+@dataclass
+class EditRecord:
+    status: str  # accepted | rejected | already_fixed | applied (baselines: no gate)
+    seconds: float
+    steps: int = 0
+    neurons: int = 0
+    gate: dict[str, Any] = field(default_factory=dict)
+    reasons: list[str] = field(default_factory=list)
+
+
+class Editor(Protocol):
+    name: str
+
+    def edit(self, inp: str, target: str, edit_id: str) -> EditRecord: ...
+
+    @property
+    def neurons(self) -> int: ...
+
+
+class TPatcherEditor:
+    """Transformer-Patcher: the daemon's own trainer and gate."""
+
+    name = "tpatcher"
+
+    def __init__(self, patcher: Patcher, adapter: TaskAdapter):
+        self.patcher, self.adapter = patcher, adapter
+
+    @property
+    def neurons(self) -> int:
+        return self.patcher.wrapper.n
+
+    def edit(self, inp: str, target: str, edit_id: str) -> EditRecord:
+        t0 = time.perf_counter()
+        out = self.patcher.edit(self.adapter.edit(inp, target), edit_id)
+        p = out.proposal
+        return EditRecord(
+            out.status, time.perf_counter() - t0, steps=p.train.steps if p else 0,
+            neurons=p.neurons.n if p and out.status == "accepted" else 0,
+            gate=p.gate.to_dict() if p else {}, reasons=out.reasons,
+        )
+
+
+class FineTuneEditor:
+    """The paper's FT baselines: fine-tune on the edit until it is right, sequentially.
+
+    `ft-last` trains only the last FFN (the layer Transformer-Patcher adds its neurons to);
+    `ft-all` trains every weight. No gate: a fine-tuning step cannot be rejected after the fact.
+    """
+
+    def __init__(self, name: str, adapter: TaskAdapter, site_params: list[torch.nn.Parameter],
+                 lr: float, max_steps: int = 50):
+        self.name, self.adapter, self.params = name, adapter, site_params
+        self.lr, self.max_steps = lr, max_steps
+        self.model = adapter.base.model
+
+    @property
+    def neurons(self) -> int:
+        return 0
+
+    def edit(self, inp: str, target: str, edit_id: str) -> EditRecord:
+        t0 = time.perf_counter()
+        enc = self.adapter.edit(inp, target)
+        for p in self.params:
+            p.requires_grad_(True)
+        opt = torch.optim.Adam(self.params, lr=self.lr)
+        step = 0
+        try:
+            for step in range(self.max_steps + 1):
+                logits = self.model(**enc.batch).logits
+                logits = logits[enc.rows_b] if logits.ndim == 2 else logits[enc.rows_b, enc.rows_t]
+                if bool((logits.argmax(-1) == enc.targets).all()):
+                    break
+                if step == self.max_steps:
+                    break
+                loss = F.cross_entropy(logits.float(), enc.targets)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+        finally:
+            for p in self.params:
+                p.requires_grad_(False)
+                p.grad = None
+        return EditRecord("applied", time.perf_counter() - t0, steps=step)
+
+
+def make_editor(name: str, adapter: TaskAdapter, patcher_factory: Any) -> Editor:
+    if name == "tpatcher":
+        return TPatcherEditor(patcher_factory(), adapter)
+    from patching.arch import locate
+
+    model = adapter.base.model
+    if name == "ft-last":
+        site = locate(model)
+        params = list({id(p): p for m in (site.ffn_in, site.ffn_out) for p in m.parameters()}.values())
+        return FineTuneEditor(name, adapter, params, lr=1e-4)
+    if name == "ft-all":
+        return FineTuneEditor(name, adapter, list(model.parameters()), lr=1e-5)
+    raise ValueError(f"unknown editor {name!r} (tpatcher, ft-last, ft-all)")

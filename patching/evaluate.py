@@ -1,0 +1,116 @@
+"""`patchd evaluate`: the sequential-editing protocol (DESIGN §7) on real data, any editor.
+
+The stream: the edit-set inputs the base gets wrong, in order, edited one after another without
+any reset. An input the current model already gets right when its turn comes (fixed through the
+generality of earlier patches) is counted, not edited. Ctrl-C stops the stream and the report
+covers what was done.
+"""
+
+from __future__ import annotations
+
+import random
+import statistics
+import time
+from dataclasses import asdict
+from collections.abc import Callable
+from typing import Any
+
+from tqdm import tqdm
+
+from patching import metrics
+from patching.bases import load_base
+from patching.config import GateConfig, TrainConfig
+from patching.editors import Editor, make_editor
+from patching.engine import Patcher
+from patching.evaldata import EvalData
+from patching.tasks import TaskAdapter
+
+CURVE_POINTS = 20  # retention/locality checkpoints along the stream (each costs a prediction pass)
+CURVE_SAMPLE = 300  # held-out inputs predicted at each checkpoint (the full set at the end)
+
+
+def _right(adapter: TaskAdapter, examples: list[Any]) -> list[bool]:
+    preds = adapter.predict([e.input for e in examples])
+    return [adapter.right(p, e.target) for p, e in zip(preds, examples, strict=True)]
+
+
+def run_evaluate(
+    base: str, data: EvalData, *, editor: str = "tpatcher", edits: int | None = None, seed: int = 0,
+    train: TrainConfig | None = None, gate: GateConfig | None = None,
+    progress: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    t_start = time.perf_counter()
+    lb = load_base(base)
+    adapter = TaskAdapter(lb)
+    rng = random.Random(seed)
+    train = train or TrainConfig(seed=seed)
+
+    def factory() -> Patcher:
+        p = Patcher(lb.model, train=train, gate=gate or GateConfig())
+        return adapter.patcher(p, [e.input for e in data.memory], [e.input for e in data.heldout])
+
+    ed: Editor = make_editor(editor, adapter, factory)
+    stream = adapter.mistakes(data.edits, limit=edits)
+    progress(f"{len(stream)} mistakes of the base in {len(data.edits)} edit inputs"
+             + (f" (asked for {edits})" if edits and len(stream) < edits else ""))
+    held_inputs = [e.input for e in data.heldout]
+    held_before = adapter.predict(held_inputs, progress=True)
+    sample = sorted(rng.sample(range(len(held_inputs)), min(CURVE_SAMPLE, len(held_inputs))))
+    train_before, test_before = _right(adapter, data.train_eval), _right(adapter, data.test)
+
+    rows: list[dict[str, Any]] = []
+    curve: list[dict[str, Any]] = []
+    every = max(1, len(stream) // CURVE_POINTS)
+    edited: list[Any] = []
+    interrupted = False
+    bar = tqdm(stream, desc=f"{editor} stream", unit="edit")
+    try:
+        for i, ex in enumerate(bar):
+            if adapter.right(adapter.predict([ex.input])[0], ex.target):
+                rows.append({"i": i, "input": ex.input, "target": ex.target, "status": "fixed_along_the_way"})
+                continue
+            rec = ed.edit(ex.input, ex.target, edit_id=str(i))
+            right = adapter.right(adapter.predict([ex.input])[0], ex.target)
+            para = _right(adapter, [type(ex)(q, ex.target) for q in ex.equivalents]) if ex.equivalents else []
+            rows.append({"i": i, "input": ex.input, "target": ex.target, "status": rec.status, "sr": right,
+                         "gr": (sum(para) / len(para)) if para else None, "seconds": round(rec.seconds, 4),
+                         "steps": rec.steps, "neurons": rec.neurons, "gate": rec.gate, "reasons": rec.reasons})
+            edited.append(ex)
+            done = [r for r in rows if "sr" in r]
+            bar.set_postfix(sr=f"{statistics.fmean(r['sr'] for r in done):.2f}", neurons=ed.neurons)
+            if len(edited) % every == 0:
+                kept = _right(adapter, edited)
+                now = adapter.predict([held_inputs[j] for j in sample])
+                curve.append({"edits": len(edited), "retention": sum(kept) / len(kept),
+                              "locality": metrics.locality([held_before[j] for j in sample], now)})
+    except KeyboardInterrupt:
+        interrupted = True
+        progress("interrupted: writing the partial report")
+    done = [r for r in rows if "sr" in r]
+    final_right = _right(adapter, edited)
+    for r, ok in zip(done, final_right, strict=True):
+        r["right_at_end"] = ok
+    held_after = adapter.predict(held_inputs, progress=True)
+    secs = [r["seconds"] for r in done]
+    report: dict[str, Any] = {
+        "editor": editor, "base": lb.name, "data": data.name, "seed": seed,
+        "edits": len(done), "stream": len(stream), "interrupted": interrupted,
+        "fixed_along_the_way": sum(r["status"] == "fixed_along_the_way" for r in rows),
+        "neurons": ed.neurons,
+        "sr": metrics.success_rate([r["sr"] for r in done]),
+        "gr": metrics.generalization_rate([r["gr"] for r in done]) if data.has_paraphrases else None,
+        "er": metrics.edit_retention(final_right),
+        "train_r": metrics.relative_accuracy(train_before, _right(adapter, data.train_eval)),
+        "test_r": metrics.relative_accuracy(test_before, _right(adapter, data.test)),
+        "locality": metrics.locality(held_before, held_after),
+        "gate_rejected": sum(r["status"] == "rejected" for r in done),
+        "edit_seconds": {"median": statistics.median(secs) if secs else None,
+                         "p95": metrics.percentile(secs, 0.95)},
+        "wall_seconds": round(time.perf_counter() - t_start, 1),
+        "sizes": {"heldout": len(held_inputs), "train_eval": len(data.train_eval), "test": len(data.test),
+                  "memory_inputs": len(data.memory)},
+        "train_config": asdict(train) if editor == "tpatcher" else None,
+        "curve": curve,
+        "rows": rows,
+    }
+    return report

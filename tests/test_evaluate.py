@@ -1,0 +1,109 @@
+"""patchd evaluate: metrics on hand-made cases, the generic-format loader, one tiny end-to-end run."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+import transformers as T
+from tokenizers import Tokenizer, models, pre_tokenizers
+
+from patching import metrics
+from patching.evaldata import DataError, load_eval_data, load_generic
+from patching.evaluate import run_evaluate
+
+
+def test_metrics_on_known_cases() -> None:
+    assert metrics.success_rate([True, True, False, True]) == 0.75
+    assert metrics.success_rate([]) is None
+    assert metrics.generalization_rate([1.0, None, 0.5, 0.0]) == pytest.approx(0.5)
+    assert metrics.generalization_rate([None, None]) is None
+    assert metrics.edit_retention([True, False]) == 0.5
+    # 3/4 right before, 2/4 after -> 0.5 / 0.75
+    assert metrics.relative_accuracy([True, True, True, False], [True, False, True, False]) == pytest.approx(2 / 3)
+    assert metrics.relative_accuracy([False, False], [True, True]) is None  # undefined, not infinite
+    assert metrics.locality(["a", "b", "c", "d"], ["a", "x", "c", "d"]) == 0.75
+    assert metrics.running_mean([1, 0, 1, 1]) == [1.0, 0.5, 2 / 3, 0.75]
+    assert metrics.percentile([5, 1, 3, 2, 4], 0.5) == 3
+    with pytest.raises(ValueError):
+        metrics.locality(["a"], [])
+
+
+def write_jsonl(path: Path, rows: list) -> None:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+
+
+def test_generic_loader_reads_good_files(tmp_path: Path) -> None:
+    write_jsonl(tmp_path / "edits.jsonl", [{"input": "a b", "target": "X", "equivalents": ["b a"]},
+                                           {"input": "c", "target": "Y"}])
+    write_jsonl(tmp_path / "heldout.jsonl", [{"input": "h", "target": ""}])
+    write_jsonl(tmp_path / "test.jsonl", [{"input": "t", "target": "X"}])
+    data = load_eval_data(str(tmp_path))
+    assert [e.input for e in data.edits] == ["a b", "c"]
+    assert data.edits[0].equivalents == ("b a",) and data.has_paraphrases
+    assert data.heldout[0].input == "h" and data.test[0].target == "X"
+    assert data.memory == data.test  # no memory.jsonl and no train_eval: the test inputs
+
+
+def test_generic_loader_reports_every_bad_line(tmp_path: Path) -> None:
+    write_jsonl(tmp_path / "edits.jsonl", [
+        {"input": "ok", "target": "X"},
+        "{not json",
+        {"input": "", "target": "X"},
+        {"input": "x", "target": 3},
+        {"input": "y", "target": "Y", "equivalents": "not a list"},
+        "[1, 2]",
+    ])
+    with pytest.raises(DataError) as err:
+        load_generic(tmp_path)
+    msg = str(err.value)
+    for line in (2, 3, 4, 5, 6):
+        assert f"edits.jsonl:{line}:" in msg
+    assert "edits.jsonl:1:" not in msg
+    with pytest.raises(DataError, match="no edits.jsonl"):
+        load_generic(tmp_path / "missing")
+
+
+WORDS = [f"w{i}" for i in range(400)]
+
+
+def tiny_base(tmp_path: Path) -> Path:
+    vocab = {"[PAD]": 0, "[UNK]": 1, **{w: i + 2 for i, w in enumerate(WORDS)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = T.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]")
+    torch.manual_seed(0)
+    cfg = T.BertConfig(vocab_size=len(vocab), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                       intermediate_size=128, num_labels=2, max_position_embeddings=32,
+                       id2label={0: "SUPPORTS", 1: "REFUTES"}, label2id={"SUPPORTS": 0, "REFUTES": 1})
+    out = tmp_path / "tiny-base"
+    T.BertForSequenceClassification(cfg).save_pretrained(out)
+    fast.save_pretrained(out)
+    return out
+
+
+def test_tiny_end_to_end_evaluate(tmp_path: Path) -> None:
+    rng = random.Random(0)
+    firsts = rng.sample(WORDS, 260)  # a unique first word keeps the tiny model's states distinct
+
+    def sentence(i: int) -> str:
+        return " ".join([firsts[i]] + rng.choices(WORDS, k=6))
+
+    labels = ["SUPPORTS", "REFUTES"]
+    data = tmp_path / "data"
+    data.mkdir()
+    write_jsonl(data / "edits.jsonl", [{"input": sentence(i), "target": rng.choice(labels)} for i in range(30)])
+    write_jsonl(data / "heldout.jsonl", [{"input": sentence(i), "target": ""} for i in range(30, 110)])
+    write_jsonl(data / "memory.jsonl", [{"input": sentence(i)} for i in range(110, 230)])
+    write_jsonl(data / "test.jsonl", [{"input": sentence(i), "target": rng.choice(labels)} for i in range(230, 260)])
+    report = run_evaluate(str(tiny_base(tmp_path)), load_eval_data(str(data)), editor="tpatcher",
+                          progress=lambda _msg: None)
+    assert report["edits"] > 5  # roughly half of random targets are mistakes
+    assert report["sr"] == 1.0 and report["er"] == 1.0
+    assert report["locality"] == 1.0  # the strict gate lets no held-out prediction change
+    assert report["gr"] is None  # no paraphrases in this data
+    assert report["neurons"] == report["edits"] - report["gate_rejected"]
+    assert len([r for r in report["rows"] if "sr" in r]) == report["edits"]
