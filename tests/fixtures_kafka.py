@@ -155,9 +155,7 @@ def _slug(text: str) -> str:
 
 
 @pytest.fixture
-def kafka_topic_factory(
-    kafka_admin: KafkaAdminClient, request: pytest.FixtureRequest
-) -> Callable[..., str]:
+def kafka_topic_factory(kafka_admin: KafkaAdminClient, request: pytest.FixtureRequest) -> Callable[..., str]:
     """make_topic(name=None, partitions=1): create a topic and return its name.
 
     Without a name it is unique to this test ("t-<test>-<random>"); pass a name to derive one,

@@ -39,9 +39,9 @@ def _produce(bootstrap: str, topic: str, values: list[bytes]) -> None:
     producer = KafkaProducer(bootstrap_servers=bootstrap)
     try:
         for i, value in enumerate(values):
-            producer.send(
-                topic, value=value, key=f"k{i}".encode(), headers=[("source", b"test")]
-            ).get(timeout=30)
+            producer.send(topic, value=value, key=f"k{i}".encode(), headers=[("source", b"test")]).get(
+                timeout=30
+            )
     finally:
         producer.close()
 
