@@ -6,6 +6,7 @@ The broker is the one `deploy/kafka/broker.sh` runs in development (KRaft combin
 the tests that need it; Kafka tests are never skipped.
 
 Fixtures:
+  kafka_broker         (session) the BrokerScript this session started (None for an external broker)
   kafka_bootstrap      (session) "127.0.0.1:PORT"
   kafka_admin          (session) a KafkaAdminClient on that broker
   kafka_topic_factory  (test)    make_topic(name=None, partitions=1) -> a new, empty topic's name
@@ -122,22 +123,28 @@ def _wait_for_external(bootstrap: str, timeout_s: float = 30.0) -> None:
 
 
 @pytest.fixture(scope="session")
-def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def kafka_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BrokerScript | None]:
+    """The broker this session started, or None when PATCHD_TEST_BOOTSTRAP names one."""
     external = os.environ.get("PATCHD_TEST_BOOTSTRAP", "").strip()
     if external:
         _wait_for_external(external)
-        yield external
+        yield None
         return
     broker = BrokerScript.on_free_ports(tmp_path_factory.mktemp("kafka-broker"))
     try:
-        bootstrap = broker.start()
+        broker.start()
     except (BrokerError, subprocess.TimeoutExpired) as exc:
         # pytest caches a session fixture's failure: the broker is tried once, every Kafka test fails
         pytest.fail(f"the test Kafka broker did not start: {exc}", pytrace=False)
     try:
-        yield bootstrap
+        yield broker
     finally:
         broker.stop()
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap(kafka_broker: BrokerScript | None) -> str:
+    return kafka_broker.bootstrap if kafka_broker else os.environ["PATCHD_TEST_BOOTSTRAP"].strip()
 
 
 @pytest.fixture(scope="session")

@@ -6,10 +6,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import pytest
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
-from tests.fixtures_kafka import BROKER_SH, BrokerScript
+from tests.fixtures_kafka import BrokerScript
 
 
 def _consume(bootstrap: str, topic: str, count: int, group: str, timeout_s: float = 30.0) -> list:
@@ -82,14 +81,20 @@ def test_unknown_command_is_a_usage_error(tmp_path: Path) -> None:
     assert "usage" in result.stderr
 
 
-@pytest.mark.kafka
-def test_broker_script_lifecycle(tmp_path: Path) -> None:
-    """status/start/stop on a broker of its own, and data kept across a restart."""
-    broker = BrokerScript.on_free_ports(tmp_path / "state")
-    assert broker.run("status").returncode == 3  # never started: stopped
+def test_broker_script_lifecycle(
+    kafka_broker: BrokerScript | None, kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    """status/start/stop through broker.sh, and data kept across a restart.
 
+    Runs on the session's broker (a restart costs one JVM start, a second broker two); only with
+    an external broker (PATCHD_TEST_BOOTSTRAP) does it start one of its own.
+    """
+    own = kafka_broker is None
+    broker = kafka_broker or BrokerScript.on_free_ports(tmp_path / "state")
     try:
-        assert broker.start() == broker.bootstrap
+        if own:
+            assert broker.run("status").returncode == 3  # never started: stopped
+            assert broker.start() == broker.bootstrap
         status = broker.run("status")
         assert status.returncode == 0 and "running" in status.stdout, status.stdout + status.stderr
 
@@ -102,15 +107,18 @@ def test_broker_script_lifecycle(tmp_path: Path) -> None:
         intruder = BrokerScript(broker.port, broker.controller_port, tmp_path / "other").run("start")
         assert intruder.returncode == 1 and "already serves" in intruder.stderr
 
-        _produce(broker.bootstrap, "persisted", [b"before-restart"])
+        topic = f"persisted-{time.time_ns()}"
+        _produce(broker.bootstrap, topic, [b"before-restart"])
         broker.stop()
         assert broker.run("status").returncode == 3
+        assert not (broker.state_dir / "broker.pid").exists()
         assert "stopped" in broker.run("stop").stdout  # stopping a stopped broker is fine
 
         assert broker.start() == broker.bootstrap  # restart on the formatted storage
-        records = _consume(broker.bootstrap, "persisted", 1, group="lifecycle")
+        records = _consume(broker.bootstrap, topic, 1, group=f"{topic}-g")
         assert [r.value for r in records] == [b"before-restart"]
     finally:
-        broker.stop()
-    assert not (tmp_path / "state" / "broker.pid").exists()
-    assert BROKER_SH.exists()
+        if own:
+            broker.stop()
+        elif broker.run("status").returncode != 0:
+            broker.start()  # leave the session's broker running for the tests after this one
