@@ -1,0 +1,137 @@
+"""`patchd db ...` (schema migrations) and `patchd bench store` (store throughput).
+
+Handlers import memory/ (SQLAlchemy, Alembic) lazily, so `patchd --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+# events in one benchmark run: large enough that per-run start-up is noise (the issue's size)
+BENCH_EVENTS = 50_000
+# one record_batch per Kafka poll; kafka-python's default max_poll_records is 500
+BENCH_BATCH = 500
+
+
+def register(sub: Any, bench: Any) -> None:
+    db = sub.add_parser("db", help="manage patchd's database (SQLite by default, PostgreSQL by URL)")
+    db.set_defaults(func=lambda args: _missing(db))
+    db_sub = db.add_subparsers(dest="db_command", metavar="ACTION")
+
+    upgrade = db_sub.add_parser("upgrade", help="migrate the database schema to the newest revision")
+    _add_url_options(upgrade)
+    upgrade.add_argument("--revision", default="head", help="target revision (default: %(default)s)")
+    upgrade.set_defaults(func=_upgrade)
+
+    current = db_sub.add_parser("current", help="print the database's schema revision and the newest one")
+    _add_url_options(current)
+    current.set_defaults(func=_current)
+
+    store = bench.add_parser(
+        "store", help="record a synthetic correction stream and print events/s for SQLite and PostgreSQL"
+    )
+    store.add_argument(
+        "--events",
+        type=int,
+        default=BENCH_EVENTS,
+        help="events delivered, 30%% of them redeliveries (default: %(default)s)",
+    )
+    store.add_argument(
+        "--batch-size",
+        type=int,
+        default=BENCH_BATCH,
+        help="events per record_batch transaction (default: %(default)s)",
+    )
+    store.add_argument(
+        "--backends",
+        nargs="+",
+        choices=["sqlite", "postgresql"],
+        default=["sqlite", "postgresql"],
+        help="backends to measure (default: both)",
+    )
+    store.add_argument(
+        "--pg-url",
+        help="PostgreSQL server to use (a scratch database is created and dropped "
+        "there); default: start a private server with Debian's PostgreSQL binaries",
+    )
+    store.add_argument("--scratch-dir", help="directory for the SQLite file (default: the system temp dir)")
+    store.add_argument("--json", type=Path, metavar="FILE", help="also write the results to FILE as JSON")
+    store.set_defaults(func=_bench_store)
+
+
+def _add_url_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--url",
+        help="database URL, e.g. postgresql://user@host/db "
+        "(default: SQLite file patchd.db in the state directory)",
+    )
+    parser.add_argument(
+        "--state-dir", help="state directory (default: $PATCHD_STATE_DIR or ~/.local/state/patchd)"
+    )
+
+
+def _missing(parser: argparse.ArgumentParser) -> int:
+    parser.print_help(sys.stderr)
+    return 2
+
+
+def _engine(args: argparse.Namespace) -> Any:
+    from memory.engine import default_url, make_engine
+
+    return make_engine(args.url or default_url(args.state_dir))
+
+
+def _safe(engine: Any) -> str:
+    return str(engine.url.render_as_string(hide_password=True))
+
+
+def _upgrade(args: argparse.Namespace) -> int:
+    from memory import migrate
+
+    engine = _engine(args)
+    try:
+        before = migrate.current_revision(engine)
+        after = migrate.upgrade(engine, args.revision)
+    finally:
+        engine.dispose()
+    print(f"{_safe(engine)}: schema revision {before or 'none'} -> {after}")
+    return 0
+
+
+def _current(args: argparse.Namespace) -> int:
+    from memory import migrate
+
+    engine = _engine(args)
+    try:
+        current, head = migrate.current_revision(engine), migrate.head_revision()
+    finally:
+        engine.dispose()
+    state = "up to date" if current == head else "run `patchd db upgrade`"
+    print(f"{_safe(engine)}: schema revision {current or 'none'}, newest {head} ({state})")
+    return 0 if current == head else 1
+
+
+def _bench_store(args: argparse.Namespace) -> int:
+    from memory.bench import bench_backends
+
+    if args.events < 1 or args.batch_size < 1:
+        print("--events and --batch-size must be positive", file=sys.stderr)
+        return 2
+    results = bench_backends(args.backends, args.events, args.batch_size, args.pg_url, args.scratch_dir)
+    for backend in args.backends:
+        r = results[backend]
+        print(
+            f"{backend:<10} {r['events_per_s']:>10,.0f} events/s  "
+            f"({r['events']:,} events in {r['seconds']:.2f} s, "
+            f"batch {r['batch_size']}, p50 {r['batch_p50_ms']:.1f} ms, p99 {r['batch_p99_ms']:.1f} ms; "
+            f"{r['server']})"
+        )
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return 0

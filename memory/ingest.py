@@ -1,0 +1,252 @@
+"""`record_batch` as set-based SQL: a batch of reports in a handful of statements.
+
+Called inside the Store's write transaction, so a batch is stored whole or not at all. Ingest
+transactions are serialised (SQLite: the BEGIN IMMEDIATE write lock; PostgreSQL: a
+transaction-level advisory lock), which makes every read below authoritative until commit:
+
+1. Drop event ids repeated inside the batch, then those already stored (one indexed lookup per
+   500 ids): redelivered events are the common case after a consumer restart and cost nothing.
+2. Create the batch's new mistakes and look up the ids of all its mistakes (report foreign keys).
+3. Note the highest report id, insert the reports, and fold every report above that watermark
+   into the targets (upsert count = count + n), the distinct reporters (insert, skip existing)
+   and the mistakes' counters: three INSERT/UPDATE ... SELECT statements that run in the
+   database, whatever the batch size.
+
+Rows go in through memory/bulk.py (driver executemany on SQLite, one unnest() INSERT on
+PostgreSQL), never one ORM object per event. Keys are sorted before inserting so that writers
+that are not serialised (operators, migrations) take row locks in the same order.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from functools import cache
+from typing import Any
+
+from sqlalchemy import Connection, Integer, Table, bindparam, func, select, text, update
+
+from memory.bulk import in_list, insert_many, upsert_insert
+from memory.lifecycle import Status
+from memory.records import BatchResult, RejectedIn, ReportIn
+from memory.schema import Mistake, MistakeReporter, MistakeTarget, Rejected, Report
+
+# ids per IN (...) lookup; far below SQLite's 32,766 bound-parameter limit and PostgreSQL's 65,535
+LOOKUP_CHUNK = 500
+# the mistake_reporters key for a report without a reporter (see schema.MistakeReporter)
+ANONYMOUS = ""
+# pg_advisory_xact_lock key that serialises ingest transactions on PostgreSQL ("ingest")
+PG_INGEST_LOCK = 0x696E67657374
+
+MISTAKES: Table = Mistake.__table__  # type: ignore[assignment]
+TARGETS: Table = MistakeTarget.__table__  # type: ignore[assignment]
+REPORTERS: Table = MistakeReporter.__table__  # type: ignore[assignment]
+REPORTS: Table = Report.__table__  # type: ignore[assignment]
+REJECTED: Table = Rejected.__table__  # type: ignore[assignment]
+
+REPORT_COLUMNS = (
+    "event_id",
+    "model",
+    "mistake_id",
+    "target",
+    "observed",
+    "equivalents",
+    "reporter",
+    "reported_at",
+    "received_at",
+    "model_version",
+    "raw",
+    "topic",
+    "kafka_partition",
+    "kafka_offset",
+)
+MISTAKE_COLUMNS = (
+    "model",
+    "fingerprint",
+    "input_text",
+    "report_count",
+    "reporter_count",
+    "first_seen",
+    "last_seen",
+    "status",
+    "status_changed_at",
+    "priority",
+    "needs_policy",
+)
+
+
+@dataclass(frozen=True)
+class _Statements:
+    """The ingest statements of one dialect, built once so SQLAlchemy's compiled cache is hit."""
+
+    stored_events: Any
+    mistakes_by_key: Any
+    mistakes_after: Any
+    max_report_id: Any
+    max_mistake_id: Any
+    touched: Any
+    add_targets: Any
+    add_reporters: Any
+    bump_mistakes: Any
+    count_new: Any
+
+
+@cache
+def _statements(dialect_name: str) -> _Statements:
+    watermark = bindparam("watermark", type_=Integer)
+    new = REPORTS.c.id > watermark
+
+    per_target = (
+        select(REPORTS.c.mistake_id, REPORTS.c.target, func.count())
+        .where(new)
+        .group_by(REPORTS.c.mistake_id, REPORTS.c.target)
+        .order_by(REPORTS.c.mistake_id, REPORTS.c.target)
+    )
+    add_targets = upsert_insert(dialect_name, TARGETS).from_select(
+        ["mistake_id", "target", "count"], per_target
+    )
+    add_targets = add_targets.on_conflict_do_update(
+        index_elements=["mistake_id", "target"], set_={"count": TARGETS.c.count + add_targets.excluded.count}
+    )
+
+    reporter = func.coalesce(REPORTS.c.reporter, ANONYMOUS)
+    per_reporter = (
+        select(REPORTS.c.mistake_id, reporter).where(new).distinct().order_by(REPORTS.c.mistake_id, reporter)
+    )
+    add_reporters = (
+        upsert_insert(dialect_name, REPORTERS)
+        .from_select(["mistake_id", "reporter"], per_reporter)
+        .on_conflict_do_nothing(index_elements=["mistake_id", "reporter"])
+    )
+
+    new_of_mistake = REPORTS.alias("new_reports")
+    added = (
+        select(func.count())
+        .where(new_of_mistake.c.mistake_id == MISTAKES.c.id, new_of_mistake.c.id > watermark)
+        .scalar_subquery()
+    )
+    reporters = select(func.count()).where(REPORTERS.c.mistake_id == MISTAKES.c.id).scalar_subquery()
+    bump_mistakes = (
+        update(MISTAKES)
+        .where(MISTAKES.c.id.in_(select(REPORTS.c.mistake_id).where(new)))
+        .values(
+            report_count=MISTAKES.c.report_count + added,
+            reporter_count=reporters,
+            last_seen=bindparam("now", type_=MISTAKES.c.last_seen.type),
+            needs_policy=True,
+        )
+    )
+    return _Statements(
+        stored_events=select(REPORTS.c.event_id).where(in_list(REPORTS.c.event_id, "ids", dialect_name)),
+        mistakes_by_key=select(MISTAKES.c.id, MISTAKES.c.fingerprint).where(
+            MISTAKES.c.model == bindparam("model"),
+            in_list(MISTAKES.c.fingerprint, "fps", dialect_name),
+        ),
+        mistakes_after=select(MISTAKES.c.id, MISTAKES.c.model, MISTAKES.c.fingerprint).where(
+            MISTAKES.c.id > bindparam("watermark", type_=Integer)
+        ),
+        max_report_id=select(func.coalesce(func.max(REPORTS.c.id), 0)),
+        max_mistake_id=select(func.coalesce(func.max(MISTAKES.c.id), 0)),
+        touched=select(REPORTS.c.mistake_id).where(new).distinct(),
+        add_targets=add_targets,
+        add_reporters=add_reporters,
+        bump_mistakes=bump_mistakes,
+        count_new=select(func.count()).select_from(REPORTS).where(new),
+    )
+
+
+def record_reports(conn: Connection, reports: Sequence[ReportIn], now: datetime) -> BatchResult:
+    sql = _statements(conn.dialect.name)
+    if conn.dialect.name == "postgresql":
+        conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": PG_INGEST_LOCK})
+    unique: dict[str, ReportIn] = {}
+    for report in reports:
+        unique.setdefault(report.event_id, report)
+    ids_in_batch = list(unique)
+    stored: set[str] = set()
+    for start in range(0, len(ids_in_batch), LOOKUP_CHUNK):
+        chunk = ids_in_batch[start : start + LOOKUP_CHUNK]
+        stored.update(conn.execute(sql.stored_events, {"ids": chunk}).scalars())
+    fresh = sorted((r for r in unique.values() if r.event_id not in stored), key=lambda r: r.event_id)
+    if not fresh:
+        return BatchResult(new_reports=0, duplicates=len(reports), mistakes_created=0, mistakes_updated=0)
+
+    ids, created = _ensure_mistakes(conn, sql, fresh, now)
+    watermark = int(conn.scalar(sql.max_report_id) or 0)
+    rows = [
+        (r.event_id, r.model, ids[(r.model, r.fingerprint)], r.target, r.observed, list(r.equivalents),
+         r.reporter, r.reported_at, now, r.model_version, r.raw, r.topic, r.partition, r.offset)
+        for r in fresh
+    ]  # fmt: skip
+    insert_many(conn, REPORTS, REPORT_COLUMNS, rows, conflict=["event_id"])
+
+    params = {"watermark": watermark}
+    touched = set(conn.execute(sql.touched, params).scalars())
+    conn.execute(sql.add_targets, params)
+    conn.execute(sql.add_reporters, params)
+    conn.execute(sql.bump_mistakes, {**params, "now": now})
+    new_reports = int(conn.scalar(sql.count_new, params) or 0)
+    return BatchResult(
+        new_reports=new_reports,
+        duplicates=len(reports) - new_reports,
+        mistakes_created=len(created),
+        mistakes_updated=len(touched - created),
+    )
+
+
+def _ensure_mistakes(
+    conn: Connection, sql: _Statements, fresh: Sequence[ReportIn], now: datetime
+) -> tuple[dict[tuple[str, str], int], set[int]]:
+    """Create missing mistakes; return {(model, fingerprint): id} and the ids just created."""
+    first: dict[tuple[str, str], ReportIn] = {}
+    for report in fresh:
+        first.setdefault((report.model, report.fingerprint), report)
+    by_model: dict[str, list[str]] = defaultdict(list)
+    for model, fp in first:
+        by_model[model].append(fp)
+    ids: dict[tuple[str, str], int] = {}
+    for model, fps in by_model.items():
+        for start in range(0, len(fps), LOOKUP_CHUNK):
+            found = conn.execute(
+                sql.mistakes_by_key, {"model": model, "fps": fps[start : start + LOOKUP_CHUNK]}
+            )
+            ids.update({(model, fp): mid for mid, fp in found})
+    missing = sorted(key for key in first if key not in ids)
+    if not missing:
+        return ids, set()
+    watermark = int(conn.scalar(sql.max_mistake_id) or 0)
+    # counters start at 0: the reports are folded in afterwards, like those of existing mistakes
+    rows = [
+        (model, fp, first[(model, fp)].input_text, 0, 0, now, now, Status.REPORTED, now, 0, True)
+        for model, fp in missing
+    ]
+    insert_many(conn, MISTAKES, MISTAKE_COLUMNS, rows, conflict=["model", "fingerprint"])
+    created = {
+        (model, fp): mid for mid, model, fp in conn.execute(sql.mistakes_after, {"watermark": watermark})
+    }
+    ids.update(created)
+    return ids, set(created.values())
+
+
+def record_rejected(conn: Connection, rejected: Sequence[RejectedIn], now: datetime) -> int:
+    """Insert rejected events; a redelivered one (same topic/partition/offset) is skipped."""
+    if not rejected:
+        return 0
+    rows = [
+        {
+            "raw": r.raw,
+            "reason": r.reason,
+            "detail": r.detail,
+            "topic": r.topic,
+            "kafka_partition": r.partition,
+            "kafka_offset": r.offset,
+            "received_at": now,
+        }
+        for r in sorted(rejected, key=lambda r: (r.topic, r.partition, r.offset))
+    ]
+    stmt = upsert_insert(conn.dialect.name, REJECTED).on_conflict_do_nothing(
+        index_elements=["topic", "kafka_partition", "kafka_offset"]
+    )
+    return len(conn.execute(stmt.returning(REJECTED.c.id), rows).all())

@@ -1,0 +1,123 @@
+"""The policy inputs the worker needs: which mistake to patch next, and what its target is.
+
+A mistake becomes eligible once `quorum` distinct reporters reported it. Its target is the
+reported target with the largest count, but only if that count's share of all its reports is
+strictly above `conflict_share` and no other target ties it; otherwise reporters disagree and
+the mistake is `conflicting` until later reports settle it. Eligible mistakes are patched by
+operator priority, then distinct reporters (many people hit it), then age (first seen), then id.
+
+Only mistakes whose reports changed since the policy last looked (`needs_policy`) are
+re-evaluated, so each call costs in proportion to what arrived, not to the backlog. A changed
+`conflict_share` therefore applies to a queued or conflicting mistake at its next report.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Mapping
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from memory import lifecycle
+from memory.lifecycle import OPEN, Status
+from memory.schema import Mistake, MistakeTarget, Report
+
+
+def check_policy(quorum: int, conflict_share: float) -> None:
+    if quorum < 1:
+        raise ValueError(f"quorum must be at least 1 distinct reporter, got {quorum}")
+    if not 0.0 <= conflict_share < 1.0:
+        raise ValueError(
+            f"conflict_share must be in [0, 1): the winner's share must be above it, got {conflict_share}"
+        )
+
+
+def decide_target(targets: Mapping[str, int], conflict_share: float) -> str | None:
+    """The winning target, or None when no target is strictly above the share (or two tie)."""
+    total = sum(targets.values())
+    if total == 0:
+        return None
+    ranked = sorted(targets.items(), key=lambda item: (-item[1], item[0]))
+    best, best_count = ranked[0]
+    if len(ranked) > 1 and ranked[1][1] == best_count:
+        return None
+    return best if best_count / total > conflict_share else None
+
+
+def targets_of(session: Session, mistake_ids: list[int]) -> dict[int, dict[str, int]]:
+    found: dict[int, dict[str, int]] = defaultdict(dict)
+    for start in range(0, len(mistake_ids), 500):
+        rows = session.execute(
+            select(MistakeTarget.mistake_id, MistakeTarget.target, MistakeTarget.count).where(
+                MistakeTarget.mistake_id.in_(mistake_ids[start : start + 500])
+            )
+        )
+        for mid, target, count in rows:
+            found[mid][target] = count
+    return found
+
+
+def resolve(session: Session, model: str, quorum: int, conflict_share: float) -> int:
+    """Queue or mark conflicting every changed open mistake at quorum; return how many it looked at."""
+    candidates = list(
+        session.scalars(
+            select(Mistake)
+            .where(
+                Mistake.model == model,
+                Mistake.status.in_(OPEN),
+                Mistake.needs_policy.is_(True),
+                Mistake.reporter_count >= quorum,
+            )
+            .order_by(Mistake.id)  # lock order, see memory/ingest.py
+            .with_for_update()
+        )
+    )
+    targets = targets_of(session, [m.id for m in candidates])
+    for mistake in candidates:
+        winner = decide_target(targets.get(mistake.id, {}), conflict_share)
+        mistake.needs_policy = False
+        if winner is None:
+            mistake.target = None
+            if mistake.status != Status.CONFLICTING:
+                lifecycle.transition(
+                    session, mistake, Status.CONFLICTING, note=_share_note(targets[mistake.id])
+                )
+            continue
+        mistake.target = winner
+        if mistake.status != Status.QUEUED:
+            lifecycle.transition(session, mistake, Status.QUEUED, note=f"target {winner!r}")
+    return len(candidates)
+
+
+def pick(session: Session, model: str) -> Mistake | None:
+    """The queued mistake to patch first, locked (other workers skip it on PostgreSQL)."""
+    return session.scalars(
+        select(Mistake)
+        .where(Mistake.model == model, Mistake.status == Status.QUEUED)
+        .order_by(Mistake.priority.desc(), Mistake.reporter_count.desc(), Mistake.first_seen, Mistake.id)
+        .limit(1)
+        .with_for_update(skip_locked=True)
+    ).first()
+
+
+def equivalents_of(session: Session, mistake_id: int, target: str | None) -> tuple[str, ...]:
+    """Distinct paraphrases sent with reports of the winning target, in the order first seen."""
+    rows = session.scalars(
+        select(Report.equivalents)
+        .where(Report.mistake_id == mistake_id, Report.target == target)
+        .order_by(Report.id)
+    )
+    seen: dict[str, None] = {}
+    for equivalents in rows:
+        for text in equivalents or ():
+            seen.setdefault(text, None)
+    return tuple(seen)
+
+
+def _share_note(targets: Mapping[str, int]) -> str:
+    total = sum(targets.values()) or 1
+    parts = ", ".join(
+        f"{t!r}: {n} ({n / total:.0%})" for t, n in sorted(targets.items(), key=lambda i: -i[1])[:5]
+    )
+    return f"no target above the share: {parts}"

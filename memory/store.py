@@ -1,0 +1,394 @@
+"""The Store: all of patchd's durable state behind one object (DESIGN §6).
+
+    store = Store.open(url)                    # None: SQLite file under the state directory
+    store.record_batch(reports) -> BatchResult  # one transaction; redelivered event ids are no-ops
+    store.record_rejected(rejected) -> int      # invalid events; redelivery is a no-op
+    store.next_mistake(model, quorum=1, conflict_share=0.5, claim=True) -> MistakeRecord | None
+    store.reporter_counts(model, since) -> dict[str, int]     # reports per reporter since `since`
+    store.get_mistake(mistake_id) -> MistakeRecord | None
+    store.find_mistake(model, fingerprint) -> MistakeRecord | None
+    store.set_status(mistake_id, status, note=None)          # through memory.lifecycle
+    store.set_priority(mistake_id, priority)
+    store.status_counts(model) -> dict[Status, int]
+    store.add_patch(mistake_id, neurons=..., n_neurons=..., layer=..., activation=..., steps=...,
+                    seconds=..., gate={...}, accepted=bool) -> int   # accepted: mistake -> patched
+    store.patches_of(mistake_id) -> list[PatchRecord]
+    store.accepted_patches(model) -> list[PatchRecord]       # not removed, in acceptance order
+    store.mark_patch_removed(patch_id, reason)               # mistake patched -> revoked
+    store.recover_interrupted(model) -> list[int]            # patching -> queued after a crash
+    store.add_version(model, number, parent, manifest_sha256, edit_ids, uri=None) -> VersionRecord
+    store.latest_version(model) -> VersionRecord | None
+    store.versions(model) -> list[VersionRecord]
+    store.table_counts() -> dict[str, int]
+    store.close()
+
+Every method is one transaction and returns plain frozen records (memory/records.py), never
+live ORM objects, so results can cross threads. The Store is safe to share between the consumer
+thread (writes) and the worker thread (reads and status changes): each call checks a pooled
+connection out of the Store's one engine. On SQLite, write calls take the write lock up front
+(BEGIN IMMEDIATE) and wait up to 30 s for it; reads run beside writes thanks to WAL.
+
+Status changes happen only in memory/lifecycle.py; an illegal one raises IllegalTransition and
+the whole call is rolled back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import Engine, func, select
+from sqlalchemy.engine import URL
+from sqlalchemy.orm import Session, sessionmaker
+
+from memory import ingest, lifecycle, migrate, policy
+from memory.engine import WRITE_OPTION, default_url, make_engine
+from memory.lifecycle import Status
+from memory.records import BatchResult, MistakeRecord, PatchRecord, RejectedIn, ReportIn, VersionRecord
+from memory.schema import Base, Mistake, Patch, Report, Version
+
+
+class NotFound(LookupError):
+    """A mistake, patch or version id that is not in the database."""
+
+
+class Store:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._read = sessionmaker(engine, expire_on_commit=False)
+        self._write = sessionmaker(engine.execution_options(**{WRITE_OPTION: True}), expire_on_commit=False)
+
+    @classmethod
+    def open(
+        cls, url: str | URL | None = None, *, state_dir: str | None = None, upgrade: bool = True
+    ) -> Store:
+        """Open (and by default migrate) the database at `url`.
+
+        `upgrade=True` runs pending migrations, so the embedded SQLite default needs no setup;
+        with `upgrade=False` (an operator runs `patchd db upgrade`) a schema that is not at the
+        newest revision raises migrate.SchemaOutOfDate instead.
+        """
+        engine = make_engine(url if url is not None else default_url(state_dir))
+        try:
+            if upgrade:
+                migrate.upgrade(engine)
+            else:
+                migrate.require_head(engine)
+        except BaseException:
+            engine.dispose()
+            raise
+        return cls(engine)
+
+    @property
+    def backend(self) -> str:
+        return self.engine.dialect.name
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextmanager
+    def writing(self) -> Iterator[Session]:
+        """A write transaction (BEGIN IMMEDIATE on SQLite): commits on exit, rolls back on error."""
+        with self._write() as session, session.begin():
+            yield session
+
+    @contextmanager
+    def reading(self) -> Iterator[Session]:
+        with self._read() as session, session.begin():
+            yield session
+
+    # -- ingest -------------------------------------------------------------------------------
+
+    def record_batch(self, reports: Sequence[ReportIn]) -> BatchResult:
+        """Store a batch of validated reports in ONE transaction (see memory/ingest.py)."""
+        if not reports:
+            return BatchResult(new_reports=0, duplicates=0, mistakes_created=0, mistakes_updated=0)
+        with self.writing() as session:
+            return ingest.record_reports(session.connection(), reports, _now())
+
+    def record_rejected(self, rejected: Sequence[RejectedIn]) -> int:
+        """Store events that failed validation; returns how many were new."""
+        with self.writing() as session:
+            return ingest.record_rejected(session.connection(), rejected, _now())
+
+    # -- policy -------------------------------------------------------------------------------
+
+    def next_mistake(
+        self, model: str, quorum: int = 1, conflict_share: float = 0.5, *, claim: bool = True
+    ) -> MistakeRecord | None:
+        """Settle changed mistakes (queued / conflicting), then return the one to patch next.
+
+        With `claim=True` (the worker) it moves to `patching` in the same transaction, so two
+        callers never get the same mistake and a crash leaves a trace for recover_interrupted.
+        """
+        policy.check_policy(quorum, conflict_share)
+        with self.writing() as session:
+            policy.resolve(session, model, quorum, conflict_share)
+            mistake = policy.pick(session, model)
+            if mistake is None:
+                return None
+            if claim:
+                lifecycle.transition(session, mistake, Status.PATCHING)
+            return self._record(session, mistake)
+
+    def reporter_counts(self, model: str, since: datetime) -> dict[str, int]:
+        """Reports per reporter received at or after `since` (anonymous reports under "")."""
+        with self.reading() as session:
+            rows = session.execute(
+                select(Report.reporter, func.count())
+                .where(Report.model == model, Report.received_at >= since)
+                .group_by(Report.reporter)
+            )
+            return {reporter or ingest.ANONYMOUS: count for reporter, count in rows}
+
+    # -- mistakes -----------------------------------------------------------------------------
+
+    def get_mistake(self, mistake_id: int) -> MistakeRecord | None:
+        with self.reading() as session:
+            mistake = session.get(Mistake, mistake_id)
+            return None if mistake is None else self._record(session, mistake)
+
+    def find_mistake(self, model: str, fingerprint: str) -> MistakeRecord | None:
+        with self.reading() as session:
+            mistake = session.scalars(
+                select(Mistake).where(Mistake.model == model, Mistake.fingerprint == fingerprint)
+            ).first()
+            return None if mistake is None else self._record(session, mistake)
+
+    def set_status(self, mistake_id: int, status: Status, note: str | None = None) -> None:
+        """Change a mistake's status (worker outcomes, operator re-queue); illegal changes raise."""
+        with self.writing() as session:
+            lifecycle.transition(session, self._mistake(session, mistake_id), Status(status), note)
+
+    def set_priority(self, mistake_id: int, priority: int) -> None:
+        with self.writing() as session:
+            self._mistake(session, mistake_id).priority = priority
+
+    def status_counts(self, model: str) -> dict[Status, int]:
+        """Mistakes per status, with every status present (0 when none)."""
+        with self.reading() as session:
+            rows = session.execute(
+                select(Mistake.status, func.count()).where(Mistake.model == model).group_by(Mistake.status)
+            )
+            counts = dict.fromkeys(Status, 0)
+            counts.update({Status(status): n for status, n in rows})
+            return counts
+
+    # -- patches ------------------------------------------------------------------------------
+
+    def add_patch(
+        self,
+        mistake_id: int,
+        *,
+        neurons: bytes,
+        n_neurons: int,
+        layer: int,
+        activation: str,
+        steps: int,
+        seconds: float,
+        gate: dict[str, Any],
+        accepted: bool,
+    ) -> int:
+        """Store one trained neuron group for a mistake in `patching`; returns the patch id.
+
+        An accepted patch moves the mistake to `patched` in the same transaction: a crash can
+        never leave a kept neuron whose mistake would be queued (and patched) again. A rejected
+        try leaves the mistake in `patching` for the next try; the worker ends with set_status.
+        """
+        with self.writing() as session:
+            mistake = self._mistake(session, mistake_id)
+            if mistake.status != Status.PATCHING:
+                raise ValueError(
+                    f"patch for mistake {mistake_id} refused: it is {mistake.status}, not patching "
+                    "(the worker claims a mistake with next_mistake before training)"
+                )
+            patch = Patch(
+                mistake_id=mistake_id,
+                model=mistake.model,
+                neurons=neurons,
+                n_neurons=n_neurons,
+                layer=layer,
+                activation=activation,
+                steps=steps,
+                seconds=seconds,
+                gate=gate,
+                accepted=accepted,
+                created_at=_now(),
+            )
+            session.add(patch)
+            if accepted:
+                lifecycle.transition(session, mistake, Status.PATCHED, note=f"{n_neurons} neuron(s) kept")
+            session.flush()
+            return patch.id
+
+    def patches_of(self, mistake_id: int) -> list[PatchRecord]:
+        with self.reading() as session:
+            rows = session.scalars(select(Patch).where(Patch.mistake_id == mistake_id).order_by(Patch.id))
+            return [_patch_record(p) for p in rows]
+
+    def accepted_patches(self, model: str) -> list[PatchRecord]:
+        """The patches in the model now, in the order they were accepted: replay them to rebuild it."""
+        with self.reading() as session:
+            rows = session.scalars(
+                select(Patch)
+                .where(Patch.model == model, Patch.accepted.is_(True), Patch.removed_at.is_(None))
+                .order_by(Patch.id)
+            )
+            return [_patch_record(p) for p in rows]
+
+    def mark_patch_removed(self, patch_id: int, reason: str) -> None:
+        """Take an accepted patch out of the model (revoke); its mistake becomes `revoked`."""
+        with self.writing() as session:
+            patch = session.get(Patch, patch_id, with_for_update=True)
+            if patch is None:
+                raise NotFound(f"no patch with id {patch_id}")
+            if not patch.accepted or patch.removed_at is not None:
+                state = "was never accepted" if not patch.accepted else f"was removed at {patch.removed_at}"
+                raise ValueError(f"patch {patch_id} cannot be removed: it {state}")
+            patch.removed_at, patch.removed_reason = _now(), reason
+            lifecycle.transition(
+                session, self._mistake(session, patch.mistake_id), Status.REVOKED, note=reason
+            )
+
+    def recover_interrupted(self, model: str) -> list[int]:
+        """After a restart: mistakes left in `patching` go back to `queued`; returns their ids.
+
+        A mistake in `patching` with a kept patch (impossible with add_patch's single
+        transaction, but cheap to guard) is completed to `patched` instead of being re-queued.
+        """
+        with self.writing() as session:
+            stuck = session.scalars(
+                select(Mistake)
+                .where(Mistake.model == model, Mistake.status == Status.PATCHING)
+                .order_by(Mistake.id)
+                .with_for_update()
+            ).all()
+            requeued = []
+            for mistake in stuck:
+                kept = session.scalar(
+                    select(func.count()).where(
+                        Patch.mistake_id == mistake.id, Patch.accepted.is_(True), Patch.removed_at.is_(None)
+                    )
+                )
+                if kept:
+                    lifecycle.transition(session, mistake, Status.PATCHED, note="recovered: patch was kept")
+                else:
+                    lifecycle.transition(session, mistake, Status.QUEUED, note="recovered after interruption")
+                    requeued.append(mistake.id)
+            return requeued
+
+    # -- versions -----------------------------------------------------------------------------
+
+    def add_version(
+        self,
+        model: str,
+        number: int,
+        parent: int | None,
+        manifest_sha256: str,
+        edit_ids: Sequence[int],
+        uri: str | None = None,
+    ) -> VersionRecord:
+        """Record a published version; a number already used for `model` raises IntegrityError."""
+        with self.writing() as session:
+            version = Version(
+                model=model,
+                number=number,
+                parent=parent,
+                created_at=_now(),
+                manifest_sha256=manifest_sha256,
+                edit_ids=list(edit_ids),
+                uri=uri,
+            )
+            session.add(version)
+            session.flush()
+            return _version_record(version)
+
+    def latest_version(self, model: str) -> VersionRecord | None:
+        with self.reading() as session:
+            version = session.scalars(
+                select(Version).where(Version.model == model).order_by(Version.number.desc()).limit(1)
+            ).first()
+            return None if version is None else _version_record(version)
+
+    def versions(self, model: str) -> list[VersionRecord]:
+        with self.reading() as session:
+            rows = session.scalars(select(Version).where(Version.model == model).order_by(Version.number))
+            return [_version_record(v) for v in rows]
+
+    def table_counts(self) -> dict[str, int]:
+        """Rows per table (tests, `patchd status`)."""
+        with self.reading() as session:
+            return {
+                name: int(session.scalar(select(func.count()).select_from(table)) or 0)
+                for name, table in Base.metadata.tables.items()
+            }
+
+    # -- helpers ------------------------------------------------------------------------------
+
+    @staticmethod
+    def _mistake(session: Session, mistake_id: int) -> Mistake:
+        mistake = session.get(Mistake, mistake_id, with_for_update=True)
+        if mistake is None:
+            raise NotFound(f"no mistake with id {mistake_id}")
+        return mistake
+
+    @staticmethod
+    def _record(session: Session, mistake: Mistake) -> MistakeRecord:
+        return MistakeRecord(
+            id=mistake.id,
+            model=mistake.model,
+            fingerprint=mistake.fingerprint,
+            input_text=mistake.input_text,
+            target=mistake.target,
+            targets=policy.targets_of(session, [mistake.id]).get(mistake.id, {}),
+            report_count=mistake.report_count,
+            reporter_count=mistake.reporter_count,
+            first_seen=mistake.first_seen,
+            last_seen=mistake.last_seen,
+            status=Status(mistake.status),
+            priority=mistake.priority,
+            equivalents=policy.equivalents_of(session, mistake.id, mistake.target),
+        )
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _patch_record(p: Patch) -> PatchRecord:
+    return PatchRecord(
+        id=p.id,
+        mistake_id=p.mistake_id,
+        model=p.model,
+        neurons=p.neurons,
+        n_neurons=p.n_neurons,
+        layer=p.layer,
+        activation=p.activation,
+        steps=p.steps,
+        seconds=p.seconds,
+        gate=dict(p.gate),
+        accepted=p.accepted,
+        created_at=p.created_at,
+        removed_at=p.removed_at,
+        removed_reason=p.removed_reason,
+    )
+
+
+def _version_record(v: Version) -> VersionRecord:
+    return VersionRecord(
+        model=v.model,
+        number=v.number,
+        parent=v.parent,
+        created_at=v.created_at,
+        manifest_sha256=v.manifest_sha256,
+        edit_ids=tuple(v.edit_ids),
+        uri=v.uri,
+    )

@@ -1,0 +1,131 @@
+"""Migrations: the migrated schema equals the models; `patchd db upgrade`; the wheel ships them."""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import tomllib
+from pathlib import Path
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import inspect, text
+from sqlalchemy.exc import IntegrityError
+
+from daemon.cli import main
+from memory import migrate
+from memory.engine import make_engine
+from memory.schema import Base
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _diff(url: str) -> list[object]:
+    engine = make_engine(url)
+    try:
+        with engine.connect() as conn:
+            context = MigrationContext.configure(conn, opts={"compare_type": True})
+            return list(compare_metadata(context, Base.metadata))
+    finally:
+        engine.dispose()
+
+
+def test_migrated_schema_equals_the_models(db_url: str) -> None:
+    engine = make_engine(db_url)
+    try:
+        assert migrate.upgrade(engine) == migrate.head_revision()
+    finally:
+        engine.dispose()
+    assert _diff(db_url) == []
+
+
+def test_status_check_constraint_exists(migrated_url: str) -> None:
+    # compare_metadata does not look at CHECK constraints, so test the migration's directly
+    engine = make_engine(migrated_url)
+    try:
+        migrate.upgrade(engine)
+        with pytest.raises(IntegrityError), engine.begin() as conn:
+            conn.execute(
+                text(
+                    "INSERT INTO mistakes (model, fingerprint, input_text, report_count, reporter_count, "
+                    "first_seen, last_seen, status, status_changed_at, priority, needs_policy) VALUES "
+                    "('m', 'f', 'x', 0, 0, CURRENT_TIMESTAMP, CURRENT_TIMESTAMP, 'bogus',"
+                    " CURRENT_TIMESTAMP, 0, true)"
+                )
+            )
+    finally:
+        engine.dispose()
+
+
+def test_downgrade_to_base_and_back(db_url: str) -> None:
+    engine = make_engine(db_url)
+    try:
+        migrate.upgrade(engine)
+        assert migrate.downgrade(engine, "base") is None
+        assert set(inspect(engine).get_table_names()) <= {"alembic_version"}
+        migrate.upgrade(engine)
+    finally:
+        engine.dispose()
+    assert _diff(db_url) == []
+
+
+def test_cli_db_upgrade_default_sqlite(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("PATCHD_STATE_DIR", str(tmp_path / "from-env"))
+    assert main(["db", "current"]) == 1  # empty database: not at head
+    assert main(["db", "upgrade"]) == 0
+    assert (tmp_path / "from-env" / "patchd.db").exists()
+    assert main(["db", "current"]) == 0
+    assert main(["db", "upgrade", "--state-dir", str(tmp_path / "explicit")]) == 0
+    assert (tmp_path / "explicit" / "patchd.db").exists()
+    assert f"none -> {migrate.head_revision()}" in capsys.readouterr().out
+
+
+@pytest.mark.postgres
+def test_cli_db_upgrade_postgres(pg_database: str) -> None:
+    assert main(["db", "upgrade", "--url", pg_database]) == 0
+    assert main(["db", "current", "--url", pg_database]) == 0
+    assert _diff(pg_database) == []
+
+
+def test_package_data_ships_every_migration_file() -> None:
+    patterns = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"][
+        "memory"
+    ]
+    needed = [
+        p.relative_to(REPO / "memory").as_posix() for p in (REPO / "memory" / "migrations").rglob("*.py")
+    ]
+    assert "migrations/env.py" in needed and any(n.startswith("migrations/versions/") for n in needed)
+    missing = [n for n in needed if not any(fnmatch.fnmatch(n, pattern) for pattern in patterns)]
+    assert missing == [], f"pyproject package-data does not ship {missing}"
+    assert migrate.MIGRATIONS_DIR == REPO / "memory" / "migrations"
+
+
+@pytest.mark.postgres
+def test_bench_store_cli_writes_json(tmp_path: Path, pg_url: str) -> None:
+    out = tmp_path / "bench.json"
+    assert (
+        main(
+            [
+                "bench",
+                "store",
+                "--events",
+                "1500",
+                "--batch-size",
+                "250",
+                "--pg-url",
+                pg_url,
+                "--scratch-dir",
+                str(tmp_path),
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    results = json.loads(out.read_text())
+    for backend in ("sqlite", "postgresql"):
+        assert results[backend]["events"] == 1500 and results[backend]["events_per_s"] > 0
+        assert results[backend]["new_reports"] == 1050  # 30% redeliveries
