@@ -149,7 +149,14 @@ def _statements(dialect_name: str) -> _Statements:
         ),
         max_report_id=select(func.coalesce(func.max(REPORTS.c.id), 0)),
         max_mistake_id=select(func.coalesce(func.max(MISTAKES.c.id), 0)),
-        touched=select(REPORTS.c.mistake_id).where(new).distinct(),
+        # the mistakes this batch touches, locked in id order (PostgreSQL; SQLite ignores FOR UPDATE):
+        # the bulk UPDATE below then waits for nothing, and cannot deadlock with the policy's locks
+        touched=(
+            select(MISTAKES.c.id)
+            .where(MISTAKES.c.id.in_(select(REPORTS.c.mistake_id).where(new)))
+            .order_by(MISTAKES.c.id)
+            .with_for_update()
+        ),
         add_targets=add_targets,
         add_reporters=add_reporters,
         bump_mistakes=bump_mistakes,

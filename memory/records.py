@@ -75,6 +75,20 @@ class MistakeRecord:
 
 
 @dataclass(frozen=True)
+class PatchIn:
+    """One trained neuron group and the gate's verdict, as the worker hands it to `Store.add_patch`."""
+
+    neurons: bytes  # safetensors blob: keys [n,d], biases [n], values [n,d] (patching.state's layout)
+    n_neurons: int
+    layer: int
+    activation: str
+    steps: int
+    seconds: float
+    gate: dict[str, Any]  # the gate's metrics and verdict, JSON-serialisable
+    accepted: bool
+
+
+@dataclass(frozen=True)
 class PatchRecord:
     """One stored neuron group (one patch); `neurons` is the safetensors blob as given."""
 

@@ -10,8 +10,7 @@
     store.set_status(mistake_id, status, note=None)          # through memory.lifecycle
     store.set_priority(mistake_id, priority)
     store.status_counts(model) -> dict[Status, int]
-    store.add_patch(mistake_id, neurons=..., n_neurons=..., layer=..., activation=..., steps=...,
-                    seconds=..., gate={...}, accepted=bool) -> int   # accepted: mistake -> patched
+    store.add_patch(mistake_id, PatchIn(...)) -> int        # accepted: mistake -> patched
     store.patches_of(mistake_id) -> list[PatchRecord]
     store.accepted_patches(model) -> list[PatchRecord]       # not removed, in acceptance order
     store.mark_patch_removed(patch_id, reason)               # mistake patched -> revoked
@@ -36,8 +35,9 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import asdict, fields
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import Engine, func, select
 from sqlalchemy.engine import URL
@@ -46,8 +46,18 @@ from sqlalchemy.orm import Session, sessionmaker
 from memory import ingest, lifecycle, migrate, policy
 from memory.engine import WRITE_OPTION, default_url, make_engine
 from memory.lifecycle import Status
-from memory.records import BatchResult, MistakeRecord, PatchRecord, RejectedIn, ReportIn, VersionRecord
+from memory.records import (
+    BatchResult,
+    MistakeRecord,
+    PatchIn,
+    PatchRecord,
+    RejectedIn,
+    ReportIn,
+    VersionRecord,
+)
 from memory.schema import Base, Mistake, Patch, Report, Version
+
+R = TypeVar("R")
 
 
 class NotFound(LookupError):
@@ -184,19 +194,7 @@ class Store:
 
     # -- patches ------------------------------------------------------------------------------
 
-    def add_patch(
-        self,
-        mistake_id: int,
-        *,
-        neurons: bytes,
-        n_neurons: int,
-        layer: int,
-        activation: str,
-        steps: int,
-        seconds: float,
-        gate: dict[str, Any],
-        accepted: bool,
-    ) -> int:
+    def add_patch(self, mistake_id: int, patch: PatchIn) -> int:
         """Store one trained neuron group for a mistake in `patching`; returns the patch id.
 
         An accepted patch moves the mistake to `patched` in the same transaction: a crash can
@@ -210,29 +208,19 @@ class Store:
                     f"patch for mistake {mistake_id} refused: it is {mistake.status}, not patching "
                     "(the worker claims a mistake with next_mistake before training)"
                 )
-            patch = Patch(
-                mistake_id=mistake_id,
-                model=mistake.model,
-                neurons=neurons,
-                n_neurons=n_neurons,
-                layer=layer,
-                activation=activation,
-                steps=steps,
-                seconds=seconds,
-                gate=gate,
-                accepted=accepted,
-                created_at=_now(),
-            )
-            session.add(patch)
-            if accepted:
-                lifecycle.transition(session, mistake, Status.PATCHED, note=f"{n_neurons} neuron(s) kept")
+            row = Patch(mistake_id=mistake_id, model=mistake.model, created_at=_now(), **asdict(patch))
+            session.add(row)
+            if patch.accepted:
+                lifecycle.transition(
+                    session, mistake, Status.PATCHED, note=f"{patch.n_neurons} neuron(s) kept"
+                )
             session.flush()
-            return patch.id
+            return row.id
 
     def patches_of(self, mistake_id: int) -> list[PatchRecord]:
         with self.reading() as session:
             rows = session.scalars(select(Patch).where(Patch.mistake_id == mistake_id).order_by(Patch.id))
-            return [_patch_record(p) for p in rows]
+            return [_as(PatchRecord, p) for p in rows]
 
     def accepted_patches(self, model: str) -> list[PatchRecord]:
         """The patches in the model now, in the order they were accepted: replay them to rebuild it."""
@@ -242,7 +230,7 @@ class Store:
                 .where(Patch.model == model, Patch.accepted.is_(True), Patch.removed_at.is_(None))
                 .order_by(Patch.id)
             )
-            return [_patch_record(p) for p in rows]
+            return [_as(PatchRecord, p) for p in rows]
 
     def mark_patch_removed(self, patch_id: int, reason: str) -> None:
         """Take an accepted patch out of the model (revoke); its mistake becomes `revoked`."""
@@ -309,19 +297,19 @@ class Store:
             )
             session.add(version)
             session.flush()
-            return _version_record(version)
+            return _as(VersionRecord, version, edit_ids=tuple(version.edit_ids))
 
     def latest_version(self, model: str) -> VersionRecord | None:
         with self.reading() as session:
             version = session.scalars(
                 select(Version).where(Version.model == model).order_by(Version.number.desc()).limit(1)
             ).first()
-            return None if version is None else _version_record(version)
+            return None if version is None else _as(VersionRecord, version, edit_ids=tuple(version.edit_ids))
 
     def versions(self, model: str) -> list[VersionRecord]:
         with self.reading() as session:
             rows = session.scalars(select(Version).where(Version.model == model).order_by(Version.number))
-            return [_version_record(v) for v in rows]
+            return [_as(VersionRecord, v, edit_ids=tuple(v.edit_ids)) for v in rows]
 
     def table_counts(self) -> dict[str, int]:
         """Rows per table (tests, `patchd status`)."""
@@ -342,20 +330,10 @@ class Store:
 
     @staticmethod
     def _record(session: Session, mistake: Mistake) -> MistakeRecord:
-        return MistakeRecord(
-            id=mistake.id,
-            model=mistake.model,
-            fingerprint=mistake.fingerprint,
-            input_text=mistake.input_text,
-            target=mistake.target,
-            targets=policy.targets_of(session, [mistake.id]).get(mistake.id, {}),
-            report_count=mistake.report_count,
-            reporter_count=mistake.reporter_count,
-            first_seen=mistake.first_seen,
-            last_seen=mistake.last_seen,
-            status=Status(mistake.status),
-            priority=mistake.priority,
-            equivalents=policy.equivalents_of(session, mistake.id, mistake.target),
+        targets = policy.targets_of(session, [mistake.id]).get(mistake.id, {})
+        equivalents = policy.equivalents_of(session, mistake.id, mistake.target)
+        return _as(
+            MistakeRecord, mistake, targets=targets, equivalents=equivalents, status=Status(mistake.status)
         )
 
 
@@ -363,32 +341,7 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
-def _patch_record(p: Patch) -> PatchRecord:
-    return PatchRecord(
-        id=p.id,
-        mistake_id=p.mistake_id,
-        model=p.model,
-        neurons=p.neurons,
-        n_neurons=p.n_neurons,
-        layer=p.layer,
-        activation=p.activation,
-        steps=p.steps,
-        seconds=p.seconds,
-        gate=dict(p.gate),
-        accepted=p.accepted,
-        created_at=p.created_at,
-        removed_at=p.removed_at,
-        removed_reason=p.removed_reason,
-    )
-
-
-def _version_record(v: Version) -> VersionRecord:
-    return VersionRecord(
-        model=v.model,
-        number=v.number,
-        parent=v.parent,
-        created_at=v.created_at,
-        manifest_sha256=v.manifest_sha256,
-        edit_ids=tuple(v.edit_ids),
-        uri=v.uri,
-    )
+def _as(record_type: type[R], row: object, **computed: Any) -> R:
+    """Copy a row's columns into the frozen record with the same field names (plus computed ones)."""
+    names = [f.name for f in fields(record_type) if f.name not in computed]  # type: ignore[arg-type]
+    return record_type(**{name: getattr(row, name) for name in names}, **computed)

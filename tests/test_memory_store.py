@@ -11,7 +11,7 @@ from sqlalchemy.exc import IntegrityError
 from memory.fingerprint import fingerprint, input_key, normalise_input
 from memory.lifecycle import IllegalTransition, Status
 from memory.migrate import SchemaOutOfDate
-from memory.records import RejectedIn, ReportIn
+from memory.records import PatchIn, RejectedIn, ReportIn
 from memory.store import NotFound, Store
 
 _offsets = itertools.count()
@@ -48,18 +48,15 @@ def claim(store: Store, text: str, model: str = "m") -> int:
     return mistake.id
 
 
+def patch_in(
+    neurons: bytes = b"n", accepted: bool = True, n_neurons: int = 1, locality: float = 1.0
+) -> PatchIn:
+    return PatchIn(neurons=neurons, n_neurons=n_neurons, layer=-1, activation="relu", steps=12, seconds=0.1,
+                   gate={"locality": locality}, accepted=accepted)  # fmt: skip
+
+
 def add_patch(store: Store, mistake_id: int, accepted: bool = True) -> int:
-    return store.add_patch(
-        mistake_id,
-        neurons=b"n",
-        n_neurons=1,
-        layer=-1,
-        activation="relu",
-        steps=1,
-        seconds=0.0,
-        gate={},
-        accepted=accepted,
-    )
+    return store.add_patch(mistake_id, patch_in(accepted=accepted))
 
 
 def test_batch_counts_reports_duplicates_and_mistakes(store: Store) -> None:
@@ -213,39 +210,9 @@ def test_policy_arguments_are_checked(store: Store) -> None:
 
 def test_accepted_patch_marks_patched_and_replays_in_order(store: Store) -> None:
     first, second, third = claim(store, "one"), claim(store, "two"), claim(store, "three")
-    store.add_patch(
-        second,
-        neurons=b"n2",
-        n_neurons=1,
-        layer=-1,
-        activation="relu",
-        steps=12,
-        seconds=0.1,
-        gate={"locality": 1.0},
-        accepted=True,
-    )
-    rejected = store.add_patch(
-        first,
-        neurons=b"bad",
-        n_neurons=1,
-        layer=-1,
-        activation="relu",
-        steps=500,
-        seconds=2.0,
-        gate={"locality": 0.9},
-        accepted=False,
-    )
-    store.add_patch(
-        first,
-        neurons=b"n1",
-        n_neurons=2,
-        layer=-1,
-        activation="relu",
-        steps=30,
-        seconds=0.2,
-        gate={"locality": 1.0},
-        accepted=True,
-    )
+    store.add_patch(second, patch_in(b"n2"))
+    rejected = store.add_patch(first, patch_in(b"bad", accepted=False, locality=0.9))
+    store.add_patch(first, patch_in(b"n1", n_neurons=2))
     store.set_status(third, Status.GATE_REJECTED, note="3 tries failed")
 
     kept = store.accepted_patches("m")
