@@ -16,7 +16,7 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import JSON, ColumnElement, Connection, Dialect, String, Table, any_, bindparam
+from sqlalchemy import JSON, ColumnElement, Connection, Dialect, LargeBinary, String, Table, any_, bindparam
 from sqlalchemy.dialects import postgresql, sqlite
 
 # (dialect, driver, table, columns, conflict) -> (SQL text, positional parameter order or None)
@@ -49,6 +49,8 @@ def insert_many(
         if dialect.name == "postgresql" and isinstance(column_type, JSON):
             columns[i] = tuple(None if v is None else json.dumps(v) for v in columns[i])  # cast ::json in SQL
             continue
+        if isinstance(column_type, LargeBinary):
+            continue  # sqlite3 and psycopg send bytes as BLOB/bytea themselves; the wrapper only costs time
         process = column_type.dialect_impl(dialect).bind_processor(dialect)
         if process is not None:
             columns[i] = _convert(process, columns[i])

@@ -182,8 +182,9 @@ def record_reports(conn: Connection, reports: Sequence[ReportIn], now: datetime)
 
     ids, created = _ensure_mistakes(conn, sql, fresh, now)
     watermark = int(conn.scalar(sql.max_report_id) or 0)
+    # equivalents stay tuples: the empty () is one shared object, so bulk serialises it only once
     rows = [
-        (r.event_id, r.model, ids[(r.model, r.fingerprint)], r.target, r.observed, list(r.equivalents),
+        (r.event_id, r.model, ids[(r.model, r.fingerprint)], r.target, r.observed, r.equivalents,
          r.reporter, r.reported_at, now, r.model_version, r.raw, r.topic, r.partition, r.offset)
         for r in fresh
     ]  # fmt: skip

@@ -1,6 +1,6 @@
 """The Store: all of patchd's durable state behind one object (DESIGN §6).
 
-    store = Store.open(url)                    # None: SQLite file under the state directory
+    store = Store.open(url=None, *, state_dir=None, upgrade=True)  # None: SQLite under the state dir
     store.record_batch(reports) -> BatchResult  # one transaction; redelivered event ids are no-ops
     store.record_rejected(rejected) -> int      # invalid events; redelivery is a no-op
     store.next_mistake(model, quorum=1, conflict_share=0.5, claim=True) -> MistakeRecord | None
@@ -26,6 +26,11 @@ live ORM objects, so results can cross threads. The Store is safe to share betwe
 thread (writes) and the worker thread (reads and status changes): each call checks a pooled
 connection out of the Store's one engine. On SQLite, write calls take the write lock up front
 (BEGIN IMMEDIATE) and wait up to 30 s for it; reads run beside writes thanks to WAL.
+
+After a restart the daemon calls recover_interrupted(model) (a neuron that was being trained was
+never kept), then replays accepted_patches(model) in order to rebuild the exact patched model.
+A claimed mistake must end in one of add_patch(accepted=True), set_status(already_fixed /
+gate_rejected / failed) or, on a warm stop, set_status(queued).
 
 Status changes happen only in memory/lifecycle.py; an illegal one raises IllegalTransition and
 the whole call is rolled back.
