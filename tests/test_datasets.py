@@ -1,0 +1,120 @@
+"""patching.datasets on the real shared data (../shared/data from the repository root)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from patching.datasets import FEVER_LABELS, TaskSplits, default_data_dir, load_task, text_key
+
+DATA = default_data_dir()
+needs_data = pytest.mark.skipif(DATA is None, reason="../shared/data is not present")
+
+# the counts docs/data.md documents for seed 0
+EXPECTED = {
+    "fever": {"train": 4040, "memory": 10000, "heldout": 2000, "edit": 2300, "test": 1200},
+    "zsre": {"train": 0, "memory": 2097, "heldout": 1000, "edit": 1286, "test": 500},
+    "counterfact": {"train": 0, "memory": 10000, "heldout": 2000, "edit": 2000, "test": 1000},
+}
+
+
+@pytest.fixture(scope="module", params=sorted(EXPECTED))
+def splits(request: pytest.FixtureRequest) -> TaskSplits:
+    if DATA is None:
+        pytest.skip("../shared/data is not present")
+    return load_task(request.param, DATA, seed=0)
+
+
+@needs_data
+def test_sizes_as_documented(splits: TaskSplits) -> None:
+    assert splits.counts() == EXPECTED[splits.name]
+
+
+@needs_data
+def test_parts_are_disjoint_including_paraphrases(splits: TaskSplits) -> None:
+    owner: dict[str, str] = {}
+    for part in TaskSplits.PARTS:
+        for ex in getattr(splits, part):
+            for text in (ex.input, *ex.equivalents, *ex.train_equivalents):
+                key = text_key(text)
+                assert owner.setdefault(key, part) == part, f"{text!r} in {owner[key]} and {part}"
+
+
+@needs_data
+def test_parts_that_are_scored_have_targets(splits: TaskSplits) -> None:
+    for part in ("train", "edit", "test"):
+        assert all(ex.target for ex in getattr(splits, part))
+    if splits.kind == "classification":
+        for part in ("train", "edit", "test"):
+            assert {ex.target for ex in getattr(splits, part)} <= set(FEVER_LABELS)
+
+
+@needs_data
+def test_deterministic_for_a_seed_and_different_across_seeds(splits: TaskSplits) -> None:
+    again = load_task(splits.name, DATA, seed=0)
+    other = load_task(splits.name, DATA, seed=1)
+    for part in TaskSplits.PARTS:
+        assert getattr(again, part) == getattr(splits, part)
+    assert other.edit != splits.edit
+    assert other.counts() == splits.counts()
+
+
+@needs_data
+def test_fever_parts_follow_the_rules() -> None:
+    fever = load_task("fever", DATA)
+    assert fever.kind == "classification" and fever.labels == FEVER_LABELS
+    assert len(fever.memory) >= 10_000 and len(fever.heldout) >= 2_000
+    assert all(not ex.equivalents for part in TaskSplits.PARTS for ex in getattr(fever, part))
+    # binary parts are balanced: the two labels differ by at most one claim
+    for part in ("edit", "test"):
+        targets = [ex.target for ex in getattr(fever, part)]
+        assert abs(targets.count("SUPPORTS") - targets.count("REFUTES")) <= 1
+
+
+@needs_data
+def test_zsre_true_answers_and_paraphrases() -> None:
+    zsre = load_task("zsre", DATA)
+    by_question = {ex.input: ex for ex in zsre.edit}
+    first = by_question["Which family does Epaspidoceras belong to?"]
+    assert first.target == "Aspidoceratidae"  # KnowEdit ground_truth, not the new target "Noctuidae"
+    assert first.equivalents == ("What family are Epaspidoceras?",)
+    assert all(ex.target != "dummy" for part in TaskSplits.PARTS for ex in getattr(zsre, part))
+    assert not any(ex.input.startswith("nq question:") for ex in zsre.heldout + zsre.memory + zsre.test)
+    # the few without one: their only rephrase is itself another edit question
+    assert sum(bool(ex.equivalents) for ex in zsre.edit) > 0.97 * len(zsre.edit)
+
+
+@needs_data
+def test_counterfact_edit_targets_are_new_targets() -> None:
+    cf = load_task("counterfact", DATA)
+    rows = json.loads((DATA / "raw/counterfact_easyedit/counterfact-edit.json").read_text(encoding="utf-8"))
+    new: dict[str, set[str]] = {}
+    true: dict[str, set[str]] = {}
+    for row in rows:
+        new.setdefault(row["prompt"], set()).add(row["target_new"])
+        true.setdefault(row["prompt"], set()).add(row["ground_truth"])
+    edits = [ex for ex in cf.edit if ex.input in new]
+    tests = [ex for ex in cf.test if ex.input in true]
+    assert len(edits) > 500 and len(tests) > 500
+    assert all(ex.target in new[ex.input] for ex in edits)  # edit: the counterfactual target
+    assert all(ex.target in true[ex.input] for ex in tests)  # test: the true fact
+
+
+def test_missing_data_dir_names_the_option(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(FileNotFoundError, match="--data-dir"):
+        load_task("fever", tmp_path / "nowhere")
+    monkeypatch.setattr("patching.datasets.default_data_dir", lambda: None)
+    with pytest.raises(FileNotFoundError, match="--data-dir"):
+        load_task("zsre")
+
+
+def test_unknown_task() -> None:
+    with pytest.raises(ValueError, match="fever"):
+        load_task("squad", Path("/nonexistent"))  # the name is checked before the data
+
+
+def test_default_data_dir_honours_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PATCHD_DATA_DIR", str(tmp_path))
+    assert default_data_dir() == tmp_path

@@ -1,0 +1,142 @@
+"""patching.qa on a tiny random Llama and a byte-level tokenizer built offline (no hub, no real model)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from patching.qa import cut_answer, exact_match, greedy_answers, prompt_for
+
+PROMPTS = [
+    prompt_for("Which family does Epaspidoceras belong to?"),
+    prompt_for("Who?"),
+    prompt_for("What is the native language of Danielle Darrieux, the French actress?"),
+    prompt_for("When was the inception of IAAF Combined Events Challenge?"),
+    prompt_for("Which programming language is GNOME Chess written in?"),
+]
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> PreTrainedTokenizerFast:
+    # byte-level BPE with no merges: every byte is one token, so any text (newlines included)
+    # round-trips exactly; two specials on top
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    vocab["<pad>"] = len(vocab)
+    vocab["<eos>"] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>")
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer: PreTrainedTokenizerFast) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def _reference(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, prompt: str, steps: int) -> str:
+    """The plain definition: re-run the whole sequence, append the argmax, stop at a newline."""
+    ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    text = ""
+    with torch.no_grad():
+        for _ in range(steps):
+            nxt = model(input_ids=ids).logits[0, -1].argmax()
+            if int(nxt) == tokenizer.eos_token_id:
+                break
+            ids = torch.cat([ids, nxt.view(1, 1)], dim=1)
+            text += tokenizer.decode([int(nxt)])
+            if "\n" in text:
+                break
+    return cut_answer(text)
+
+
+def test_prompt_and_exact_match() -> None:
+    assert prompt_for("  Who wrote Hamlet? ") == "Question: Who wrote Hamlet?\nAnswer:"
+    assert prompt_for("X", "Q: {question}\nA:") == "Q: X\nA:"
+    assert exact_match(" Paris ", "Paris")
+    assert not exact_match("paris", "Paris")
+    assert cut_answer(" Paris.\nQuestion: next") == "Paris."
+
+
+def test_tokenizer_round_trips_newlines(tokenizer: PreTrainedTokenizerFast) -> None:
+    text = "Question: a b\nAnswer: c"
+    assert tokenizer.decode(tokenizer(text)["input_ids"]) == text
+
+
+def test_greedy_matches_reference(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast) -> None:
+    got = greedy_answers(model, tokenizer, PROMPTS, max_new_tokens=12, batch_size=1)
+    assert got == [_reference(model, tokenizer, p, 12) for p in PROMPTS]
+
+
+def test_batched_equals_unbatched(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast) -> None:
+    one = greedy_answers(model, tokenizer, PROMPTS, max_new_tokens=12, batch_size=1)
+    for batch_size in (2, 5, 32):
+        assert greedy_answers(model, tokenizer, PROMPTS, max_new_tokens=12, batch_size=batch_size) == one
+    assert all("\n" not in a and a == a.strip() for a in one)
+    assert tokenizer.padding_side == "right"  # the caller's setting is restored
+
+
+def test_stops_at_newline(tokenizer: PreTrainedTokenizerFast) -> None:
+    """A model that always writes 'A', then '\\n': the answer is 'A' however many tokens are allowed."""
+    a_id = tokenizer.convert_tokens_to_ids("A")
+    nl_id = tokenizer("\n")["input_ids"][0]
+
+    class Scripted(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+            self.calls = 0
+
+        def forward(self, input_ids: torch.Tensor, **_: object) -> object:
+            logits = torch.zeros(*input_ids.shape, len(tokenizer))
+            logits[:, -1, a_id if self.calls == 0 else nl_id] = 1.0
+            self.calls += 1
+            return type("Out", (), {"logits": logits})()
+
+    scripted = Scripted()
+    assert greedy_answers(scripted, tokenizer, PROMPTS[:3], max_new_tokens=20) == ["A", "A", "A"]
+    assert scripted.calls == 2  # stopped once every row had written its newline
+
+
+def test_empty_prompt_list(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast) -> None:
+    assert greedy_answers(model, tokenizer, [], max_new_tokens=4) == []
+
+
+def test_load_base_reads_a_local_directory(
+    model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, tmp_path: Path
+) -> None:
+    """patching.bases.load_base on any HF directory: kind from the architecture, answers unchanged."""
+    from patching.bases import load_base
+
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    base = load_base(str(tmp_path))
+    assert base.kind == "generation" and base.labels is None and not base.model.training
+    assert base.prompt_format == "Question: {question}\nAnswer:"
+    want = greedy_answers(model, tokenizer, PROMPTS[:2], max_new_tokens=6)
+    assert greedy_answers(base.model, base.tokenizer, PROMPTS[:2], max_new_tokens=6) == want
+
+
+def test_load_base_names_the_prepare_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from patching.bases import load_base
+
+    monkeypatch.setenv("PATCHD_CACHE_DIR", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="patchd prepare zsre-smollm2"):
+        load_base("zsre-smollm2")
