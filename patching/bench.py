@@ -97,7 +97,7 @@ def run_edit_bench(
     }
     report["cached"] = _run(patcher, adapter, mistakes, "cached")
     if reference:
-        patcher.train_cfg = replace(train, mode="reference")
+        patcher.train_cfg = replace(train, mode="reference", init="reference")
         ref_edits = mistakes[: reference_edits or len(mistakes)]
         report["reference"] = _run(patcher, adapter, ref_edits, "reference")
         report["reference"]["edits"] = len(ref_edits)

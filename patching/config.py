@@ -40,7 +40,10 @@ class TrainConfig:
     stop_rel_margin: float = 0.5
     # generation: one neuron per wrong target token, at most this many (reference caps at 5)
     max_neurons: int = 5
-    # std of the initial value vector, relative to the residual scale; small keeps the
+    # "margin": key placed half-way between the edit and its closest memory row, value along the
+    # loss's descent direction (usually zero steps); "reference": q/|q|^2 and a random value
+    init: Literal["margin", "reference"] = "margin"
+    # std of the initial value vector (reference init), relative to the residual scale; small keeps the
     # neuron from moving the output before its key is trained
     value_init_std: float = 0.1
     # perturbed copies of the edit's q (dropout on q) trained alongside the clean one;
@@ -61,6 +64,8 @@ class TrainConfig:
         _check_positive(self, "lr", "max_steps", "act_topk", "mem_topk", "max_neurons")
         if self.activation not in ("relu", "gelu"):
             raise ValueError(f"trainer.activation must be 'relu' or 'gelu', got {self.activation!r}")
+        if self.init not in ("margin", "reference"):
+            raise ValueError(f"trainer.init must be 'margin' or 'reference', got {self.init!r}")
         if self.mode not in ("cached", "reference"):
             raise ValueError(f"trainer.mode must be 'cached' or 'reference', got {self.mode!r}")
         if not 0.0 <= self.augment_dropout < 1.0:

@@ -42,7 +42,7 @@ class Proposal:
 
     @property
     def accepted(self) -> bool:
-        return self.train.success and self.gate.passed
+        return self.gate.passed
 
 
 @dataclass
@@ -136,9 +136,8 @@ class Patcher:
             verdict = gating.check(
                 result.neurons, self.train_cfg.activation, et, self.retention, self.heldout, self.tail, self.gate_cfg
             )
-            if not result.success:
-                verdict.reasons.insert(0, f"training: stop rule not met in {result.steps} steps")
-                verdict.passed = False
+            # the stop rule is the trainer's proxy; the gate has the final word (a neuron that still
+            # fires on a memory row is kept only if no held-out prediction and no earlier edit moved)
             proposal = Proposal(edit_id, et, result.neurons, result, verdict, attempt + 1, 0.0)
             if proposal.accepted and self.generation and not isinstance(enc, EditTensors):
                 if not self._generates(enc, result.neurons, edit_id):
@@ -192,6 +191,19 @@ class Patcher:
         self.retention = new_rows if self.retention is None else _concat([self.retention, new_rows])
         self.memory.append(et.q)
         self._edits.append(proposal.edit_id)
+
+    def replay(self, enc: Encoded, edit_id: str, neurons: Neurons) -> gating.GateResult:
+        """Re-apply a stored, previously accepted edit (restart recovery), in its original order.
+
+        The gate is run again on the current caches so the caller can verify it against the stored
+        result; the neurons are committed either way, because the stored model is the truth.
+        """
+        et = self.cache(enc)
+        verdict = gating.check(neurons, self.train_cfg.activation, et, self.retention, self.heldout, self.tail,
+                               self.gate_cfg)
+        stub = TrainResult(neurons, True, 0, 0.0, 0.0, 0.0)
+        self.commit(Proposal(edit_id, et, neurons, stub, gating.GateResult(passed=True), 0, 0.0))
+        return verdict
 
     def edit(self, enc: Encoded, edit_id: str) -> EditOutcome:
         proposal = self.propose(enc, edit_id)

@@ -27,13 +27,13 @@ def train_reference(
     cfg = patcher.train_cfg
     t0 = time.perf_counter()
     gen = torch.Generator().manual_seed(seed)
-    nr = init_neurons(et.q[anchors], et.ffn, cfg, gen)
+    memory = patcher.memory.view()
+    nr = init_neurons(et, anchors, memory, patcher.tail, cfg, gen, cfg.activation)
     params = [nr.keys.requires_grad_(), nr.biases.requires_grad_(), nr.values.requires_grad_()]
     opt = torch.optim.Adam(params, lr=cfg.lr)
     device = patcher.memory.device
     batch = {k: v.to(device) for k, v in enc.batch.items()}
     rb, rt = enc.rows_b.to(device), enc.rows_t.to(device)
-    memory = patcher.memory.view()
     cols = torch.arange(anchors.numel(), device=device)
     patcher.wrapper.candidate = (nr.keys, nr.biases, nr.values)
     success, step, info = False, 0, {}

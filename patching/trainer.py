@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from patching import losses
+from patching import init, losses
 from patching.config import TrainConfig
 from patching.layer import activate
 
@@ -82,15 +82,18 @@ class Objective:
         )
 
 
-def init_neurons(q_anchor: torch.Tensor, ffn: torch.Tensor, cfg: TrainConfig, gen: torch.Generator) -> Neurons:
-    """k = q/|q|^2 and b = 0 put the pre-activation on the edit at exactly 1; v small and random.
-
-    q_anchor [n, d]; ffn [R, d] sets the scale of v (a fraction of the FFN output's rms).
-    """
-    keys = q_anchor / q_anchor.pow(2).sum(-1, keepdim=True)
-    scale = ffn.float().pow(2).mean().sqrt() * cfg.value_init_std
-    values = torch.randn(q_anchor.shape, generator=gen, dtype=torch.float32).to(q_anchor) * scale
-    return Neurons(keys.clone(), torch.zeros(q_anchor.shape[0]).to(q_anchor), values)
+def init_neurons(edit: EditTensors, anchors: torch.Tensor, memory: torch.Tensor, tail: Tail,
+                 cfg: TrainConfig, gen: torch.Generator, activation: str) -> Neurons:
+    """Starting weights of the neurons anchored at edit rows `anchors` (see patching/init.py)."""
+    q = edit.q[anchors]
+    if cfg.init == "reference":
+        keys, biases = init.reference_keys(q)
+        values = init.random_values(q.shape, edit.ffn, cfg, gen)
+    else:
+        keys, biases = init.margin_keys(q, memory)
+        values = init.init_values(edit.q, edit.ffn, edit.residual, edit.targets, anchors, keys, biases,
+                                  tail, activation)
+    return Neurons(keys.clone(), biases.clone(), values.clone())
 
 
 def augmented_q(q: torch.Tensor, cfg: TrainConfig, gen: torch.Generator) -> torch.Tensor:
@@ -121,13 +124,19 @@ def total_loss(
 
 class MemoryScorer:
     """M @ k with optional hard-negative mining: the full product every `interval` steps, and in
-    between only the rows that were on top then (the memory terms only ever read the top-k)."""
+    between only the rows that were on top then (the memory terms only ever read the top-k).
+    The mined rows are gathered once per refresh into a small contiguous tensor that stays in
+    cache, which is where the saving comes from (M @ k is memory-bound)."""
 
     def __init__(self, memory: torch.Tensor, cfg: TrainConfig):
         self.memory = memory  # [N, d]
         self.interval = cfg.mining_interval
         self.rows = cfg.mining_rows
-        self.subset: torch.Tensor | None = None
+        self.mined: torch.Tensor | None = None  # [rows, d] gathered top rows
+
+    @property
+    def partial(self) -> bool:
+        return self.mined is not None
 
     def full(self, nr: Neurons) -> torch.Tensor:
         return self.memory @ nr.keys.T + nr.biases  # [N, n]
@@ -135,11 +144,11 @@ class MemoryScorer:
     def __call__(self, nr: Neurons, step: int) -> torch.Tensor:
         if self.interval == 0 or self.memory.shape[0] <= self.rows:
             return self.full(nr)
-        if self.subset is None or step % self.interval == 0:
+        if self.mined is None or step % self.interval == 0:
             with torch.no_grad():
                 top = self.full(nr).max(dim=1).values
-                self.subset = top.topk(self.rows).indices
-        return self.memory[self.subset] @ nr.keys.T + nr.biases
+                self.mined = self.memory[top.topk(self.rows).indices]
+        return self.mined @ nr.keys.T + nr.biases
 
 
 def train_cached(
@@ -158,7 +167,7 @@ def train_cached(
     """
     t0 = time.perf_counter()
     gen = torch.Generator().manual_seed(seed)
-    nr = init_neurons(edit.q[anchors], edit.ffn, cfg, gen)
+    nr = init_neurons(edit, anchors, memory, tail, cfg, gen, activation)
     params = [nr.keys.requires_grad_(), nr.biases.requires_grad_(), nr.values.requires_grad_()]
     opt = torch.optim.Adam(params, lr=cfg.lr)
     scorer = MemoryScorer(memory, cfg)
@@ -187,7 +196,7 @@ def train_cached(
         with torch.no_grad():
             edit_ok = bool((logits[:R].argmax(-1) == edit.targets).all())
             m_max = float(m.max()) if m.numel() else float("-inf")
-            if stop_met(edit_ok, a_edit, m_max, obj) and scorer.subset is not None:
+            if stop_met(edit_ok, a_edit, m_max, obj) and scorer.partial:
                 m_max = float(scorer.full(nr).max())  # mined rows passed: confirm on the whole memory
             if stop_met(edit_ok, a_edit, m_max, obj):
                 success = True

@@ -72,3 +72,22 @@ def test_impossible_edit_is_rejected_and_leaves_the_model_unchanged() -> None:
     assert outcome.reasons
     assert patcher.wrapper.n == 0 and patcher.edit_ids == []
     assert torch.equal(predict(model, heldout), before)
+
+
+def test_replay_rebuilds_the_same_model() -> None:
+    patcher, heldout, edits = setup()
+    targets = 1 - predict(patcher.model, edits)
+    kept = []
+    for i in range(5):
+        out = patcher.edit(batch(edits[i:i + 1], targets[i:i + 1]), edit_id=f"e{i}")
+        assert out.status == "accepted" and out.proposal is not None
+        kept.append((i, out.proposal.neurons))
+    after = predict(patcher.model, heldout), predict(patcher.model, edits)
+    fresh, _, _ = setup()  # a restarted process: same base, same memory and held-out inputs
+    for i, nr in kept:
+        verdict = fresh.replay(batch(edits[i:i + 1], targets[i:i + 1]), f"e{i}", nr)
+        assert verdict.passed, verdict.reasons
+    assert torch.equal(fresh.wrapper.keys, patcher.wrapper.keys)
+    assert fresh.edit_ids == patcher.edit_ids
+    assert torch.equal(predict(fresh.model, heldout), after[0]) and torch.equal(predict(fresh.model, edits), after[1])
+    assert len(fresh.memory) == len(patcher.memory)

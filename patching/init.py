@@ -1,0 +1,82 @@
+"""Initial neuron weights: the reference's, and a max-margin start that usually needs no steps.
+
+reference: k = q/|q|^2, b = 0 (pre-activation on the edit exactly 1), v small and random.
+
+margin (default): the same key direction, taken from the memory mean mu (the last-layer FFN
+inputs of a trained model share a large common component, so the raw q is close to almost every
+memory row), scaled and biased so that the pre-activation is +1 on the edit and -1 on the closest
+memory row: the threshold sits half-way between them. v points along the direction that lowers
+the edit loss fastest, with the smallest length (of a doubling series) that makes the edit right.
+When the memory already satisfies the stop rule at this point, training takes zero steps; when a
+memory row is as close as the edit itself, the neuron falls back to the reference key.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from patching.config import TrainConfig
+from patching.layer import activate
+
+Tail = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+_ALPHAS = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0)  # v length, in units of the FFN output's norm
+
+
+def reference_keys(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """q [n, d] -> keys [n, d], biases [n] with q_i . k_i + b_i = 1."""
+    return q / q.pow(2).sum(-1, keepdim=True), torch.zeros(q.shape[0], dtype=q.dtype, device=q.device)
+
+
+def margin_keys(q: torch.Tensor, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """q [n, d], memory [N, d] -> keys, biases: +1 on q_i, -1 on the memory row closest to it."""
+    if memory.shape[0] == 0:
+        return reference_keys(q)
+    mu = memory.mean(dim=0)  # [d]
+    u = q - mu
+    k0 = u / u.pow(2).sum(-1, keepdim=True)  # (q_i - mu) . k0_i = 1
+    m_max = ((memory - mu) @ k0.T).max(dim=0).values  # [n] closest memory row, in edit units
+    c = (1.0 + m_max) / 2  # threshold half-way between the closest memory row and the edit
+    s = 1.0 / (1.0 - c)
+    keys = k0 * s[:, None]
+    biases = -s * ((mu * k0).sum(-1) + c)
+    ref_k, ref_b = reference_keys(q)
+    hopeless = m_max >= 0.999  # a memory row at least as close as the edit: no margin to place
+    keys[hopeless], biases[hopeless] = ref_k[hopeless], ref_b[hopeless]
+    return keys, biases
+
+
+@torch.enable_grad()
+def descent_direction(ffn: torch.Tensor, residual: torch.Tensor, targets: torch.Tensor,
+                      anchors: torch.Tensor, tail: Tail) -> torch.Tensor:
+    """Unit directions [n, d] in FFN-output space that lower the edit loss at each anchor row."""
+    x = ffn.detach().clone().requires_grad_(True)
+    loss = F.cross_entropy(tail(x, residual).float(), targets, reduction="sum")
+    (g,) = torch.autograd.grad(loss, x)
+    d = -g[anchors]
+    return d / d.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+@torch.no_grad()
+def init_values(q: torch.Tensor, ffn: torch.Tensor, residual: torch.Tensor, targets: torch.Tensor,
+                anchors: torch.Tensor, keys: torch.Tensor, biases: torch.Tensor, tail: Tail,
+                activation: str) -> torch.Tensor:
+    """The shortest v along the descent direction that makes every edit row right."""
+    direction = descent_direction(ffn, residual, targets, anchors, tail)  # [n, d]
+    scale = ffn[anchors].norm(dim=-1, keepdim=True)  # [n, 1]
+    act = activate(q @ keys.T + biases, activation)  # type: ignore[arg-type]  # [R, n]
+    values = direction * scale * _ALPHAS[-1]
+    for alpha in _ALPHAS:
+        v = direction * scale * alpha
+        if bool((tail(ffn + act @ v, residual).argmax(-1) == targets).all()):
+            values = v
+            break
+    return values
+
+
+def random_values(shape: torch.Size, ffn: torch.Tensor, cfg: TrainConfig, gen: torch.Generator) -> torch.Tensor:
+    scale = ffn.float().pow(2).mean().sqrt() * cfg.value_init_std
+    return torch.randn(shape, generator=gen, dtype=torch.float32).to(ffn) * scale
