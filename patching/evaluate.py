@@ -11,8 +11,8 @@ from __future__ import annotations
 import random
 import statistics
 import time
-from dataclasses import asdict
 from collections.abc import Callable
+from dataclasses import asdict
 from typing import Any
 
 from tqdm import tqdm

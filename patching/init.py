@@ -64,16 +64,29 @@ def descent_direction(ffn: torch.Tensor, residual: torch.Tensor, targets: torch.
 def init_values(q: torch.Tensor, ffn: torch.Tensor, residual: torch.Tensor, targets: torch.Tensor,
                 anchors: torch.Tensor, keys: torch.Tensor, biases: torch.Tensor, tail: Tail,
                 activation: str) -> torch.Tensor:
-    """The shortest v along the descent direction that makes every edit row right."""
+    """Per neuron, the shortest v along its row's descent direction that makes that row right.
+
+    Neurons are set one after another (a neuron may also fire on another neuron's row); a neuron
+    for which no length in the series works gets the length with the lowest loss on its row, and
+    training takes it from there.
+    """
     direction = descent_direction(ffn, residual, targets, anchors, tail)  # [n, d]
     scale = ffn[anchors].norm(dim=-1, keepdim=True)  # [n, 1]
     act = activate(q @ keys.T + biases, activation)  # type: ignore[arg-type]  # [R, n]
-    values = direction * scale * _ALPHAS[-1]
-    for alpha in _ALPHAS:
-        v = direction * scale * alpha
-        if bool((tail(ffn + act @ v, residual).argmax(-1) == targets).all()):
-            values = v
-            break
+    values = torch.zeros_like(direction)
+    for i, row in enumerate(anchors.tolist()):
+        best, best_loss = None, float("inf")
+        for alpha in _ALPHAS:
+            values[i] = direction[i] * scale[i] * alpha
+            logits = tail(ffn[row:row + 1] + act[row:row + 1] @ values, residual[row:row + 1])
+            if int(logits.argmax(-1)) == int(targets[row]):
+                best = values[i].clone()
+                break
+            loss = float(F.cross_entropy(logits.float(), targets[row:row + 1]))
+            if loss < best_loss:
+                best, best_loss = values[i].clone(), loss
+        assert best is not None
+        values[i] = best
     return values
 
 

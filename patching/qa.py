@@ -68,7 +68,8 @@ def _forward_options(model: Any) -> tuple[str, dict[str, Any]]:
 @torch.no_grad()
 def _greedy_batch(
     model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int, stop_ids: torch.Tensor
-) -> list[str]:
+) -> list[list[int]]:
+    """The generated token ids per prompt, up to and including the token that stopped it."""
     enc = tokenizer(list(prompts), return_tensors="pt", padding=True)
     device = next(model.parameters()).device
     input_ids = enc["input_ids"].to(device)
@@ -102,11 +103,8 @@ def _greedy_batch(
         step_ids = next_ids[:, None]
         step_pos = step_pos[:, -1:] + 1
         attention = torch.cat([attention, attention.new_ones(len(prompts), 1)], dim=1)
-    answers = []
-    for row in torch.stack(generated, dim=1).tolist() if generated else [[] for _ in prompts]:
-        tokens = [t for t in row if t >= 0]
-        answers.append(cut_answer(tokenizer.decode(tokens, skip_special_tokens=True)))
-    return answers
+    rows = torch.stack(generated, dim=1).tolist() if generated else [[] for _ in prompts]
+    return [[t for t in row if t >= 0] for row in rows]
 
 
 def greedy_answers(
@@ -133,7 +131,29 @@ def greedy_answers(
         starts = range(0, len(prompts), batch_size)
         for start in tqdm(starts, desc="generating", unit="batch", disable=not progress):
             batch = prompts[start : start + batch_size]
-            answers.extend(_greedy_batch(model, tokenizer, batch, max_new_tokens, stop_ids))
+            answers.extend(cut_answer(tokenizer.decode(ids, skip_special_tokens=True))
+                           for ids in _greedy_batch(model, tokenizer, batch, max_new_tokens, stop_ids))
     finally:
         tokenizer.padding_side = side
     return answers
+
+
+def greedy_ids(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int = 24,
+               batch_size: int = 32) -> list[list[int]]:
+    """The raw greedy continuation of each prompt as token ids, stop token included.
+
+    The held-out cache teacher-forces exactly these tokens: an unchanged argmax at each of their
+    positions is then the same as an unchanged greedy output.
+    """
+    if tokenizer.pad_token_id is None:
+        raise ValueError("the tokenizer has no pad token; set tokenizer.pad_token (e.g. to eos) first")
+    stop_ids = _stop_ids(tokenizer)
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    out: list[list[int]] = []
+    try:
+        for start in range(0, len(prompts), batch_size):
+            out.extend(_greedy_batch(model, tokenizer, prompts[start:start + batch_size], max_new_tokens, stop_ids))
+    finally:
+        tokenizer.padding_side = side
+    return out

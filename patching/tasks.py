@@ -6,18 +6,24 @@ exactly the same way in both, and the same way the daemon builds them.
 
 from __future__ import annotations
 
+import hashlib
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from patching import encode
-from patching.bases import LoadedBase
+from patching import gate as gating
+from patching.bases import LoadedBase, cache_root
 from patching.datasets import Example
 from patching.encode import Encoded
 from patching.engine import Patcher
-from patching.qa import exact_match, greedy_answers, prompt_for
+from patching.qa import exact_match, greedy_answers, greedy_ids, prompt_for
+from patching.state import base_identity
 
 BATCH = 64  # inputs per frozen forward while building memory / held-out caches
 
@@ -59,11 +65,14 @@ class TaskAdapter:
         """Held-out rows: position 0 (classification), or the positions that produce the model's own
         greedy answer (generation: unchanged argmax there <=> unchanged greedy output)."""
         tok = self.base.tokenizer
-        answers = self.predict(inputs, progress=progress) if self.generation else None
         for i in tqdm(range(0, len(inputs), BATCH), desc="held-out", unit="batch", disable=not progress):
             chunk = inputs[i : i + BATCH]
-            if answers is not None:
-                yield encode.generation(tok, [self.text(x) for x in chunk], answers[i : i + BATCH])
+            if self.generation:
+                prompts = [self.text(x) for x in chunk]
+                gen = greedy_ids(self.base.model, tok, prompts)
+                p_ids = [torch.tensor(tok(p)["input_ids"], dtype=torch.long) for p in prompts]
+                yield encode.generation_ids(p_ids, [torch.tensor(g, dtype=torch.long) for g in gen],
+                                            seq2seq=False, pad_id=int(tok.pad_token_id))
             else:
                 ids = [self.label_id(x) for x in labels[i : i + BATCH]] if labels else None
                 yield encode.classification(tok, chunk, ids)
@@ -99,7 +108,36 @@ class TaskAdapter:
         return found
 
     def patcher(self, patcher: Patcher, memory: Sequence[str], heldout: Sequence[str],
-                progress: bool = True) -> Patcher:
+                progress: bool = True, cache: bool = True) -> Patcher:
+        """Build M and the held-out cache, reusing tensors cached on disk for this exact base,
+        layer and input lists (a zsRE held-out set costs minutes of greedy decoding)."""
+        path = self._cache_path(patcher, memory, heldout) if cache else None
+        if path is not None and path.is_file():
+            tensors = load_file(str(path))
+            patcher.memory.append(tensors.pop("memory"))
+            patcher.heldout = gating.HeldoutTensors(**{k[len("heldout."):]: v for k, v in tensors.items()})
+            return patcher
         patcher.build_memory(self.memory_batches(memory, progress))
         patcher.build_heldout(self.heldout_batches(heldout, progress=progress))
+        if path is not None and patcher.heldout is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tensors = {"memory": patcher.memory.view().contiguous()}
+            tensors.update({f"heldout.{k}": v.contiguous() for k, v in vars(patcher.heldout).items()
+                            if v is not None})
+            tmp = path.with_suffix(f".tmp{os.getpid()}")
+            save_file(tensors, str(tmp))
+            os.replace(tmp, path)  # never a half-written cache file
         return patcher
+
+    def _cache_path(self, patcher: Patcher, memory: Sequence[str], heldout: Sequence[str]) -> Path | None:
+        try:
+            identity = base_identity(self.base.directory)
+        except (OSError, ValueError):
+            return None
+        if patcher.wrapper.n:
+            return None  # the cache holds the unpatched model's tensors only
+        h = hashlib.sha256()
+        for part in (identity, patcher.site.spec.layers, str(patcher.site.layer_index), self.base.prompt_format or "",
+                     "\x00".join(memory), "\x01", "\x00".join(heldout)):
+            h.update(part.encode() + b"\x02")
+        return cache_root() / "activations" / f"{self.base.name}-{h.hexdigest()[:24]}.safetensors"

@@ -5,3 +5,14 @@ pytest_plugins = [
     "tests.fixtures_pg",
     "tests.fixtures_kafka",
 ]
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Tests never read or write the user's ~/.cache/patchd (prepared bases, activation caches)."""
+    import os
+
+    os.environ["PATCHD_CACHE_DIR"] = str(tmp_path_factory.mktemp("patchd-cache"))
