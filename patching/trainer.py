@@ -119,7 +119,8 @@ def total_loss(
     lm_abs = losses.memory_abs_loss(m, obj.mem_margin, cfg.mem_topk)
     lm_rel = losses.memory_rel_loss(m, a_edit, obj.rel_margin, cfg.mem_topk)
     total = le + la + obj.mem_weight * (lm_abs + lm_rel)
-    return total, {k: float(v.detach()) for k, v in (("edit", le), ("act", la), ("mem_abs", lm_abs), ("mem_rel", lm_rel))}
+    parts = {"edit": le, "act": la, "mem_abs": lm_abs, "mem_rel": lm_rel}
+    return total, {k: float(v.detach()) for k, v in parts.items()}
 
 
 class MemoryScorer:
