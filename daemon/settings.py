@@ -47,6 +47,10 @@ class ModelSettings:
     base: str | None = None
     # None = the architecture table's last FFN (patching/arch.py); set only to patch another layer
     layer: int | None = None
+    # JSONL files ({"input": ...} per line) of unrelated inputs for the memory M and the locality
+    # gate's held-out set; None = the prepared base's built-in task splits (fever-minilm -> fever)
+    memory_file: Path | None = None
+    heldout_file: Path | None = None
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,344 @@
+"""The Kafka side of the daemon: poll a batch, store it, dead-letter the bad events, then commit.
+
+One thread owns the consumer (kafka-python's poll is not thread-safe). Each step:
+
+    poll a batch -> decode every record (daemon/messages.py)
+      invalid -> produced to "<topic>.dlq" (original key and bytes; headers: reason, detail,
+                 source topic / partition / offset) and stored as rejected rows
+      valid   -> Store.record_batch: ONE transaction (event ids make redelivery a no-op)
+    wait for the DLQ sends -> commit "last offset + 1" per partition
+
+Delivery is at-least-once and the store makes it exactly-once in effect: a crash anywhere before
+the commit redelivers the batch, whose reports are then counted as duplicates, never twice.
+A batch that cannot be finished (database busy, broker gone while dead-lettering) is rewound
+(seek to its first offsets) and polled again. A commit that fails (broker restart, rebalance) is
+kept and retried with the next one; offsets are cumulative, so a later commit covers it.
+
+Backpressure: while more than `kafka.max_pending` mistakes wait for the worker, every assigned
+partition is paused and poll() keeps running (group membership holds); they resume below it.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.errors import CommitFailedError, KafkaError
+from kafka.structs import OffsetAndMetadata
+from sqlalchemy import func, or_, select
+from sqlalchemy.exc import OperationalError
+
+from daemon.logs import get_logger
+from daemon.messages import Limits, decode_event
+from daemon.settings import Settings
+from memory.lifecycle import Status
+from memory.records import RejectedIn, ReportIn
+from memory.schema import Mistake
+from memory.store import Store
+
+log = get_logger(__name__)
+
+# poll wait: short enough that a stop request or a backpressure change is seen within half a second
+POLL_TIMEOUT_MS = 500
+# a DLQ send that is not acknowledged by then is treated as failed and the batch is rewound
+DLQ_TIMEOUT_S = 30.0
+# a commit that takes longer is retried later (a broker restart takes ~10 s; poll must go on)
+COMMIT_TIMEOUT_MS = 10_000
+# end-offset / position lookups for the catch-up check: small, it runs when polls come back empty
+LOOKUP_TIMEOUT_MS = 5_000
+# pause before re-polling a rewound batch or re-creating the clients: lets a restarting broker come back
+RETRY_BACKOFF_S = 1.0
+# how long a warm stop waits for the final commit before giving up (the store has everything)
+CLOSE_TIMEOUT_MS = 10_000
+# retriable batch failures: the broker (DLQ ack) or the database (write lock timeout) was unavailable
+RETRIABLE = (KafkaError, OperationalError)
+
+
+@dataclass
+class IngestStats:
+    batches: int = 0
+    records: int = 0
+    new_reports: int = 0
+    duplicates: int = 0
+    rejected: int = 0
+    rewinds: int = 0
+    commit_failures: int = 0
+    pauses: int = 0
+    max_backlog: int = 0
+    last_poll_at: float = field(default_factory=time.time)
+
+
+def backlog(store: Store, model: str, quorum: int) -> int:
+    """Mistakes waiting for the worker: queued, or reported by enough distinct reporters to be queued.
+
+    A `reported` mistake below quorum is not work (it may never be), so it does not count.
+    """
+    with store.reading() as session:
+        return int(
+            session.scalar(
+                select(func.count())
+                .select_from(Mistake)
+                .where(
+                    Mistake.model == model,
+                    or_(
+                        Mistake.status == Status.QUEUED,
+                        (Mistake.status == Status.REPORTED) & (Mistake.reporter_count >= quorum),
+                    ),
+                )
+            )
+            or 0
+        )
+
+
+class Consumer:
+    """Owns a KafkaConsumer and the DLQ producer; `step()` is one poll -> store -> commit round."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        labels: Sequence[str] | None,
+        *,
+        on_stored: Callable[[], None] = lambda: None,
+        stop: threading.Event | None = None,
+    ):
+        self.settings = settings
+        self.kafka = settings.kafka
+        self.store = store
+        self.model = settings.model.name
+        self.labels = labels
+        self.limits = Limits.from_policy(settings.policy)
+        self.on_stored = on_stored  # wakes the worker when a batch brought new reports
+        self.stop = stop or threading.Event()
+        self.stats = IngestStats()
+        self.caught_up = threading.Event()  # set once every assigned partition was read to its end
+        # the worker starts once the backlog already in Kafka is stored (so quorum and conflicts see
+        # every report of it), or as soon as backpressure pauses us (the queue is full: work on it)
+        self.work_allowed = threading.Event()
+        self.paused = False
+        self._pending: dict[TopicPartition, OffsetAndMetadata] = {}  # processed, not yet committed
+        self.consumer: KafkaConsumer | None = None
+        self.producer: KafkaProducer | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def connect(self) -> bool:
+        """Create the clients, retrying while the broker is unreachable; False if stopped first."""
+        attempt = 0
+        while not self.stop.is_set():
+            try:
+                common = self.kafka.client_config()
+                self.consumer = KafkaConsumer(
+                    self.kafka.topic,
+                    group_id=self.kafka.group_id,
+                    enable_auto_commit=False,  # offsets are committed only after the store has the batch
+                    auto_offset_reset="earliest",  # a new group reads the whole topic: no report is skipped
+                    max_poll_records=self.kafka.poll_max_records,
+                    **common,
+                )
+                # acks=all + idempotence (kafka-python 3 defaults): a dead letter is never lost or doubled
+                self.producer = KafkaProducer(acks="all", linger_ms=5, **common)
+                log.info(
+                    "kafka connected",
+                    topic=self.kafka.topic,
+                    group=self.kafka.group_id,
+                    dlq=self.kafka.dlq_topic,
+                )
+                return True
+            except KafkaError as exc:
+                attempt += 1
+                self.close()
+                log.warning("kafka unavailable, retrying", error=repr(exc), attempt=attempt)
+                self.stop.wait(min(RETRY_BACKOFF_S * attempt, 10.0))
+        return False
+
+    def close(self) -> None:
+        """Final commit of anything pending, then close both clients (no autocommit: it is ours)."""
+        if self.consumer is not None:
+            if self._pending:
+                self._commit({}, timeout_ms=CLOSE_TIMEOUT_MS)
+            try:
+                self.consumer.close(autocommit=False)
+            except Exception as exc:  # noqa: BLE001 - closing must not hide the reason we are stopping
+                log.warning("consumer close failed", error=repr(exc))
+            self.consumer = None
+        if self.producer is not None:
+            try:
+                self.producer.close(timeout=5)
+            except Exception as exc:  # noqa: BLE001
+                log.warning("producer close failed", error=repr(exc))
+            self.producer = None
+
+    # ------------------------------------------------------------------ one round
+
+    def step(self, timeout_ms: int = POLL_TIMEOUT_MS) -> int:
+        """One poll -> store -> commit round; returns how many records it handled."""
+        assert self.consumer is not None, "connect() first"
+        self._backpressure()
+        if self._pending:
+            self._commit({})
+        records = self.consumer.poll(timeout_ms=timeout_ms)
+        self.stats.last_poll_at = time.time()
+        if not records:
+            if not self.paused:
+                self._check_caught_up()
+            return 0
+        count = sum(len(batch) for batch in records.values())
+        try:
+            self._handle(records)
+        except RETRIABLE as exc:
+            self.stats.rewinds += 1
+            log.warning("batch not finished, rewinding to retry it", error=repr(exc), records=count)
+            self._rewind(records)
+            self.stop.wait(RETRY_BACKOFF_S)
+        return count
+
+    def drained(self) -> bool:
+        """Everything up to the end of every assigned partition is stored and committed."""
+        return self.caught_up.is_set() and not self._pending and not self.paused and self._at_end()
+
+    def _handle(self, records: dict[TopicPartition, list[Any]]) -> None:
+        reports: list[ReportIn] = []
+        rejected: list[RejectedIn] = []
+        futures = []
+        for tp, batch in records.items():
+            for record in batch:
+                item = decode_event(
+                    record.value,
+                    topic=tp.topic,
+                    partition=tp.partition,
+                    offset=record.offset,
+                    model=self.model,
+                    labels=self.labels,
+                    limits=self.limits,
+                )
+                if isinstance(item, ReportIn):
+                    reports.append(item)
+                else:
+                    rejected.append(item)
+                    futures.append(self._dead_letter(record, item))
+        if rejected:
+            self.store.record_rejected(rejected)
+        result = self.store.record_batch(reports)
+        for future in futures:  # every dead letter acknowledged before the source offset is committed
+            future.get(timeout=DLQ_TIMEOUT_S)
+        self._commit({tp: OffsetAndMetadata(batch[-1].offset + 1, "", -1) for tp, batch in records.items()})
+
+        s = self.stats
+        s.batches += 1
+        s.records += sum(len(b) for b in records.values())
+        s.new_reports += result.new_reports
+        s.duplicates += result.duplicates
+        s.rejected += len(rejected)
+        log.info(
+            "batch stored",
+            records=len(reports) + len(rejected),
+            new=result.new_reports,
+            duplicates=result.duplicates,
+            rejected=len(rejected),
+            mistakes_new=result.mistakes_created,
+        )
+        if result.new_reports:
+            self.on_stored()
+
+    def _dead_letter(self, record: Any, item: RejectedIn) -> Any:
+        assert self.producer is not None
+        headers = [
+            ("reason", item.reason.encode()),
+            ("detail", item.detail.encode("utf-8", "replace")[:1000]),
+            ("source_topic", item.topic.encode()),
+            ("source_partition", str(item.partition).encode()),
+            ("source_offset", str(item.offset).encode()),
+        ]
+        log.info(
+            "dead-lettered",
+            reason=item.reason,
+            partition=item.partition,
+            offset=item.offset,
+            detail=item.detail[:200],
+        )
+        return self.producer.send(self.kafka.dlq_topic, value=item.raw, key=record.key, headers=headers)
+
+    # ------------------------------------------------------------------ offsets
+
+    def _commit(
+        self, offsets: dict[TopicPartition, OffsetAndMetadata], timeout_ms: int = COMMIT_TIMEOUT_MS
+    ) -> bool:
+        """Commit `offsets` plus any earlier ones that failed; on failure keep them for the next try."""
+        assert self.consumer is not None
+        self._pending.update(offsets)
+        try:
+            self.consumer.commit(dict(self._pending), timeout_ms=timeout_ms)
+        except CommitFailedError as exc:
+            # the group rebalanced: the partitions' new owner re-reads from the last commit, and the
+            # store turns those redeliveries into duplicates; our stale offsets are useless now
+            self.stats.commit_failures += 1
+            log.warning("commit refused after a rebalance; the batch will be redelivered", error=repr(exc))
+            self._pending.clear()
+            return False
+        except KafkaError as exc:
+            self.stats.commit_failures += 1
+            log.warning("commit failed, will retry", error=repr(exc), partitions=len(self._pending))
+            return False
+        self._pending.clear()
+        return True
+
+    def _rewind(self, records: dict[TopicPartition, list[Any]]) -> None:
+        assert self.consumer is not None
+        assigned = self.consumer.assignment()
+        for tp, batch in records.items():
+            if tp in assigned:  # a partition taken away by a rebalance is its new owner's to re-read
+                self.consumer.seek(tp, batch[0].offset)
+
+    def _end_offsets(self) -> dict[TopicPartition, tuple[int, int]] | None:
+        """(position, end offset) per assigned partition; None while unknown (rebalance, broker down)."""
+        assert self.consumer is not None
+        assigned = list(self.consumer.assignment())
+        if not assigned:
+            return None
+        try:
+            ends = self.consumer.end_offsets(assigned, timeout_ms=LOOKUP_TIMEOUT_MS)
+            return {
+                tp: (self.consumer.position(tp, timeout_ms=LOOKUP_TIMEOUT_MS), ends[tp]) for tp in assigned
+            }
+        except (KafkaError, KeyError) as exc:
+            log.debug("end offsets unavailable", error=repr(exc))
+            return None
+
+    def _at_end(self) -> bool:
+        offsets = self._end_offsets()
+        return offsets is not None and all(pos is not None and pos >= end for pos, end in offsets.values())
+
+    def _check_caught_up(self) -> None:
+        if not self.caught_up.is_set() and self._at_end():
+            self.caught_up.set()
+            self.work_allowed.set()
+            log.info(
+                "caught up with the topic", partitions=len(self.consumer.assignment()) if self.consumer else 0
+            )
+
+    # ------------------------------------------------------------------ backpressure
+
+    def _backpressure(self) -> None:
+        assert self.consumer is not None
+        pending = backlog(self.store, self.model, self.settings.policy.quorum)
+        self.stats.max_backlog = max(self.stats.max_backlog, pending)
+        assigned = self.consumer.assignment()
+        if pending >= self.kafka.max_pending:
+            if not self.paused:
+                self.stats.pauses += 1
+                log.info("backpressure: pausing consumption", backlog=pending, bound=self.kafka.max_pending)
+            self.paused = True
+            self.work_allowed.set()
+            # every step, not once: a rebalance may have assigned partitions that are not paused yet
+            unpaused = assigned - self.consumer.paused()
+            if unpaused:
+                self.consumer.pause(*unpaused)
+        elif self.paused:
+            self.paused = False
+            self.consumer.resume(*self.consumer.paused())
+            log.info("backpressure: resuming consumption", backlog=pending, bound=self.kafka.max_pending)

@@ -1,0 +1,99 @@
+"""End to end on the real broker: the issue's 300-event stream through `patchd run --once`."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from daemon import cli
+from daemon.model import PatchedModel
+from daemon.settings import load_settings
+from memory.lifecycle import Status
+from memory.store import Store
+from tests.tinybase import (
+    assert_final_state,
+    committed,
+    correction_stream,
+    dlq_unique,
+    prepare,
+    produce,
+    read_topic,
+    write_config,
+)
+
+
+@pytest.fixture
+def keep_signals() -> Iterator[None]:
+    """`patchd run` installs SIGTERM/SIGINT handlers in this (pytest's) process: put pytest's back."""
+    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    yield
+    for s, handler in saved.items():
+        signal.signal(s, handler)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    return prepare(tmp_path_factory.mktemp("tiny"))
+
+
+def test_run_once_end_to_end(
+    tiny,
+    tmp_path: Path,
+    kafka_bootstrap: str,
+    kafka_topic_factory: Callable[..., str],
+    keep_signals: None,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    base, data = tiny
+    topic = kafka_topic_factory()
+    kafka_topic_factory(f"{topic}.dlq")
+    stream = correction_stream(seed=0)
+    produce(kafka_bootstrap, topic, stream.values)
+    config = write_config(
+        tmp_path / "patchd.toml",
+        base=base,
+        data=data,
+        bootstrap=kafka_bootstrap,
+        topic=topic,
+        state=tmp_path / "state",
+    )
+
+    started = time.monotonic()
+    assert cli.main(["run", "--once", "--config", str(config)]) == 0
+    print(f"run --once: {time.monotonic() - started:.1f}s")
+
+    settings = load_settings(config, os.environ)
+    dlq = read_topic(kafka_bootstrap, f"{topic}.dlq", 30)
+    assert len(dlq) == 30
+    sample = dlq_unique(dlq)[0]
+    headers = dict(sample.headers)
+    assert headers["source_topic"].decode() == topic and int(headers["source_offset"]) >= 0
+    assert sample.value == stream.values[int(headers["source_offset"])]  # the original bytes
+    assert committed(kafka_bootstrap, settings.kafka.group_id) == {0: 300}
+
+    with Store.open(settings.database.url) as store:
+        final = assert_final_state(store, stream, dlq)
+        patched = [t for t, s in final.items() if s == Status.PATCHED]
+        assert patched, "a random classifier gets about half of random targets wrong"
+        # restart path: a fresh model rebuilt from the stored patches answers every patched input
+        model = PatchedModel.load(settings)
+        rebuilt = model.rebuild(store)
+        assert rebuilt.replayed == len(patched) and rebuilt.mismatches == []
+        predictions = model.adapter.predict(patched)
+        assert predictions == [stream.inputs[t] for t in patched]
+        fixed = [t for t, s in final.items() if s == Status.ALREADY_FIXED]
+        assert model.adapter.predict(fixed) == [stream.inputs[t] for t in fixed]
+
+    capsys.readouterr()
+    assert cli.main(["status", "--json", "--config", str(config)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["reports"] == 270 and report["rejected"] == 30 and report["patches"] == len(patched)
+    assert report["mistakes"]["conflicting"] == 20 and report["last_version"] is None
+    assert report["backlog"] == 0
+    assert cli.main(["check", "--config", str(config)]) == 0
