@@ -13,6 +13,7 @@ run again on each so that a stored verdict that no longer holds is reported, not
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import time
@@ -87,19 +88,25 @@ class PatchedModel:
             )
         memory, heldout = memory_inputs(settings, base.name, base.kind)
         log.info(
-            "building memory and held-out caches",
+            "preparing memory and held-out caches",
             memory_inputs=len(memory),
             heldout_inputs=len(heldout),
             base=base.name,
             device=device,
         )
-        TaskAdapter(base).patcher(patcher, memory, heldout, progress=False)
+        cached = build_caches(settings, base, patcher, memory, heldout)
+        # state the engine derives lazily from M (the fisher init's whitening) must come from the base
+        # rows alone, as in an uninterrupted run, not from M after the replay added the edits' rows
+        derive = getattr(patcher, "whitening", None)
+        if callable(derive):
+            derive()
         seconds = time.perf_counter() - t0
         log.info(
             "model ready",
             base=base.name,
             kind=base.kind,
             memory_rows=len(patcher.memory),
+            from_cache=cached,
             seconds=round(seconds, 2),
         )
         return cls(settings, base, TaskAdapter(base), patcher, seconds)
@@ -167,9 +174,7 @@ class PatchedModel:
     def _replay(self, store: Store, patch: PatchRecord, result: Rebuilt) -> None:
         mistake = store.get_mistake(patch.mistake_id)
         if mistake is None or mistake.target is None:
-            raise ModelSetupError(
-                f"patch {patch.id}: its mistake {patch.mistake_id} is missing or has no target"
-            )
+            raise ModelSetupError(f"patch {patch.id}: its mistake {patch.mistake_id} is missing or has no target")
         if patch.layer != self.layer:
             raise ModelSetupError(
                 f"patch {patch.id} was trained at layer {patch.layer}, this model patches "
@@ -181,14 +186,52 @@ class PatchedModel:
         result.replayed += 1
         stored = patch.gate
         differs = {
-            k: (stored.get(k), getattr(verdict, k))
-            for k in REPLAY_CHECKED
-            if stored.get(k) != getattr(verdict, k)
+            k: (stored.get(k), getattr(verdict, k)) for k in REPLAY_CHECKED if stored.get(k) != getattr(verdict, k)
         }
         if differs:
-            result.mismatches.append(
-                {"patch_id": patch.id, "mistake_id": mistake.id, "stored_vs_replayed": differs}
-            )
+            result.mismatches.append({"patch_id": patch.id, "mistake_id": mistake.id, "stored_vs_replayed": differs})
+
+
+# ---------------------------------------------------------------------------- caches
+
+
+def build_caches(settings: Settings, base: Any, patcher: Any, memory: list[str], heldout: list[str]) -> bool:
+    """Fill M and the held-out cache of a fresh Patcher; True when they came from disk.
+
+    Computing them is the slow part of a start (minutes for fever on a CPU), so the base model's
+    rows are kept in <state.dir>/activations (memory/activations.py), keyed by the base's weights,
+    its layer and a digest of the inputs: a restart loads them instead of recomputing. Rows that
+    accepted edits add to M are not stored: the replay of the stored patches adds them again.
+    """
+    from memory.activations import ActivationKey, ActivationStore
+    from patching.gate import HeldoutTensors
+    from patching.state import base_identity
+    from patching.tasks import TaskAdapter
+
+    assert settings.state.dir is not None  # resolved by load_settings
+    digest = hashlib.sha256(json.dumps([memory, heldout]).encode()).hexdigest()[:12]
+    key = ActivationKey(
+        f"{base.name}-inputs-{digest}",
+        base_identity(base.directory),
+        str(base.model.config.model_type),
+        int(patcher.site.layer_index),
+    )
+    stored = ActivationStore.open(Path(settings.state.dir) / "activations", key)
+    device = patcher.memory.device
+    if stored.rows("memory") and stored.rows("heldout"):
+        patcher.memory.append(stored.load("memory", device)["q"])
+        h = stored.load("heldout", device)
+        patcher.heldout = HeldoutTensors(h["q"], h["ffn"], h["residual"], h["pred"], h["group"])
+        return True
+    TaskAdapter(base).patcher(patcher, memory, heldout, progress=False)
+    h = patcher.heldout
+    assert h is not None
+    # each split only when absent: a crash between the two writes must not duplicate M's rows
+    if not stored.rows("heldout"):
+        stored.append("heldout", {"q": h.q, "ffn": h.ffn, "residual": h.residual, "pred": h.pred, "group": h.group})
+    if not stored.rows("memory"):
+        stored.append("memory", {"q": patcher.memory.view()})
+    return False
 
 
 # ---------------------------------------------------------------------------- inputs
