@@ -219,7 +219,7 @@ def build_caches(settings: Settings, base: Any, patcher: Any, memory: list[str],
     stored = ActivationStore.open(Path(settings.state.dir) / "activations", key)
     device = patcher.memory.device
     if stored.rows("memory") and stored.rows("heldout"):
-        patcher.memory.append(stored.load("memory", device)["q"])
+        patcher.add_memory(stored.load("memory", device)["q"])
         h = stored.load("heldout", device)
         patcher.heldout = HeldoutTensors(h["q"], h["ffn"], h["residual"], h["pred"], h["group"])
         return True

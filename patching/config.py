@@ -42,7 +42,13 @@ class TrainConfig:
     max_neurons: int = 5
     # "margin": key placed half-way between the edit and its closest memory row, value along the
     # loss's descent direction (usually zero steps); "reference": q/|q|^2 and a random value
-    init: Literal["margin", "reference"] = "margin"
+    # "fisher": the same with the key whitened by the memory covariance (larger margins, paraphrases fire)
+    init: Literal["fisher", "margin", "reference"] = "fisher"
+    # the initial value is this multiple of the shortest one that makes the edit right: headroom
+    # for paraphrases, which activate the neuron less than the edit itself
+    value_scale: float = 1.0
+    # where the firing threshold sits between the closest memory row (0) and the edit (1)
+    init_threshold: float = 0.5
     # std of the initial value vector (reference init), relative to the residual scale; small keeps the
     # neuron from moving the output before its key is trained
     value_init_std: float = 0.1
@@ -64,8 +70,10 @@ class TrainConfig:
         _check_positive(self, "lr", "max_steps", "act_topk", "mem_topk", "max_neurons")
         if self.activation not in ("relu", "gelu"):
             raise ValueError(f"trainer.activation must be 'relu' or 'gelu', got {self.activation!r}")
-        if self.init not in ("margin", "reference"):
-            raise ValueError(f"trainer.init must be 'margin' or 'reference', got {self.init!r}")
+        if self.init not in ("fisher", "margin", "reference"):
+            raise ValueError(f"trainer.init must be 'fisher', 'margin' or 'reference', got {self.init!r}")
+        if not 0.0 < self.init_threshold < 1.0:
+            raise ValueError("trainer.init_threshold must be in (0, 1)")
         if self.mode not in ("cached", "reference"):
             raise ValueError(f"trainer.mode must be 'cached' or 'reference', got {self.mode!r}")
         if not 0.0 <= self.augment_dropout < 1.0:

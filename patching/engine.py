@@ -23,8 +23,10 @@ from patching.arch import FFNSite, locate, tail_logits
 from patching.capture import frozen_forward
 from patching.config import GateConfig, TrainConfig
 from patching.encode import Encoded
+from patching.init import whitening
 from patching.layer import PatchedFFN, attach, detach, neuron_output
 from patching.memory_bank import MemoryBank
+from patching.reference import train_reference
 from patching.trainer import EditTensors, Neurons, Objective, TrainResult, train_cached
 
 Status = Literal["already_fixed", "accepted", "rejected"]
@@ -70,6 +72,8 @@ class Patcher:
         self.heldout: gating.HeldoutTensors | None = None
         self.retention: EditTensors | None = None  # rows of every accepted edit, group = edit number
         self._edits: list[str] = []
+        self._whiten: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._memory_base = 0  # rows of M that come from unrelated inputs, not from edits
 
     # ------------------------------------------------------------------ caching
     def tail(self, ffn: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
@@ -86,8 +90,18 @@ class Patcher:
     def build_memory(self, batches: Iterable[Encoded]) -> int:
         """Append the FFN inputs of every row of every batch to M. Returns the memory size."""
         for enc in batches:
-            self.memory.append(self.cache(enc).q)
+            self.add_memory(self.cache(enc).q)
         return len(self.memory)
+
+    def add_memory(self, rows: torch.Tensor) -> None:
+        """Append unrelated inputs' FFN inputs [m, d] to M (edits' own rows are appended by commit).
+
+        Statistics derived from M (the fisher init's whitening) use these rows only, so a restart
+        that replays stored edits derives exactly what an uninterrupted run derived.
+        """
+        self.memory.append(rows)
+        self._memory_base = len(self.memory)
+        self._whiten = None
 
     def build_heldout(self, batches: Iterable[Encoded], with_labels: bool = False) -> int:
         parts: list[EditTensors] = []
@@ -153,13 +167,20 @@ class Patcher:
                attempt: int) -> TrainResult:
         seed = self.train_cfg.seed + attempt
         if self.train_cfg.mode == "reference":
-            from patching.reference import train_reference
-
             if isinstance(enc, EditTensors):
                 raise ValueError("the reference trainer needs the encoded input, not cached tensors")
             return train_reference(self, enc, et, anchors, obj, seed)
         return train_cached(et, anchors, self.memory.view(), self.tail, self.train_cfg, obj,
-                            self.train_cfg.activation, seed)
+                            self.train_cfg.activation, seed, whiten=self.whitening())
+
+    def whitening(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Memory mean and inverse covariance for the fisher init, computed once from the memory as
+        built (the rows of accepted edits appended later are a negligible share of it)."""
+        if self.train_cfg.init != "fisher" or self._memory_base < 2:
+            return None
+        if self._whiten is None:
+            self._whiten = whitening(self.memory.view()[: self._memory_base])
+        return self._whiten
 
     def _generates(self, enc: Encoded, nr: Neurons, edit_id: str) -> bool:
         """Real greedy generate() with the neurons in place; they are removed again afterwards."""

@@ -28,7 +28,7 @@ def train_reference(
     t0 = time.perf_counter()
     gen = torch.Generator().manual_seed(seed)
     memory = patcher.memory.view()
-    nr = init_neurons(et, anchors, memory, patcher.tail, cfg, gen, cfg.activation)
+    nr = init_neurons(et, anchors, memory, patcher.tail, cfg, gen, cfg.activation, patcher.whitening())
     params = [nr.keys.requires_grad_(), nr.biases.requires_grad_(), nr.values.requires_grad_()]
     opt = torch.optim.Adam(params, lr=cfg.lr)
     device = patcher.memory.device

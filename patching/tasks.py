@@ -114,7 +114,7 @@ class TaskAdapter:
         path = self._cache_path(patcher, memory, heldout) if cache else None
         if path is not None and path.is_file():
             tensors = load_file(str(path))
-            patcher.memory.append(tensors.pop("memory"))
+            patcher.add_memory(tensors.pop("memory"))
             patcher.heldout = gating.HeldoutTensors(**{k[len("heldout."):]: v for k, v in tensors.items()})
             return patcher
         patcher.build_memory(self.memory_batches(memory, progress))

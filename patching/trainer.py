@@ -83,16 +83,17 @@ class Objective:
 
 
 def init_neurons(edit: EditTensors, anchors: torch.Tensor, memory: torch.Tensor, tail: Tail,
-                 cfg: TrainConfig, gen: torch.Generator, activation: str) -> Neurons:
+                 cfg: TrainConfig, gen: torch.Generator, activation: str,
+                 whiten: tuple[torch.Tensor, torch.Tensor] | None = None) -> Neurons:
     """Starting weights of the neurons anchored at edit rows `anchors` (see patching/init.py)."""
     q = edit.q[anchors]
     if cfg.init == "reference":
         keys, biases = init.reference_keys(q)
         values = init.random_values(q.shape, edit.ffn, cfg, gen)
     else:
-        keys, biases = init.margin_keys(q, memory)
+        keys, biases = init.margin_keys(q, memory, cfg.init_threshold, whiten if cfg.init == "fisher" else None)
         values = init.init_values(edit.q, edit.ffn, edit.residual, edit.targets, anchors, keys, biases,
-                                  tail, activation)
+                                  tail, activation, cfg.value_scale)
     return Neurons(keys.clone(), biases.clone(), values.clone())
 
 
@@ -161,6 +162,7 @@ def train_cached(
     obj: Objective,
     activation: str,
     seed: int = 0,
+    whiten: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> TrainResult:
     """Train len(anchors) neurons (neuron i anchored at edit row anchors[i]) until the stop rule holds.
 
@@ -168,7 +170,7 @@ def train_cached(
     """
     t0 = time.perf_counter()
     gen = torch.Generator().manual_seed(seed)
-    nr = init_neurons(edit, anchors, memory, tail, cfg, gen, activation)
+    nr = init_neurons(edit, anchors, memory, tail, cfg, gen, activation, whiten)
     params = [nr.keys.requires_grad_(), nr.biases.requires_grad_(), nr.values.requires_grad_()]
     opt = torch.optim.Adam(params, lr=cfg.lr)
     scorer = MemoryScorer(memory, cfg)
