@@ -21,16 +21,10 @@ from patching.bases import load_base
 from patching.config import GateConfig, TrainConfig
 from patching.datasets import load_task
 from patching.engine import Patcher
+from patching.metrics import percentile
 from patching.tasks import TaskAdapter
 
 TASK_OF_BASE = {"fever-minilm": "fever", "zsre-smollm2": "zsre"}
-
-
-def _percentile(xs: list[float], p: float) -> float:
-    if not xs:
-        return float("nan")
-    s = sorted(xs)
-    return s[min(len(s) - 1, round(p * (len(s) - 1)))]
 
 
 def _run(patcher: Patcher, adapter: TaskAdapter, edits: list[Any], label: str) -> dict[str, Any]:
@@ -59,7 +53,7 @@ def _run(patcher: Patcher, adapter: TaskAdapter, edits: list[Any], label: str) -
     accepted = sum(kept)
     return {
         "median_ms": round(statistics.median(times), 2),
-        "p95_ms": round(_percentile(times, 0.95), 2),
+        "p95_ms": round(percentile(times, 0.95) or 0.0, 2),
         "mean_ms": round(statistics.fmean(times), 2),
         "success_rate": round(accepted / len(rows), 4),
         "retention": round(retained / accepted, 4) if accepted else None,

@@ -7,13 +7,11 @@ import random
 from pathlib import Path
 
 import pytest
-import torch
-import transformers as T
-from tokenizers import Tokenizer, models, pre_tokenizers
 
 from patching import metrics
 from patching.evaldata import DataError, load_eval_data, load_generic
 from patching.evaluate import run_evaluate
+from tests.tinybase import WORDS, tiny_base
 
 
 def test_metrics_on_known_cases() -> None:
@@ -65,24 +63,6 @@ def test_generic_loader_reports_every_bad_line(tmp_path: Path) -> None:
     assert "edits.jsonl:1:" not in msg
     with pytest.raises(DataError, match="no edits.jsonl"):
         load_generic(tmp_path / "missing")
-
-
-WORDS = [f"w{i}" for i in range(400)]
-
-
-def tiny_base(tmp_path: Path) -> Path:
-    vocab = {"[PAD]": 0, "[UNK]": 1, **{w: i + 2 for i, w in enumerate(WORDS)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    fast = T.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]")
-    torch.manual_seed(0)
-    cfg = T.BertConfig(vocab_size=len(vocab), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                       intermediate_size=128, num_labels=2, max_position_embeddings=32,
-                       id2label={0: "SUPPORTS", 1: "REFUTES"}, label2id={"SUPPORTS": 0, "REFUTES": 1})
-    out = tmp_path / "tiny-base"
-    T.BertForSequenceClassification(cfg).save_pretrained(out)
-    fast.save_pretrained(out)
-    return out
 
 
 def test_tiny_end_to_end_evaluate(tmp_path: Path) -> None:
