@@ -170,8 +170,15 @@ class Patcher:
             if isinstance(enc, EditTensors):
                 raise ValueError("the reference trainer needs the encoded input, not cached tensors")
             return train_reference(self, enc, et, anchors, obj, seed)
-        return train_cached(et, anchors, self.memory.view(), self.tail, self.train_cfg, obj,
-                            self.train_cfg.activation, seed, whiten=self.whitening())
+        cfg = self.train_cfg
+        if attempt:
+            # a retry starts from a narrower neuron: its threshold moves towards the edit (0.5 ->
+            # 0.75 -> 0.875 with retry_factor 2), so it fires on fewer held-out inputs; with a
+            # margin init that already meets the stop rule, a stronger loss alone would change nothing
+            strength = self.gate_cfg.retry_factor ** attempt
+            cfg = replace(cfg, init_threshold=1.0 - (1.0 - cfg.init_threshold) / strength)
+        return train_cached(et, anchors, self.memory.view(), self.tail, cfg, obj,
+                            cfg.activation, seed, whiten=self.whitening())
 
     def whitening(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Memory mean and inverse covariance for the fisher init, computed once from the memory as
