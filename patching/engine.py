@@ -129,11 +129,13 @@ class Patcher:
         return list(self._edits)
 
     # ------------------------------------------------------------------ editing
-    def anchors(self, et: EditTensors) -> torch.Tensor:
+    def anchors(self, et: EditTensors, attempt: int = 0) -> torch.Tensor:
         """Rows that get a neuron: the single row (classification), or each wrong target token,
-        at most max_neurons of them (generation)."""
+        at most max_neurons of them (generation). Under teacher forcing a wrong token past the cap
+        keeps its context, so it stays wrong unless a neuron fires there: a retry after a failed
+        attempt may anchor max_neurons more rows (long answers, e.g. 9-token names)."""
         wrong = (self.tail(et.ffn, et.residual).argmax(-1) != et.targets).nonzero().flatten()
-        return wrong[: self.train_cfg.max_neurons]
+        return wrong[: self.train_cfg.max_neurons * (attempt + 1)]
 
     def propose(self, enc: Encoded | EditTensors, edit_id: str) -> Proposal | None:
         """Train and gate neurons for one edit; None when the model is already right."""
@@ -141,9 +143,11 @@ class Patcher:
         et = enc if isinstance(enc, EditTensors) else self.cache(enc)
         if self.is_right(et):
             return None
-        anchors = self.anchors(et)
         proposal: Proposal | None = None
         for attempt in range(self.gate_cfg.retries + 1):
+            # more neurons only when the edit itself stayed wrong with the capped set
+            grow = attempt > 0 and proposal is not None and not proposal.gate.reliable
+            anchors = self.anchors(et, attempt if grow else 0)
             strength = self.gate_cfg.retry_factor ** attempt
             obj = Objective.from_config(self.train_cfg, self.generation, strength)
             result = self._train(enc, et, anchors, obj, attempt)
