@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from daemon.logs import get_logger
-from daemon.model import percentile
+from patching.metrics import percentile
 
 log = get_logger(__name__)
 
@@ -34,8 +34,9 @@ BROKER_TIMEOUT_S = 180
 FEVER_LABELS = ("SUPPORTS", "REFUTES")
 
 
-def _free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
+def free_ports(count: int) -> list[int]:
+    """`count` distinct free TCP ports on 127.0.0.1 (all bound at once, so they differ)."""
+    sockets = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(count)]
     try:
         for s in sockets:
             s.bind(("127.0.0.1", 0))
@@ -51,7 +52,7 @@ def broker(bootstrap: str | None) -> Iterator[str]:
     if bootstrap:
         yield bootstrap
         return
-    port, controller = _free_ports(2)
+    port, controller = free_ports(2)
     with tempfile.TemporaryDirectory(prefix="patchd-bench-kafka-") as state:
         env = {
             **os.environ,

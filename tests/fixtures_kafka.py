@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import subprocess
 import time
 import uuid
@@ -30,6 +29,8 @@ import pytest
 from kafka import KafkaAdminClient
 from kafka.admin import NewTopic
 
+from daemon.bench import free_ports
+
 BROKER_SH = Path(__file__).resolve().parents[1] / "deploy" / "kafka" / "broker.sh"
 # a cold JVM plus storage format takes ~7 s on an idle 2-core machine; leave room for a loaded one
 START_TIMEOUT_S = 180
@@ -39,18 +40,6 @@ STOP_TIMEOUT_S = 90
 
 class BrokerError(RuntimeError):
     """broker.sh failed; the message carries its output (and so the broker log's tail)."""
-
-
-def free_ports(count: int) -> list[int]:
-    """`count` distinct free TCP ports on 127.0.0.1 (all bound at once, so they differ)."""
-    sockets = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(count)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
 
 
 @dataclass(frozen=True)
