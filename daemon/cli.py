@@ -21,6 +21,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "daemon.cmd_evaluate",  # evaluate
     "daemon.cmd_run",  # run, status, check, replay
     "daemon.cmd_bench",  # bench ingest, bench daemon
+    "daemon.cmd_config",  # config check
 )
 
 
