@@ -3,6 +3,11 @@
 Only patch tensors are ever written (keys [n, d], biases [n], values [n, d]); base weights never.
 The config records the base's identity (sha256 over its weight files), so a patch set made for
 another base is refused. Tensors are read with safetensors only: nothing is ever unpickled.
+
+torch is imported only where tensors are made, so the publisher (daemon/publisher.py) and
+`base_identity` work without it. `parse_patches` / `attach_patches` split `load_patched` into
+"bytes -> checked tensors" and "tensors -> patched model", so the checkpoint client can verify
+bytes it read once and never re-open a file between checking and loading it.
 """
 
 from __future__ import annotations
@@ -12,12 +17,12 @@ import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from safetensors.torch import load_file, save_file
+if TYPE_CHECKING:
+    import torch
 
-from patching.layer import PatchedFFN
+    from patching.layer import PatchedFFN
 
 CODE_VERSION = "0.1.0"
 PATCHES_FILE = "patches.safetensors"
@@ -36,7 +41,8 @@ def base_identity(base_dir: str | Path) -> str:
     instant after the first time.
     """
     base = Path(base_dir)
-    files = sorted(p for p in base.iterdir() if p.suffix in _WEIGHT_SUFFIXES and p.is_file())
+    # a patch set exported beside its base (patchd export) is not part of the base's identity
+    files = sorted(p for p in base.iterdir() if p.suffix in _WEIGHT_SUFFIXES and p.is_file() and p.name != PATCHES_FILE)
     if not files:
         raise PatchStateError(f"no weight files (*.safetensors, *.bin, *.gguf) in {base}")
     stamp = ";".join(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files)
@@ -75,7 +81,21 @@ class PatchConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def config_bytes(config: PatchConfig) -> bytes:
+    """patch_config.json as written to disk (sorted keys: the same config gives the same bytes)."""
+    return (json.dumps(asdict(config), indent=2, sort_keys=True) + "\n").encode()
+
+
+def parse_config(raw: bytes, where: str = CONFIG_FILE) -> PatchConfig:
+    try:
+        return PatchConfig(**json.loads(raw))
+    except (ValueError, TypeError) as exc:
+        raise PatchStateError(f"cannot read {where}: {exc}") from exc
+
+
 def save_patches(wrapper: PatchedFFN, out_dir: str | Path, config: PatchConfig) -> None:
+    from safetensors.torch import save_file
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tensors = {
@@ -84,22 +104,41 @@ def save_patches(wrapper: PatchedFFN, out_dir: str | Path, config: PatchConfig) 
         "values": wrapper.values.detach().cpu().contiguous(),
     }
     save_file(tensors, str(out / PATCHES_FILE), metadata={"edit_ids": json.dumps(wrapper.edit_ids)})
-    (out / CONFIG_FILE).write_text(json.dumps(asdict(config), indent=2, sort_keys=True) + "\n")
+    (out / CONFIG_FILE).write_bytes(config_bytes(config))
 
 
 def read_patches(patch_dir: str | Path) -> tuple[PatchConfig, dict[str, torch.Tensor]]:
     d = Path(patch_dir)
     try:
-        raw = json.loads((d / CONFIG_FILE).read_text())
-        config = PatchConfig(**raw)
-    except (OSError, ValueError, TypeError) as exc:
-        raise PatchStateError(f"cannot read {d / CONFIG_FILE}: {exc}") from exc
-    tensors = load_file(str(d / PATCHES_FILE))
+        raw_config, raw_patches = (d / CONFIG_FILE).read_bytes(), (d / PATCHES_FILE).read_bytes()
+    except OSError as exc:
+        raise PatchStateError(f"cannot read the patch set in {d}: {exc}") from exc
+    return parse_patches(raw_config, raw_patches, where=str(d))
+
+
+def parse_patches(
+    raw_config: bytes, raw_patches: bytes, where: str = ""
+) -> tuple[PatchConfig, dict[str, torch.Tensor]]:
+    """patch_config.json and patches.safetensors bytes -> the config and tensors, shapes checked."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    config = parse_config(raw_config, f"{where}/{CONFIG_FILE}" if where else CONFIG_FILE)
+    try:
+        tensors = load(raw_patches)
+    except (SafetensorError, ValueError) as exc:
+        raise PatchStateError(f"{where or PATCHES_FILE}: not a safetensors file: {exc}") from exc
     n = config.n
-    if tensors["keys"].shape != (n, config.hidden_size) or tensors["values"].shape != (n, config.hidden_size):
-        raise PatchStateError(f"{d}: tensor shapes do not match patch_config.json (n={n}, d={config.hidden_size})")
+    if set(tensors) != {"keys", "biases", "values"}:
+        raise PatchStateError(f"{where}: expected tensors keys, biases, values, got {sorted(tensors)}")
+    if (
+        tensors["keys"].shape != (n, config.hidden_size)
+        or tensors["values"].shape != (n, config.hidden_size)
+        or tensors["biases"].shape != (n,)
+    ):
+        raise PatchStateError(f"{where}: tensor shapes do not match patch_config.json (n={n}, d={config.hidden_size})")
     if len(config.edit_ids) != n:
-        raise PatchStateError(f"{d}: {len(config.edit_ids)} edit ids for {n} neurons")
+        raise PatchStateError(f"{where}: {len(config.edit_ids)} edit ids for {n} neurons")
     return config, tensors
 
 
@@ -115,10 +154,12 @@ def check_compatible(config: PatchConfig, identity: str, model_type: str, hidden
         )
 
 
-def load_base_model(base_dir: str | Path, dtype: torch.dtype = torch.float32) -> Any:
-    """Load a local HF model directory with the class its config names (no hub access)."""
+def load_base_model(base_dir: str | Path, dtype: torch.dtype | None = None) -> Any:
+    """Load a local HF model directory with the class its config names (no hub access); fp32 by default."""
+    import torch
     import transformers
 
+    dtype = dtype or torch.float32
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     config = transformers.AutoConfig.from_pretrained(str(base_dir))
     archs = getattr(config, "architectures", None) or []
@@ -130,13 +171,26 @@ def load_base_model(base_dir: str | Path, dtype: torch.dtype = torch.float32) ->
 
 def load_patched(base_dir: str | Path, patch_dir: str | Path, arch: dict[str, Any] | None = None) -> Any:
     """A ready model: the base from `base_dir` with the patch set from `patch_dir` attached."""
+    config, tensors = read_patches(patch_dir)
+    return attach_patches(load_base_model(base_dir), config, tensors, base_identity(base_dir), arch)
+
+
+def attach_patches(
+    model: Any,
+    config: PatchConfig,
+    tensors: dict[str, torch.Tensor],
+    identity: str,
+    arch: dict[str, Any] | None = None,
+) -> Any:
+    """Attach a parsed patch set to an unpatched `model` whose weights have identity `identity`.
+
+    Everything is checked before the model is touched: a refused patch set leaves it unpatched.
+    """
     from patching.arch import locate
     from patching.layer import attach
 
-    config, tensors = read_patches(patch_dir)
-    model = load_base_model(base_dir)
     site = locate(model, arch)
-    check_compatible(config, base_identity(base_dir), model.config.model_type, site.hidden_size)
+    check_compatible(config, identity, model.config.model_type, site.hidden_size)
     if site.layer_index != config.layer:
         raise PatchStateError(f"patch set targets layer {config.layer}, this base's last layer is {site.layer_index}")
     wrapper = attach(site, config.activation)  # type: ignore[arg-type]
@@ -151,6 +205,7 @@ def apply_tensors(wrapper: PatchedFFN, tensors: dict[str, torch.Tensor], edit_id
         end = start
         while end < len(edit_ids) and edit_ids[end] == edit_ids[start]:
             end += 1
-        wrapper.add(tensors["keys"][start:end], tensors["biases"][start:end], tensors["values"][start:end],
-                    edit_ids[start])
+        wrapper.add(
+            tensors["keys"][start:end], tensors["biases"][start:end], tensors["values"][start:end], edit_ids[start]
+        )
         start = end
