@@ -13,6 +13,7 @@
     store.add_patch(mistake_id, PatchIn(...)) -> int        # accepted: mistake -> patched
     store.patches_of(mistake_id) -> list[PatchRecord]
     store.accepted_patches(model) -> list[PatchRecord]       # not removed, in acceptance order
+    store.accepted_patch_ids(model) -> [(patch id, mistake id)]  # the same, without the tensors
     store.mark_patch_removed(patch_id, reason)               # mistake patched -> revoked
     store.recover_interrupted(model) -> list[int]            # patching -> queued after a crash
     store.add_version(model, number, parent, manifest_sha256, edit_ids, uri=None) -> VersionRecord
@@ -236,6 +237,16 @@ class Store:
                 .order_by(Patch.id)
             )
             return [_as(PatchRecord, p) for p in rows]
+
+    def accepted_patch_ids(self, model: str) -> list[tuple[int, int]]:
+        """(patch id, mistake id) of accepted_patches(model), without the tensors: a cheap "changed?" check."""
+        with self.reading() as session:
+            rows = session.execute(
+                select(Patch.id, Patch.mistake_id)
+                .where(Patch.model == model, Patch.accepted.is_(True), Patch.removed_at.is_(None))
+                .order_by(Patch.id)
+            )
+            return [(int(p), int(m)) for p, m in rows]
 
     def mark_patch_removed(self, patch_id: int, reason: str) -> None:
         """Take an accepted patch out of the model (revoke); its mistake becomes `revoked`."""
