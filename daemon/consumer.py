@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -54,6 +55,8 @@ LOOKUP_TIMEOUT_MS = 5_000
 RETRY_BACKOFF_S = 1.0
 # how long a warm stop waits for the final commit before giving up (the store has everything)
 CLOSE_TIMEOUT_MS = 10_000
+# consumer lag (end offsets vs positions) is looked up this often: one broker round trip, for metrics
+LAG_INTERVAL_S = 15.0
 # retriable batch failures: the broker (DLQ ack) or the database (write lock timeout) was unavailable
 RETRIABLE = (KafkaError, OperationalError)
 
@@ -70,6 +73,9 @@ class IngestStats:
     pauses: int = 0
     max_backlog: int = 0
     last_poll_at: float = field(default_factory=time.time)
+    rejected_by_reason: Counter[str] = field(default_factory=Counter)
+    assigned: int = 0  # partitions assigned after the last poll (readiness)
+    lag: int | None = None  # records not yet consumed on the assigned partitions (None: unknown yet)
 
 
 def backlog(store: Store, model: str, quorum: int) -> int:
@@ -121,6 +127,7 @@ class Consumer:
         self.work_allowed = threading.Event()
         self.paused = False
         self._pending: dict[TopicPartition, OffsetAndMetadata] = {}  # processed, not yet committed
+        self._lag_at = 0.0  # when the lag was last looked up
         self.consumer: KafkaConsumer | None = None
         self.producer: KafkaProducer | None = None
 
@@ -183,6 +190,9 @@ class Consumer:
             self._commit({})
         records = self.consumer.poll(timeout_ms=timeout_ms)
         self.stats.last_poll_at = time.time()
+        self.stats.assigned = len(self.consumer.assignment())
+        if time.monotonic() - self._lag_at > LAG_INTERVAL_S:
+            self._refresh_lag()
         if not records:
             if not self.paused:
                 self._check_caught_up()
@@ -234,6 +244,7 @@ class Consumer:
         s.new_reports += result.new_reports
         s.duplicates += result.duplicates
         s.rejected += len(rejected)
+        s.rejected_by_reason.update(item.reason for item in rejected)
         log.info(
             "batch stored",
             records=len(reports) + len(rejected),
@@ -308,6 +319,12 @@ class Consumer:
         except (KafkaError, KeyError) as exc:
             log.debug("end offsets unavailable", error=repr(exc))
             return None
+
+    def _refresh_lag(self) -> None:
+        self._lag_at = time.monotonic()
+        offsets = self._end_offsets()
+        if offsets is not None and all(pos is not None for pos, _ in offsets.values()):
+            self.stats.lag = sum(max(0, end - pos) for pos, end in offsets.values())
 
     def _at_end(self) -> bool:
         offsets = self._end_offsets()

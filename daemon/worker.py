@@ -54,6 +54,7 @@ class WorkerStats:
     outcomes: Counter[str] = field(default_factory=Counter)
     timings: list[EditTiming] = field(default_factory=list)
     busy_since: float | None = None  # when the current mistake was claimed (health: stuck worker)
+    gate_failures: Counter[str] = field(default_factory=Counter)  # check that refused it -> count
 
 
 class Worker(threading.Thread):
@@ -172,6 +173,8 @@ class Worker(threading.Thread):
             )
             return Status.PATCHED
         reasons = "; ".join(proposal.gate.reasons) or "gate refused"
+        # "locality: 3 held-out prediction(s) changed" -> "locality"
+        self.stats.gate_failures.update(r.split(":", 1)[0] for r in proposal.gate.reasons or ["refused"])
         self.store.set_status(
             mistake.id, Status.GATE_REJECTED, note=f"{proposal.attempts} tries: {reasons}"[:NOTE_CHARS]
         )
