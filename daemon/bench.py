@@ -106,6 +106,7 @@ def _settings(bootstrap: str, topic: str, state: Path, model: str, **kafka: Any)
         "PATCHD_KAFKA_BOOTSTRAP_SERVERS": bootstrap,
         "PATCHD_KAFKA_TOPIC": topic,
         "PATCHD_DEVICE": os.environ.get("PATCHD_DEVICE", "auto"),
+        "PATCHD_HEALTH_PORT": "0",  # no probes in a benchmark, and no clash with a daemon on the port
     }
     settings = load_settings(None, env)
     return replace(settings, kafka=replace(settings.kafka, **kafka)) if kafka else settings

@@ -11,6 +11,13 @@ are replayed in order (daemon/model.py). Consumption continues from the committe
 worker starts once the consumer has caught up with what is already in Kafka, so the policy sees
 every report of that backlog before it picks (or as soon as backpressure pauses the consumer).
 
+One daemon per model: before loading anything it takes the model's lock (memory/lock.py); a
+second daemon for the same model waits as a standby and takes over when the first one exits.
+Under systemd (Type=notify, daemon/notify.py) it sends READY=1 once the model, the memory set and
+the consumer are up (a standby sends it while it waits), WATCHDOG=1 from the main loop,
+EXTEND_TIMEOUT_USEC while loading, and STOPPING=1 when a stop begins. /livez /readyz /metrics
+are served on [health] host:port (daemon/health.py; port 0 turns the endpoint off).
+
 Stopping (rq's warm/cold): the first SIGTERM/SIGINT ends the consumer loop after its current
 batch is stored and committed and lets the worker finish the current neuron, then exits 0. A
 second signal exits at once; nothing is lost even then, because offsets are committed only after
@@ -31,17 +38,26 @@ from dataclasses import asdict
 from typing import Any
 
 from daemon.consumer import Consumer
+from daemon.health import HealthServer
 from daemon.logs import bind, clear_context, get_logger
 from daemon.model import PatchedModel, Rebuilt
+from daemon.notify import Notifier
 from daemon.scheduler import Jobs
-from daemon.settings import Settings, effective_settings, mask_url
+from daemon.settings import Settings, SettingsError, effective_settings, mask_url
 from daemon.worker import Worker
+from memory.lock import ModelLock
 from memory.store import Store
 
 log = get_logger(__name__)
 
 # how often the main thread checks on the worker while --once waits for it to drain the queue
 JOIN_TICK_S = 0.5
+# a standby tries the model lock this often (a takeover waits at most this long after the holder exits)
+LOCK_POLL_S = 5.0
+# ... and says it is waiting this often in the log
+STANDBY_LOG_S = 300.0
+# the holder checks its lock this often: a PostgreSQL session can drop, and the standby then takes over
+LOCK_CHECK_S = 30.0
 
 
 class Service:
@@ -59,6 +75,13 @@ class Service:
         self.worker: Worker | None = None
         self.jobs: Jobs | None = None
         self.timings: dict[str, float] = {}
+        self.notifier = Notifier()
+        self.lock: ModelLock | None = None
+        self.health: HealthServer | None = None
+        # starting -> (standby ->) loading -> running -> stopping -> stopped; /livez and /readyz read it
+        self.phase = "starting"
+        self.heartbeat = time.monotonic()  # the main loop's last round (/livez)
+        self.failure: str | None = None  # a reason to exit non-zero that is not the worker's error
 
     # ------------------------------------------------------------------ signals
 
@@ -67,6 +90,7 @@ class Service:
         if not self.stopping.is_set():
             log.info("warm stop: finishing the current batch and neuron", reason=reason)
         self.stopping.set()
+        self.notifier.stopping("stopping: finishing the current batch and neuron")
         if self.worker is not None:
             self.worker.request_stop()
 
@@ -102,17 +126,40 @@ class Service:
             settings=effective_settings(s),
         )
         t0 = time.perf_counter()
-        self.store = Store.open(s.database.url)
+        if s.health.port:  # first, so that /livez answers during a long start-up
+            try:
+                self.health = HealthServer(self, s.health.host, s.health.port).start()
+            except OSError as exc:
+                raise SettingsError(
+                    f"health.port = {s.health.port}: cannot listen on {s.health.host}: {exc.strerror or exc} "
+                    "(choose another port, or 0 to turn the endpoint off)"
+                ) from None
         try:
-            return self._run(t0)
+            if not self._take_lock():  # before the store: only the lock holder migrates the schema
+                return 0  # stopped while standing by
+            t0 = time.perf_counter()  # a standby's start-up begins when it takes over
+            with self.notifier.extending():
+                self.store = Store.open(s.database.url)
+            try:
+                return self._run(t0)
+            finally:
+                self.store.close()
         finally:
-            self.store.close()
+            self.phase = "stopped"
+            self.notifier.stopping()
+            if self.lock is not None:
+                self.lock.release()
+            if self.health is not None:
+                self.health.stop()
             clear_context()
 
     def _run(self, t0: float) -> int:
         assert self.store is not None
-        self.model = PatchedModel.load(self.settings)
-        self.rebuilt = self.model.rebuild(self.store)
+        self.phase = "loading"
+        self.notifier.status("loading the model and its memory set")
+        with self.notifier.extending():
+            self.model = PatchedModel.load(self.settings)
+            self.rebuilt = self.model.rebuild(self.store)
         self.timings["startup_s"] = time.perf_counter() - t0
         if self.stopping.is_set():
             return 0
@@ -127,13 +174,19 @@ class Service:
         )
         self.consumer.on_stored = self.worker.wake
         self.jobs = Jobs(self.settings, self.snapshot)
-        if not self.consumer.connect():
-            return 0  # stopped while waiting for the broker
+        with self.notifier.extending():
+            if not self.consumer.connect():
+                return 0  # stopped while waiting for the broker
+        self.phase = "running"
+        self.heartbeat = time.monotonic()
+        self.notifier.ready(f"patching {self.settings.model.name} from {self.settings.kafka.topic}")
         self.worker.start()
         self.jobs.start()
         try:
             self._consume()
         finally:
+            self.phase = "stopping"
+            self.notifier.stopping()
             self.ingest_done.set()
             self.consumer.work_allowed.set()  # nothing more will arrive: the worker may drain
             self.consumer.close()
@@ -141,7 +194,7 @@ class Service:
         self._finish_worker()
         self.jobs.shutdown()
         self.timings["total_s"] = time.perf_counter() - t0
-        error = self.worker.error
+        error = self.worker.error or self.failure
         log.info(
             "patchd stopped",
             exit=1 if error else 0,
@@ -153,11 +206,23 @@ class Service:
 
     def _consume(self) -> None:
         assert self.consumer is not None and self.worker is not None
+        lock_checked = time.monotonic()
         while not self.stopping.is_set():
+            self.heartbeat = time.monotonic()
+            self.notifier.watchdog()
             if self.worker.error is not None:
                 log.error("the worker failed; stopping", error=repr(self.worker.error))
                 self.stopping.set()
                 return
+            if self.lock is not None and self.heartbeat - lock_checked > LOCK_CHECK_S:
+                lock_checked = self.heartbeat
+                if not self.lock.held():
+                    # a standby may be patching already: stop at once, exit non-zero (systemd restarts us
+                    # and we stand by); the worker's current neuron is still stored before exiting
+                    log.error("lost the model lock (database session ended); stopping", lock=self.lock.where)
+                    self.failure = "lost the model lock"
+                    self.stopping.set()
+                    return
             handled = self.consumer.step()
             if self.once and handled == 0 and self.consumer.drained():
                 log.info(
@@ -173,6 +238,28 @@ class Service:
             self.worker.request_stop()
         while self.worker.is_alive():
             self.worker.join(JOIN_TICK_S)
+
+    def _take_lock(self) -> bool:
+        """Hold the model's lock; a second daemon for the model waits here (READY=1, /readyz 503)."""
+        self.lock = ModelLock(self.settings.database.url, self.settings.model.name)
+        if self.lock.try_acquire():
+            log.info("model lock taken", lock=self.lock.where)
+            return True
+        self.phase = "standby"
+        self.notifier.ready(f"standby: another daemon patches {self.settings.model.name}")
+        last_log = [-STANDBY_LOG_S]
+
+        def waiting(waited_s: float) -> None:
+            self.heartbeat = time.monotonic()
+            self.notifier.watchdog()
+            if waited_s - last_log[0] >= STANDBY_LOG_S:
+                last_log[0] = waited_s
+                log.info("standby: another daemon holds the model lock", lock=self.lock.where, waited_s=waited_s)
+
+        if not self.lock.acquire(self.stopping, poll_s=LOCK_POLL_S, on_wait=waiting):
+            return False
+        log.info("model lock taken over from the previous daemon", lock=self.lock.where)
+        return True
 
     # ------------------------------------------------------------------ health
 

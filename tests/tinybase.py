@@ -149,8 +149,12 @@ def write_config(
     state: Path,
     max_pending: int = 1000,
     poll_max_records: int = 200,
+    health_port: int = 0,
 ) -> Path:
-    """A daemon config for the tiny base on a test broker, state (SQLite) under `state`."""
+    """A daemon config for the tiny base on a test broker, state (SQLite) under `state`.
+
+    The health endpoint is off unless `health_port` is given: test daemons run side by side.
+    """
     path.write_text(f"""
 device = "cpu"
 [model]
@@ -166,6 +170,8 @@ max_pending = {max_pending}
 poll_max_records = {poll_max_records}
 [state]
 dir = "{state}"
+[health]
+port = {health_port}
 [log]
 level = "INFO"
 """)
