@@ -19,6 +19,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "daemon.cmd_db",  # db upgrade, bench store
     "daemon.cmd_prepare",  # prepare fever-minilm | zsre-smollm2
     "daemon.cmd_evaluate",  # evaluate
+    "daemon.cmd_mend",  # mend train
     "daemon.cmd_run",  # run, status, check, replay
     "daemon.cmd_bench",  # bench ingest, bench daemon
     "daemon.cmd_config",  # config check

@@ -30,8 +30,12 @@ def register(sub: Any, bench: Any) -> None:
     p.add_argument("--data-dir", type=Path, default=None, help="where the built-in tasks' files are")
     p.add_argument("--edits", type=int, default=None, help="edit at most N mistakes (default: all)")
     p.add_argument("--seed", type=int, default=0, help="split and training seed (default: 0)")
-    p.add_argument("--editor", choices=["tpatcher", "ft-last", "ft-all"], default="tpatcher",
+    p.add_argument("--editor", choices=["tpatcher", "ft-last", "ft-all", "mend"], default="tpatcher",
                    help="editor to run (default: tpatcher)")
+    p.add_argument("--mend-dir", type=Path, default=None,
+                   help="trained MEND editor (mend; default: the cache's mend/BASE, see `patchd mend train`)")
+    p.add_argument("--single", action="store_true",
+                   help="single-edit run (T = 1): every edit on the unedited model (mend)")
     p.add_argument("--activation", choices=["relu", "gelu"], default=None, help="patch activation (tpatcher)")
     p.add_argument("--augment-copies", type=int, default=None, help="perturbed copies of q per edit (tpatcher)")
     p.add_argument("--out", type=Path, default=None, help="write the JSON report here")
@@ -70,9 +74,16 @@ def _evaluate(args: argparse.Namespace) -> int:
         train = replace(train, activation=args.activation)
     if args.augment_copies is not None:
         train = replace(train, augment_copies=args.augment_copies)
-    report = run_evaluate(args.base, data, editor=args.editor, edits=args.edits, seed=args.seed, train=train)
-    summary = {k: report[k] for k in ("editor", "base", "data", "edits", "neurons", "sr", "gr", "er", "train_r",
-                                      "test_r", "locality", "gate_rejected", "edit_seconds", "wall_seconds")}
+    options = {}
+    if args.editor == "mend":
+        from patching.bases import cache_root
+
+        options["mend_dir"] = args.mend_dir or cache_root() / "mend" / Path(args.base).name
+    report = run_evaluate(args.base, data, editor=args.editor, edits=args.edits, seed=args.seed, train=train,
+                          sequential=not args.single, editor_options=options)
+    summary = {k: report[k] for k in ("editor", "base", "data", "sequential", "edits", "neurons", "sr", "gr", "er",
+                                      "train_r", "test_r", "locality", "gate_rejected", "gate_would_reject",
+                                      "edit_seconds", "wall_seconds")}
     print(json.dumps(summary, indent=2))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

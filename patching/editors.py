@@ -1,4 +1,4 @@
-"""Editors that `patchd evaluate` runs through the same stream: tpatcher and the FT baselines.
+"""Editors that `patchd evaluate` runs through the same stream: tpatcher, the FT baselines, mend.
 
 Every editor takes one (input, target) at a time, in place, without reset, and says what it did.
 """
@@ -101,9 +101,17 @@ class FineTuneEditor:
         return EditRecord("applied", time.perf_counter() - t0, steps=step)
 
 
-def make_editor(name: str, adapter: TaskAdapter, patcher_factory: Any) -> Editor:
+def make_editor(name: str, adapter: TaskAdapter, patcher_factory: Any, options: dict[str, Any] | None = None) -> Editor:
+    """`options`: editor-specific settings (mend: `mend_dir`, `heldout` inputs for its emulated gate, `seed`)."""
+    options = options or {}
     if name == "tpatcher":
         return TPatcherEditor(patcher_factory(), adapter)
+    if name == "mend":
+        from patching.mend.editor import MendEditor
+
+        if not options.get("mend_dir"):
+            raise ValueError("--editor mend needs a trained editor: --mend-dir DIR (see `patchd mend train`)")
+        return MendEditor(adapter, options["mend_dir"], options.get("heldout", ()), seed=options.get("seed", 0))
     from patching.arch import locate
 
     model = adapter.base.model
@@ -113,4 +121,4 @@ def make_editor(name: str, adapter: TaskAdapter, patcher_factory: Any) -> Editor
         return FineTuneEditor(name, adapter, params, lr=1e-4)
     if name == "ft-all":
         return FineTuneEditor(name, adapter, list(model.parameters()), lr=1e-5)
-    raise ValueError(f"unknown editor {name!r} (tpatcher, ft-last, ft-all)")
+    raise ValueError(f"unknown editor {name!r} (tpatcher, ft-last, ft-all, mend)")

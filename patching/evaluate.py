@@ -37,8 +37,10 @@ def _right(adapter: TaskAdapter, examples: list[Any]) -> list[bool]:
 def run_evaluate(
     base: str, data: EvalData, *, editor: str = "tpatcher", edits: int | None = None, seed: int = 0,
     train: TrainConfig | None = None, gate: GateConfig | None = None,
-    progress: Callable[[str], None] = print,
+    progress: Callable[[str], None] = print, sequential: bool = True, editor_options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
+    """`sequential=False`: every edit on the unedited model (T = 1; the editor must have `reset()`);
+    ER, TrainR, TestR, locality and the curve then do not apply and are None."""
     t_start = time.perf_counter()
     lb = load_base(base)
     adapter = TaskAdapter(lb)
@@ -49,7 +51,10 @@ def run_evaluate(
         p = Patcher(lb.model, train=train, gate=gate or GateConfig())
         return adapter.patcher(p, [e.input for e in data.memory], [e.input for e in data.heldout])
 
-    ed: Editor = make_editor(editor, adapter, factory)
+    options = {"heldout": [e.input for e in data.heldout], "seed": seed, **(editor_options or {})}
+    ed: Editor = make_editor(editor, adapter, factory, options)
+    if not sequential and not hasattr(ed, "reset"):
+        raise ValueError(f"editor {editor!r} cannot reset to the base: single-edit runs need mend")
     stream = adapter.mistakes(data.edits, limit=edits)
     progress(f"{len(stream)} mistakes of the base in {len(data.edits)} edit inputs"
              + (f" (asked for {edits})" if edits and len(stream) < edits else ""))
@@ -78,7 +83,9 @@ def run_evaluate(
             edited.append(ex)
             done = [r for r in rows if "sr" in r]
             bar.set_postfix(sr=f"{statistics.fmean(r['sr'] for r in done):.2f}", neurons=ed.neurons)
-            if len(edited) % every == 0:
+            if not sequential:
+                ed.reset()  # type: ignore[attr-defined]
+            elif len(edited) % every == 0:
                 kept = _right(adapter, edited)
                 now = adapter.predict([held_inputs[j] for j in sample])
                 curve.append({"edits": len(edited), "retention": sum(kept) / len(kept),
@@ -87,10 +94,10 @@ def run_evaluate(
         interrupted = True
         progress("interrupted: writing the partial report")
     done = [r for r in rows if "sr" in r]
-    final_right = _right(adapter, edited)
-    for r, ok in zip(done, final_right, strict=True):
+    final_right = _right(adapter, edited) if sequential else []
+    for r, ok in zip(done, final_right, strict=False):
         r["right_at_end"] = ok
-    held_after = adapter.predict(held_inputs, progress=True)
+    held_after = adapter.predict(held_inputs, progress=True) if sequential else held_before
     secs = [r["seconds"] for r in done]
     report: dict[str, Any] = {
         "editor": editor, "base": lb.name, "data": data.name, "seed": seed,
@@ -99,11 +106,14 @@ def run_evaluate(
         "neurons": ed.neurons,
         "sr": metrics.success_rate([r["sr"] for r in done]),
         "gr": metrics.generalization_rate([r["gr"] for r in done]) if data.has_paraphrases else None,
-        "er": metrics.edit_retention(final_right),
-        "train_r": metrics.relative_accuracy(train_before, _right(adapter, data.train_eval)),
-        "test_r": metrics.relative_accuracy(test_before, _right(adapter, data.test)),
-        "locality": metrics.locality(held_before, held_after),
+        "er": metrics.edit_retention(final_right) if sequential else None,
+        "train_r": metrics.relative_accuracy(train_before, _right(adapter, data.train_eval)) if sequential else None,
+        "test_r": metrics.relative_accuracy(test_before, _right(adapter, data.test)) if sequential else None,
+        "locality": metrics.locality(held_before, held_after) if sequential else None,
+        "sequential": sequential,
         "gate_rejected": sum(r["status"] == "rejected" for r in done),
+        # editors without a gate (mend) report per edit what patchd's gate would have said
+        "gate_would_reject": sum(r["gate"].get("would_pass") is False for r in done),
         "edit_seconds": {"median": statistics.median(secs) if secs else None,
                          "p95": metrics.percentile(secs, 0.95)},
         "wall_seconds": round(time.perf_counter() - t_start, 1),
@@ -111,6 +121,7 @@ def run_evaluate(
                   "memory_inputs": len(data.memory)},
         "train_config": asdict(train) if editor == "tpatcher" else None,
         "curve": curve,
+        "editor_summary": ed.summary() if hasattr(ed, "summary") else None,
         "rows": rows,
     }
     return report
