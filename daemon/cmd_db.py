@@ -31,6 +31,14 @@ def register(sub: Any, bench: Any) -> None:
     _add_url_options(current)
     current.set_defaults(func=_current)
 
+    copy = db_sub.add_parser(
+        "copy",
+        help="copy every row into another, empty database (SQLite -> PostgreSQL); stop the daemon first",
+    )
+    copy.add_argument("--from", dest="source", required=True, help="source database URL (at the newest schema)")
+    copy.add_argument("--to", dest="target", required=True, help="target database URL (migrated, must be empty)")
+    copy.set_defaults(func=_copy)
+
     store = bench.add_parser(
         "store", help="record a synthetic correction stream and print events/s for SQLite and PostgreSQL"
     )
@@ -113,6 +121,22 @@ def _current(args: argparse.Namespace) -> int:
     state = "up to date" if current == head else "run `patchd db upgrade`"
     print(f"{_safe(engine)}: schema revision {current or 'none'}, newest {head} ({state})")
     return 0 if current == head else 1
+
+
+def _copy(args: argparse.Namespace) -> int:
+    from memory.copy import CopyError, copy_database
+    from memory.engine import normalise_url
+
+    source, target = (normalise_url(u).render_as_string(hide_password=True) for u in (args.source, args.target))
+    try:
+        counts = copy_database(args.source, args.target)
+    except CopyError as exc:
+        print(f"patchd db copy: {exc}", file=sys.stderr)
+        return 1
+    for table, rows in counts.items():
+        print(f"{table:<20} {rows:>10,} rows")
+    print(f"copied {source} -> {target}; point the daemon at the target (PATCHD_DATABASE_URL) and start it")
+    return 0
 
 
 def _bench_store(args: argparse.Namespace) -> int:
