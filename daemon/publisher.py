@@ -1,0 +1,502 @@
+"""Versioned patch checkpoints on shared storage (DESIGN §5): build, publish, recover, prune.
+
+A version is the full set of accepted, not removed patches at the moment it is published, in
+acceptance order, built from the store rather than from the live model, so the daemon,
+`patchd rollback` and `patchd revoke` all publish the same way. Versions hold patches only
+(kilobytes), never base weights.
+
+    publisher = Publisher(model, store, storage, base, releases=ReleaseSender(settings.kafka), keep=50)
+    publisher.recover()               # at start: remove leftovers, record a version a crash left unrecorded
+    publisher.publish_if_changed()    # a Published, or None when the patch set equals LATEST's
+    publisher.prune()                 # keep the newest `keep` versions and LATEST's, delete the rest
+
+The steps of one publish, in order. The process may die after any of them; PATCHD_FAULT_KILL_AT=<step>
+SIGKILLs it right there (the crash tests do, at every step):
+
+    publish.start                       nothing written yet
+    version.tmpdir                      a hidden temporary directory exists
+    version.file:patches.safetensors    each file written and fsynced inside it ...
+    version.file:patch_config.json
+    version.file:manifest.json          ... the manifest last
+    version.renamed                     the complete version is visible under its number; LATEST unchanged
+    latest.tmp                          the new pointer is written and fsynced beside LATEST
+    latest.renamed                      LATEST names the new version: readers get it from now on
+    publish.released                    the release event is on <topic>.releases
+    publish.recorded                    the versions table has its row
+
+Readers follow LATEST: before `latest.renamed` they get the previous version, after it the new
+one, never anything in between. A death before it leaves a hidden temp directory (cleanup removes
+it) or a complete version nobody points at (its number is never reused); `recover()` finishes a
+publish that died after it (the row, and the event again: releases are at least once).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+from daemon.logs import get_logger
+from memory.records import PatchRecord
+from memory.store import Store
+from patching.checkpoint import FORMAT, MANIFEST_FILE, CheckpointError, encode_manifest, file_entry, read_verified
+from patching.state import CODE_VERSION, CONFIG_FILE, PATCHES_FILE, PatchConfig, config_bytes
+from patching.storage import Storage, StorageError, VersionExists
+
+if TYPE_CHECKING:
+    from daemon.model import PatchedModel
+    from daemon.settings import KafkaSettings
+
+log = get_logger(__name__)
+
+FAULT_ENV = "PATCHD_FAULT_KILL_AT"
+STEPS: tuple[str, ...] = (
+    "publish.start",
+    "version.tmpdir",
+    f"version.file:{PATCHES_FILE}",
+    f"version.file:{CONFIG_FILE}",
+    f"version.file:{MANIFEST_FILE}",
+    "version.renamed",
+    "latest.tmp",
+    "latest.renamed",
+    "publish.released",
+    "publish.recorded",
+)
+# a version is deleted only when it stopped being the newest this long ago: a reader that picked
+# it up just before it was superseded has long finished reading a few megabytes by then
+RETENTION_GRACE_S = 60.0
+# a release event not acknowledged by then is retried with the next publish (readers poll LATEST anyway)
+RELEASE_TIMEOUT_S = 10.0
+# another publisher may take a number between our look and our rename; then we take the next one
+NUMBER_RETRIES = 3
+# per-edit gate figures copied into the manifest (the full verdict stays in the patches table)
+GATE_FIELDS = ("changed", "regressed", "retention_failed", "attempts", "heldout_active")
+
+
+def fault_point(step: str) -> None:
+    """Crash-test hook: SIGKILL this process right after `step` when PATCHD_FAULT_KILL_AT names it."""
+    if os.environ.get(FAULT_ENV) == step:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+@dataclass(frozen=True)
+class BaseInfo:
+    """What every version's patch_config.json says about the base it was made for."""
+
+    identity: str  # sha256 of the base's weight files (patching.state.base_identity)
+    name: str | None
+    model_type: str
+    hidden_size: int
+    layer: int
+    activation: str
+
+    @classmethod
+    def of_model(cls, model: PatchedModel) -> BaseInfo:
+        from patching.state import base_identity
+
+        return cls(
+            identity=base_identity(model.base.directory),
+            name=model.base.name,
+            model_type=str(model.base.model.config.model_type),
+            hidden_size=int(model.patcher.site.hidden_size),
+            layer=model.layer,
+            activation=model.settings.trainer.activation,
+        )
+
+    @classmethod
+    def of_config(cls, config: PatchConfig) -> BaseInfo:
+        return cls(
+            config.base_identity,
+            config.base_name,
+            config.model_type,
+            config.hidden_size,
+            config.layer,
+            config.activation,
+        )
+
+
+@dataclass(frozen=True)
+class Published:
+    number: int
+    parent: int | None
+    neurons: int
+    edits: list[int]
+    patch_ids: list[int]
+    added: list[int]
+    removed: list[int]
+    manifest_sha256: str
+    uri: str
+    size: int  # bytes on storage, manifest included
+    seconds: float  # build + write + flip + event + row
+    latest_at: float  # epoch seconds when LATEST named it
+
+
+@dataclass
+class _Latest:
+    """What LATEST holds, as far as this publisher knows: "nothing changed?" compares against it."""
+
+    number: int
+    patch_ids: list[int]
+    edits: list[int] = field(default_factory=list)
+
+
+class ReleaseSender:
+    """Release events (DESIGN §4) on `<topic>.releases`, keyed by model; one producer, made on first use."""
+
+    def __init__(self, kafka: KafkaSettings):
+        self.kafka = kafka
+        self.topic = kafka.releases_topic
+        self._producer: Any = None
+
+    def send(self, event: dict[str, Any]) -> None:
+        from kafka import KafkaProducer
+
+        if self._producer is None:
+            self._producer = KafkaProducer(
+                acks="all", max_block_ms=int(RELEASE_TIMEOUT_S * 1000), **self.kafka.client_config()
+            )
+        future = self._producer.send(self.topic, key=str(event["model"]).encode(), value=json.dumps(event).encode())
+        future.get(timeout=RELEASE_TIMEOUT_S)
+
+    def close(self) -> None:
+        if self._producer is not None:
+            try:
+                self._producer.close(timeout=5)
+            except Exception as exc:  # noqa: BLE001 - closing must not hide why we stop
+                log.warning("release producer close failed", error=repr(exc))
+            self._producer = None
+
+
+class Publisher:
+    def __init__(
+        self,
+        model: str,
+        store: Store,
+        storage: Storage,
+        base: BaseInfo,
+        *,
+        releases: ReleaseSender | None = None,
+        keep: int = 50,
+        grace_s: float = RETENTION_GRACE_S,
+    ):
+        if keep < 1:
+            raise ValueError("keep must be >= 1: LATEST's version is always kept")
+        self.model = model
+        self.store = store
+        self.storage = storage
+        self.base = base
+        self.releases = releases
+        self.keep = keep
+        self.grace_s = grace_s
+        self.last_started = 0.0  # epoch seconds a publish last began (the rate limit counts from it)
+        self.last_published_at: float | None = None
+        self._lock = threading.Lock()  # one publish / prune at a time (scheduler jobs, the final publish)
+        self._latest: _Latest | None = None
+        self._recovered = False
+        self._unsent: list[dict[str, Any]] = []  # release events to send again
+        self._unrecorded = False  # a versions row failed to be written: reconcile before the next publish
+
+    @property
+    def last_version(self) -> int | None:
+        return self._latest.number if self._latest else None
+
+    # ------------------------------------------------------------------ start-up
+
+    def recover(self) -> None:
+        """Remove leftovers of dead publishes; record (and announce again) versions LATEST reached
+        but the database did not; learn what LATEST holds."""
+        with self._lock:
+            self._recover()
+
+    def _recover(self) -> None:
+        removed = self.storage.cleanup(self.model)
+        if removed:
+            log.warning("removed leftovers of interrupted publishes", entries=removed)
+        pointer = self._pointer()
+        self._reconcile_rows(pointer, announce=True)
+        self._latest = None
+        if pointer is not None:
+            try:
+                v = read_verified(self.storage, self.model, pointer)
+                self._latest = _Latest(pointer, v.patch_ids, v.edits)
+            except (CheckpointError, OSError) as exc:
+                log.error(
+                    "LATEST's version cannot be used; the next publish replaces it", version=pointer, error=str(exc)
+                )
+        self._recovered = True
+
+    def _pointer(self) -> int | None:
+        try:
+            return self.storage.latest(self.model)
+        except StorageError as exc:
+            log.error("LATEST is unreadable; the next publish replaces it", error=str(exc))
+            return None
+
+    def _reconcile_rows(self, pointer: int | None, announce: bool) -> None:
+        """The row for LATEST's version when the database lacks it (a publish died after the flip).
+
+        Only LATEST's: a complete version that LATEST never named was never released, so it gets
+        no row and no event; its number is simply never used again.
+        """
+        from sqlalchemy.exc import IntegrityError
+
+        if pointer is None or pointer in {v.number for v in self.store.versions(self.model)}:
+            self._unrecorded = False
+            return
+        try:
+            v = read_verified(self.storage, self.model, pointer)
+        except (CheckpointError, OSError) as exc:
+            log.error("LATEST's version cannot be recorded", version=pointer, error=str(exc))
+            return
+        uri = self.storage.version_uri(self.model, pointer)
+        try:
+            self.store.add_version(self.model, pointer, v.manifest.get("parent"), v.manifest_sha256, v.edits, uri)
+        except IntegrityError:
+            pass  # recorded meanwhile by another process
+        else:
+            log.warning("recorded a version whose publish was interrupted after LATEST", version=pointer)
+            if announce:  # the event may or may not have gone out: releases are at least once
+                self._unsent.append(release_event(v.manifest, v.manifest_sha256, uri, time.time()))
+        self._unrecorded = False
+
+    # ------------------------------------------------------------------ publishing
+
+    def publish_if_changed(self, reason: str = "patched", extra: dict[str, Any] | None = None) -> Published | None:
+        """Publish the current patch set as a new version unless LATEST already holds exactly it."""
+        with self._lock:
+            if not self._recovered:
+                self._recover()
+            if self._unrecorded:
+                self._reconcile_rows(self._pointer(), announce=False)
+            self._send_unsent()
+            ids = [patch_id for patch_id, _ in self.store.accepted_patch_ids(self.model)]
+            if self._latest is None and not ids:
+                return None  # nothing was ever accepted
+            if self._latest is not None and ids == self._latest.patch_ids:
+                return None
+            self.last_started = time.time()
+            patches = self.store.accepted_patches(self.model)  # may have grown since the look: publish that
+            for attempt in range(NUMBER_RETRIES):
+                try:
+                    return self._publish(patches, self._next_number(), reason, extra or {})
+                except VersionExists:
+                    if attempt == NUMBER_RETRIES - 1:
+                        raise
+                    log.warning("version number taken by another publisher; trying the next one")
+            raise AssertionError("unreachable")
+
+    def _next_number(self) -> int:
+        row = self.store.latest_version(self.model)
+        taken = [0, *self.storage.versions(self.model), row.number if row else 0, self.last_version or 0]
+        return max(taken) + 1
+
+    def _publish(self, patches: Sequence[PatchRecord], number: int, reason: str, extra: dict[str, Any]) -> Published:
+        t0 = time.perf_counter()
+        parent = self._latest
+        files, body = self._build(patches, number, parent, reason, extra)
+        manifest = encode_manifest(body)
+        fault_point("publish.start")
+        uri = self.storage.put_version(self.model, number, [*files, (MANIFEST_FILE, manifest)], step=fault_point)
+        self.storage.set_latest(self.model, number, step=fault_point)
+        latest_at = time.time()
+        sha = hashlib.sha256(manifest).hexdigest()
+        self._latest = _Latest(number, body["patch_ids"], body["edits"])
+        self.last_published_at = latest_at
+        self._unsent.append(release_event(body, sha, uri, latest_at))
+        self._send_unsent()
+        fault_point("publish.released")
+        try:
+            self.store.add_version(self.model, number, body["parent"], sha, body["edits"], uri)
+        except Exception as exc:  # noqa: BLE001 - LATEST already names it; the row is retried
+            self._unrecorded = True
+            log.error(
+                "version published but not recorded; retried before the next publish", version=number, error=repr(exc)
+            )
+        fault_point("publish.recorded")
+        published = Published(
+            number=number,
+            parent=body["parent"],
+            neurons=body["neurons"],
+            edits=body["edits"],
+            patch_ids=body["patch_ids"],
+            added=body["added"],
+            removed=body["removed"],
+            manifest_sha256=sha,
+            uri=uri,
+            size=sum(len(data) for _, data in files) + len(manifest),
+            seconds=time.perf_counter() - t0,
+            latest_at=latest_at,
+        )
+        log.info(
+            "version published",
+            version=number,
+            parent=published.parent,
+            reason=reason,
+            edits=len(published.edits),
+            neurons=published.neurons,
+            added=published.added[:20],
+            removed=published.removed[:20],
+            bytes=published.size,
+            ms=round(published.seconds * 1000, 1),
+            latest_at=latest_at,
+        )
+        return published
+
+    def _build(
+        self, patches: Sequence[PatchRecord], number: int, parent: _Latest | None, reason: str, extra: dict[str, Any]
+    ) -> tuple[list[tuple[str, bytes]], dict[str, Any]]:
+        created = datetime.now(UTC).isoformat()
+        blob, neuron_edits = concat_neurons(patches, self.base.hidden_size)
+        b = self.base
+        config = PatchConfig(
+            base_identity=b.identity,
+            model_type=b.model_type,
+            layer=b.layer,
+            activation=b.activation,
+            hidden_size=b.hidden_size,
+            n=len(neuron_edits),
+            edit_ids=neuron_edits,
+            base_name=b.name,
+            extra={
+                "model": self.model,
+                "version": number,
+                "parent": parent.number if parent else None,
+                "created_at": created,
+            },
+        )
+        cfg = config_bytes(config)
+        edits = list(dict.fromkeys(p.mistake_id for p in patches))
+        before = parent.edits if parent else []
+        before_set, edits_set = set(before), set(edits)
+        body: dict[str, Any] = {
+            "format": FORMAT,
+            "model": self.model,
+            "version": number,
+            "parent": parent.number if parent else None,
+            "created_at": created,
+            "code_version": CODE_VERSION,
+            "base": {"name": b.name, "identity": b.identity},
+            "neurons": config.n,
+            "edits": edits,
+            "patch_ids": [p.id for p in patches],
+            "added": [e for e in edits if e not in before_set],
+            "removed": [e for e in before if e not in edits_set],
+            "reason": reason,
+            "gate": gate_figures(patches),
+            "files": {PATCHES_FILE: file_entry(blob), CONFIG_FILE: file_entry(cfg)},
+            **extra,
+        }
+        return [(PATCHES_FILE, blob), (CONFIG_FILE, cfg)], body
+
+    def _send_unsent(self) -> None:
+        if self.releases is None:
+            self._unsent.clear()
+            return
+        while self._unsent:
+            event = self._unsent[0]
+            try:
+                self.releases.send(event)
+            except Exception as exc:  # noqa: BLE001 - the version is live; pollers of LATEST have it
+                log.error(
+                    "release event not sent; retried with the next publish",
+                    version=event["version"],
+                    topic=self.releases.topic,
+                    error=repr(exc),
+                )
+                return
+            self._unsent.pop(0)
+
+    # ------------------------------------------------------------------ retention
+
+    def prune(self) -> list[int]:
+        """Delete versions outside the newest `keep`, oldest first; never LATEST's, never one that was
+        the newest less than `grace_s` ago (a reader may still be on it)."""
+        with self._lock:
+            try:
+                pointer = self.storage.latest(self.model)
+            except StorageError as exc:
+                log.error("retention skipped: LATEST is unreadable, so its version cannot be protected", error=str(exc))
+                return []
+            numbers = self.storage.versions(self.model)
+            protected = set(numbers[-self.keep :]) | {pointer}
+            now = time.time()
+            deleted: list[int] = []
+            for i, number in enumerate(numbers):
+                if number in protected:
+                    continue
+                if now - self.storage.published_at(self.model, numbers[i + 1]) < self.grace_s:
+                    continue
+                self.storage.delete_version(self.model, number)
+                deleted.append(number)
+            if deleted:
+                log.info("old versions deleted", versions=deleted, kept=len(numbers) - len(deleted), latest=pointer)
+            return deleted
+
+    def close(self) -> None:
+        if self.releases is not None:
+            self.releases.close()
+
+
+# ---------------------------------------------------------------------------- contents
+
+
+def concat_neurons(patches: Sequence[PatchRecord], hidden_size: int) -> tuple[bytes, list[str]]:
+    """patches.safetensors for the stored neuron blobs, in order (patching.state's layout); and the
+    edit id of every neuron. numpy, not torch: publishing never pays for importing torch."""
+    import numpy as np
+    from safetensors.numpy import load, save
+
+    names = ("keys", "biases", "values")
+    parts: dict[str, list[Any]] = {k: [] for k in names}
+    edit_ids: list[str] = []
+    for p in patches:
+        try:
+            tensors = load(bytes(p.neurons))
+        except (TypeError, ValueError) as exc:  # e.g. bfloat16, which numpy lacks
+            raise ValueError(f"patch {p.id}: neurons in a dtype numpy cannot read ({exc})") from exc
+        for k in names:
+            parts[k].append(tensors[k])
+        edit_ids += [str(p.mistake_id)] * int(tensors["keys"].shape[0])
+    if patches:
+        out = {k: np.ascontiguousarray(np.concatenate(parts[k])) for k in names}
+    else:  # every patch removed: an empty patch set is still a version (the base itself)
+        out = {
+            "keys": np.zeros((0, hidden_size), np.float32),
+            "biases": np.zeros((0,), np.float32),
+            "values": np.zeros((0, hidden_size), np.float32),
+        }
+    return save(out, metadata={"edit_ids": json.dumps(edit_ids)}), edit_ids
+
+
+def gate_figures(patches: Sequence[PatchRecord]) -> dict[str, Any]:
+    """The gate's figures per edit (as stored when it was accepted) and their totals."""
+    per_edit = {str(p.mistake_id): {k: p.gate[k] for k in GATE_FIELDS if p.gate.get(k) is not None} for p in patches}
+    return {
+        "edits": per_edit,
+        "changed_total": sum(int(g.get("changed", 0)) for g in per_edit.values()),
+        "retention_failed_total": sum(int(g.get("retention_failed", 0)) for g in per_edit.values()),
+        "heldout_active_max": max((float(g.get("heldout_active", 0.0)) for g in per_edit.values()), default=0.0),
+    }
+
+
+def release_event(manifest: dict[str, Any], manifest_sha256: str, uri: str, published_at: float) -> dict[str, Any]:
+    """The release event of DESIGN §4."""
+    return {
+        "model": manifest["model"],
+        "version": manifest["version"],
+        "parent": manifest.get("parent"),
+        "patches": len(manifest.get("patch_ids", [])),
+        "neurons": manifest.get("neurons"),
+        "added": manifest.get("added", []),
+        "removed": manifest.get("removed", []),
+        "uri": uri,
+        "manifest_sha256": manifest_sha256,
+        "published_at": datetime.fromtimestamp(published_at, UTC).isoformat(),
+    }
