@@ -52,7 +52,7 @@ from patching.storage import Storage, StorageError, VersionExists
 
 if TYPE_CHECKING:
     from daemon.model import PatchedModel
-    from daemon.settings import KafkaSettings
+    from daemon.settings import KafkaSettings, Settings
 
 log = get_logger(__name__)
 
@@ -442,6 +442,21 @@ class Publisher:
     def close(self) -> None:
         if self.releases is not None:
             self.releases.close()
+
+
+def daemon_publisher(settings: Settings, store: Store, model: PatchedModel) -> Publisher:
+    """The running daemon's publisher: its storage root, release topic and retention from settings."""
+    from patching.storage import open_storage
+
+    assert settings.storage.root is not None  # resolved by load_settings
+    return Publisher(
+        settings.model.name,
+        store,
+        open_storage(settings.storage.root),
+        BaseInfo.of_model(model),
+        releases=ReleaseSender(settings.kafka),
+        keep=settings.publish.keep_versions,
+    )
 
 
 # ---------------------------------------------------------------------------- contents

@@ -1,7 +1,9 @@
 """Periodic jobs on an APScheduler 3.x BackgroundScheduler (the consumer loop owns the main thread).
 
-    publish    every publish.interval_s: a no-op that logs until the publishing issue lands
-    retention  hourly: prune old versions on storage (nothing to prune before publishing exists)
+    publish    every publish.interval_s, at start-up, and right after an accepted patch (publish_soon)
+               but never sooner than publish.interval_s after the previous one began: a new version
+               when the accepted patch set changed (daemon/publisher.py)
+    retention  hourly: delete old versions on storage, keeping the newest and LATEST's
     health     every HEALTH_INTERVAL_S: write <state.dir>/health.json, which `patchd check` reads
 
 Every job runs with max_instances=1 (never two at once), coalesce=True (a backlog of missed runs
@@ -16,13 +18,17 @@ import json
 import os
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from daemon.logs import bind, get_logger
 from daemon.settings import Settings
+
+if TYPE_CHECKING:
+    from daemon.publisher import Publisher
 
 log = get_logger(__name__)
 
@@ -61,9 +67,10 @@ def read_health(path: Path) -> dict[str, Any] | None:
 class Jobs:
     """The daemon's periodic jobs. `snapshot` is the service's view of itself (for health.json)."""
 
-    def __init__(self, settings: Settings, snapshot: Callable[[], dict[str, Any]]):
+    def __init__(self, settings: Settings, snapshot: Callable[[], dict[str, Any]], publisher: Publisher | None = None):
         self.settings = settings
         self.snapshot = snapshot
+        self.publisher = publisher  # None: the publish and retention jobs have nothing to do
         self.runs: dict[str, int] = {"publish": 0, "retention": 0, "health": 0}
         self.scheduler = BackgroundScheduler(job_defaults=JOB_DEFAULTS, timezone="UTC")
         self.scheduler.add_job(
@@ -73,6 +80,8 @@ class Jobs:
             id="publish",
             name="publish",
             replace_existing=True,
+            # at once: recover an interrupted publish and publish patches a crash left unpublished
+            next_run_time=datetime.now(UTC) if publisher else None,
         )
         self.scheduler.add_job(
             self.retention,
@@ -99,20 +108,46 @@ class Jobs:
         """Wait for a running job to finish (jobs are short), then stop; a final snapshot says so."""
         if self.scheduler.running:
             self.scheduler.shutdown(wait=True)
+        if self.publisher is not None:
+            self._publish_once()  # the last accepted patches go out before the process ends
+            self.publisher.close()
         self._write_health(state="stopped")
 
     # ------------------------------------------------------------------ jobs
 
+    def publish_soon(self) -> None:
+        """An accepted patch: publish now, or once publish.interval_s has passed since the last publish
+        began (counting from its start, a request never lands on a publish still running)."""
+        if self.publisher is None or not self.scheduler.running:
+            return
+        when = max(time.time(), self.publisher.last_started + self.settings.publish.interval_s)
+        try:
+            self.scheduler.modify_job("publish", next_run_time=datetime.fromtimestamp(when, UTC))
+        except Exception as exc:  # noqa: BLE001 - shutting down; the final publish covers it
+            log.debug("publish not rescheduled", error=repr(exc))
+
     def publish(self) -> None:
         bind(job="publish")
         self.runs["publish"] += 1
-        # the versioned checkpoint writer comes with the publishing issue (daemon/publisher.py)
-        log.debug("publish: nothing to do until the publisher exists", run=self.runs["publish"])
+        self._publish_once()
+
+    def _publish_once(self) -> None:
+        if self.publisher is None:
+            return
+        try:
+            self.publisher.publish_if_changed()
+        except Exception as exc:  # noqa: BLE001 - storage away (an NFS outage): patching goes on, the next run retries
+            log.error("publish failed; the next run retries", error=repr(exc))
 
     def retention(self) -> None:
         bind(job="retention")
         self.runs["retention"] += 1
-        log.info("retention: no published versions to prune yet", keep=self.settings.publish.keep_versions)
+        if self.publisher is None:
+            return
+        try:
+            self.publisher.prune()
+        except Exception as exc:  # noqa: BLE001 - the next run retries
+            log.error("retention failed; the next run retries", error=repr(exc))
 
     def health(self) -> None:
         bind(job="health")

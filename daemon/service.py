@@ -3,7 +3,7 @@
 Threads:
     main            the consumer loop (owns the KafkaConsumer) and the signal handlers
     patchd-worker   the serial patch loop (daemon/worker.py)
-    APScheduler     publish / retention / health jobs (daemon/scheduler.py)
+    APScheduler     publish / retention / health jobs (daemon/scheduler.py, daemon/publisher.py)
 
 Start-up: open the store (migrating it), load the base and build M and the held-out cache, then
 rebuild the exact patched model: mistakes left in `patching` are re-queued and the stored patches
@@ -42,6 +42,7 @@ from daemon.health import HealthServer
 from daemon.logs import bind, clear_context, get_logger
 from daemon.model import PatchedModel, Rebuilt
 from daemon.notify import Notifier
+from daemon.publisher import daemon_publisher
 from daemon.scheduler import Jobs
 from daemon.settings import Settings, SettingsError, effective_settings, mask_url
 from daemon.worker import Worker
@@ -173,7 +174,8 @@ class Service:
             once=self.once,
         )
         self.consumer.on_stored = self.worker.wake
-        self.jobs = Jobs(self.settings, self.snapshot)
+        self.jobs = Jobs(self.settings, self.snapshot, daemon_publisher(self.settings, self.store, self.model))
+        self.worker.on_patched = self.jobs.publish_soon
         with self.notifier.extending():
             if not self.consumer.connect():
                 return 0  # stopped while waiting for the broker

@@ -22,6 +22,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -77,6 +78,7 @@ class Worker(threading.Thread):
         self.ingest_done = ingest_done  # --once: no more reports will come
         self.once = once
         self.stats = WorkerStats()
+        self.on_patched: Callable[[], None] = lambda: None  # a patch is in the model: publish it soon
         self.error: BaseException | None = None
         self._stop_requested = threading.Event()
         self._wake = threading.Event()
@@ -171,6 +173,7 @@ class Worker(threading.Thread):
                 attempts=proposal.attempts,
                 changed=proposal.gate.changed,
             )
+            self.on_patched()
             return Status.PATCHED
         reasons = "; ".join(proposal.gate.reasons) or "gate refused"
         # "locality: 3 held-out prediction(s) changed" -> "locality"

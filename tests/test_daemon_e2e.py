@@ -94,6 +94,15 @@ def test_run_once_end_to_end(
     assert cli.main(["status", "--json", "--config", str(config)]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["reports"] == 270 and report["rejected"] == 30 and report["patches"] == len(patched)
-    assert report["mistakes"]["conflicting"] == 20 and report["last_version"] is None
+    assert report["mistakes"]["conflicting"] == 20
+    # the run published what it patched: LATEST's version holds exactly the kept patches
+    from patching.checkpoint import read_verified
+    from patching.storage import open_storage
+
+    storage = open_storage(settings.storage.root)
+    assert report["last_version"] == storage.latest("tiny") is not None
+    with Store.open(settings.database.url) as store:
+        kept = [p.id for p in store.accepted_patches("tiny")]
+    assert read_verified(storage, "tiny", report["last_version"]).patch_ids == kept
     assert report["backlog"] == 0
     assert cli.main(["check", "--config", str(config)]) == 0
