@@ -21,7 +21,8 @@ COMMAND_MODULES: tuple[str, ...] = (
     "daemon.cmd_evaluate",  # evaluate
     "daemon.cmd_mend",  # mend train
     "daemon.cmd_run",  # run, status, check, replay
-    "daemon.cmd_bench",  # bench ingest, bench daemon
+    "daemon.cmd_bench",  # bench ingest, bench daemon, bench e2e
+    "daemon.cmd_versions",  # versions, rollback, revoke, export
     "daemon.cmd_config",  # config check
 )
 
