@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -73,7 +72,8 @@ class IngestStats:
     pauses: int = 0
     max_backlog: int = 0
     last_poll_at: float = field(default_factory=time.time)
-    rejected_by_reason: Counter[str] = field(default_factory=Counter)
+    # reason -> count; a plain dict, since dataclasses.asdict would turn a Counter's items into keys
+    rejected_by_reason: dict[str, int] = field(default_factory=dict)
     assigned: int = 0  # partitions assigned after the last poll (readiness)
     lag: int | None = None  # records not yet consumed on the assigned partitions (None: unknown yet)
 
@@ -244,7 +244,8 @@ class Consumer:
         s.new_reports += result.new_reports
         s.duplicates += result.duplicates
         s.rejected += len(rejected)
-        s.rejected_by_reason.update(item.reason for item in rejected)
+        for item in rejected:
+            s.rejected_by_reason[item.reason] = s.rejected_by_reason.get(item.reason, 0) + 1
         log.info(
             "batch stored",
             records=len(reports) + len(rejected),

@@ -130,6 +130,9 @@ def test_running_daemon_notifies_systemd_and_serves_probes_and_metrics(
         daemon.proc.send_signal(signal.SIGTERM)
         assert daemon.finish(timeout_s=60) == 0
 
+    stopped = daemon.events("patchd stopped")
+    assert stopped and stopped[0]["ingest"]["rejected_by_reason"] == dict(stream.malformed)
+    assert not daemon.events("health snapshot not written")
     messages = notify_socket.messages
     first = next(i for i, msg in enumerate(messages) if msg.startswith("READY=1"))
     assert any(msg.startswith("EXTEND_TIMEOUT_USEC=") for msg in messages[:first])  # while loading

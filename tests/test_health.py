@@ -46,7 +46,7 @@ def service(tmp_path: Path) -> Iterator[SimpleNamespace]:
     settings = load_settings(None, {"HOME": str(tmp_path), "PATCHD_MODEL_NAME": "tiny"})
     with Store.open(settings.database.url) as store:
         stats = IngestStats(records=12, new_reports=7, duplicates=3, rejected=2, assigned=1, lag=4)
-        stats.rejected_by_reason.update(["bad_json", "bad_json"])
+        stats.rejected_by_reason["bad_json"] = 2
         worker = SimpleNamespace(stats=WorkerStats(outcomes=Counter(patched=2, gate_rejected=1, already_fixed=1)))
         worker.stats.gate_failures.update(["locality"])
         worker.stats.timings += [
