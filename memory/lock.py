@@ -6,8 +6,9 @@ for the same model (a standby on another host) waits, and takes over when the fi
 
     PostgreSQL  a session-level advisory lock, pg_try_advisory_lock(key), on a dedicated
                 connection; key = the first 8 bytes of sha256("patchd:<model>") as a signed
-                bigint. The server releases it when that connection ends, so a crashed daemon's
-                lock (and a host that dropped off the network) frees itself.
+                bigint. The server releases it when that connection ends: at once for a daemon
+                that exits or crashes, and for a host that vanished once the server's TCP
+                keepalives notice (tune tcp_keepalives_* in postgresql.conf; deploy/README.md).
     SQLite      fcntl.flock on "<database file>.<model>.lock" beside the database: SQLite is a
                 single-host setup, and the kernel releases the lock when the process exits.
 
