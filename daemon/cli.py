@@ -16,7 +16,7 @@ from collections.abc import Sequence
 # Modules that add commands; each owns its commands' arguments and handlers.
 COMMAND_MODULES: tuple[str, ...] = (
     "daemon.cmd_engine",  # bench edit
-    "daemon.cmd_db",  # db upgrade, bench store
+    "daemon.cmd_db",  # db upgrade / current / copy, bench store
     "daemon.cmd_prepare",  # prepare fever-minilm | zsre-smollm2
     "daemon.cmd_evaluate",  # evaluate
     "daemon.cmd_mend",  # mend train
