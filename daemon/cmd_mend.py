@@ -27,7 +27,7 @@ def register(sub: Any, bench: Any) -> None:
     p.add_argument("--rank", type=int, default=None, help="editor rank (default: 256)")
     p.add_argument("--lr", type=float, default=None, help="Adam learning rate of the editor (default: 1e-4)")
     p.add_argument("--accumulate", type=int, default=None, help="steps per optimiser update (default: 1)")
-    p.add_argument("--loc-batch", type=int, default=None, help="unrelated inputs per step (default: 8)")
+    p.add_argument("--loc-batch", type=int, default=None, help="unrelated inputs per step (default: 4)")
     p.add_argument("--val-every", type=int, default=None, help="validate every N steps (default: 1000)")
     p.add_argument("--layers", type=int, default=None, help="edit the FFNs of the last N layers (default: 3)")
     p.add_argument("--gate-proj", action="store_true", help="Llama-style models: also edit gate_proj")

@@ -165,9 +165,11 @@ def test_training_makes_single_edits_succeed_and_round_trips(tmp_path: Path) -> 
     assert any(not torch.equal(resumed.state_dict()[k], v) for k, v in trained_state.items())
 
 
-def test_evaluate_with_mend_sequential_and_single(tmp_path: Path) -> None:
+def test_evaluate_with_mend_sequential_and_single(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from patching.evaldata import EvalData
     from patching.evaluate import run_evaluate
+
+    monkeypatch.setattr("patching.mend.editor.KEPT_BATCH", 4)  # earlier edits re-captured in padded batches
 
     lb, pool = _tiny(tmp_path)
     out = tmp_path / "editor"
@@ -195,5 +197,8 @@ def test_evaluate_with_mend_sequential_and_single(tmp_path: Path) -> None:
         assert rep["gate_would_reject"] == sum(not r["gate"]["would_pass"] for r in done)
         assert rep["editor_summary"]["gate_checked"] == len(done)
     assert single["sr"] >= 0.6
+    # the emulated gate's retention count is the stream's own: earlier edits wrong right now
+    seq_rows = [r for r in seq["rows"] if "sr" in r]
+    assert seq_rows[-1]["gate"]["retention_failed"] == sum(not r["right_at_end"] for r in seq_rows[:-1])
     # after a single-edit run the base weights are back
     assert all(v == 0 for v in reports[False]["editor_summary"]["weight_relative_change_now"].values())

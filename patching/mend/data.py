@@ -31,7 +31,7 @@ from patching.mend.stack import Cached, TopStack
 from patching.tasks import TaskAdapter
 
 FEVER_TRAIN_EVAL = 1000  # EvalData.from_splits: TrainR is measured on train[:1000]
-VAL_LOC = 64  # validation locality inputs (one padded batch), apart from the validation edits
+VAL_LOC = 32  # validation locality inputs (one padded batch), apart from the validation edits
 
 
 @dataclass

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from patching import encode
 from patching.config import GateConfig
 from patching.editors import EditRecord
 from patching.encode import Encoded
@@ -30,6 +31,7 @@ from patching.state import base_identity
 from patching.tasks import TaskAdapter
 
 GATE_SAMPLE = 300  # held-out inputs the emulated gate checks per edit (the curve's sample size)
+KEPT_BATCH = 32  # earlier edits are re-captured as one padded batch per this many (retention check)
 
 
 class MendEditor:
@@ -68,7 +70,8 @@ class MendEditor:
         self.held_examples = len(sample)
         self.held_pred0 = self._held_predictions()
         self.held_pred = self.held_pred0.clone()
-        self.kept: list[tuple[Cached, Encoded]] = []
+        self.kept: list[tuple[Cached, Encoded]] = []  # earlier edits, in padded batches of KEPT_BATCH
+        self.pending: list[tuple[str, str, Cached, Encoded]] = []  # the last < KEPT_BATCH edits, one by one
         self.nonfinite = 0
         self.gates: list[dict[str, Any]] = []
 
@@ -78,9 +81,16 @@ class MendEditor:
 
     # ------------------------------------------------------------------ predictions on cached inputs
     @torch.no_grad()
-    def _right(self, cached: Cached, enc: Encoded) -> bool:
-        logits = self.stack.logits(cached, enc.rows_b, enc.rows_t)
-        return bool((logits.argmax(-1) == enc.targets).all())
+    def _wrong(self, cached: Cached, enc: Encoded) -> int:
+        """How many examples of the batch are not right (every row of an example must be)."""
+        bad = self.stack.logits(cached, enc.rows_b, enc.rows_t).argmax(-1) != enc.targets
+        return int(torch.unique(enc.rows_b[bad]).numel())
+
+    def _encode(self, inputs: list[str], targets: list[str]) -> Encoded:
+        ad = self.adapter
+        if ad.generation:
+            return encode.generation(ad.base.tokenizer, [ad.text(x) for x in inputs], targets)
+        return encode.classification(ad.base.tokenizer, inputs, [ad.label_id(t) for t in targets])
 
     @torch.no_grad()
     def _held_predictions(self) -> torch.Tensor:
@@ -112,19 +122,24 @@ class MendEditor:
                 status = "nonfinite"  # a service would not write NaN into its weights: skipped, counted
                 self.nonfinite += 1
         seconds = time.perf_counter() - t0
-        gate = self._would_gate(enc)
+        gate = self._would_gate(inp, target, enc)
         self.gates.append(gate)
         return EditRecord(status, seconds, steps=1, gate=gate, reasons=gate["reasons"])
 
-    def _would_gate(self, enc: Encoded) -> dict[str, Any]:
+    def _would_gate(self, inp: str, target: str, enc: Encoded) -> dict[str, Any]:
         t0 = time.perf_counter()
         cached = self.stack.capture(enc.batch)
-        reliable = self._right(cached, enc)
-        retention_failed = sum(not self._right(c, e) for c, e in self.kept)
+        reliable = self._wrong(cached, enc) == 0
+        retention_failed = sum(self._wrong(c, e) for c, e in self.kept)
+        retention_failed += sum(self._wrong(c, e) for _, _, c, e in self.pending)
         now = self._held_predictions()
         changed = int((now != self.held_pred).any(-1).sum()) if now.numel() else 0
         self.held_pred = now
-        self.kept.append((cached, enc))
+        self.pending.append((inp, target, cached, enc))
+        if len(self.pending) == KEPT_BATCH:
+            batch = self._encode([x for x, *_ in self.pending], [t for _, t, *_ in self.pending])
+            self.kept.append((self.stack.capture(batch.batch), batch))
+            self.pending.clear()
         reasons = []
         if not reliable:
             reasons.append("reliability: the edit is still wrong after the update")
@@ -144,6 +159,7 @@ class MendEditor:
                 w.copy_(self.original[name])
         self.held_pred = self.held_pred0.clone()
         self.kept.clear()
+        self.pending.clear()
 
     def summary(self) -> dict[str, Any]:
         g = self.gates
@@ -153,7 +169,7 @@ class MendEditor:
         return {
             "mend_dir": str(self.dir), "edited": [t.name for t in self.targets],
             "trained_steps": training.get("step"), "rank": self.config["net"]["rank"],
-            "edit_lrs": [round(float(x), 6) for x in self.net.edit_lrs],
+            "edit_lrs": [round(float(x), 6) for x in self.net.edit_lrs.detach()],
             "gate_would_pass": sum(x["would_pass"] for x in g), "gate_checked": len(g),
             "gate_reliable": sum(x["reliable"] for x in g),
             "gate_heldout_sample": self.held_examples,

@@ -46,11 +46,11 @@ class MendTrainConfig:
     lr_lr: float = 1e-4  # Adam on the step sizes (MEND: 1e-4)
     c_edit: float = 0.1
     c_loc: float = 1.0
-    loc_batch: int = 8  # unrelated inputs per step for the KL term (MEND: 1)
+    loc_batch: int = 4  # unrelated inputs per step for the KL term (MEND: 1)
     accumulate: int = 1  # steps per optimiser update (MEND: 10)
     grad_clip: float = 100.0
     val_every: int = 1000
-    val_edits: int = 200
+    val_edits: int = 100
     checkpoint_minutes: float = 5.0
     seed: int = 0
 
@@ -253,6 +253,6 @@ def train(
                      "median_step_seconds": round(statistics.median(step_times), 4) if step_times else None},
         "nan_skipped": state["nan_skipped"], "interrupted": interrupted,
         "running": {k: round(v, 5) for k, v in ema.items()}, "validation": state["val"],
-        "edit_lrs": [float(x) for x in net.edit_lrs],
+        "edit_lrs": [float(x) for x in net.edit_lrs.detach()],
     }
 
