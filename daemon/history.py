@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from daemon.logs import get_logger
-from daemon.publisher import BaseInfo, Published, Publisher, ReleaseSender
+from daemon.publisher import BaseInfo, Published, Publisher
+from daemon.releases import ReleaseSender
 from daemon.settings import Settings
 from memory.store import Store
 from patching.checkpoint import MANIFEST_FILE, CheckpointError, VerifiedVersion, decode_manifest, read_verified

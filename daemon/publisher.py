@@ -44,6 +44,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from daemon.logs import get_logger
+from daemon.releases import ReleaseSender, release_event
 from memory.records import PatchRecord
 from memory.store import Store
 from patching.checkpoint import FORMAT, MANIFEST_FILE, CheckpointError, encode_manifest, file_entry, read_verified
@@ -52,7 +53,7 @@ from patching.storage import Storage, StorageError, VersionExists
 
 if TYPE_CHECKING:
     from daemon.model import PatchedModel
-    from daemon.settings import KafkaSettings, Settings
+    from daemon.settings import Settings
 
 log = get_logger(__name__)
 
@@ -72,8 +73,6 @@ STEPS: tuple[str, ...] = (
 # a version is deleted only when it stopped being the newest this long ago: a reader that picked
 # it up just before it was superseded has long finished reading a few megabytes by then
 RETENTION_GRACE_S = 60.0
-# a release event not acknowledged by then is retried with the next publish (readers poll LATEST anyway)
-RELEASE_TIMEOUT_S = 10.0
 # another publisher may take a number between our look and our rename; then we take the next one
 NUMBER_RETRIES = 3
 # per-edit gate figures copied into the manifest (the full verdict stays in the patches table)
@@ -145,33 +144,6 @@ class _Latest:
     number: int
     patch_ids: list[int]
     edits: list[int] = field(default_factory=list)
-
-
-class ReleaseSender:
-    """Release events (DESIGN §4) on `<topic>.releases`, keyed by model; one producer, made on first use."""
-
-    def __init__(self, kafka: KafkaSettings):
-        self.kafka = kafka
-        self.topic = kafka.releases_topic
-        self._producer: Any = None
-
-    def send(self, event: dict[str, Any]) -> None:
-        from kafka import KafkaProducer
-
-        if self._producer is None:
-            self._producer = KafkaProducer(
-                acks="all", max_block_ms=int(RELEASE_TIMEOUT_S * 1000), **self.kafka.client_config()
-            )
-        future = self._producer.send(self.topic, key=str(event["model"]).encode(), value=json.dumps(event).encode())
-        future.get(timeout=RELEASE_TIMEOUT_S)
-
-    def close(self) -> None:
-        if self._producer is not None:
-            try:
-                self._producer.close(timeout=5)
-            except Exception as exc:  # noqa: BLE001 - closing must not hide why we stop
-                log.warning("release producer close failed", error=repr(exc))
-            self._producer = None
 
 
 class Publisher:
@@ -498,20 +470,4 @@ def gate_figures(patches: Sequence[PatchRecord]) -> dict[str, Any]:
         "changed_total": sum(int(g.get("changed", 0)) for g in per_edit.values()),
         "retention_failed_total": sum(int(g.get("retention_failed", 0)) for g in per_edit.values()),
         "heldout_active_max": max((float(g.get("heldout_active", 0.0)) for g in per_edit.values()), default=0.0),
-    }
-
-
-def release_event(manifest: dict[str, Any], manifest_sha256: str, uri: str, published_at: float) -> dict[str, Any]:
-    """The release event of DESIGN §4."""
-    return {
-        "model": manifest["model"],
-        "version": manifest["version"],
-        "parent": manifest.get("parent"),
-        "patches": len(manifest.get("patch_ids", [])),
-        "neurons": manifest.get("neurons"),
-        "added": manifest.get("added", []),
-        "removed": manifest.get("removed", []),
-        "uri": uri,
-        "manifest_sha256": manifest_sha256,
-        "published_at": datetime.fromtimestamp(published_at, UTC).isoformat(),
     }

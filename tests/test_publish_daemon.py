@@ -27,7 +27,7 @@ from memory.fingerprint import fingerprint
 from memory.lifecycle import Status
 from memory.store import Store
 from patching.checkpoint import read_verified
-from patching.client import CheckpointWatcher, Loaded, load_latest
+from patching.client import CheckpointWatcher, KafkaReleases, Loaded, load_latest
 from patching.state import PATCHES_FILE, load_patched
 from patching.storage import open_storage, version_name
 from tests.tinybase import MODEL, Daemon, prepare, produce, sentence, write_config
@@ -56,6 +56,7 @@ class Run:
     base_predictions: dict[str, str]
     published: list[dict[str, Any]] = field(default_factory=list)  # the daemon's "version published" lines
     swaps: list[tuple[Loaded, float, list[str]]] = field(default_factory=list)  # (loaded, when, predictions)
+    heard: list[tuple[int | None, float]] = field(default_factory=list)  # the release listener's swaps
     final: Loaded | None = None
 
 
@@ -97,6 +98,15 @@ def run(tmp_path_factory: pytest.TempPathFactory, kafka_bootstrap: str, kafka_ad
         r.swaps.append((loaded, time.time(), predict(loaded.model, fixed)))
 
     watcher = CheckpointWatcher(settings.storage.root, MODEL, base, interval=POLL_S, on_swap=on_swap).start()
+    # a second service that listens to the release events; its poll is too slow to find anything first
+    listener = CheckpointWatcher(
+        settings.storage.root,
+        MODEL,
+        base,
+        interval=600,
+        on_swap=lambda loaded: r.heard.append((loaded.version, time.time())),
+        releases=KafkaReleases(kafka_bootstrap, settings.kafka.releases_topic),
+    ).start()
     daemon = Daemon(config)
     try:
         assert daemon.wait_for(("patchd starting",), timeout_s=120)
@@ -121,6 +131,7 @@ def run(tmp_path_factory: pytest.TempPathFactory, kafka_bootstrap: str, kafka_ad
         r.final = watcher.current()
     finally:
         watcher.stop()
+        listener.stop()
     try:
         yield r  # the interpreter's exit takes seconds on a busy machine: the tests run meanwhile
     finally:
@@ -135,6 +146,13 @@ def test_watcher_serves_every_version_within_two_polls_and_matches_the_daemon(ru
         delay = swapped[event["version"]][1] - event["latest_at"]
         assert delay <= 2 * POLL_S, f"version {event['version']} served {delay:.2f}s after LATEST named it"
         print(f"version {event['version']}: served {delay:.3f}s after LATEST named it")
+    # at most one publish per publish.interval_s, however many patches were accepted in between
+    times = [e["latest_at"] for e in run.published]
+    assert all(b - a > PUBLISH_S - 0.5 for a, b in zip(times, times[1:], strict=False))
+    # the release listener heard of every version (its own poll was 600 s away)
+    heard = dict(run.heard)
+    for event in run.published:
+        assert heard.get(event["version"], float("inf")) - event["latest_at"] < 2 * POLL_S
 
     fixed = run.inputs + run.heldout
     with Store.open(run.settings.database.url, upgrade=False) as store:
