@@ -100,11 +100,8 @@ def _versions(args: argparse.Namespace) -> int:
         )
     widths = [max(len(row[i]) for row in table) for i in range(len(head))]
     for row in table:
-        print(
-            "  ".join(
-                cell.rjust(w) if i < 6 else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths, strict=True))
-            )
-        )
+        cells = (c.rjust(w) if i < 6 else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True)))
+        print("  ".join(cells).rstrip())
     return 0
 
 
