@@ -35,6 +35,11 @@ class CheckpointError(ValueError):
     """A version that must not be served: incomplete, corrupt, or made for another base."""
 
 
+class VersionMissing(CheckpointError):
+    """No manifest (or a listed file) where the version should be: deleted, never completed, or not
+    visible yet to this reader (an NFS client's directory cache): worth another look later."""
+
+
 def file_entry(data: bytes) -> dict[str, Any]:
     return {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
 
@@ -109,14 +114,14 @@ def read_verified(storage: Storage, model: str, number: int) -> VerifiedVersion:
     try:
         raw = storage.read(model, number, MANIFEST_FILE)
     except FileNotFoundError:
-        raise CheckpointError(f"version {number} has no {MANIFEST_FILE}: it is not a version") from None
+        raise VersionMissing(f"version {number} has no {MANIFEST_FILE}: it is not a version") from None
     manifest = decode_manifest(raw, model, number)
     files: dict[str, bytes] = {}
     for name, entry in sorted(manifest["files"].items()):
         try:
             data = storage.read(model, number, name)
         except FileNotFoundError:
-            raise CheckpointError(f"version {number}: {name} is missing") from None
+            raise VersionMissing(f"version {number}: {name} is missing") from None
         if len(data) != entry.get("size") or hashlib.sha256(data).hexdigest() != entry.get("sha256"):
             raise CheckpointError(f"version {number}: {name} does not match its checksum in {MANIFEST_FILE}")
         files[name] = data

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from patching.checkpoint import CheckpointError, VerifiedVersion, read_verified
+from patching.checkpoint import CheckpointError, VerifiedVersion, VersionMissing, read_verified
 from patching.state import CONFIG_FILE, PATCHES_FILE, PatchStateError, attach_patches, base_identity, parse_patches
 from patching.storage import Storage, StorageError, open_storage
 
@@ -100,6 +100,7 @@ def _newest_good(
     again and the model returned is None. (None, None, None) when nothing was ever published;
     NoGoodVersion when nothing is servable.
     """
+    missing: dict[int, str] = {}  # not there (yet): tried again next time, unlike `refused`
     try:
         pointer: int | None = storage.latest(model)
         # no LATEST: nothing was released, even if a first publish died after writing its version
@@ -107,23 +108,27 @@ def _newest_good(
         unreadable = None
     except StorageError as exc:
         pointer, numbers, unreadable = None, storage.versions(model), str(exc)
-    if pointer is not None and pointer not in numbers:
-        refused.setdefault(pointer, "LATEST names a version that is not on storage")
-    if not numbers and pointer is None and unreadable is None:
+    if pointer is None and not numbers and unreadable is None:
         return None, None, None
-    for number in sorted(numbers, reverse=True):
+    # LATEST's version is read even when the listing lacks it: an NFS client may list a directory
+    # from its cache for a few seconds after it sees the new LATEST
+    for number in sorted({*numbers, *([pointer] if pointer is not None else [])}, reverse=True):
         if number in refused:
             continue
         if number == serving:
-            return None, None, _fallback_warning(model, number, pointer, refused, unreadable)
+            return None, None, _fallback_warning(model, number, pointer, {**refused, **missing}, unreadable)
         try:
             v = read_verified(storage, model, number)
             built = base.build(v, fresh)
+        except VersionMissing as exc:
+            missing[number] = str(exc)
+            continue
         except (CheckpointError, PatchStateError) as exc:
             refused[number] = str(exc)
             continue
-        return v, built, _fallback_warning(model, number, pointer, refused, unreadable)
-    reasons = "; ".join(f"version {n}: {why}" for n, why in sorted(refused.items(), reverse=True)[:5])
+        return v, built, _fallback_warning(model, number, pointer, {**refused, **missing}, unreadable)
+    why_not = {**refused, **missing}
+    reasons = "; ".join(f"version {n}: {why}" for n, why in sorted(why_not.items(), reverse=True)[:5])
     raise NoGoodVersion(f"no servable version of {model} on {storage.uri}: {unreadable or ''} {reasons}".strip())
 
 
@@ -183,7 +188,8 @@ class CheckpointWatcher:
         self.on_swap = on_swap
         self.releases = releases
         self._base = _Base(base_dir, arch)
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards _current: held only for the swap itself
+        self._checking = threading.Lock()
         self._refused: dict[int, str] = {}
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -215,6 +221,10 @@ class CheckpointWatcher:
 
     def check(self) -> bool:
         """Look at LATEST once; load and swap when it moved. True when a new model was swapped in."""
+        with self._checking:  # the poller, the listener's wake-up and a caller never build twice at once
+            return self._check()
+
+    def _check(self) -> bool:
         try:
             pointer = self.storage.latest(self.name)
         except StorageError:

@@ -160,6 +160,9 @@ def test_wrong_base_or_bad_latest_falls_back_and_nothing_good_raises(base: Path,
     with pytest.raises(StorageError):
         storage.latest(MODEL)
     assert load_latest(storage.root, MODEL, base).version == 2
+    # LATEST names a version that is not there (deleted, or not visible yet to this NFS client)
+    (storage.root / MODEL / "LATEST").write_text("7\n")
+    assert load_latest(storage.root, MODEL, base).version == 2
     # nothing servable at all
     (storage.root / MODEL / "LATEST").write_text("3\n")
     for number in (1, 2):
