@@ -38,6 +38,9 @@ def register(sub: Any, bench: Any) -> None:
                    help="single-edit run (T = 1): every edit on the unedited model (mend)")
     p.add_argument("--activation", choices=["relu", "gelu"], default=None, help="patch activation (tpatcher)")
     p.add_argument("--augment-copies", type=int, default=None, help="perturbed copies of q per edit (tpatcher)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", dest="overrides",
+                   help="a trainer or gate setting for this run, as in the daemon's config "
+                   "(e.g. --set trainer.value_scale=2 --set gate.max_changed=1); repeatable")
     p.add_argument("--out", type=Path, default=None, help="write the JSON report here")
     p.add_argument("--plot", type=Path, default=None, help="write a PNG plot here")
     p.add_argument("--compare", type=Path, nargs="+", default=None, metavar="REPORT",
@@ -48,7 +51,6 @@ def register(sub: Any, bench: Any) -> None:
 def _evaluate(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from patching.config import TrainConfig
     from patching.evaldata import DataError, load_eval_data
     from patching.plots import plot_reports
 
@@ -69,7 +71,12 @@ def _evaluate(args: argparse.Namespace) -> int:
         return 2
     from patching.evaluate import run_evaluate
 
-    train = TrainConfig(seed=args.seed)
+    try:
+        train, gate = _patch_settings(args.overrides)
+    except ValueError as exc:
+        print(f"error: {exc}")
+        return 2
+    train = replace(train, seed=args.seed)
     if args.activation:
         train = replace(train, activation=args.activation)
     if args.augment_copies is not None:
@@ -79,7 +86,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         from patching.bases import cache_root
 
         options["mend_dir"] = args.mend_dir or cache_root() / "mend" / Path(args.base).name
-    report = run_evaluate(args.base, data, editor=args.editor, edits=args.edits, seed=args.seed, train=train,
+    report = run_evaluate(args.base, data, editor=args.editor, edits=args.edits, seed=args.seed, train=train, gate=gate,
                           sequential=not args.single, editor_options=options)
     summary = {k: report[k] for k in ("editor", "base", "data", "sequential", "edits", "neurons", "sr", "gr", "er",
                                       "train_r", "test_r", "locality", "gate_rejected", "gate_would_reject",
@@ -93,3 +100,19 @@ def _evaluate(args: argparse.Namespace) -> int:
         plot_reports([report], args.plot)
         print(f"wrote {args.plot}")
     return 0
+
+
+def _patch_settings(overrides: list[str]) -> tuple[Any, Any]:
+    """`trainer.KEY=VALUE` / `gate.KEY=VALUE` pairs read exactly like the daemon's PATCHD_* variables,
+    so a value that the daemon would refuse is refused here with the same message."""
+    from daemon.settings import ENV_PREFIX, load_settings
+
+    env: dict[str, str] = {}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        section, dot, name = key.strip().partition(".")
+        if not sep or not dot or section not in ("trainer", "gate"):
+            raise ValueError(f"--set {item!r}: expected trainer.KEY=VALUE or gate.KEY=VALUE")
+        env[f"{ENV_PREFIX}{section.upper()}_{name.upper()}"] = value
+    settings = load_settings(None, env)
+    return settings.trainer, settings.gate
