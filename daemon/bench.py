@@ -18,7 +18,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -47,13 +47,17 @@ def free_ports(count: int) -> list[int]:
 
 
 @contextmanager
-def broker(bootstrap: str | None) -> Iterator[str]:
-    """The given broker, or a private one (deploy/kafka/broker.sh on free ports), stopped afterwards."""
+def broker(bootstrap: str | None, state_dir: Path | None = None) -> Iterator[str]:
+    """The given broker, or a private one (deploy/kafka/broker.sh on free ports), stopped afterwards.
+
+    The private broker keeps its data in `state_dir` (default: a temporary directory, removed after).
+    """
     if bootstrap:
         yield bootstrap
         return
     port, controller = free_ports(2)
-    with tempfile.TemporaryDirectory(prefix="patchd-bench-kafka-") as state:
+    scratch = tempfile.TemporaryDirectory(prefix="patchd-bench-kafka-") if state_dir is None else None
+    with scratch or nullcontext(str(state_dir)) as state:
         env = {
             **os.environ,
             "KAFKA_PORT": str(port),

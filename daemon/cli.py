@@ -24,6 +24,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "daemon.cmd_bench",  # bench ingest, bench daemon, bench e2e
     "daemon.cmd_versions",  # versions, rollback, revoke, export
     "daemon.cmd_config",  # config check
+    "daemon.cmd_demo",  # demo
 )
 
 
