@@ -62,10 +62,10 @@ class Patcher:
         self.model = model.eval()
         for p in model.parameters():
             p.requires_grad_(False)
-        self.train_cfg = train or TrainConfig()
         self.gate_cfg = gate or GateConfig()
         self.site: FFNSite = locate(model, arch)
         self.generation = self.site.spec.kind == "generation"
+        self.train_cfg = (train or TrainConfig()).for_task(self.generation)
         self.wrapper: PatchedFFN = attach(self.site, self.train_cfg.activation)
         ref = next(model.parameters())
         self.memory = MemoryBank(self.site.hidden_size, ref.dtype, ref.device)
@@ -177,9 +177,10 @@ class Patcher:
         cfg = self.train_cfg
         if attempt:
             # a retry starts from a narrower neuron: its threshold moves towards the edit (0.5 ->
-            # 0.75 -> 0.875 with retry_factor 2), so it fires on fewer held-out inputs; with a
+            # 0.75 -> 0.875 with retry_factor 2; generation 0.25 -> 0.625 -> 0.8125), so it fires on fewer held-out inputs; with a
             # margin init that already meets the stop rule, a stronger loss alone would change nothing
             strength = self.gate_cfg.retry_factor ** attempt
+            assert cfg.init_threshold is not None  # filled in by for_task
             cfg = replace(cfg, init_threshold=1.0 - (1.0 - cfg.init_threshold) / strength)
         return train_cached(et, anchors, self.memory.view(), self.tail, cfg, obj,
                             cfg.activation, seed, whiten=self.whitening())

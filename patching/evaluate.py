@@ -119,7 +119,7 @@ def run_evaluate(
         "wall_seconds": round(time.perf_counter() - t_start, 1),
         "sizes": {"heldout": len(held_inputs), "train_eval": len(data.train_eval), "test": len(data.test),
                   "memory_inputs": len(data.memory)},
-        "train_config": asdict(train) if editor == "tpatcher" else None,
+        "train_config": asdict(train.for_task(adapter.generation)) if editor == "tpatcher" else None,
         "curve": curve,
         "editor_summary": ed.summary() if hasattr(ed, "summary") else None,
         "rows": rows,

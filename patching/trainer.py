@@ -91,7 +91,9 @@ def init_neurons(edit: EditTensors, anchors: torch.Tensor, memory: torch.Tensor,
         keys, biases = init.reference_keys(q)
         values = init.random_values(q.shape, edit.ffn, cfg, gen)
     else:
-        keys, biases = init.margin_keys(q, memory, cfg.init_threshold, whiten if cfg.init == "fisher" else None)
+        # the Patcher fills in the by-task default; a bare call gets the classification one
+        threshold = 0.5 if cfg.init_threshold is None else cfg.init_threshold
+        keys, biases = init.margin_keys(q, memory, threshold, whiten if cfg.init == "fisher" else None)
         values = init.init_values(edit.q, edit.ffn, edit.residual, edit.targets, anchors, keys, biases,
                                   tail, activation, cfg.value_scale)
     return Neurons(keys.clone(), biases.clone(), values.clone())
