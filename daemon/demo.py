@@ -139,14 +139,18 @@ def produce_main(argv: list[str] | None = None) -> int:
     from kafka import KafkaProducer
 
     values = [json.loads(line).encode() for line in args.events.read_text().splitlines() if line]
-    producer = KafkaProducer(bootstrap_servers=args.bootstrap, acks="all", linger_ms=0)
+    parent = os.getppid()
+    producer = KafkaProducer(bootstrap_servers=args.bootstrap, acks="all", linger_ms=0, max_block_ms=30_000)
     try:
         for value in values:
+            if os.getppid() != parent:  # the demo is gone (killed): so is its broker, stop sending
+                print("producer: the demo exited; stopping", file=sys.stderr)
+                return 1
             producer.send(args.topic, value=value)
             time.sleep(args.gap)
         producer.flush(timeout=60)
     finally:
-        producer.close()
+        producer.close(timeout=5)
     print(f"producer: sent {len(values)} events to {args.topic}", flush=True)
     return 0
 

@@ -25,6 +25,8 @@ cleanup() {
     if tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q 'daemon run'; then
       echo "quickstart: stopping the demo's daemon (pid $pid)" >&2
       kill -TERM "$pid" || true
+      # a warm stop commits through the broker: stop the broker only once the daemon is gone
+      for _ in $(seq 120); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
     fi
   fi
   if [ -f "$DEMO_DIR/kafka/broker.pid" ]; then
