@@ -41,6 +41,9 @@ def register(sub: Any, bench: Any) -> None:
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", dest="overrides",
                    help="a trainer or gate setting for this run, as in the daemon's config "
                    "(e.g. --set trainer.value_scale=2 --set gate.max_changed=1); repeatable")
+    p.add_argument("--curve-points", type=int, default=20, metavar="N",
+                   help="retention/locality checkpoints along the stream for the plot (default: 20; 0 = none, "
+                   "the final numbers only: each checkpoint costs a prediction pass)")
     p.add_argument("--out", type=Path, default=None, help="write the JSON report here")
     p.add_argument("--plot", type=Path, default=None, help="write a PNG plot here")
     p.add_argument("--compare", type=Path, nargs="+", default=None, metavar="REPORT",
@@ -87,7 +90,8 @@ def _evaluate(args: argparse.Namespace) -> int:
 
         options["mend_dir"] = args.mend_dir or cache_root() / "mend" / Path(args.base).name
     report = run_evaluate(args.base, data, editor=args.editor, edits=args.edits, seed=args.seed, train=train, gate=gate,
-                          sequential=not args.single, editor_options=options)
+                          sequential=not args.single, editor_options=options,
+                          curve_points=args.curve_points)
     summary = {k: report[k] for k in ("editor", "base", "data", "sequential", "edits", "neurons", "sr", "gr", "er",
                                       "train_r", "test_r", "locality", "gate_rejected", "gate_would_reject",
                                       "edit_seconds", "wall_seconds")}

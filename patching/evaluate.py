@@ -38,6 +38,7 @@ def run_evaluate(
     base: str, data: EvalData, *, editor: str = "tpatcher", edits: int | None = None, seed: int = 0,
     train: TrainConfig | None = None, gate: GateConfig | None = None,
     progress: Callable[[str], None] = print, sequential: bool = True, editor_options: dict[str, Any] | None = None,
+    curve_points: int = CURVE_POINTS,
 ) -> dict[str, Any]:
     """`sequential=False`: every edit on the unedited model (T = 1; the editor must have `reset()`);
     ER, TrainR, TestR, locality and the curve then do not apply and are None."""
@@ -65,7 +66,8 @@ def run_evaluate(
 
     rows: list[dict[str, Any]] = []
     curve: list[dict[str, Any]] = []
-    every = max(1, len(stream) // CURVE_POINTS)
+    # 0 = no curve: on a generator each checkpoint is hundreds of greedy decodes
+    every = max(1, len(stream) // curve_points) if curve_points > 0 else 0
     edited: list[Any] = []
     interrupted = False
     bar = tqdm(stream, desc=f"{editor} stream", unit="edit")
@@ -85,7 +87,7 @@ def run_evaluate(
             bar.set_postfix(sr=f"{statistics.fmean(r['sr'] for r in done):.2f}", neurons=ed.neurons)
             if not sequential:
                 ed.reset()  # type: ignore[attr-defined]
-            elif len(edited) % every == 0:
+            elif every and len(edited) % every == 0:
                 kept = _right(adapter, edited)
                 now = adapter.predict([held_inputs[j] for j in sample])
                 curve.append({"edits": len(edited), "retention": sum(kept) / len(kept),
