@@ -177,8 +177,9 @@ class Patcher:
         cfg = self.train_cfg
         if attempt:
             # a retry starts from a narrower neuron: its threshold moves towards the edit (0.5 ->
-            # 0.75 -> 0.875 with retry_factor 2; generation 0.25 -> 0.625 -> 0.8125), so it fires on fewer held-out inputs; with a
-            # margin init that already meets the stop rule, a stronger loss alone would change nothing
+            # 0.75 -> 0.875 with retry_factor 2; generation 0.25 -> 0.625 -> 0.8125), so it fires on
+            # fewer held-out inputs; with a margin init that already meets the stop rule, a stronger
+            # loss alone would change nothing
             strength = self.gate_cfg.retry_factor ** attempt
             assert cfg.init_threshold is not None  # filled in by for_task
             cfg = replace(cfg, init_threshold=1.0 - (1.0 - cfg.init_threshold) / strength)
