@@ -1,5 +1,4 @@
 import os, sys, time, json, torch
-sys.path.insert(0, "/work/main")
 from dataclasses import replace
 from patching.bases import load_base
 from patching.datasets import load_task
@@ -22,4 +21,4 @@ for ex in sp.edit[:N]:
     pets = [p.cache(ad.edit(q, ex.target)) for q in ex.equivalents]
     items.append((ex, et, pets))
 print("cached", len(items), time.time() - t, flush=True)
-torch.save([(ex.input, ex.target, list(ex.equivalents), vars(et), [vars(x) for x in pets]) for ex, et, pets in items], f"/tmp/gr/items{N}.pt")
+torch.save([(ex.input, ex.target, list(ex.equivalents), vars(et), [vars(x) for x in pets]) for ex, et, pets in items], sys.argv[2] if len(sys.argv) > 2 else f"zsre-items{N}.pt")

@@ -1,5 +1,4 @@
 import os, sys, time, json, torch, statistics
-sys.path.insert(0, "/work/main")
 from dataclasses import replace
 from patching.bases import load_base
 from patching.datasets import load_task
