@@ -18,6 +18,7 @@ reported by held() = False: the daemon must then stop, since the standby may alr
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import os
@@ -144,6 +145,9 @@ class ModelLock:
         engine = self._conn.engine
         try:
             self._conn.close()
+        except Exception:  # noqa: BLE001 - a killed session cannot even roll back: drop it unreturned
+            with contextlib.suppress(Exception):
+                self._conn.invalidate()
         finally:
             engine.dispose()
             self._conn = None
