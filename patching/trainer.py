@@ -92,7 +92,8 @@ def init_neurons(edit: EditTensors, anchors: torch.Tensor, memory: torch.Tensor,
         values = init.random_values(q.shape, edit.ffn, cfg, gen)
     else:
         # the Patcher fills in the by-task default; a bare call gets the classification one
-        threshold = 0.5 if cfg.init_threshold is None else cfg.init_threshold
+        threshold = cfg.for_task(generation=False).init_threshold
+        assert threshold is not None
         keys, biases = init.margin_keys(q, memory, threshold, whiten if cfg.init == "fisher" else None)
         values = init.init_values(edit.q, edit.ffn, edit.residual, edit.targets, anchors, keys, biases,
                                   tail, activation, cfg.value_scale)
