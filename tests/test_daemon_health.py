@@ -118,14 +118,18 @@ def test_running_daemon_notifies_systemd_and_serves_probes_and_metrics(
         wait_until(progressed, "all 300 events stored and 3 mistakes done")
         # a quiet machine can finish the stream within one watchdog interval: let two pings arrive
         wait_until(lambda: notify_socket.messages.count("WATCHDOG=1") >= 2, "two WATCHDOG=1 pings")
+        # the accepted patches are published (at most every publish_interval) after the pre-start version 1
+        wait_until(lambda: _latest(settings.database.url) >= 2, "the daemon's first publish (version 2)")
+        before = _latest(settings.database.url)
         m = metrics(url)
+        after = _latest(settings.database.url)
         assert m['patchd_reports_total{result="new"}'] == len(stream.valid_ids)
         rejected = {k.split('"')[1]: v for k, v in m.items() if k.startswith("patchd_events_rejected_total{")}
         assert rejected == dict(stream.malformed)
         assert sum(_series(m, "patchd_mistakes{")) == len(stream.inputs) + len(stream.conflicting)
         trained = m['patchd_patches_total{result="accepted"}'] + m['patchd_patches_total{result="rejected"}']
         assert m["patchd_edit_duration_seconds_count"] == trained
-        assert m["patchd_last_published_version"] == 1
+        assert before <= m["patchd_last_published_version"] <= after  # read from the database per scrape
         assert m["patchd_consumer_assigned_partitions"] == 1 and m["patchd_database_up"] == 1
         assert not any(k.startswith("patchd_gpu_") for k in m)  # a CPU daemon
     finally:
@@ -186,6 +190,12 @@ def test_standby_waits_for_the_model_lock_then_takes_over(
         active.release()
         notify.close()
     assert result == [0]
+
+
+def _latest(database_url: str) -> int:
+    with Store.open(database_url) as store:
+        latest = store.latest_version(MODEL)
+    return 0 if latest is None else latest.number
 
 
 def _status(url: str) -> int:
