@@ -10,7 +10,9 @@ from typing import Any
 FORMAT_HELP = """\
 DATA is a built-in task (fever, zsre, counterfact; read from --data-dir, default ../shared/data)
 or a folder in the generic JSON Lines format:
-  edits.jsonl       {"input": ..., "target": ..., "equivalents": [...]}   (required)
+  edits.jsonl       {"input": ..., "target": ..., "equivalents": [...], "train_equivalents": [...]}   (required)
+                    equivalents: measured (GR), never trained on; train_equivalents: trained on
+                    with --train-equivalents (zsre: mined from other questions' templates)
   heldout.jsonl     {"input": ..., "target": ...}   locality
   train_eval.jsonl  {"input": ..., "target": ...}   TrainR
   test.jsonl        {"input": ..., "target": ...}   TestR
@@ -44,6 +46,10 @@ def register(sub: Any, bench: Any) -> None:
     p.add_argument("--curve-points", type=int, default=20, metavar="N",
                    help="retention/locality checkpoints along the stream for the plot (default: 20; 0 = none, "
                    "the final numbers only: each checkpoint costs a prediction pass)")
+    p.add_argument("--train-equivalents", action="store_true",
+                   help="editors also train on each edit's train_equivalents (paraphrases a producer could "
+                   "send with a correction; zsre: mined from other questions, docs/data.md); GR is still "
+                   "measured on the held-apart equivalents only")
     p.add_argument("--out", type=Path, default=None, help="write the JSON report here")
     p.add_argument("--plot", type=Path, default=None, help="write a PNG plot here")
     p.add_argument("--compare", type=Path, nargs="+", default=None, metavar="REPORT",
@@ -91,8 +97,9 @@ def _evaluate(args: argparse.Namespace) -> int:
         options["mend_dir"] = args.mend_dir or cache_root() / "mend" / Path(args.base).name
     report = run_evaluate(args.base, data, editor=args.editor, edits=args.edits, seed=args.seed, train=train, gate=gate,
                           sequential=not args.single, editor_options=options,
-                          curve_points=args.curve_points)
-    summary = {k: report[k] for k in ("editor", "base", "data", "sequential", "edits", "neurons", "sr", "gr", "er",
+                          curve_points=args.curve_points, train_equivalents=args.train_equivalents)
+    summary = {k: report[k] for k in ("editor", "base", "data", "sequential", "train_equivalents", "edits",
+                                      "neurons", "sr", "gr", "er",
                                       "train_r", "test_r", "locality", "gate_rejected", "gate_would_reject",
                                       "edit_seconds", "wall_seconds")}
     print(json.dumps(summary, indent=2))

@@ -20,7 +20,7 @@ import json
 import os
 import random
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -44,6 +44,8 @@ FEVER_EDIT = 2_300
 # every other locality prompt goes to the memory.
 ZSRE_HELDOUT = 1_000
 ZSRE_TEST = 500
+# mined phrasings trained on per edit with --train-equivalents (each costs one more prompt per step)
+ZSRE_TRAIN_EQUIVALENTS = 8
 # counterfact: a 2,000-edit stream is longer than any stream the CPU can run in an evaluation;
 # memory is capped because generation memory holds every token position (~10 per prompt).
 CF_EDIT = 2_000
@@ -239,7 +241,28 @@ def _load_zsre(raw: Path, rng: random.Random) -> TaskSplits:
     ]
     memory += _disjoint(extra, claimed)
     rng.shuffle(memory)
+    edit = _with_mined_phrasings(edit, knowedit, portability + mzsre, claimed)
     return TaskSplits("zsre", "generation", None, [], memory, heldout, edit, test)
+
+
+def _with_mined_phrasings(edit: list[Example], knowedit: list[dict[str, Any]], others: list[dict[str, Any]],
+                          claimed: _Claimed) -> list[Example]:
+    """Each edit question's train equivalents: its relation's other phrasings (patching/templates.py)
+    about its subject, at most ZSRE_TRAIN_EQUIVALENTS, never a text any part of the task holds (its
+    measured paraphrases, another edit question, a locality or memory prompt). Used only when
+    `patchd evaluate --train-equivalents` asks for them."""
+    from patching.templates import TemplateGraph
+
+    records = [(r["subject"], r["prompt"], r["rephrase_prompt"]) for r in knowedit]
+    records += [(r["subject"], r["src"], r["rephrase"]) for r in others]
+    graph = TemplateGraph(records, text_key)
+    subject = {text_key(r["prompt"]): r["subject"] for r in knowedit}
+    out: list[Example] = []
+    for ex in edit:
+        mined = graph.phrasings(ex.input, subject[text_key(ex.input)])
+        keep = _unique(mined, drop=claimed.keys)[:ZSRE_TRAIN_EQUIVALENTS]
+        out.append(replace(ex, train_equivalents=keep))
+    return out
 
 
 def _disjoint(examples: Iterable[Example], claimed: _Claimed, limit: int | None = None) -> list[Example]:

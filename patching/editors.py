@@ -6,6 +6,7 @@ Every editor takes one (input, target) at a time, in place, without reset, and s
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -29,7 +30,7 @@ class EditRecord:
 class Editor(Protocol):
     name: str
 
-    def edit(self, inp: str, target: str, edit_id: str) -> EditRecord: ...
+    def edit(self, inp: str, target: str, edit_id: str, train_equivalents: Sequence[str] = ()) -> EditRecord: ...
 
     @property
     def neurons(self) -> int: ...
@@ -47,9 +48,9 @@ class TPatcherEditor:
     def neurons(self) -> int:
         return self.patcher.wrapper.n
 
-    def edit(self, inp: str, target: str, edit_id: str) -> EditRecord:
+    def edit(self, inp: str, target: str, edit_id: str, train_equivalents: Sequence[str] = ()) -> EditRecord:
         t0 = time.perf_counter()
-        out = self.patcher.edit(self.adapter.edit(inp, target), edit_id)
+        out = self.patcher.edit(self.adapter.edit(inp, target, train_equivalents), edit_id)
         p = out.proposal
         return EditRecord(
             out.status, time.perf_counter() - t0, steps=p.train.steps if p else 0,
@@ -75,9 +76,10 @@ class FineTuneEditor:
     def neurons(self) -> int:
         return 0
 
-    def edit(self, inp: str, target: str, edit_id: str) -> EditRecord:
+    def edit(self, inp: str, target: str, edit_id: str, train_equivalents: Sequence[str] = ()) -> EditRecord:
+        """Fine-tunes on the edit and its train equivalents together until all are right."""
         t0 = time.perf_counter()
-        enc = self.adapter.edit(inp, target)
+        enc = self.adapter.edit(inp, target, train_equivalents)
         for p in self.params:
             p.requires_grad_(True)
         opt = torch.optim.Adam(self.params, lr=self.lr)

@@ -140,7 +140,8 @@ class Patcher:
     def propose(self, enc: Encoded | EditTensors, edit_id: str) -> Proposal | None:
         """Train and gate neurons for one edit; None when the model is already right."""
         t0 = time.perf_counter()
-        et = enc if isinstance(enc, EditTensors) else self.cache(enc)
+        # an encoded edit may carry train equivalents: examples 1.. of the batch, same target
+        et, extra = split_equivalents(enc if isinstance(enc, EditTensors) else self.cache(enc))
         if self.is_right(et):
             return None
         proposal: Proposal | None = None
@@ -150,7 +151,7 @@ class Patcher:
             anchors = self.anchors(et, attempt if grow else 0)
             strength = self.gate_cfg.retry_factor ** attempt
             obj = Objective.from_config(self.train_cfg, self.generation, strength)
-            result = self._train(enc, et, anchors, obj, attempt)
+            result = self._train(enc, et, anchors, obj, attempt, extra)
             verdict = gating.check(
                 result.neurons, self.train_cfg.activation, et, self.retention, self.heldout, self.tail, self.gate_cfg
             )
@@ -168,11 +169,13 @@ class Patcher:
         return proposal
 
     def _train(self, enc: Encoded | EditTensors, et: EditTensors, anchors: torch.Tensor, obj: Objective,
-               attempt: int) -> TrainResult:
+               attempt: int, extra: EditTensors | None = None) -> TrainResult:
         seed = self.train_cfg.seed + attempt
         if self.train_cfg.mode == "reference":
             if isinstance(enc, EditTensors):
                 raise ValueError("the reference trainer needs the encoded input, not cached tensors")
+            if extra is not None:
+                raise ValueError("the reference trainer does not train on equivalents")
             return train_reference(self, enc, et, anchors, obj, seed)
         cfg = self.train_cfg
         if attempt:
@@ -184,7 +187,7 @@ class Patcher:
             assert cfg.init_threshold is not None  # filled in by for_task
             cfg = replace(cfg, init_threshold=1.0 - (1.0 - cfg.init_threshold) / strength)
         return train_cached(et, anchors, self.memory.view(), self.tail, cfg, obj,
-                            cfg.activation, seed, whiten=self.whitening())
+                            cfg.activation, seed, whiten=self.whitening(), extra=extra)
 
     def whitening(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Memory mean and inverse covariance for the fisher init, computed once from the memory as
@@ -277,6 +280,21 @@ class Patcher:
     def detach(self) -> None:
         """Remove the wrapper: the model is the untouched base again."""
         detach(self.site)
+
+
+def split_equivalents(et: EditTensors) -> tuple[EditTensors, EditTensors | None]:
+    """Rows of example 0 (the edit) and of examples 1.. (its train equivalents, or None).
+
+    Only the edit's own rows are gated, kept for retention and added to M: the equivalents are
+    extra training rows, not a second edit."""
+    if et.group is None or not bool((et.group != 0).any()):
+        return et, None
+    group = et.group
+
+    def rows(m: torch.Tensor) -> EditTensors:
+        return EditTensors(et.q[m], et.ffn[m], et.residual[m], et.targets[m], group=group[m])
+
+    return rows(group == 0), rows(group != 0)
 
 
 def _concat(parts: list[EditTensors]) -> EditTensors:

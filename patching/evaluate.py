@@ -38,10 +38,12 @@ def run_evaluate(
     base: str, data: EvalData, *, editor: str = "tpatcher", edits: int | None = None, seed: int = 0,
     train: TrainConfig | None = None, gate: GateConfig | None = None,
     progress: Callable[[str], None] = print, sequential: bool = True, editor_options: dict[str, Any] | None = None,
-    curve_points: int = CURVE_POINTS,
+    curve_points: int = CURVE_POINTS, train_equivalents: bool = False,
 ) -> dict[str, Any]:
     """`sequential=False`: every edit on the unedited model (T = 1; the editor must have `reset()`);
-    ER, TrainR, TestR, locality and the curve then do not apply and are None."""
+    ER, TrainR, TestR, locality and the curve then do not apply and are None.
+    `train_equivalents`: editors also train on each edit's `train_equivalents` (never on the
+    `equivalents` that GR measures)."""
     t_start = time.perf_counter()
     lb = load_base(base)
     adapter = TaskAdapter(lb)
@@ -76,7 +78,8 @@ def run_evaluate(
             if adapter.right(adapter.predict([ex.input])[0], ex.target):
                 rows.append({"i": i, "input": ex.input, "target": ex.target, "status": "fixed_along_the_way"})
                 continue
-            rec = ed.edit(ex.input, ex.target, edit_id=str(i))
+            rec = ed.edit(ex.input, ex.target, edit_id=str(i),
+                          train_equivalents=ex.train_equivalents if train_equivalents else ())
             right = adapter.right(adapter.predict([ex.input])[0], ex.target)
             para = _right(adapter, [type(ex)(q, ex.target) for q in ex.equivalents]) if ex.equivalents else []
             rows.append({"i": i, "input": ex.input, "target": ex.target, "status": rec.status, "sr": right,
@@ -104,6 +107,9 @@ def run_evaluate(
     report: dict[str, Any] = {
         "editor": editor, "base": lb.name, "data": data.name, "seed": seed,
         "edits": len(done), "stream": len(stream), "interrupted": interrupted,
+        "train_equivalents": train_equivalents,
+        "train_equivalents_per_edit": (statistics.fmean(len(e.train_equivalents) for e in edited)
+                                       if train_equivalents and edited else 0.0),
         "fixed_along_the_way": sum(r["status"] == "fixed_along_the_way" for r in rows),
         "neurons": ed.neurons,
         "sr": metrics.success_rate([r["sr"] for r in done]),

@@ -44,11 +44,13 @@ class TaskAdapter:
         return self.base.labels.index(label)
 
     # ------------------------------------------------------------------ encoding
-    def edit(self, inp: str, target: str) -> Encoded:
-        """One edit: the input and its right answer (label name or answer text)."""
+    def edit(self, inp: str, target: str, train_equivalents: Sequence[str] = ()) -> Encoded:
+        """One edit: the input and its right answer (label name or answer text); the edit is
+        example 0, its train equivalents (same target) follow as examples 1.. (Patcher.propose)."""
+        inputs = [inp, *train_equivalents]
         if self.generation:
-            return encode.generation(self.base.tokenizer, [self.text(inp)], [target])
-        return encode.classification(self.base.tokenizer, [inp], [self.label_id(target)])
+            return encode.generation(self.base.tokenizer, [self.text(x) for x in inputs], [target] * len(inputs))
+        return encode.classification(self.base.tokenizer, inputs, [self.label_id(target)] * len(inputs))
 
     def memory_batches(self, inputs: Sequence[str], progress: bool = True) -> Iterator[Encoded]:
         """Classification: position 0 of each input. Generation: every position of each prompt."""

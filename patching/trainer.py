@@ -166,10 +166,15 @@ def train_cached(
     activation: str,
     seed: int = 0,
     whiten: tuple[torch.Tensor, torch.Tensor] | None = None,
+    extra: EditTensors | None = None,
 ) -> TrainResult:
     """Train len(anchors) neurons (neuron i anchored at edit row anchors[i]) until the stop rule holds.
 
     memory [N, d] must already hold the q rows of every earlier accepted edit.
+    extra [K*R rows]: K equivalent inputs of the edit with the same target (train equivalents), R
+    rows each in the edit's row order; neuron i is anchored at row i of every one of them too, and
+    training stops early only once they are right as well. If they cannot all be fitted within
+    max_steps, the edit's own stop rule decides success (equivalents help, never block an edit).
     """
     t0 = time.perf_counter()
     gen = torch.Generator().manual_seed(seed)
@@ -183,9 +188,16 @@ def train_cached(
     targets_all = edit.targets.repeat(copies)
     ffn_all = edit.ffn.repeat(copies, 1)
     res_all = edit.residual.repeat(copies, 1)
-    # anchor row of neuron i in copy c is c * R + anchors[i]
-    anchor_rows = (torch.arange(copies)[:, None] * R + anchors[None, :].cpu()).to(edit.q.device)  # [C, n]
     q_all = augmented_q(edit.q, cfg, gen)
+    K = 0
+    if extra is not None and extra.rows:
+        if extra.rows % R:
+            raise ValueError(f"train equivalents have {extra.rows} rows, not a multiple of the edit's {R}")
+        K = extra.rows // R
+        q_all, targets_all = torch.cat([q_all, extra.q]), torch.cat([targets_all, extra.targets])
+        ffn_all, res_all = torch.cat([ffn_all, extra.ffn]), torch.cat([res_all, extra.residual])
+    # anchor row of neuron i in copy c (dropout copies, then equivalents) is c * R + anchors[i]
+    anchor_rows = (torch.arange(copies + K)[:, None] * R + anchors[None, :].cpu()).to(edit.q.device)  # [C+K, n]
     cols = torch.arange(n, device=edit.q.device)
     info: dict[str, float] = {}
     success = False
@@ -201,13 +213,15 @@ def train_cached(
         m = scorer(nr, step)
         with torch.no_grad():
             edit_ok = bool((logits[:R].argmax(-1) == edit.targets).all())
+            extra_ok = not K or bool((logits[copies * R :].argmax(-1) == targets_all[copies * R :]).all())
             m_max = float(m.max()) if m.numel() else float("-inf")
             if stop_met(edit_ok, a_edit, m_max, obj) and scorer.partial:
                 m_max = float(scorer.full(nr).max())  # mined rows passed: confirm on the whole memory
-            if stop_met(edit_ok, a_edit, m_max, obj):
+            if stop_met(edit_ok and extra_ok, a_edit, m_max, obj):
                 success = True
                 break
         if step == cfg.max_steps:
+            success = stop_met(edit_ok, a_edit, m_max, obj)  # the equivalents stayed wrong: the edit decides
             break
         loss, info = total_loss(logits, targets_all, a_rows, a_edit, m, obj, cfg)
         opt.zero_grad(set_to_none=True)

@@ -91,3 +91,22 @@ def test_replay_rebuilds_the_same_model() -> None:
     assert fresh.edit_ids == patcher.edit_ids
     assert torch.equal(predict(fresh.model, heldout), after[0]) and torch.equal(predict(fresh.model, edits), after[1])
     assert len(fresh.memory) == len(patcher.memory)
+
+
+def test_train_equivalents_are_fitted_but_only_the_edit_is_kept_as_an_edit() -> None:
+    patcher, heldout, edits = setup()
+    model = patcher.model
+    held_before = predict(model, heldout)
+    target = 1 - predict(model, edits[:1])
+    # two inputs with the same wrong prediction stand in for paraphrases of the edit
+    wrong = (predict(model, edits[1:]) != target).nonzero().flatten()[:2] + 1
+    together = torch.cat([edits[:1], edits[wrong]])
+    assert (predict(model, edits[wrong]) != target).all()
+    outcome = patcher.edit(batch(together, target.repeat(3)), edit_id="e0")
+    assert outcome.status == "accepted", outcome.reasons
+    assert (predict(model, together) == target).all()  # the edit and both equivalents are now right
+    assert torch.equal(predict(model, heldout), held_before)
+    # gated, retained and added to M as ONE edit of one row; one neuron
+    assert outcome.proposal is not None and outcome.proposal.edit.rows == 1
+    assert patcher.retention is not None and patcher.retention.rows == 1
+    assert patcher.wrapper.n == 1 and len(patcher.memory) == 301

@@ -105,7 +105,9 @@ class MendEditor:
             else torch.zeros(0, 1, dtype=torch.long)
 
     # ------------------------------------------------------------------ editing
-    def edit(self, inp: str, target: str, edit_id: str) -> EditRecord:
+    def edit(self, inp: str, target: str, edit_id: str, train_equivalents: Sequence[str] = ()) -> EditRecord:
+        """One gradient-transform step on the edit's own gradient. Train equivalents are not used:
+        the editor network was trained on single-input gradients."""
         t0 = time.perf_counter()
         enc = self.adapter.edit(inp, target)
         with frozen(self.model), torch.enable_grad(), GradCapture(self.mods) as cap:
