@@ -17,6 +17,7 @@ import hashlib
 import json
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -112,11 +113,12 @@ class PatchedModel:
 
     # ------------------------------------------------------------------ editing
 
-    def propose(self, mistake: MistakeRecord, text: str) -> Any:
-        """Train and gate neurons for one mistake; None when the current model already gives its target."""
+    def propose(self, mistake: MistakeRecord, text: str, equivalents: Sequence[str] = ()) -> Any:
+        """Train and gate neurons for one mistake (and, as extra training inputs, its paraphrases);
+        None when the current model already gives its target."""
         if mistake.target is None:
             raise ValueError(f"mistake {mistake.id} has no target (the policy sets it when queued)")
-        return self.patcher.propose(self.adapter.edit(text, mistake.target), edit_id=str(mistake.id))
+        return self.patcher.propose(self.adapter.edit(text, mistake.target, equivalents), edit_id=str(mistake.id))
 
     def commit(self, proposal: Any) -> None:
         self.patcher.commit(proposal)

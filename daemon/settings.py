@@ -136,6 +136,9 @@ class PolicySettings:
     max_input_chars: int = 4000
     # paraphrases per event: each one costs a forward pass when the patch is trained
     max_equivalents: int = 16
+    # train each patch on the paraphrases sent with its reports too (the events' `equivalents`): the
+    # neuron then also answers rephrasings of the question, not just the reported wording
+    train_on_equivalents: bool = True
     # whole event size: a correction is a sentence or two, not a document
     max_event_bytes: int = 65536
     # case usually carries meaning (names, acronyms), so reports differing in case stay distinct

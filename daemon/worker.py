@@ -131,7 +131,12 @@ class Worker(threading.Thread):
         attempts = steps = 0
         with log_context(mistake_id=mistake.id, fingerprint=mistake.fingerprint[:16]):
             try:
-                proposal = self.model.propose(mistake, training_text(self.store, mistake))
+                text = training_text(self.store, mistake)
+                # the paraphrases reported with the winning target, first seen first (DESIGN §7)
+                equivalents = [e for e in mistake.equivalents if e != text][: self.policy.max_equivalents]
+                if not self.policy.train_on_equivalents:
+                    equivalents = []
+                proposal = self.model.propose(mistake, text, equivalents)
             except (UnsupportedInput, ValueError, RuntimeError) as exc:
                 # an error is not a verdict: nothing was kept, an operator may re-queue it
                 outcome = Status.FAILED

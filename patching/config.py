@@ -59,6 +59,10 @@ class TrainConfig:
     # the cached stand-in for the reference's dropout-on-8-copies, which buys generality
     augment_copies: int = 0
     augment_dropout: float = 0.1
+    # train equivalents (paraphrases sent with an edit): once the edit itself meets the stop rule,
+    # keep training at most this many more steps for them; paraphrases that cannot all be fitted
+    # within the memory margins then leave the edit as it is instead of costing max_steps per try
+    equivalent_steps: int = 100
     # hard-negative mining: recompute M @ k in full every this many steps and train on
     # the current top rows in between (0 = full product every step)
     mining_interval: int = 0
@@ -81,8 +85,9 @@ class TrainConfig:
             raise ValueError(f"trainer.mode must be 'cached' or 'reference', got {self.mode!r}")
         if not 0.0 <= self.augment_dropout < 1.0:
             raise ValueError("trainer.augment_dropout must be in [0, 1)")
-        if self.augment_copies < 0 or self.mining_interval < 0:
-            raise ValueError("trainer.augment_copies and trainer.mining_interval must be >= 0")
+        if self.augment_copies < 0 or self.mining_interval < 0 or self.equivalent_steps < 0:
+            raise ValueError("trainer.augment_copies, trainer.mining_interval and trainer.equivalent_steps "
+                             "must be >= 0")
 
     def for_task(self, generation: bool) -> TrainConfig:
         """The config with every by-task-kind default (None) filled in."""

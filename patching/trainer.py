@@ -173,8 +173,8 @@ def train_cached(
     memory [N, d] must already hold the q rows of every earlier accepted edit.
     extra [K*R rows]: K equivalent inputs of the edit with the same target (train equivalents), R
     rows each in the edit's row order; neuron i is anchored at row i of every one of them too, and
-    training stops early only once they are right as well. If they cannot all be fitted within
-    max_steps, the edit's own stop rule decides success (equivalents help, never block an edit).
+    training goes on until they are right as well, for at most cfg.equivalent_steps steps after the
+    edit's own stop rule first held; then that rule decides (equivalents help, never block an edit).
     """
     t0 = time.perf_counter()
     gen = torch.Generator().manual_seed(seed)
@@ -204,6 +204,8 @@ def train_cached(
     step = 0
     a_edit = torch.zeros(n)
     m_max = float("inf")
+    first_met: int | None = None  # first step at which the edit alone met the stop rule
+    edit_met = False
     for step in range(cfg.max_steps + 1):
         pre = q_all @ nr.keys.T + nr.biases  # [C*R, n]
         out = ffn_all + activate(pre, activation) @ nr.values  # type: ignore[arg-type]
@@ -217,11 +219,14 @@ def train_cached(
             m_max = float(m.max()) if m.numel() else float("-inf")
             if stop_met(edit_ok, a_edit, m_max, obj) and scorer.partial:
                 m_max = float(scorer.full(nr).max())  # mined rows passed: confirm on the whole memory
-            if stop_met(edit_ok and extra_ok, a_edit, m_max, obj):
+            edit_met = stop_met(edit_ok, a_edit, m_max, obj)
+            if edit_met and first_met is None:
+                first_met = step
+            if edit_met and (extra_ok or step - first_met >= cfg.equivalent_steps):  # type: ignore[operator]
                 success = True
                 break
         if step == cfg.max_steps:
-            success = stop_met(edit_ok, a_edit, m_max, obj)  # the equivalents stayed wrong: the edit decides
+            success = edit_met  # the equivalents kept it going: the edit's own rule decides
             break
         loss, info = total_loss(logits, targets_all, a_rows, a_edit, m, obj, cfg)
         opt.zero_grad(set_to_none=True)
