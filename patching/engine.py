@@ -129,13 +129,20 @@ class Patcher:
         return list(self._edits)
 
     # ------------------------------------------------------------------ editing
-    def anchors(self, et: EditTensors, attempt: int = 0) -> torch.Tensor:
+    def anchors(self, et: EditTensors, attempt: int = 0, extra: EditTensors | None = None) -> torch.Tensor:
         """Rows that get a neuron: the single row (classification), or each wrong target token,
         at most max_neurons of them (generation). Under teacher forcing a wrong token past the cap
         keeps its context, so it stays wrong unless a neuron fires there: a retry after a failed
-        attempt may anchor max_neurons more rows (long answers, e.g. 9-token names)."""
-        wrong = (self.tail(et.ffn, et.residual).argmax(-1) != et.targets).nonzero().flatten()
-        return wrong[: self.train_cfg.max_neurons * (attempt + 1)]
+        attempt may anchor max_neurons more rows (long answers, e.g. 9-token names).
+
+        With train equivalents (extra: K*R rows, same target), a row index wrong in one of them
+        only (often the stop token after a long answer) gets a neuron too, after the edit's own."""
+        wrong = self.tail(et.ffn, et.residual).argmax(-1) != et.targets  # [R]
+        rows = wrong.nonzero().flatten()
+        if extra is not None and extra.rows and extra.rows % et.rows == 0:
+            also = (self.tail(extra.ffn, extra.residual).argmax(-1) != extra.targets).reshape(-1, et.rows).any(0)
+            rows = torch.cat([rows, (also & ~wrong).nonzero().flatten()])
+        return rows[: self.train_cfg.max_neurons * (attempt + 1)]
 
     def propose(self, enc: Encoded | EditTensors, edit_id: str) -> Proposal | None:
         """Train and gate neurons for one edit; None when the model is already right."""
@@ -148,7 +155,7 @@ class Patcher:
         for attempt in range(self.gate_cfg.retries + 1):
             # more neurons only when the edit itself stayed wrong with the capped set
             grow = attempt > 0 and proposal is not None and not proposal.gate.reliable
-            anchors = self.anchors(et, attempt if grow else 0)
+            anchors = self.anchors(et, attempt if grow else 0, extra)
             strength = self.gate_cfg.retry_factor ** attempt
             obj = Objective.from_config(self.train_cfg, self.generation, strength)
             result = self._train(enc, et, anchors, obj, attempt, extra)

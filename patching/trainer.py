@@ -85,7 +85,10 @@ class Objective:
 def init_neurons(edit: EditTensors, anchors: torch.Tensor, memory: torch.Tensor, tail: Tail,
                  cfg: TrainConfig, gen: torch.Generator, activation: str,
                  whiten: tuple[torch.Tensor, torch.Tensor] | None = None) -> Neurons:
-    """Starting weights of the neurons anchored at edit rows `anchors` (see patching/init.py)."""
+    """Starting weights of the neurons anchored at edit rows `anchors` (see patching/init.py).
+
+    Keys start from the edit's rows alone: starting from the centroid of the edit's and its train
+    equivalents' rows gave the same GR (zsRE, 40 sequential edits: 0.475 vs 0.45)."""
     q = edit.q[anchors]
     if cfg.init == "reference":
         keys, biases = init.reference_keys(q)

@@ -84,6 +84,11 @@ def test_zsre_true_answers_and_paraphrases() -> None:
     assert not any(ex.input.startswith("nq question:") for ex in zsre.heldout + zsre.memory + zsre.test)
     # the few without one: their only rephrase is itself another edit question
     assert sum(bool(ex.equivalents) for ex in zsre.edit) > 0.97 * len(zsre.edit)
+    # train equivalents: the relation's other phrasings about the same subject, never a measured one
+    assert sum(bool(ex.train_equivalents) for ex in zsre.edit) > 0.8 * len(zsre.edit)
+    assert "What family are Epaspidoceras?" not in first.train_equivalents
+    assert all("Epaspidoceras" in text for text in first.train_equivalents)
+    assert all(len(ex.train_equivalents) <= 8 for ex in zsre.edit)
 
 
 @needs_data
