@@ -59,9 +59,9 @@ class TrainConfig:
     # the cached stand-in for the reference's dropout-on-8-copies, which buys generality
     augment_copies: int = 0
     augment_dropout: float = 0.1
-    # train equivalents (paraphrases sent with an edit): once the edit itself meets the stop rule,
-    # keep training at most this many more steps for them; paraphrases that cannot all be fitted
-    # within the memory margins then leave the edit as it is instead of costing max_steps per try
+    # train equivalents (paraphrases sent with an edit) are trained on for at most this many steps;
+    # if they are not all right by then they are dropped and the edit trains on alone, so a
+    # paraphrase that cannot be fitted within the memory margins never costs max_steps per try
     equivalent_steps: int = 100
     # hard-negative mining: recompute M @ k in full every this many steps and train on
     # the current top rows in between (0 = full product every step)

@@ -176,8 +176,8 @@ def train_cached(
     memory [N, d] must already hold the q rows of every earlier accepted edit.
     extra [K*R rows]: K equivalent inputs of the edit with the same target (train equivalents), R
     rows each in the edit's row order; neuron i is anchored at row i of every one of them too, and
-    training goes on until they are right as well, for at most cfg.equivalent_steps steps after the
-    edit's own stop rule first held; then that rule decides (equivalents help, never block an edit).
+    the stop rule also needs them right. If they are not all right within cfg.equivalent_steps
+    steps they are dropped and the edit trains on alone (equivalents help, never block an edit).
     """
     t0 = time.perf_counter()
     gen = torch.Generator().manual_seed(seed)
@@ -207,9 +207,13 @@ def train_cached(
     step = 0
     a_edit = torch.zeros(n)
     m_max = float("inf")
-    first_met: int | None = None  # first step at which the edit alone met the stop rule
-    edit_met = False
     for step in range(cfg.max_steps + 1):
+        if K and step == cfg.equivalent_steps:
+            # the equivalents were not all fitted in their budget: the edit trains on alone, exactly
+            # as without them, so an equivalent that cannot be fitted never costs max_steps
+            K, keep = 0, copies * R
+            q_all, targets_all, ffn_all, res_all = q_all[:keep], targets_all[:keep], ffn_all[:keep], res_all[:keep]
+            anchor_rows = anchor_rows[:copies]
         pre = q_all @ nr.keys.T + nr.biases  # [C*R, n]
         out = ffn_all + activate(pre, activation) @ nr.values  # type: ignore[arg-type]
         logits = tail(out, res_all)  # [C*R, V]
@@ -222,14 +226,10 @@ def train_cached(
             m_max = float(m.max()) if m.numel() else float("-inf")
             if stop_met(edit_ok, a_edit, m_max, obj) and scorer.partial:
                 m_max = float(scorer.full(nr).max())  # mined rows passed: confirm on the whole memory
-            edit_met = stop_met(edit_ok, a_edit, m_max, obj)
-            if edit_met and first_met is None:
-                first_met = step
-            if edit_met and (extra_ok or step - first_met >= cfg.equivalent_steps):  # type: ignore[operator]
+            if stop_met(edit_ok and extra_ok, a_edit, m_max, obj):
                 success = True
                 break
         if step == cfg.max_steps:
-            success = edit_met  # the equivalents kept it going: the edit's own rule decides
             break
         loss, info = total_loss(logits, targets_all, a_rows, a_edit, m, obj, cfg)
         opt.zero_grad(set_to_none=True)

@@ -110,3 +110,23 @@ def test_train_equivalents_are_fitted_but_only_the_edit_is_kept_as_an_edit() -> 
     assert outcome.proposal is not None and outcome.proposal.edit.rows == 1
     assert patcher.retention is not None and patcher.retention.rows == 1
     assert patcher.wrapper.n == 1 and len(patcher.memory) == 301
+
+
+def test_an_equivalent_that_cannot_be_fitted_costs_bounded_steps_and_never_blocks_the_edit() -> None:
+    patcher, heldout, edits = setup()
+    model = patcher.model
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, VOCAB, (540, 8), generator=g)  # setup()'s inputs, regenerated
+    ids[:, 0] = torch.randperm(VOCAB - 5, generator=g)[:540] + 5
+    assert torch.equal(ids[500:520], edits)
+    memory_input = ids[:1]  # in M
+    target = 1 - predict(model, edits[:1])
+    kept = predict(model, memory_input)
+    # the "paraphrase" is a memory input: a neuron may never fire on it, so it cannot be fitted
+    assert (kept != target).all()
+    outcome = patcher.edit(batch(torch.cat([edits[:1], memory_input]), target.repeat(2)), edit_id="e0")
+    assert outcome.status == "accepted", outcome.reasons
+    assert outcome.proposal is not None
+    assert outcome.proposal.train.steps <= patcher.train_cfg.equivalent_steps + 50  # not max_steps
+    assert predict(model, edits[:1]).item() == target.item()
+    assert torch.equal(predict(model, memory_input), kept)
