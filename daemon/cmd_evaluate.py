@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import signal
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -95,9 +98,10 @@ def _evaluate(args: argparse.Namespace) -> int:
         from patching.bases import cache_root
 
         options["mend_dir"] = args.mend_dir or cache_root() / "mend" / Path(args.base).name
-    report = run_evaluate(args.base, data, editor=args.editor, edits=args.edits, seed=args.seed, train=train, gate=gate,
-                          sequential=not args.single, editor_options=options,
-                          curve_points=args.curve_points, train_equivalents=args.train_equivalents)
+    with interruptible():
+        report = run_evaluate(args.base, data, editor=args.editor, edits=args.edits, seed=args.seed, train=train,
+                              gate=gate, sequential=not args.single, editor_options=options,
+                              curve_points=args.curve_points, train_equivalents=args.train_equivalents)
     summary = {k: report[k] for k in ("editor", "base", "data", "sequential", "train_equivalents", "edits",
                                       "neurons", "sr", "gr", "er",
                                       "train_r", "test_r", "locality", "gate_rejected", "gate_would_reject",
@@ -111,6 +115,24 @@ def _evaluate(args: argparse.Namespace) -> int:
         plot_reports([report], args.plot)
         print(f"wrote {args.plot}")
     return 0
+
+
+@contextlib.contextmanager
+def interruptible() -> Iterator[None]:
+    """Ctrl-C, `kill -INT` and `kill` (SIGTERM) all end the stream with the partial report.
+
+    A shell starts a background job (`nohup patchd evaluate ... &`) with SIGINT ignored, so a long
+    run could otherwise only be killed, losing hours of edits; SIGTERM is what `kill` and systemd send.
+    """
+    def stop(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def _patch_settings(overrides: list[str]) -> tuple[Any, Any]:

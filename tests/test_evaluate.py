@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import random
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -87,3 +90,23 @@ def test_tiny_end_to_end_evaluate(tmp_path: Path) -> None:
     assert report["gr"] is None  # no paraphrases in this data
     assert report["neurons"] == report["edits"] - report["gate_rejected"]
     assert len([r for r in report["rows"] if "sr" in r]) == report["edits"]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_background_evaluate_can_be_stopped_for_its_partial_report(signum: int) -> None:
+    # a shell's background job starts with SIGINT ignored: the run must still stop on kill -INT / kill
+    code = f"""
+import os, signal
+from daemon.cmd_evaluate import interruptible
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+try:
+    with interruptible():
+        os.kill(os.getpid(), {int(signum)})
+        signal.pause()
+except KeyboardInterrupt:
+    print("partial report")
+assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN  # put back afterwards
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "partial report"
