@@ -25,7 +25,11 @@ def plot_reports(reports: list[dict[str, Any]], out: Path) -> None:
         if grs:
             axes[0].plot(range(1, len(grs) + 1), running_mean(grs), ls="--", color=line.get_color(),
                          label=f"{label} GR")
-        curve = rep.get("curve") or []
+        curve = list(rep.get("curve") or [])
+        final = rep.get("er") is not None and rep.get("locality") is not None
+        if final and (not curve or curve[-1]["edits"] < len(done)):
+            # the end of the stream: ER and the locality over the whole held-out set
+            curve.append({"edits": len(done), "retention": rep["er"], "locality": rep["locality"]})
         axes[1].plot([c["edits"] for c in curve], [c["retention"] for c in curve], marker="o", ms=3, label=label)
         axes[2].plot([c["edits"] for c in curve], [c["locality"] for c in curve], marker="o", ms=3, label=label)
     titles = ("SR (solid) / GR (dashed), running mean", "retention of earlier edits", "locality (held-out unchanged)")
