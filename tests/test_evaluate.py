@@ -90,6 +90,10 @@ def test_tiny_end_to_end_evaluate(tmp_path: Path) -> None:
     assert report["gr"] is None  # no paraphrases in this data
     assert report["neurons"] == report["edits"] - report["gate_rejected"]
     assert len([r for r in report["rows"] if "sr" in r]) == report["edits"]
+    from patching.plots import plot_reports
+
+    plot_reports([report, report], tmp_path / "cmp.png")  # what --plot and --compare write
+    assert (tmp_path / "cmp.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
