@@ -17,7 +17,8 @@ def plot_reports(reports: list[dict[str, Any]], out: Path) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     for rep in reports:
         single = " T=1 (each edit on the base)" if rep.get("sequential") is False else ""
-        label = f"{rep['editor']}{single} ({rep['base']}, {rep['data']})"
+        trained = " + train equivalents" if rep.get("train_equivalents") else ""
+        label = f"{rep['editor']}{trained}{single} ({rep['base']}, {rep['data']})"
         done = [r for r in rep["rows"] if "sr" in r]
         x = list(range(1, len(done) + 1))
         (line,) = axes[0].plot(x, running_mean([float(r["sr"]) for r in done]), label=f"{label} SR")
