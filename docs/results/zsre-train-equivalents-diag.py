@@ -1,12 +1,17 @@
 """Independent zsRE edits with train equivalents: why does a held paraphrase stay wrong?"""
-import sys, json, torch, statistics
+import json
+import statistics
+import sys
+
+import torch
+
 torch.set_num_threads(1)
 from patching.bases import load_base
-from patching.tasks import TaskAdapter
+from patching.config import GateConfig, TrainConfig
 from patching.engine import Patcher, split_equivalents
-from patching.config import TrainConfig, GateConfig
 from patching.evaldata import load_eval_data
-from patching.layer import activate
+from patching.tasks import TaskAdapter
+
 N=int(sys.argv[1]); tag=sys.argv[2]
 data=load_eval_data("zsre", None, seed=0)
 lb=load_base("zsre-smollm2"); ad=TaskAdapter(lb)

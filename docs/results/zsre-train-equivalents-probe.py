@@ -1,13 +1,21 @@
 """Sequential zsRE stream probe: first N mistakes, with or without train equivalents; SR and GR (greedy EM)."""
-import sys, json, time, statistics, torch
+import json
+import statistics
+import sys
+import time
+
+import torch
+
 torch.set_num_threads(1)
 from dataclasses import replace
+
 from patching.bases import load_base
-from patching.tasks import TaskAdapter
-from patching.engine import Patcher
-from patching.config import TrainConfig, GateConfig
-from patching.evaldata import load_eval_data
+from patching.config import GateConfig, TrainConfig
 from patching.editors import TPatcherEditor
+from patching.engine import Patcher
+from patching.evaldata import load_eval_data
+from patching.tasks import TaskAdapter
+
 N=int(sys.argv[1]); use=sys.argv[2]=="teq"; tag=sys.argv[3]
 extra=dict(a.split("=") for a in sys.argv[4:])
 data=load_eval_data("zsre", None, seed=0)
