@@ -12,23 +12,14 @@ import pytest
 from daemon.model import PatchedModel
 from daemon.settings import load_settings
 from daemon.worker import Worker
-from memory.fingerprint import fingerprint, input_key, normalise_input
-from memory.records import ReportIn
 from memory.store import Store
+from tests.test_memory_store import report
 from tests.tinybase import LABELS, MISTAKE_WORDS, MODEL, prepare, sentence, write_config
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return prepare(tmp_path_factory.mktemp("tiny"))
-
-
-def report(text: str, target: str, equivalents: tuple[str, ...]) -> ReportIn:
-    return ReportIn(
-        event_id=f"ev-{text}", model=MODEL, fingerprint=fingerprint(MODEL, text),
-        input_text=input_key(normalise_input(text)), target=target, raw=b"{}", topic="corrections",
-        partition=0, offset=0, reporter="alice", equivalents=equivalents,
-    )
 
 
 @pytest.mark.parametrize("train_on_equivalents", [True, False])
@@ -50,7 +41,7 @@ def test_worker_fits_the_reported_equivalents(tiny, tmp_path: Path, train_on_equ
     same = [t for t, p in zip(texts, predicted, strict=True) if p == label][:3]
     target = next(x for x in LABELS if x != label)
     with Store.open(settings.database.url) as store:
-        store.record_batch([report(same[0], target, tuple(same[1:]))])
+        store.record_batch([report("ev-0", same[0], target, model=MODEL, equivalents=tuple(same[1:]))])
         mistake = store.next_mistake(MODEL)
         assert mistake is not None and mistake.equivalents == tuple(same[1:])
         worker = Worker(store, model, settings.policy, work_allowed=threading.Event(),

@@ -30,12 +30,18 @@ def predict(model, ids: torch.Tensor) -> torch.Tensor:
         return model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits.argmax(-1)
 
 
-def setup(seed: int = 0) -> tuple[Patcher, torch.Tensor, torch.Tensor]:
+def inputs(seed: int = 0) -> torch.Tensor:
+    """[540, 8] token ids: memory [:300], held-out [300:500], edits [500:520]."""
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(5, VOCAB, (540, 8), generator=g)
     # a random tiny BERT's position-0 state mostly reflects its own token: make that token unique
     # per input, as the varied contexts of a trained model would make the states distinct
     ids[:, 0] = torch.randperm(VOCAB - 5, generator=g)[:540] + 5
+    return ids
+
+
+def setup(seed: int = 0) -> tuple[Patcher, torch.Tensor, torch.Tensor]:
+    ids = inputs(seed)
     memory, heldout, edits = ids[:300], ids[300:500], ids[500:520]
     model = tiny_classifier()
     patcher = Patcher(model, train=TrainConfig(max_steps=300), gate=GateConfig())
@@ -115,11 +121,7 @@ def test_train_equivalents_are_fitted_but_only_the_edit_is_kept_as_an_edit() -> 
 def test_an_equivalent_that_cannot_be_fitted_costs_bounded_steps_and_never_blocks_the_edit() -> None:
     patcher, heldout, edits = setup()
     model = patcher.model
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(5, VOCAB, (540, 8), generator=g)  # setup()'s inputs, regenerated
-    ids[:, 0] = torch.randperm(VOCAB - 5, generator=g)[:540] + 5
-    assert torch.equal(ids[500:520], edits)
-    memory_input = ids[:1]  # in M
+    memory_input = inputs()[:1]  # in M
     target = 1 - predict(model, edits[:1])
     kept = predict(model, memory_input)
     # the "paraphrase" is a memory input: a neuron may never fire on it, so it cannot be fitted
