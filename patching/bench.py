@@ -79,7 +79,7 @@ def run_edit_bench(
     t0 = time.perf_counter()
     adapter.patcher(patcher, [e.input for e in splits.memory], [e.input for e in splits.heldout])
     setup_s = time.perf_counter() - t0
-    mistakes = adapter.mistakes(splits.edit, limit=edits)
+    mistakes = adapter.mistakes(splits.edit, limit=edits, base=True)  # nothing is patched yet
     print(f"{len(mistakes)} mistakes of the base; memory {len(patcher.memory)} rows from "
           f"{len(splits.memory)} inputs; held-out {len(splits.heldout)} inputs; setup {setup_s:.1f}s")
     report: dict[str, Any] = {

@@ -58,11 +58,12 @@ def run_evaluate(
     ed: Editor = make_editor(editor, adapter, factory, options)
     if not sequential and not hasattr(ed, "reset"):
         raise ValueError(f"editor {editor!r} cannot reset to the base: single-edit runs need mend")
-    stream = adapter.mistakes(data.edits, limit=edits)
+    # the model is still the base here: its answers may come from the disk cache
+    stream = adapter.mistakes(data.edits, limit=edits, base=True)
     progress(f"{len(stream)} mistakes of the base in {len(data.edits)} edit inputs"
              + (f" (asked for {edits})" if edits and len(stream) < edits else ""))
     held_inputs = [e.input for e in data.heldout]
-    held_before = adapter.predict(held_inputs, progress=True)
+    held_before = adapter.base_predict(held_inputs, progress=True)
     sample = sorted(rng.sample(range(len(held_inputs)), min(CURVE_SAMPLE, len(held_inputs))))
     train_before, test_before = _right(adapter, data.train_eval), _right(adapter, data.test)
 

@@ -7,6 +7,7 @@ exactly the same way in both, and the same way the daemon builds them.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -94,16 +95,46 @@ class TaskAdapter:
             out.extend(self.base.labels[j] for j in logits.argmax(-1).tolist())
         return out
 
+    def base_predict(self, inputs: Sequence[str], progress: bool = False) -> list[str]:
+        """`predict` for the UNPATCHED base only: greedy answers are cached on disk per base, prompt
+        format and input list (a zsRE edit or held-out set costs minutes of decoding on a CPU, and
+        every evaluate run starts with them). Classification outputs are cheap and not cached."""
+        path = self._answers_path(inputs) if self.generation else None
+        if path is not None and path.is_file():
+            cached = json.loads(path.read_text())
+            if isinstance(cached, list) and len(cached) == len(inputs):
+                return [str(a) for a in cached]
+        answers = self.predict(inputs, progress=progress)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".tmp{os.getpid()}")
+            tmp.write_text(json.dumps(answers))
+            os.replace(tmp, path)  # never a half-written cache file
+        return answers
+
+    def _answers_path(self, inputs: Sequence[str]) -> Path | None:
+        try:
+            identity = base_identity(self.base.directory)
+        except (OSError, ValueError):
+            return None
+        h = hashlib.sha256()
+        for part in (identity, self.base.prompt_format or "", "\x00".join(inputs)):
+            h.update(part.encode() + b"\x02")
+        return cache_root() / "answers" / f"{self.base.name}-{h.hexdigest()[:24]}.json"
+
     def right(self, predicted: str, target: str) -> bool:
         return exact_match(predicted, target) if self.generation else predicted == target
 
-    def mistakes(self, examples: Sequence[Example], limit: int | None = None, progress: bool = True) -> list[Example]:
-        """The examples the current model gets wrong, in order, up to `limit`."""
+    def mistakes(self, examples: Sequence[Example], limit: int | None = None, progress: bool = True,
+                 base: bool = False) -> list[Example]:
+        """The examples the current model gets wrong, in order, up to `limit`.
+        `base=True`: the model is the unpatched base, so its answers may come from the disk cache."""
         found: list[Example] = []
         step = 256
+        predict = self.base_predict if base else self.predict
         for i in range(0, len(examples), step):
             chunk = [e for e in examples[i : i + step] if e.target]
-            preds = self.predict([e.input for e in chunk], progress=progress)
+            preds = predict([e.input for e in chunk], progress=progress)
             found.extend(e for e, p in zip(chunk, preds, strict=True) if not self.right(p, e.target))
             if limit is not None and len(found) >= limit:
                 return found[:limit]

@@ -140,3 +140,33 @@ def test_load_base_names_the_prepare_command(tmp_path: Path, monkeypatch: pytest
     monkeypatch.setenv("PATCHD_CACHE_DIR", str(tmp_path))
     with pytest.raises(FileNotFoundError, match="patchd prepare zsre-smollm2"):
         load_base("zsre-smollm2")
+
+
+def test_base_answers_are_cached_per_base_and_input_list(
+    model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """TaskAdapter.base_predict: the first call decodes and writes the cache, a repeat reads it (no
+    decoding), another input list or other weights miss it."""
+    from patching.bases import load_base
+    from patching.tasks import TaskAdapter
+
+    monkeypatch.setenv("PATCHD_CACHE_DIR", str(tmp_path / "cache"))
+    model.save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    adapter = TaskAdapter(load_base(str(tmp_path / "base")))
+    questions = ["Who?", "Which family does Epaspidoceras belong to?"]
+    want = adapter.predict(questions)
+    assert adapter.base_predict(questions) == want
+    assert len(list((tmp_path / "cache" / "answers").glob("*.json"))) == 1
+
+    calls: list[int] = []
+    real_predict = adapter.predict
+    monkeypatch.setattr(adapter, "predict", lambda xs, progress=False: calls.append(len(xs)) or real_predict(xs))
+    assert adapter.base_predict(questions) == want and calls == []  # from the cache
+    assert adapter.base_predict(questions[:1]) == want[:1] and calls == [1]  # another list: decoded
+
+    with torch.no_grad():  # other weights, other identity: the old answers are not reused
+        adapter.base.model.model.norm.weight.mul_(-1.0)
+    adapter.base.model.save_pretrained(tmp_path / "base")
+    adapter.base_predict(questions)
+    assert calls == [1, 2]
