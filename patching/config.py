@@ -63,6 +63,11 @@ class TrainConfig:
     # if they are not all right by then they are dropped and the edit trains on alone, so a
     # paraphrase that cannot be fitted within the memory margins never costs max_steps per try
     equivalent_steps: int = 100
+    # an attempt ends (unsuccessful) once the edit has gone this many steps without fewer wrong
+    # target tokens: a long answer whose wrong tokens outnumber max_neurons, or a token the capped
+    # neurons cannot fix, would otherwise train to max_steps before the retry that grows the
+    # neuron set (zsRE: such edits were ~1% of the stream and ~40% of its edit time); 0 = off
+    stall_steps: int = 100
     # hard-negative mining: recompute M @ k in full every this many steps and train on
     # the current top rows in between (0 = full product every step)
     mining_interval: int = 0
@@ -85,9 +90,9 @@ class TrainConfig:
             raise ValueError(f"trainer.mode must be 'cached' or 'reference', got {self.mode!r}")
         if not 0.0 <= self.augment_dropout < 1.0:
             raise ValueError("trainer.augment_dropout must be in [0, 1)")
-        if self.augment_copies < 0 or self.mining_interval < 0 or self.equivalent_steps < 0:
-            raise ValueError("trainer.augment_copies, trainer.mining_interval and trainer.equivalent_steps "
-                             "must be >= 0")
+        if min(self.augment_copies, self.mining_interval, self.equivalent_steps, self.stall_steps) < 0:
+            raise ValueError("trainer.augment_copies, trainer.mining_interval, trainer.equivalent_steps and "
+                             "trainer.stall_steps must be >= 0")
 
     def for_task(self, generation: bool) -> TrainConfig:
         """The config with every by-task-kind default (None) filled in."""

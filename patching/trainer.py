@@ -178,6 +178,8 @@ def train_cached(
     rows each in the edit's row order; neuron i is anchored at row i of every one of them too, and
     the stop rule also needs them right. If they are not all right within cfg.equivalent_steps
     steps they are dropped and the edit trains on alone (equivalents help, never block an edit).
+    The attempt ends unsuccessfully once cfg.stall_steps steps pass without the edit having fewer
+    wrong rows (the caller's retry may anchor more rows).
     """
     t0 = time.perf_counter()
     gen = torch.Generator().manual_seed(seed)
@@ -207,6 +209,7 @@ def train_cached(
     step = 0
     a_edit = torch.zeros(n)
     m_max = float("inf")
+    fewest_wrong, progress_step = R + 1, 0  # stall rule: when the edit last had fewer wrong rows
     for step in range(cfg.max_steps + 1):
         if K and step == cfg.equivalent_steps:
             # the equivalents were not all fitted in their budget: the edit trains on alone, exactly
@@ -221,7 +224,10 @@ def train_cached(
         a_edit = a_rows[0]
         m = scorer(nr, step)
         with torch.no_grad():
-            edit_ok = bool((logits[:R].argmax(-1) == edit.targets).all())
+            wrong = int((logits[:R].argmax(-1) != edit.targets).sum())
+            edit_ok = wrong == 0
+            if wrong < fewest_wrong or edit_ok:  # right but short of the margins still trains on
+                fewest_wrong, progress_step = wrong, step
             extra_ok = not K or bool((logits[copies * R :].argmax(-1) == targets_all[copies * R :]).all())
             m_max = float(m.max()) if m.numel() else float("-inf")
             if stop_met(edit_ok, a_edit, m_max, obj) and scorer.partial:
@@ -229,7 +235,7 @@ def train_cached(
             if stop_met(edit_ok and extra_ok, a_edit, m_max, obj):
                 success = True
                 break
-        if step == cfg.max_steps:
+        if step == cfg.max_steps or (cfg.stall_steps and step - progress_step >= cfg.stall_steps):
             break
         loss, info = total_loss(logits, targets_all, a_rows, a_edit, m, obj, cfg)
         opt.zero_grad(set_to_none=True)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 import transformers as T
 
@@ -132,3 +134,57 @@ def test_an_equivalent_that_cannot_be_fitted_costs_bounded_steps_and_never_block
     assert outcome.proposal.train.steps <= patcher.train_cfg.equivalent_steps + 50  # not max_steps
     assert predict(model, edits[:1]).item() == target.item()
     assert torch.equal(predict(model, memory_input), kept)
+
+
+def test_an_attempt_without_progress_stops_after_stall_steps() -> None:
+    patcher, heldout, _ = setup()
+    victim = heldout[:1].clone()
+    patcher.build_memory([batch(victim)])  # in M: no neuron may fire on it, the edit cannot progress
+    target = 1 - predict(patcher.model, victim)
+    steps = {}
+    for stall in (40, 0):
+        patcher.train_cfg = replace(patcher.train_cfg, stall_steps=stall)
+        outcome = patcher.edit(batch(victim, target), edit_id=f"stall{stall}")
+        assert outcome.status == "rejected" and outcome.proposal is not None
+        steps[stall] = outcome.proposal.train.steps
+    # 40 steps after its best step (the edit may flip for a step or two while the key is pushed off M)
+    assert 40 <= steps[40] <= 60
+    assert steps[0] == patcher.train_cfg.max_steps  # 0 = off: every attempt trains to max_steps
+
+
+def test_a_long_answer_past_the_neuron_cap_stalls_into_the_retry_that_grows_the_set() -> None:
+    """Generation: 3 wrong answer tokens, 1 neuron per attempt. Attempts 0 and 1 cannot make the
+    edit right (an unanchored token keeps its context); the stall rule ends them early and attempt 2,
+    with 3 neurons, fixes the edit."""
+    from patching.encode import generation_ids
+    from tests.fixtures_models import VOCAB as V
+    from tests.fixtures_models import tiny_model
+
+    model = tiny_model("llama")
+    g = torch.Generator().manual_seed(3)
+
+    def enc(prompts: list[torch.Tensor], targets: list[torch.Tensor]) -> Encoded:
+        return generation_ids(prompts, targets, seq2seq=False, pad_id=0)
+
+    memory = [torch.randint(3, V, (6,), generator=g) for _ in range(60)]
+    patcher = Patcher(model, train=TrainConfig(max_steps=400, max_neurons=1, stall_steps=50),
+                      gate=GateConfig(retries=2))
+    patcher.build_memory([enc(memory, [torch.empty(0, dtype=torch.long)] * len(memory))])
+    prompt, answer = torch.randint(3, V, (5,), generator=g), torch.randint(3, V, (3,), generator=g)
+    edit = enc([prompt], [answer])
+    wrong = int((patcher.tail(patcher.cache(edit).ffn, patcher.cache(edit).residual).argmax(-1)
+                 != patcher.cache(edit).targets).sum())
+    assert wrong == 3
+    steps: list[int] = []
+    train = patcher._train
+
+    def counted(*args, **kwargs):
+        result = train(*args, **kwargs)
+        steps.append(result.steps)
+        return result
+
+    patcher._train = counted  # type: ignore[method-assign]
+    outcome = patcher.edit(edit, edit_id="long")
+    assert outcome.status == "accepted", outcome.reasons
+    assert len(steps) == 3 and outcome.proposal is not None and outcome.proposal.neurons.n == 3
+    assert max(steps[:2]) <= 50 + 50  # stalled, not max_steps (the 1 anchored token may flip first)
