@@ -63,11 +63,13 @@ class TrainConfig:
     # if they are not all right by then they are dropped and the edit trains on alone, so a
     # paraphrase that cannot be fitted within the memory margins never costs max_steps per try
     equivalent_steps: int = 100
-    # an attempt ends (unsuccessful) once the edit has gone this many steps without fewer wrong
-    # target tokens: a long answer whose wrong tokens outnumber max_neurons, or a token the capped
-    # neurons cannot fix, would otherwise train to max_steps before the retry that grows the
-    # neuron set (zsRE: such edits were ~1% of the stream and ~40% of its edit time); 0 = off
+    # generation: while a wrong answer token has no neuron anchored at it (a long answer whose wrong
+    # tokens outnumber max_neurons), an attempt ends (unsuccessful) once this many steps pass without
+    # fewer wrong tokens, so the retry that anchors more rows comes without max_steps first; 0 = off
     stall_steps: int = 100
+    # LM heads: the training loop's logits through the factored tail (patching/fasttail.py), which
+    # costs one [neurons, vocab] product per step instead of one [rows, vocab]; false = plain tail
+    fast_tail: bool = True
     # hard-negative mining: recompute M @ k in full every this many steps and train on
     # the current top rows in between (0 = full product every step)
     mining_interval: int = 0

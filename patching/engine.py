@@ -23,6 +23,7 @@ from patching.arch import FFNSite, locate, tail_logits
 from patching.capture import frozen_forward
 from patching.config import GateConfig, TrainConfig
 from patching.encode import Encoded
+from patching.fasttail import LinearTail, linear_tail
 from patching.init import whitening
 from patching.layer import PatchedFFN, attach, detach, neuron_output
 from patching.memory_bank import MemoryBank
@@ -67,6 +68,7 @@ class Patcher:
         self.generation = self.site.spec.kind == "generation"
         self.train_cfg = (train or TrainConfig()).for_task(self.generation)
         self.wrapper: PatchedFFN = attach(self.site, self.train_cfg.activation)
+        self.fast_tail: LinearTail | None = linear_tail(self.site)  # None: not an LM head of known form
         ref = next(model.parameters())
         self.memory = MemoryBank(self.site.hidden_size, ref.dtype, ref.device)
         self.heldout: gating.HeldoutTensors | None = None
@@ -194,7 +196,8 @@ class Patcher:
             assert cfg.init_threshold is not None  # filled in by for_task
             cfg = replace(cfg, init_threshold=1.0 - (1.0 - cfg.init_threshold) / strength)
         return train_cached(et, anchors, self.memory.view(), self.tail, cfg, obj,
-                            cfg.activation, seed, whiten=self.whitening(), extra=extra)
+                            cfg.activation, seed, whiten=self.whitening(), extra=extra,
+                            fast=self.fast_tail if cfg.fast_tail else None)
 
     def whitening(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Memory mean and inverse covariance for the fisher init, computed once from the memory as

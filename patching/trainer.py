@@ -16,6 +16,7 @@ import torch
 
 from patching import init, losses
 from patching.config import TrainConfig
+from patching.fasttail import LinearTail
 from patching.layer import activate
 
 Tail = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (ffn_out [R, d], residual [R, d]) -> logits
@@ -170,6 +171,7 @@ def train_cached(
     seed: int = 0,
     whiten: tuple[torch.Tensor, torch.Tensor] | None = None,
     extra: EditTensors | None = None,
+    fast: LinearTail | None = None,
 ) -> TrainResult:
     """Train len(anchors) neurons (neuron i anchored at edit row anchors[i]) until the stop rule holds.
 
@@ -178,8 +180,10 @@ def train_cached(
     rows each in the edit's row order; neuron i is anchored at row i of every one of them too, and
     the stop rule also needs them right. If they are not all right within cfg.equivalent_steps
     steps they are dropped and the edit trains on alone (equivalents help, never block an edit).
-    The attempt ends unsuccessfully once cfg.stall_steps steps pass without the edit having fewer
-    wrong rows (the caller's retry may anchor more rows).
+    While a wrong row of the edit has no neuron anchored at it (more wrong tokens than
+    max_neurons), the attempt ends unsuccessfully once cfg.stall_steps steps pass without fewer
+    wrong rows: the caller's retry anchors more rows. Wrong rows that all have neurons train on.
+    fast: the model's factored tail (patching/fasttail.py), used for the loop's logits when given.
     """
     t0 = time.perf_counter()
     gen = torch.Generator().manual_seed(seed)
@@ -210,6 +214,9 @@ def train_cached(
     a_edit = torch.zeros(n)
     m_max = float("inf")
     fewest_wrong, progress_step = R + 1, 0  # stall rule: when the edit last had fewer wrong rows
+    unanchored = torch.ones(R, dtype=torch.bool, device=edit.q.device)
+    unanchored[anchors.to(edit.q.device)] = False  # [R] rows no neuron is anchored at
+    bound = fast.bind(ffn_all, res_all) if fast is not None else None
     for step in range(cfg.max_steps + 1):
         if K and step == cfg.equivalent_steps:
             # the equivalents were not all fitted in their budget: the edit trains on alone, exactly
@@ -217,17 +224,23 @@ def train_cached(
             K, keep = 0, copies * R
             q_all, targets_all, ffn_all, res_all = q_all[:keep], targets_all[:keep], ffn_all[:keep], res_all[:keep]
             anchor_rows = anchor_rows[:copies]
+            bound = bound.first(keep) if bound is not None else None
         pre = q_all @ nr.keys.T + nr.biases  # [C*R, n]
-        out = ffn_all + activate(pre, activation) @ nr.values  # type: ignore[arg-type]
-        logits = tail(out, res_all)  # [C*R, V]
+        act = activate(pre, activation)  # type: ignore[arg-type]
+        if bound is not None:
+            logits = bound(act, nr.values)  # [C*R, V]: one [n, V] product instead of [C*R, V]
+        else:
+            logits = tail(ffn_all + act @ nr.values, res_all)  # [C*R, V]
         a_rows = pre[anchor_rows, cols[None, :]]  # [C, n]
         a_edit = a_rows[0]
         m = scorer(nr, step)
         with torch.no_grad():
-            wrong = int((logits[:R].argmax(-1) != edit.targets).sum())
+            wrong_rows = logits[:R].argmax(-1) != edit.targets  # [R]
+            wrong = int(wrong_rows.sum())
             edit_ok = wrong == 0
-            if wrong < fewest_wrong or edit_ok:  # right but short of the margins still trains on
-                fewest_wrong, progress_step = wrong, step
+            # progress: fewer wrong rows, or none wrong without an anchor (those train on as before)
+            if wrong < fewest_wrong or not bool((wrong_rows & unanchored).any()):
+                fewest_wrong, progress_step = min(wrong, fewest_wrong), step
             extra_ok = not K or bool((logits[copies * R :].argmax(-1) == targets_all[copies * R :]).all())
             m_max = float(m.max()) if m.numel() else float("-inf")
             if stop_met(edit_ok, a_edit, m_max, obj) and scorer.partial:

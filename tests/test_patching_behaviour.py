@@ -136,20 +136,16 @@ def test_an_equivalent_that_cannot_be_fitted_costs_bounded_steps_and_never_block
     assert torch.equal(predict(model, memory_input), kept)
 
 
-def test_an_attempt_without_progress_stops_after_stall_steps() -> None:
+def test_the_stall_rule_never_cuts_short_an_edit_whose_wrong_rows_all_have_neurons() -> None:
+    """Slow progress on an anchored row is still progress (the loss moves before the argmax does):
+    only rows without a neuron can stall an attempt. Here the one row is anchored."""
     patcher, heldout, _ = setup()
     victim = heldout[:1].clone()
-    patcher.build_memory([batch(victim)])  # in M: no neuron may fire on it, the edit cannot progress
-    target = 1 - predict(patcher.model, victim)
-    steps = {}
-    for stall in (40, 0):
-        patcher.train_cfg = replace(patcher.train_cfg, stall_steps=stall)
-        outcome = patcher.edit(batch(victim, target), edit_id=f"stall{stall}")
-        assert outcome.status == "rejected" and outcome.proposal is not None
-        steps[stall] = outcome.proposal.train.steps
-    # 40 steps after its best step (the edit may flip for a step or two while the key is pushed off M)
-    assert 40 <= steps[40] <= 60
-    assert steps[0] == patcher.train_cfg.max_steps  # 0 = off: every attempt trains to max_steps
+    patcher.build_memory([batch(victim)])  # in M: no neuron may fire on it, the edit stays wrong
+    patcher.train_cfg = replace(patcher.train_cfg, stall_steps=40)
+    outcome = patcher.edit(batch(victim, 1 - predict(patcher.model, victim)), edit_id="anchored")
+    assert outcome.status == "rejected" and outcome.proposal is not None
+    assert outcome.proposal.train.steps == patcher.train_cfg.max_steps
 
 
 def test_a_long_answer_past_the_neuron_cap_stalls_into_the_retry_that_grows_the_set() -> None:

@@ -81,3 +81,32 @@ def test_detach_restores_the_base_exactly(arch_name: str) -> None:
     after = model.state_dict()
     assert after.keys() == state_before.keys()
     assert all(torch.equal(after[k], state_before[k]) for k in after)
+
+
+def test_factored_tail_equals_the_plain_tail(arch_name: str) -> None:
+    """patching.fasttail: the training loop's logits equal arch.tail_logits (generation heads), with
+    norm gains, shifts and biases made non-trivial so every term of the factorisation counts."""
+    from patching.fasttail import linear_tail
+
+    model = tiny_model(arch_name)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name.lower() or "ln_" in name or name.endswith("bias"):
+                p.add_(torch.randn(p.shape, generator=g) * 0.5)
+        if hasattr(model, "final_logits_bias"):
+            model.final_logits_bias.add_(torch.randn(model.final_logits_bias.shape, generator=g))
+    patcher = Patcher(model)
+    tail = linear_tail(patcher.site)
+    if patcher.site.spec.kind == "classification":
+        assert tail is None
+        return
+    assert tail is not None
+    cached = patcher.cache(tiny_batch(model))
+    act = torch.relu(torch.randn(cached.rows, 3, generator=g))
+    values = torch.randn(3, patcher.site.hidden_size, generator=g)
+    want = tail_logits(patcher.site, cached.ffn + act @ values, cached.residual)
+    bound = tail.bind(cached.ffn, cached.residual)
+    assert torch.allclose(bound(act, values), want, atol=1e-4, rtol=1e-4)
+    assert torch.allclose(bound.first(2)(act[:2], values), want[:2], atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(bound(act * 0, values), want, atol=1e-3)  # the neurons' term counts
