@@ -34,6 +34,20 @@ def _right(adapter: TaskAdapter, examples: list[Any]) -> list[bool]:
     return [adapter.right(p, e.target) for p, e in zip(preds, examples, strict=True)]
 
 
+def _running(rows: list[dict[str, Any]], curve: list[dict[str, Any]], neurons: int) -> dict[str, str]:
+    """The progress bar's running numbers: SR and GR so far, ER and locality at the last checkpoint."""
+    done = [r for r in rows if "sr" in r]
+    out = {"sr": f"{statistics.fmean(r['sr'] for r in done):.2f}"}
+    gr = metrics.generalization_rate([r["gr"] for r in done])
+    if gr is not None:
+        out["gr"] = f"{gr:.2f}"
+    if curve:
+        out["er"] = f"{curve[-1]['retention']:.2f}"
+        out["loc"] = f"{curve[-1]['locality']:.3f}"
+    out["neurons"] = str(neurons)
+    return out
+
+
 def run_evaluate(
     base: str, data: EvalData, *, editor: str = "tpatcher", edits: int | None = None, seed: int = 0,
     train: TrainConfig | None = None, gate: GateConfig | None = None,
@@ -87,8 +101,6 @@ def run_evaluate(
                          "gr": (sum(para) / len(para)) if para else None, "seconds": round(rec.seconds, 4),
                          "steps": rec.steps, "neurons": rec.neurons, "gate": rec.gate, "reasons": rec.reasons})
             edited.append(ex)
-            done = [r for r in rows if "sr" in r]
-            bar.set_postfix(sr=f"{statistics.fmean(r['sr'] for r in done):.2f}", neurons=ed.neurons)
             if not sequential:
                 ed.reset()  # type: ignore[attr-defined]
             elif every and len(edited) % every == 0:
@@ -96,6 +108,7 @@ def run_evaluate(
                 now = adapter.predict([held_inputs[j] for j in sample])
                 curve.append({"edits": len(edited), "retention": sum(kept) / len(kept),
                               "locality": metrics.locality([held_before[j] for j in sample], now)})
+            bar.set_postfix(_running(rows, curve, ed.neurons))
     except KeyboardInterrupt:
         interrupted = True
         progress("interrupted: writing the partial report")

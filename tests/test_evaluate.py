@@ -33,6 +33,16 @@ def test_metrics_on_known_cases() -> None:
         metrics.locality(["a"], [])
 
 
+def test_progress_bar_shows_running_sr_gr_and_the_last_er_checkpoint() -> None:
+    from patching.evaluate import _running
+
+    rows = [{"status": "fixed_along_the_way"}, {"sr": True, "gr": 1.0}, {"sr": False, "gr": 0.0},
+            {"sr": True, "gr": None}, {"sr": True, "gr": 0.5}]
+    curve = [{"edits": 2, "retention": 1.0, "locality": 1.0}, {"edits": 4, "retention": 0.75, "locality": 0.995}]
+    assert _running(rows, curve, 7) == {"sr": "0.75", "gr": "0.50", "er": "0.75", "loc": "0.995", "neurons": "7"}
+    assert _running(rows[1:2], [], 1) == {"sr": "1.00", "gr": "1.00", "neurons": "1"}  # no checkpoint yet
+
+
 def write_jsonl(path: Path, rows: list) -> None:
     path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
 
