@@ -24,7 +24,8 @@ def prompt_for(question: str, fmt: str = DEFAULT_PROMPT_FORMAT) -> str:
 
 
 def exact_match(pred: str, gold: str) -> bool:
-    """Exact match of the stripped strings (case and punctuation count, as in the paper)."""
+    """Exact match of the stripped strings; case and punctuation count. (The paper's code also
+    lowercases both sides; none of the first 256 zsRE edit questions differs by case only.)"""
     return pred.strip() == gold.strip()
 
 
