@@ -161,9 +161,29 @@ def kafka_topic_factory(kafka_admin: KafkaAdminClient, request: pytest.FixtureRe
     def make_topic(name: str | None = None, partitions: int = 1) -> str:
         topic = name or f"t-{_slug(request.node.name)}-{uuid.uuid4().hex[:8]}"
         kafka_admin.create_topics([NewTopic(topic, num_partitions=partitions, replication_factor=1)])
+        _until_described(kafka_admin, topic, partitions)
         return topic
 
     return make_topic
+
+
+def _until_described(admin: KafkaAdminClient, topic: str, partitions: int, timeout_s: float = 30.0) -> None:
+    """Wait until the broker's metadata lists every partition of a new topic with a leader.
+
+    create_topics returns once the controller has the topic; a consumer group that joins before the
+    broker's metadata has it gets no partitions (kafka-python's range assignor logs "No partition
+    metadata") and may sit unassigned past a test's timeout on a loaded machine.
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        described = admin.describe_topics([topic])
+        parts = described[0].get("partitions", []) if described else []
+        if described and described[0].get("error_code") == 0 and len(parts) == partitions \
+                and all(p.get("error_code") == 0 and p.get("leader_id", -1) >= 0 for p in parts):
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"topic {topic}: {partitions} partitions not in the broker's metadata in {timeout_s}s")
+        time.sleep(0.1)
 
 
 @pytest.fixture
