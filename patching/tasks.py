@@ -113,14 +113,19 @@ class TaskAdapter:
         return answers
 
     def _answers_path(self, inputs: Sequence[str]) -> Path | None:
+        return self._keyed_path("answers", ".json", self.base.prompt_format or "", "\x00".join(inputs))
+
+    def _keyed_path(self, folder: str, suffix: str, *parts: str) -> Path | None:
+        """A cache file under cache_root()/folder named by this base's identity and `parts`;
+        None when the base directory has no identity (no weight files to hash)."""
         try:
             identity = base_identity(self.base.directory)
         except (OSError, ValueError):
             return None
         h = hashlib.sha256()
-        for part in (identity, self.base.prompt_format or "", "\x00".join(inputs)):
+        for part in (identity, *parts):
             h.update(part.encode() + b"\x02")
-        return cache_root() / "answers" / f"{self.base.name}-{h.hexdigest()[:24]}.json"
+        return cache_root() / folder / f"{self.base.name}-{h.hexdigest()[:24]}{suffix}"
 
     def right(self, predicted: str, target: str) -> bool:
         return exact_match(predicted, target) if self.generation else predicted == target
@@ -163,14 +168,8 @@ class TaskAdapter:
         return patcher
 
     def _cache_path(self, patcher: Patcher, memory: Sequence[str], heldout: Sequence[str]) -> Path | None:
-        try:
-            identity = base_identity(self.base.directory)
-        except (OSError, ValueError):
-            return None
         if patcher.wrapper.n:
             return None  # the cache holds the unpatched model's tensors only
-        h = hashlib.sha256()
-        for part in (identity, patcher.site.spec.layers, str(patcher.site.layer_index), self.base.prompt_format or "",
-                     "\x00".join(memory), "\x01", "\x00".join(heldout)):
-            h.update(part.encode() + b"\x02")
-        return cache_root() / "activations" / f"{self.base.name}-{h.hexdigest()[:24]}.safetensors"
+        return self._keyed_path("activations", ".safetensors", patcher.site.spec.layers,
+                                str(patcher.site.layer_index), self.base.prompt_format or "",
+                                "\x00".join(memory), "\x01", "\x00".join(heldout))
