@@ -168,9 +168,8 @@ def test_a_long_answer_past_the_neuron_cap_stalls_into_the_retry_that_grows_the_
     patcher.build_memory([enc(memory, [torch.empty(0, dtype=torch.long)] * len(memory))])
     prompt, answer = torch.randint(3, V, (5,), generator=g), torch.randint(3, V, (3,), generator=g)
     edit = enc([prompt], [answer])
-    wrong = int((patcher.tail(patcher.cache(edit).ffn, patcher.cache(edit).residual).argmax(-1)
-                 != patcher.cache(edit).targets).sum())
-    assert wrong == 3
+    cached = patcher.cache(edit)
+    assert int((patcher.tail(cached.ffn, cached.residual).argmax(-1) != cached.targets).sum()) == 3
     steps: list[int] = []
     train = patcher._train
 
