@@ -17,7 +17,7 @@ from collections.abc import Sequence
 COMMAND_MODULES: tuple[str, ...] = (
     "daemon.cmd_engine",  # bench edit
     "daemon.cmd_db",  # db upgrade / current / copy, bench store
-    "daemon.cmd_prepare",  # prepare fever-minilm | zsre-smollm2
+    "daemon.cmd_prepare",  # prepare fever-minilm | zsre-smollm2 | zsre-smollm2-qa
     "daemon.cmd_evaluate",  # evaluate
     "daemon.cmd_mend",  # mend train
     "daemon.cmd_run",  # run, status, check, replay

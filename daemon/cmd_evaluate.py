@@ -30,7 +30,8 @@ def register(sub: Any, bench: Any) -> None:
         "editor and report the paper's metrics.", epilog=FORMAT_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--base", help="fever-minilm, zsre-smollm2 (prepared bases) or a local model directory")
+    p.add_argument("--base", help="fever-minilm, zsre-smollm2, zsre-smollm2-qa (prepared bases) "
+                   "or a local model directory")
     p.add_argument("--data", help="built-in task name or generic-format folder")
     p.add_argument("--data-dir", type=Path, default=None, help="where the built-in tasks' files are")
     p.add_argument("--edits", type=int, default=None, help="edit at most N mistakes (default: all)")

@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 
 # kept in step with patching.bases.BASES (not imported: that module imports the task loaders)
-BASE_NAMES: tuple[str, ...] = ("fever-minilm", "zsre-smollm2")
+BASE_NAMES: tuple[str, ...] = ("fever-minilm", "zsre-smollm2", "zsre-smollm2-qa")
 
 
 def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction) -> None:
@@ -20,6 +20,8 @@ def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction)
         description=(
             "fever-minilm: fine-tune MiniLM-L6 on the fever train split (a few minutes on CPU). "
             "zsre-smollm2: convert the SmolLM2-135M GGUF to safetensors and score it zero-shot. "
+            "zsre-smollm2-qa: zsre-smollm2 tuned to answer ParaRel facts asked in zsRE's own phrasings "
+            "(~25 min on CPU; builds zsre-smollm2 first if needed). "
             "Skips a base that is already cached unless --force."
         ),
     )
@@ -42,7 +44,13 @@ def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction)
         "--sample",
         type=int,
         default=200,
-        help="zsre-smollm2 only: questions per split scored zero-shot (default 200)",
+        help="zsre-smollm2(-qa) only: questions per split scored after the build (default 200)",
+    )
+    parser.add_argument(
+        "--facts",
+        type=int,
+        default=None,
+        help="zsre-smollm2-qa only: ParaRel facts to tune on, 3 phrasings each (default 1000)",
     )
     parser.set_defaults(func=_prepare)
 
@@ -52,7 +60,11 @@ def _prepare(args: argparse.Namespace) -> int:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from patching.bases import prepare
 
-    options = {"epochs": args.epochs} if args.name == "fever-minilm" else {"sample": args.sample}
+    options: dict[str, int | None] = {"sample": args.sample}
+    if args.name == "fever-minilm":
+        options = {"epochs": args.epochs}
+    elif args.name == "zsre-smollm2-qa":
+        options["facts"] = args.facts
     try:
         prepare(args.name, data_dir=args.data_dir, seed=args.seed, force=args.force, **options)
     except FileNotFoundError as exc:  # missing data or model package: a message, not a traceback

@@ -30,7 +30,7 @@ from memory.store import Store
 log = get_logger(__name__)
 
 # prepared base -> its built-in task, whose memory / held-out splits the daemon uses by default
-TASK_OF_BASE = {"fever-minilm": "fever", "zsre-smollm2": "zsre"}
+TASK_OF_BASE = {"fever-minilm": "fever", "zsre-smollm2": "zsre", "zsre-smollm2-qa": "zsre"}
 # gate fields compared on replay: the verdict and the counts it was based on
 REPLAY_CHECKED = ("passed", "reliable", "retention_failed", "changed")
 

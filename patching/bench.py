@@ -24,7 +24,7 @@ from patching.engine import Patcher
 from patching.metrics import percentile
 from patching.tasks import TaskAdapter
 
-TASK_OF_BASE = {"fever-minilm": "fever", "zsre-smollm2": "zsre"}
+TASK_OF_BASE = {"fever-minilm": "fever", "zsre-smollm2": "zsre", "zsre-smollm2-qa": "zsre"}
 
 
 def _run(patcher: Patcher, adapter: TaskAdapter, edits: list[Any], label: str) -> dict[str, Any]:

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from memory.fingerprint import normalise_text
+from patching.templates import TemplateGraph
 
 TASKS: tuple[str, ...] = ("fever", "zsre", "counterfact")
 FEVER_LABELS: tuple[str, ...] = ("SUPPORTS", "REFUTES")
@@ -110,7 +111,7 @@ def default_data_dir() -> Path | None:
     return None
 
 
-def _raw_dir(data_dir: Path | None) -> Path:
+def raw_dir(data_dir: Path | None) -> Path:
     chosen = data_dir if data_dir is not None else default_data_dir()
     if chosen is None:
         raise FileNotFoundError(
@@ -137,7 +138,7 @@ def load_task(name: str, data_dir: Path | None = None, seed: int = 0) -> TaskSpl
     loaders = {"fever": _load_fever, "zsre": _load_zsre, "counterfact": _load_counterfact}
     if name not in loaders:
         raise ValueError(f"unknown task {name!r}; choose one of {', '.join(TASKS)}")
-    return loaders[name](_raw_dir(data_dir), random.Random(seed))
+    return loaders[name](raw_dir(data_dir), random.Random(seed))
 
 
 def _take(items: list[Example], n: int, what: str) -> tuple[list[Example], list[Example]]:
@@ -251,11 +252,7 @@ def _with_mined_phrasings(edit: list[Example], knowedit: list[dict[str, Any]], o
     about its subject, at most ZSRE_TRAIN_EQUIVALENTS, never a text any part of the task holds (its
     measured paraphrases, another edit question, a locality or memory prompt). Used only when
     `patchd evaluate --train-equivalents` asks for them."""
-    from patching.templates import TemplateGraph
-
-    records = [(r["subject"], r["prompt"], r["rephrase_prompt"]) for r in knowedit]
-    records += [(r["subject"], r["src"], r["rephrase"]) for r in others]
-    graph = TemplateGraph(records, text_key)
+    graph = _zsre_graph(knowedit, others)
     subject = {text_key(r["prompt"]): r["subject"] for r in knowedit}
     out: list[Example] = []
     for ex in edit:
@@ -333,3 +330,20 @@ def _load_counterfact(raw: Path, rng: random.Random) -> TaskSplits:
     memory = _disjoint((Example(p, t) for p, t in others), claimed) + rest
     rng.shuffle(memory)
     return TaskSplits("counterfact", "generation", None, [], memory[:CF_MEMORY], heldout, edit, test)
+
+
+def _zsre_graph(knowedit: list[dict[str, Any]], others: list[dict[str, Any]]) -> TemplateGraph:
+    records = [(r["subject"], r["prompt"], r["rephrase_prompt"]) for r in knowedit]
+    records += [(r["subject"], r["src"], r["rephrase"]) for r in others]
+    return TemplateGraph(records, text_key)
+
+
+def zsre_phrasings(data_dir: Path | None = None) -> tuple[TemplateGraph, set[str]]:
+    """zsRE's phrasing templates (patching/templates.py) and every subject a zsRE record names
+    (casefolded): what `patchd prepare zsre-smollm2-qa` asks other facts with, and keeps out."""
+    raw = raw_dir(data_dir)
+    knowedit = _read_json(raw, "knowedit_zsre/ZsRE-test-all.json")
+    others = _read_json(raw, "easyedit_portability_dummy/zsre_mend_eval_portability_gpt4.dummy.json")
+    others += [row["en"] for row in _read_json(raw, "mzsre_remake/mzsre_test_duplicate_ende.json")]
+    subjects = {row["subject"].strip().casefold() for row in knowedit + others}
+    return _zsre_graph(knowedit, others), subjects

@@ -47,6 +47,14 @@ class TemplateGraph:
             self.neighbours.setdefault(a, []).append(b)
             self.neighbours.setdefault(b, []).append(a)
 
+    def by_use(self) -> list[str]:
+        """Every template, the one in the most records first (ties in text order)."""
+        uses: Counter[str] = Counter()
+        for (a, b), n in self.edges.items():
+            uses[a] += n
+            uses[b] += n
+        return sorted(uses, key=lambda t: (-uses[t], t))
+
     def _weight(self, a: str, b: str, own: Counter[tuple[str, str]]) -> int:
         edge = (min(a, b), max(a, b))
         return self.edges[edge] - own[edge]

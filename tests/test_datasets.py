@@ -123,3 +123,23 @@ def test_unknown_task() -> None:
 def test_default_data_dir_honours_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PATCHD_DATA_DIR", str(tmp_path))
     assert default_data_dir() == tmp_path
+
+
+@needs_data
+def test_pararel_questions_for_the_qa_base_stay_out_of_the_zsre_task() -> None:
+    """zsre-smollm2-qa's tuning data (patching/pararel.py) on the real files: the documented
+    relations, several phrasings per fact, no zsRE subject and no text of any zsRE part."""
+    from patching.datasets import raw_dir, zsre_phrasings
+    from patching.pararel import qa_examples, relation_templates
+
+    splits = load_task("zsre")
+    graph, subjects = zsre_phrasings()
+    templates = relation_templates(graph.by_use())
+    assert len(subjects) == 1_237 and len(templates) == 16
+    taken = {text_key(t) for part in (splits.memory, splits.heldout, splits.edit, splits.test)
+             for ex in part for t in (ex.input, *ex.equivalents, *ex.train_equivalents)}
+    pairs = qa_examples(raw_dir(None) / "pararel" / "trex_lms_vocab", templates, skip_subjects=subjects,
+                        skip_key=taken, key=text_key, facts=1000)
+    assert 2_000 <= len(pairs) <= 3_000
+    assert not any(text_key(q) in taken for q, _ in pairs)
+    assert not any(s in q.casefold() for q, _ in pairs[:200] for s in subjects if len(s) > 12)

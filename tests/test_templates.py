@@ -38,3 +38,12 @@ def test_two_hops_through_other_records_and_nothing_across_relations() -> None:
     assert out == ["What family are Zonitis?", "Which family does Zonitis belong to?"]
     assert not any("creat" in text for text in out)
     assert graph.phrasings("What kind of family is Zonitis?", "Zonitis", hops=1) == ["What family are Zonitis?"]
+
+
+def test_by_use_orders_templates_by_their_records() -> None:
+    graph = TemplateGraph(RECORDS, key)
+    # "What family are X?" is in both family records; the others in one each
+    assert graph.by_use()[0] == "What family are \x00?"
+    assert set(graph.by_use()) == {"Which family does \x00 belong to?", "What family are \x00?",
+                                   "What kind of family is \x00?", "Who created \x00?",
+                                   "Who is the creator of \x00?"}

@@ -1,5 +1,7 @@
-"""Sequential zsRE stream probe: first N mistakes, with or without train equivalents; SR and GR (greedy EM)."""
+"""Sequential zsRE stream probe: first N mistakes, with or without train equivalents; SR and GR (greedy EM).
+The base is $PROBE_BASE (default zsre-smollm2)."""
 import json
+import os
 import statistics
 import sys
 import time
@@ -19,7 +21,7 @@ from patching.tasks import TaskAdapter
 N=int(sys.argv[1]); use=sys.argv[2]=="teq"; tag=sys.argv[3]
 extra=dict(a.split("=") for a in sys.argv[4:])
 data=load_eval_data("zsre", None, seed=0)
-lb=load_base("zsre-smollm2"); ad=TaskAdapter(lb)
+lb=load_base(os.environ.get("PROBE_BASE", "zsre-smollm2"))  # or e.g. zsre-smollm2-qa; ad=TaskAdapter(lb)
 cfg=TrainConfig(seed=0)
 for k,v in extra.items(): cfg=replace(cfg, **{k: type(getattr(cfg,k))(v) if getattr(cfg,k) is not None else float(v)})
 p=Patcher(lb.model, train=cfg, gate=GateConfig())
