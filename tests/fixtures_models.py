@@ -52,3 +52,18 @@ def tiny_model(model_type: str, seed: int = 0) -> Any:
 @pytest.fixture(params=ARCHS)
 def arch_name(request: pytest.FixtureRequest) -> str:
     return str(request.param)
+
+
+def byte_tokenizer() -> T.PreTrainedTokenizerFast:
+    """Byte-level BPE with no merges: every byte is one token, so any text (newlines included)
+    round-trips exactly; <pad> and <eos> on top. Built offline."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    vocab["<pad>"] = len(vocab)
+    vocab["<eos>"] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return T.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>")

@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from patching.pararel import qa_examples, relation_templates
 from patching.qa import greedy_answers, prompt_for
 from patching.qa_tuning import IGNORE, QATune, answer_batch, train_answers
 from patching.templates import SLOT
+from tests.fixtures_models import byte_tokenizer
 
 
 def key(text: str) -> str:
@@ -72,14 +72,7 @@ def test_qa_examples_name_a_missing_relation_file(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def tokenizer() -> PreTrainedTokenizerFast:
-    alphabet = pre_tokenizers.ByteLevel.alphabet()  # one token per byte: exact round trips
-    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
-    vocab["<pad>"] = len(vocab)
-    vocab["<eos>"] = len(vocab)
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>")
+    return byte_tokenizer()
 
 
 def test_answer_batch_counts_only_the_answer_and_its_newline(tokenizer: PreTrainedTokenizerFast) -> None:

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from patching.qa import cut_answer, exact_match, greedy_answers, prompt_for
+from tests.fixtures_models import byte_tokenizer
 
 PROMPTS = [
     prompt_for("Which family does Epaspidoceras belong to?"),
@@ -22,16 +22,7 @@ PROMPTS = [
 
 @pytest.fixture(scope="module")
 def tokenizer() -> PreTrainedTokenizerFast:
-    # byte-level BPE with no merges: every byte is one token, so any text (newlines included)
-    # round-trips exactly; two specials on top
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
-    vocab["<pad>"] = len(vocab)
-    vocab["<eos>"] = len(vocab)
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>")
+    return byte_tokenizer()
 
 
 @pytest.fixture(scope="module")
