@@ -60,6 +60,9 @@ def _prepare(args: argparse.Namespace) -> int:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from patching.bases import prepare
 
+    if args.facts is not None and args.facts < 1:
+        print(f"patchd prepare: --facts must be at least 1, not {args.facts}")
+        return 2
     options: dict[str, int | None] = {"sample": args.sample}
     if args.name == "fever-minilm":
         options = {"epochs": args.epochs}

@@ -350,7 +350,9 @@ def _build_zsre_smollm2_qa(
              for ex in part for t in (ex.input, *ex.equivalents, *ex.train_equivalents)}
     pairs = qa_examples(raw_dir(data_dir) / "pararel" / "trex_lms_vocab", templates, skip_subjects=subjects,
                         skip_key=taken, key=text_key, facts=hp.facts, per_fact=hp.per_fact, seed=seed)
-    log(f"zsre-smollm2-qa: {len(pairs)} questions about {hp.facts} ParaRel facts over "
+    if not pairs:
+        raise FileNotFoundError(f"no ParaRel facts left to tune on in {raw_dir(data_dir) / 'pararel'}")
+    log(f"zsre-smollm2-qa: {len(pairs)} questions about at most {hp.facts} ParaRel facts over "
         f"{len(templates)} relations")
     source = prepare("zsre-smollm2", data_dir=data_dir, seed=seed, log=log)
     tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)

@@ -102,3 +102,10 @@ def test_train_answers_teaches_a_tiny_model_its_answers(tokenizer: PreTrainedTok
     assert not model.training
     answers = greedy_answers(model, tokenizer, [prompt_for(q, fmt) for q, _ in pairs], max_new_tokens=8)
     assert answers == [a for _, a in pairs]
+
+
+def test_prepare_refuses_zero_facts(capsys: pytest.CaptureFixture[str]) -> None:
+    from daemon import cli
+
+    assert cli.main(["prepare", "zsre-smollm2-qa", "--facts", "0"]) == 2
+    assert "--facts must be at least 1" in capsys.readouterr().out
