@@ -29,8 +29,6 @@ from memory.store import Store
 
 log = get_logger(__name__)
 
-# prepared base -> its built-in task, whose memory / held-out splits the daemon uses by default
-TASK_OF_BASE = {"fever-minilm": "fever", "zsre-smollm2": "zsre", "zsre-smollm2-qa": "zsre"}
 # gate fields compared on replay: the verdict and the counts it was based on
 REPLAY_CHECKED = ("passed", "reliable", "retention_failed", "changed")
 
@@ -245,6 +243,8 @@ def memory_inputs(settings: Settings, base_name: str, kind: str) -> tuple[list[s
         return read_inputs(files[0]), read_inputs(files[1])  # type: ignore[arg-type]
     if any(f is not None for f in files):
         raise ModelSetupError("set both model.memory_file and model.heldout_file, or neither")
+    from patching.bases import TASK_OF_BASE  # torch comes with it; the model needs it next anyway
+
     task = TASK_OF_BASE.get(base_name)
     if task is None:
         raise ModelSetupError(

@@ -37,6 +37,8 @@ from patching.datasets import Example, load_task  # noqa: E402
 from patching.qa import DEFAULT_PROMPT_FORMAT  # noqa: E402
 
 BASES: tuple[str, ...] = ("fever-minilm", "zsre-smollm2", "zsre-smollm2-qa")
+# each prepared base's built-in task: the daemon's default memory / held-out splits, bench's edits
+TASK_OF_BASE: dict[str, str] = {"fever-minilm": "fever", "zsre-smollm2": "zsre", "zsre-smollm2-qa": "zsre"}
 META_FILE = "patchd_base.json"
 SMOL_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 Kind = Literal["classification", "generation"]
@@ -346,10 +348,8 @@ def _build_zsre_smollm2_qa(
     splits = load_task("zsre", data_dir, seed)  # first, so that a bad --data-dir fails fast
     graph, subjects = zsre_phrasings(data_dir)
     templates = relation_templates(graph.by_use())
-    taken = {text_key(t) for part in (splits.memory, splits.heldout, splits.edit, splits.test)
-             for ex in part for t in (ex.input, *ex.equivalents, *ex.train_equivalents)}
     pairs = qa_examples(raw_dir(data_dir) / "pararel" / "trex_lms_vocab", templates, skip_subjects=subjects,
-                        skip_key=taken, key=text_key, facts=hp.facts, per_fact=hp.per_fact, seed=seed)
+                        skip_key=splits.keys(), key=text_key, facts=hp.facts, per_fact=hp.per_fact, seed=seed)
     if not pairs:
         raise FileNotFoundError(f"no ParaRel facts left to tune on in {raw_dir(data_dir) / 'pararel'}")
     log(f"zsre-smollm2-qa: {len(pairs)} questions about at most {hp.facts} ParaRel facts over "

@@ -17,14 +17,12 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from patching.bases import load_base
+from patching.bases import TASK_OF_BASE, load_base
 from patching.config import GateConfig, TrainConfig
 from patching.datasets import load_task
 from patching.engine import Patcher
 from patching.metrics import percentile
 from patching.tasks import TaskAdapter
-
-TASK_OF_BASE = {"fever-minilm": "fever", "zsre-smollm2": "zsre", "zsre-smollm2-qa": "zsre"}
 
 
 def _run(patcher: Patcher, adapter: TaskAdapter, edits: list[Any], label: str) -> dict[str, Any]:

@@ -79,6 +79,11 @@ class TaskSplits:
     def counts(self) -> dict[str, int]:
         return {part: len(getattr(self, part)) for part in self.PARTS}
 
+    def keys(self) -> set[str]:
+        """text_key of every text any part holds: inputs, paraphrases and train equivalents."""
+        return {text_key(t) for part in self.PARTS for ex in getattr(self, part)
+                for t in (ex.input, *ex.equivalents, *ex.train_equivalents)}
+
 
 def text_key(text: str) -> str:
     """The key two texts must differ in to count as different inputs."""

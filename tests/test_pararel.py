@@ -59,7 +59,7 @@ def test_qa_examples_ask_each_fact_in_several_phrasings_and_skip_the_task(trex: 
         assert all(subject in q for q in questions)
     assert "Nowhere" not in by_answer  # the zsRE subject is never asked about
     assert "Town 0" not in by_answer  # every phrasing of Person 0 is a task text: the fact is skipped
-    # the same seed gives the same data; another seed other facts or another order
+    # the same seed gives the same data
     assert qa_examples(trex, templates, skip_subjects={"epaspidoceras"}, skip_key=taken, key=key,
                        facts=4, per_fact=2, seed=0) == pairs
 
