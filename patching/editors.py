@@ -23,6 +23,7 @@ class EditRecord:
     seconds: float
     steps: int = 0
     neurons: int = 0
+    attempts: int = 0  # training attempts (tpatcher: gate retries, then the same without equivalents)
     gate: dict[str, Any] = field(default_factory=dict)
     reasons: list[str] = field(default_factory=list)
 
@@ -55,7 +56,7 @@ class TPatcherEditor:
         return EditRecord(
             out.status, time.perf_counter() - t0, steps=p.train.steps if p else 0,
             neurons=p.neurons.n if p and out.status == "accepted" else 0,
-            gate=p.gate.to_dict() if p else {}, reasons=out.reasons,
+            gate=p.gate.to_dict() if p else {}, reasons=out.reasons, attempts=p.attempts if p else 0,
         )
 
 

@@ -154,24 +154,33 @@ class Patcher:
         if self.is_right(et):
             return None
         proposal: Proposal | None = None
-        for attempt in range(self.gate_cfg.retries + 1):
-            # more neurons only when the edit itself stayed wrong with the capped set
-            grow = attempt > 0 and proposal is not None and not proposal.gate.reliable
-            anchors = self.anchors(et, attempt if grow else 0, extra)
-            strength = self.gate_cfg.retry_factor ** attempt
-            obj = Objective.from_config(self.train_cfg, self.generation, strength)
-            result = self._train(enc, et, anchors, obj, attempt, extra)
-            verdict = gating.check(
-                result.neurons, self.train_cfg.activation, et, self.retention, self.heldout, self.tail, self.gate_cfg
-            )
-            # the stop rule is the trainer's proxy; the gate has the final word (a neuron that still
-            # fires on a memory row is kept only if no held-out prediction and no earlier edit moved)
-            proposal = Proposal(edit_id, et, result.neurons, result, verdict, attempt + 1, 0.0)
-            if proposal.accepted and self.generation and not isinstance(enc, EditTensors):
-                if not self._generates(enc, result.neurons, edit_id):
-                    verdict.passed = False
-                    verdict.reasons.append("generate: greedy output differs from the target")
-            if proposal.accepted:
+        tries = 0
+        # equivalents help, never block: when every attempt with them fails (usually the gate: a
+        # key wide enough for all the phrasings also fires on a held-out input), the whole retry
+        # sequence runs again on the edit alone, as it would have without them
+        for eq in ((extra, None) if extra is not None else (None,)):
+            for attempt in range(self.gate_cfg.retries + 1):
+                # more neurons only when the edit itself stayed wrong with the capped set
+                grow = attempt > 0 and proposal is not None and not proposal.gate.reliable
+                anchors = self.anchors(et, attempt if grow else 0, eq)
+                strength = self.gate_cfg.retry_factor ** attempt
+                obj = Objective.from_config(self.train_cfg, self.generation, strength)
+                result = self._train(enc, et, anchors, obj, attempt, eq)
+                verdict = gating.check(
+                    result.neurons, self.train_cfg.activation, et, self.retention, self.heldout, self.tail,
+                    self.gate_cfg,
+                )
+                tries += 1
+                # the stop rule is the trainer's proxy; the gate has the final word (a neuron that still
+                # fires on a memory row is kept only if no held-out prediction and no earlier edit moved)
+                proposal = Proposal(edit_id, et, result.neurons, result, verdict, tries, 0.0)
+                if proposal.accepted and self.generation and not isinstance(enc, EditTensors):
+                    if not self._generates(enc, result.neurons, edit_id):
+                        verdict.passed = False
+                        verdict.reasons.append("generate: greedy output differs from the target")
+                if proposal.accepted:
+                    break
+            if proposal is not None and proposal.accepted:
                 break
         assert proposal is not None
         proposal.seconds = time.perf_counter() - t0

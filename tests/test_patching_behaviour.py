@@ -136,6 +136,25 @@ def test_an_equivalent_that_cannot_be_fitted_costs_bounded_steps_and_never_block
     assert torch.equal(predict(model, memory_input), kept)
 
 
+def test_an_equivalent_whose_fit_moves_a_heldout_prediction_never_blocks_the_edit() -> None:
+    """The "paraphrase" is a held-out input whose prediction differs from the target: a neuron that
+    fits it changes a held-out prediction, so every attempt with it fails the gate. The retries then
+    run again on the edit alone, which passes, and the held-out input keeps its prediction."""
+    patcher, heldout, edits = setup()
+    model = patcher.model
+    held_before = predict(model, heldout)
+    target = 1 - predict(model, edits[:1])
+    victim = (held_before != target).nonzero().flatten()[:1]
+    # one attempt per sequence: with the equivalent (rejected), then the edit alone
+    patcher.gate_cfg = replace(patcher.gate_cfg, retries=0)
+    outcome = patcher.edit(batch(torch.cat([edits[:1], heldout[victim]]), target.repeat(2)), edit_id="e0")
+    assert outcome.status == "accepted", outcome.reasons
+    assert outcome.proposal is not None
+    assert outcome.proposal.attempts == 2  # the attempt with the equivalent was rejected
+    assert predict(model, edits[:1]).item() == target.item()
+    assert torch.equal(predict(model, heldout), held_before)
+
+
 def test_the_stall_rule_never_cuts_short_an_edit_whose_wrong_rows_all_have_neurons() -> None:
     """Slow progress on an anchored row is still progress (the loss moves before the argmax does):
     only rows without a neuron can stall an attempt. Here the one row is anchored."""
