@@ -59,9 +59,9 @@ class TrainConfig:
     # the cached stand-in for the reference's dropout-on-8-copies, which buys generality
     augment_copies: int = 0
     augment_dropout: float = 0.1
-    # train equivalents (paraphrases sent with an edit) are trained on for at most this many steps;
-    # if they are not all right by then they are dropped and the edit trains on alone, so a
-    # paraphrase that cannot be fitted within the memory margins never costs max_steps per try
+    # train equivalents (paraphrases sent with an edit): every this many steps, those not yet right
+    # are dropped and the rest train on, so a paraphrase that cannot be fitted within the memory
+    # margins never costs max_steps per try, nor takes the others' help away (0 = drop all at once)
     equivalent_steps: int = 100
     # generation: while a wrong answer token has no neuron anchored at it (a long answer whose wrong
     # tokens outnumber max_neurons), an attempt ends (unsuccessful) once this many steps pass without

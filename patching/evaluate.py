@@ -99,7 +99,8 @@ def run_evaluate(
             para = _right(adapter, [type(ex)(q, ex.target) for q in ex.equivalents]) if ex.equivalents else []
             rows.append({"i": i, "input": ex.input, "target": ex.target, "status": rec.status, "sr": right,
                          "gr": (sum(para) / len(para)) if para else None, "seconds": round(rec.seconds, 4),
-                         "steps": rec.steps, "attempts": rec.attempts, "neurons": rec.neurons, "gate": rec.gate,
+                         "steps": rec.steps, "attempts": rec.attempts, "equivalents_trained": rec.equivalents,
+                         "neurons": rec.neurons, "gate": rec.gate,
                          "reasons": rec.reasons})
             edited.append(ex)
             if not sequential:

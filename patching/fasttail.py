@@ -65,9 +65,9 @@ class BoundTail:
         logits = (self.fixed + act @ per_neuron) * (t.scale / r)
         return logits if t.const is None else logits + t.const
 
-    def first(self, rows: int) -> BoundTail:
-        """The same tail over the first `rows` rows only (train equivalents dropped)."""
-        return BoundTail(self.tail, self.x[:rows], self.fixed[:rows])
+    def select(self, rows: torch.Tensor) -> BoundTail:
+        """The same tail over the given rows only (long [k]; train equivalents dropped)."""
+        return BoundTail(self.tail, self.x[rows], self.fixed[rows])
 
 
 def linear_tail(site: FFNSite) -> LinearTail | None:

@@ -57,6 +57,7 @@ class TrainResult:
     edit_activation: float  # min pre-activation of the neurons at their anchors
     memory_max: float  # max pre-activation over the whole memory
     losses: dict[str, float] = field(default_factory=dict)
+    equivalents: int = 0  # train equivalents still trained on at the end (the rest were dropped)
 
 
 @dataclass(frozen=True)
@@ -178,8 +179,8 @@ def train_cached(
     memory [N, d] must already hold the q rows of every earlier accepted edit.
     extra [K*R rows]: K equivalent inputs of the edit with the same target (train equivalents), R
     rows each in the edit's row order; neuron i is anchored at row i of every one of them too, and
-    the stop rule also needs them right. If they are not all right within cfg.equivalent_steps
-    steps they are dropped and the edit trains on alone (equivalents help, never block an edit).
+    the stop rule also needs them right. Every cfg.equivalent_steps steps, the equivalents not yet
+    right are dropped and the edit trains on with the rest (equivalents help, never block an edit).
     While a wrong row of the edit has no neuron anchored at it (more wrong tokens than
     max_neurons), the attempt ends unsuccessfully once cfg.stall_steps steps pass without fewer
     wrong rows: the caller's retry anchors more rows. Wrong rows that all have neurons train on.
@@ -207,6 +208,7 @@ def train_cached(
         ffn_all, res_all = torch.cat([ffn_all, extra.ffn]), torch.cat([res_all, extra.residual])
     # anchor row of neuron i in copy c (dropout copies, then equivalents) is c * R + anchors[i]
     anchor_rows = (torch.arange(copies + K)[:, None] * R + anchors[None, :].cpu()).to(edit.q.device)  # [C+K, n]
+    eq_ok = torch.zeros(K, dtype=torch.bool)  # [K] per train equivalent: all its rows right (none before step 0)
     cols = torch.arange(n, device=edit.q.device)
     info: dict[str, float] = {}
     success = False
@@ -218,13 +220,20 @@ def train_cached(
     unanchored[anchors.to(edit.q.device)] = False  # [R] rows no neuron is anchored at
     bound = fast.bind(ffn_all, res_all) if fast is not None else None
     for step in range(cfg.max_steps + 1):
-        if K and step == cfg.equivalent_steps:
-            # the equivalents were not all fitted in their budget: the edit trains on alone, exactly
-            # as without them, so an equivalent that cannot be fitted never costs max_steps
-            K, keep = 0, copies * R
-            q_all, targets_all, ffn_all, res_all = q_all[:keep], targets_all[:keep], ffn_all[:keep], res_all[:keep]
-            anchor_rows = anchor_rows[:copies]
-            bound = bound.first(keep) if bound is not None else None
+        due = step > 0 and step % cfg.equivalent_steps == 0 if cfg.equivalent_steps else step == 0
+        if K and due:
+            # not done within the equivalents' budget: those still wrong are dropped and the rest
+            # train on, so an equivalent that cannot be fitted within the memory margins never costs
+            # max_steps, nor takes away the help of the others; when none is wrong, the margins are
+            # what the equivalents pull against, and all of them go (all at step 0 with budget 0)
+            wrong_eq = ~eq_ok
+            kept = eq_ok.nonzero().flatten() if bool(wrong_eq.any()) else eq_ok[:0].nonzero().flatten()  # [K']
+            K, base = int(kept.numel()), copies * R
+            rows = torch.cat([torch.arange(base), (base + kept[:, None] * R + torch.arange(R)[None, :]).flatten()])
+            rows = rows.to(q_all.device)
+            q_all, targets_all, ffn_all, res_all = q_all[rows], targets_all[rows], ffn_all[rows], res_all[rows]
+            anchor_rows = (torch.arange(copies + K)[:, None] * R + anchors[None, :].cpu()).to(edit.q.device)
+            bound = bound.select(rows) if bound is not None else None
         pre = q_all @ nr.keys.T + nr.biases  # [C*R, n]
         act = activate(pre, activation)  # type: ignore[arg-type]
         if bound is not None:
@@ -241,7 +250,8 @@ def train_cached(
             # progress: fewer wrong rows, or none wrong without an anchor (those train on as before)
             if wrong < fewest_wrong or not bool((wrong_rows & unanchored).any()):
                 fewest_wrong, progress_step = min(wrong, fewest_wrong), step
-            extra_ok = not K or bool((logits[copies * R :].argmax(-1) == targets_all[copies * R :]).all())
+            eq_ok = (logits[copies * R :].argmax(-1) == targets_all[copies * R :]).reshape(K, R).all(1)
+            extra_ok = bool(eq_ok.all())
             m_max = float(m.max()) if m.numel() else float("-inf")
             if stop_met(edit_ok, a_edit, m_max, obj) and scorer.partial:
                 m_max = float(scorer.full(nr).max())  # mined rows passed: confirm on the whole memory
@@ -263,5 +273,6 @@ def train_cached(
         edit_activation=float(a_edit.detach().min()),
         memory_max=m_max,
         losses=info,
+        equivalents=K,
     )
 

@@ -136,6 +136,27 @@ def test_an_equivalent_that_cannot_be_fitted_costs_bounded_steps_and_never_block
     assert torch.equal(predict(model, memory_input), kept)
 
 
+def test_an_unfittable_equivalent_is_dropped_alone_and_the_others_stay_fitted() -> None:
+    """Equivalents: one a memory input (ten times in M, so it stays wrong), one an ordinary input.
+    At the budget only the wrong one is dropped; the other keeps training and ends right."""
+    patcher, heldout, edits = setup()
+    model = patcher.model
+    memory_input = inputs()[:1]
+    patcher.build_memory([batch(memory_input.repeat(10, 1))])
+    target = 1 - predict(model, edits[:1])
+    other = (predict(model, edits[1:]) != target).nonzero().flatten()[:1] + 1
+    kept = predict(model, memory_input)
+    assert (kept != target).all() and (predict(model, edits[other]) != target).all()
+    together = torch.cat([edits[:1], memory_input, edits[other]])
+    outcome = patcher.edit(batch(together, target.repeat(3)), edit_id="e0")
+    assert outcome.status == "accepted", outcome.reasons
+    assert outcome.proposal is not None and outcome.proposal.train.steps >= patcher.train_cfg.equivalent_steps
+    assert outcome.proposal.train.equivalents == 1  # the memory input went, the other stayed
+    assert predict(model, edits[:1]).item() == target.item()
+    assert predict(model, edits[other]).item() == target.item()  # trained on to the end
+    assert torch.equal(predict(model, memory_input), kept)
+
+
 def test_an_equivalent_whose_fit_moves_a_heldout_prediction_never_blocks_the_edit() -> None:
     """The "paraphrase" is a held-out input whose prediction differs from the target: a neuron that
     fits it changes a held-out prediction, so every attempt with it fails the gate. The retries then
