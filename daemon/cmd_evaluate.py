@@ -54,7 +54,12 @@ def register(sub: Any, bench: Any) -> None:
                    help="editors also train on each edit's train_equivalents (paraphrases a producer could "
                    "send with a correction; zsre: mined from other questions, docs/data.md); GR is still "
                    "measured on the held-apart equivalents only")
-    p.add_argument("--out", type=Path, default=None, help="write the JSON report here")
+    p.add_argument("--out", type=Path, default=None,
+                   help="write the JSON report here (tpatcher: and the edits' neurons beside it, "
+                   "REPORT.patches.safetensors, so that --resume can go on from it)")
+    p.add_argument("--resume", type=Path, default=None, metavar="REPORT",
+                   help="go on with the stream of a stopped run (Ctrl-C / kill): the same command line plus "
+                   "--resume with its report; its edits are re-applied, not trained again (default --out: REPORT)")
     p.add_argument("--plot", type=Path, default=None, help="write a PNG plot here")
     p.add_argument("--compare", type=Path, nargs="+", default=None, metavar="REPORT",
                    help="plot existing reports side by side (with --plot) instead of running")
@@ -94,15 +99,30 @@ def _evaluate(args: argparse.Namespace) -> int:
         train = replace(train, activation=args.activation)
     if args.augment_copies is not None:
         train = replace(train, augment_copies=args.augment_copies)
+    from patching.resume import Resume, ResumeError, patches_path
+
+    resume = None
+    if args.resume is not None:
+        try:
+            resume = Resume.read(args.resume)
+        except (OSError, ValueError) as exc:
+            print(f"error: {exc}")
+            return 2
+        args.out = args.out or args.resume
     options = {}
     if args.editor == "mend":
         from patching.bases import cache_root
 
         options["mend_dir"] = args.mend_dir or cache_root() / "mend" / Path(args.base).name
-    with interruptible():
-        report = run_evaluate(args.base, data, editor=args.editor, edits=args.edits, seed=args.seed, train=train,
-                              gate=gate, sequential=not args.single, editor_options=options,
-                              curve_points=args.curve_points, train_equivalents=args.train_equivalents)
+    try:
+        with interruptible():
+            report = run_evaluate(args.base, data, editor=args.editor, edits=args.edits, seed=args.seed,
+                                  train=train, gate=gate, sequential=not args.single, editor_options=options,
+                                  curve_points=args.curve_points, train_equivalents=args.train_equivalents,
+                                  resume=resume, patches=patches_path(args.out) if args.out else None)
+    except ResumeError as exc:  # a stopped run that does not fit this command line
+        print(f"error: {exc}")
+        return 2
     summary = {k: report[k] for k in ("editor", "base", "data", "sequential", "train_equivalents", "edits",
                                       "neurons", "sr", "gr", "er",
                                       "train_r", "test_r", "locality", "gate_rejected", "gate_would_reject",

@@ -13,6 +13,7 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
@@ -20,9 +21,10 @@ from tqdm import tqdm
 from patching import metrics
 from patching.bases import load_base
 from patching.config import GateConfig, TrainConfig
-from patching.editors import Editor, make_editor
+from patching.editors import Editor, TPatcherEditor, make_editor
 from patching.engine import Patcher
 from patching.evaldata import EvalData
+from patching.resume import Resume, ResumeError, save_patches
 from patching.tasks import TaskAdapter
 
 CURVE_POINTS = 20  # retention/locality checkpoints along the stream (each costs a prediction pass)
@@ -53,19 +55,29 @@ def run_evaluate(
     train: TrainConfig | None = None, gate: GateConfig | None = None,
     progress: Callable[[str], None] = print, sequential: bool = True, editor_options: dict[str, Any] | None = None,
     curve_points: int = CURVE_POINTS, train_equivalents: bool = False,
+    resume: Resume | None = None, patches: Path | None = None,
 ) -> dict[str, Any]:
     """`sequential=False`: every edit on the unedited model (T = 1; the editor must have `reset()`);
     ER, TrainR, TestR, locality and the curve then do not apply and are None.
     `train_equivalents`: editors also train on each edit's `train_equivalents` (never on the
-    `equivalents` that GR measures)."""
+    `equivalents` that GR measures).
+    `patches` (tpatcher, sequential): write every accepted edit's neurons there at the end, also
+    when interrupted; `resume`: a stopped run of the same settings, continued (patching/resume.py)."""
     t_start = time.perf_counter()
     lb = load_base(base)
     adapter = TaskAdapter(lb)
     rng = random.Random(seed)
     train = train or TrainConfig(seed=seed)
+    gate = gate or GateConfig()
+    settings = {"editor": editor, "base": lb.name, "data": data.name, "seed": seed,
+                "train_equivalents": train_equivalents,
+                "train_config": asdict(train.for_task(adapter.generation)) if editor == "tpatcher" else None,
+                "gate_config": asdict(gate) if editor == "tpatcher" else None}
+    if resume is not None:
+        resume.check({**settings, "sequential": sequential})
 
     def factory() -> Patcher:
-        p = Patcher(lb.model, train=train, gate=gate or GateConfig())
+        p = Patcher(lb.model, train=train, gate=gate)
         return adapter.patcher(p, [e.input for e in data.memory], [e.input for e in data.heldout])
 
     options = {"heldout": [e.input for e in data.heldout], "seed": seed, **(editor_options or {})}
@@ -87,9 +99,17 @@ def run_evaluate(
     every = max(1, len(stream) // curve_points) if curve_points > 0 else 0
     edited: list[Any] = []
     interrupted = False
-    bar = tqdm(stream, desc=f"{editor} stream", unit="edit")
+    earlier_wall, segments = 0.0, 1
+    if resume is not None:
+        rows = [dict(r) for r in resume.rows([e.input for e in stream])]
+        curve = list(resume.report.get("curve", []))
+        edited = [stream[r["i"]] for r in rows if "sr" in r]
+        _replay(ed, adapter, stream, rows, resume, progress)
+        earlier_wall, segments = float(resume.report["wall_seconds"]), int(resume.report.get("segments", 1)) + 1
+    start = len(rows)
+    bar = tqdm(stream[start:], desc=f"{editor} stream", unit="edit", initial=start, total=len(stream))
     try:
-        for i, ex in enumerate(bar):
+        for i, ex in enumerate(bar, start=start):
             if adapter.right(adapter.predict([ex.input])[0], ex.target):
                 rows.append({"i": i, "input": ex.input, "target": ex.target, "status": "fixed_along_the_way"})
                 continue
@@ -114,6 +134,8 @@ def run_evaluate(
     except KeyboardInterrupt:
         interrupted = True
         progress("interrupted: writing the partial report")
+    if patches is not None and isinstance(ed, TPatcherEditor) and sequential:
+        save_patches(patches, ed.patcher)  # before the final passes: a second Ctrl-C keeps the edits
     done = [r for r in rows if "sr" in r]
     final_right = _right(adapter, edited) if sequential else []
     for r, ok in zip(done, final_right, strict=False):
@@ -121,9 +143,8 @@ def run_evaluate(
     held_after = adapter.predict(held_inputs, progress=True) if sequential else held_before
     secs = [r["seconds"] for r in done]
     report: dict[str, Any] = {
-        "editor": editor, "base": lb.name, "data": data.name, "seed": seed,
+        **settings,
         "edits": len(done), "stream": len(stream), "interrupted": interrupted,
-        "train_equivalents": train_equivalents,
         "train_equivalents_per_edit": (statistics.fmean(len(e.train_equivalents) for e in edited)
                                        if train_equivalents and edited else 0.0),
         "fixed_along_the_way": sum(r["status"] == "fixed_along_the_way" for r in rows),
@@ -140,12 +161,32 @@ def run_evaluate(
         "gate_would_reject": sum(r["gate"].get("would_pass") is False for r in done),
         "edit_seconds": {"median": statistics.median(secs) if secs else None,
                          "p95": metrics.percentile(secs, 0.95)},
-        "wall_seconds": round(time.perf_counter() - t_start, 1),
+        "wall_seconds": round(earlier_wall + time.perf_counter() - t_start, 1),
+        "segments": segments,  # runs that made this stream (1 + times it was resumed)
         "sizes": {"heldout": len(held_inputs), "train_eval": len(data.train_eval), "test": len(data.test),
                   "memory_inputs": len(data.memory)},
-        "train_config": asdict(train.for_task(adapter.generation)) if editor == "tpatcher" else None,
         "curve": curve,
         "editor_summary": ed.summary() if hasattr(ed, "summary") else None,
         "rows": rows,
     }
     return report
+
+
+def _replay(ed: Editor, adapter: TaskAdapter, stream: list[Any], rows: list[dict[str, Any]], resume: Resume,
+            progress: Callable[[str], None]) -> None:
+    """Re-apply the stopped run's accepted edits, in order, on the fresh editor (tpatcher only)."""
+    if not isinstance(ed, TPatcherEditor):
+        raise ResumeError("only tpatcher runs can be resumed")
+    accepted = [r for r in rows if r.get("status") == "accepted"]
+    missing = [r["i"] for r in accepted if str(r["i"]) not in resume.neurons]
+    if missing:
+        raise ResumeError(f"cannot resume: no neurons saved for accepted edits {missing[:5]}")
+    differs = 0
+    for r in tqdm(accepted, desc="replaying", unit="edit"):
+        ex = stream[r["i"]]
+        # the edit alone: only its own rows were gated, kept for retention and added to M
+        verdict = ed.patcher.replay(adapter.edit(ex.input, ex.target), str(r["i"]), resume.neurons[str(r["i"])])
+        differs += not verdict.passed
+    progress(f"resumed after {len(rows)} mistakes: {len(accepted)} edits re-applied"
+             + (f"; {differs} of them would not pass the gate again here (another machine?)" if differs else ""))
+

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from patching import metrics
 from patching.evaldata import DataError, load_eval_data, load_generic
@@ -78,7 +79,7 @@ def test_generic_loader_reports_every_bad_line(tmp_path: Path) -> None:
         load_generic(tmp_path / "missing")
 
 
-def test_tiny_end_to_end_evaluate(tmp_path: Path) -> None:
+def tiny_data(tmp_path: Path) -> Path:
     rng = random.Random(0)
     firsts = rng.sample(WORDS, 260)  # a unique first word keeps the tiny model's states distinct
 
@@ -92,6 +93,11 @@ def test_tiny_end_to_end_evaluate(tmp_path: Path) -> None:
     write_jsonl(data / "heldout.jsonl", [{"input": sentence(i), "target": ""} for i in range(30, 110)])
     write_jsonl(data / "memory.jsonl", [{"input": sentence(i)} for i in range(110, 230)])
     write_jsonl(data / "test.jsonl", [{"input": sentence(i), "target": rng.choice(labels)} for i in range(230, 260)])
+    return data
+
+
+def test_tiny_end_to_end_evaluate(tmp_path: Path) -> None:
+    data = tiny_data(tmp_path)
     report = run_evaluate(str(tiny_base(tmp_path)), load_eval_data(str(data)), editor="tpatcher",
                           progress=lambda _msg: None)
     assert report["edits"] > 5  # roughly half of random targets are mistakes
@@ -104,6 +110,37 @@ def test_tiny_end_to_end_evaluate(tmp_path: Path) -> None:
 
     plot_reports([report, report], tmp_path / "cmp.png")  # what --plot and --compare write
     assert (tmp_path / "cmp.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_stopped_stream_resumed_ends_as_the_uninterrupted_one(tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    from patching.resume import Resume, ResumeError, patches_path
+
+    data, base = load_eval_data(str(tiny_data(tmp_path))), str(tiny_base(tmp_path))
+    quiet = {"editor": "tpatcher", "progress": lambda _msg: None, "curve_points": 2}
+    whole = run_evaluate(base, data, patches=tmp_path / "whole.patches.safetensors", **quiet)
+    assert whole["segments"] == 1 and whole["neurons"] > 3
+    # the first 3 mistakes, as a run stopped there would leave them
+    first = run_evaluate(base, data, edits=3, patches=patches_path(tmp_path / "first.json"), **quiet)
+    (tmp_path / "first.json").write_text(json.dumps(first))
+    resumed = run_evaluate(base, data, resume=Resume.read(tmp_path / "first.json"),
+                           patches=tmp_path / "resumed.patches.safetensors", **quiet)
+    same = ("status", "sr", "neurons", "right_at_end")
+
+    def outcome(report: dict) -> list[dict]:
+        return [{k: r.get(k) for k in same} for r in report["rows"]]
+
+    assert outcome(resumed) == outcome(whole)
+    for key in ("edits", "neurons", "sr", "er", "locality", "test_r", "gate_rejected"):
+        assert resumed[key] == whole[key], key
+    assert resumed["segments"] == 2 and resumed["wall_seconds"] > first["wall_seconds"]
+    a = load_file(str(tmp_path / "whole.patches.safetensors"))
+    b = load_file(str(tmp_path / "resumed.patches.safetensors"))
+    assert all(torch.allclose(a[k], b[k]) for k in ("keys", "biases", "values"))
+    # another setting is another stream: refused, naming the key
+    with pytest.raises(ResumeError, match="seed"):
+        run_evaluate(base, data, seed=1, resume=Resume.read(tmp_path / "first.json"), **quiet)
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
