@@ -189,4 +189,3 @@ def _replay(ed: Editor, adapter: TaskAdapter, stream: list[Any], rows: list[dict
         differs += not verdict.passed
     progress(f"resumed after {len(rows)} mistakes: {len(accepted)} edits re-applied"
              + (f"; {differs} of them would not pass the gate again here (another machine?)" if differs else ""))
-
