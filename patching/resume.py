@@ -51,12 +51,15 @@ def load_patches(path: Path) -> dict[str, Neurons]:
     """edit id -> its neurons (keys [m, d], biases [m], values [m, d]), in the saved order."""
     from safetensors import safe_open
 
-    with safe_open(str(path), framework="pt") as fh:
-        meta = fh.metadata() or {}
-    if "edit_ids" not in meta:
-        raise ResumeError(f"{path}: not a patchd evaluate patches file (no edit_ids)")
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = fh.metadata() or {}
+        t = load_file(str(path))
+    except Exception as exc:  # safetensors raises its own error type for a damaged file
+        raise ResumeError(f"{path}: not a readable safetensors file ({exc})") from exc
+    if "edit_ids" not in meta or not {"keys", "biases", "values"} <= set(t):
+        raise ResumeError(f"{path}: not a patchd evaluate patches file (no edit_ids or neurons)")
     ids: list[str] = json.loads(meta["edit_ids"])
-    t = load_file(str(path))
     out: dict[str, Neurons] = {}
     for edit_id in dict.fromkeys(ids):
         idx = torch.tensor([j for j, e in enumerate(ids) if e == edit_id], dtype=torch.long)

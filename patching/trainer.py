@@ -226,9 +226,8 @@ def train_cached(
             # train on, so an equivalent that cannot be fitted within the memory margins never costs
             # max_steps, nor takes away the help of the others; when none is wrong, the margins are
             # what the equivalents pull against, and all of them go (all at step 0 with budget 0)
-            wrong_eq = ~eq_ok
-            kept = eq_ok.nonzero().flatten() if bool(wrong_eq.any()) else eq_ok[:0].nonzero().flatten()  # [K']
-            K, base = int(kept.numel()), copies * R
+            kept = eq_ok.cpu().nonzero().flatten() if not bool(eq_ok.all()) else torch.zeros(0, dtype=torch.long)
+            K, base = int(kept.numel()), copies * R  # kept [K'] on the CPU, like the row index built from it
             rows = torch.cat([torch.arange(base), (base + kept[:, None] * R + torch.arange(R)[None, :]).flatten()])
             rows = rows.to(q_all.device)
             q_all, targets_all, ffn_all, res_all = q_all[rows], targets_all[rows], ffn_all[rows], res_all[rows]

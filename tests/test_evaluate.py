@@ -141,6 +141,10 @@ def test_a_stopped_stream_resumed_ends_as_the_uninterrupted_one(tmp_path: Path) 
     # another setting is another stream: refused, naming the key
     with pytest.raises(ResumeError, match="seed"):
         run_evaluate(base, data, seed=1, resume=Resume.read(tmp_path / "first.json"), **quiet)
+    # a damaged patches file is a clear error, not a traceback
+    patches_path(tmp_path / "first.json").write_bytes(b"not safetensors")
+    with pytest.raises(ResumeError, match="safetensors"):
+        Resume.read(tmp_path / "first.json")
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
