@@ -180,7 +180,7 @@ class PatchedModel:
                 f"layer {self.layer}: it belongs to another base"
             )
         enc = self.adapter.edit(training_text(store, mistake), mistake.target)
-        neurons = neurons_from_bytes(patch.neurons, self.patcher.memory.device)
+        neurons = neurons_from_bytes(patch.neurons)
         verdict = self.patcher.replay(enc, str(mistake.id), neurons)
         result.replayed += 1
         stored = patch.gate
@@ -320,7 +320,8 @@ def neurons_to_bytes(neurons: Any) -> bytes:
     return bytes(save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}))
 
 
-def neurons_from_bytes(blob: bytes, device: Any = "cpu") -> Any:
+def neurons_from_bytes(blob: bytes) -> Any:
+    """Stored neurons, on the CPU (Patcher.replay moves them to its device)."""
     from safetensors.torch import load
 
     from patching.trainer import Neurons
@@ -329,7 +330,7 @@ def neurons_from_bytes(blob: bytes, device: Any = "cpu") -> Any:
     missing = {"keys", "biases", "values"} - set(tensors)
     if missing:
         raise ModelSetupError(f"stored neurons lack {sorted(missing)}")
-    return Neurons(*(tensors[k].to(device) for k in ("keys", "biases", "values")))
+    return Neurons(*(tensors[k] for k in ("keys", "biases", "values")))
 
 
 def _json_safe(data: dict[str, Any]) -> dict[str, Any]:

@@ -253,7 +253,10 @@ class Patcher:
 
         The gate is run again on the current caches so the caller can verify it against the stored
         result; the neurons are committed either way, because the stored model is the truth.
+        Stored neurons may come from the CPU (a file); they are moved to the caches' device here.
         """
+        device = self.memory.device
+        neurons = Neurons(neurons.keys.to(device), neurons.biases.to(device), neurons.values.to(device))
         et = self.cache(enc)
         verdict = gating.check(neurons, self.train_cfg.activation, et, self.retention, self.heldout, self.tail,
                                self.gate_cfg)

@@ -26,7 +26,6 @@ from patching.engine import Patcher
 from patching.evaldata import EvalData
 from patching.resume import Resume, ResumeError, save_patches
 from patching.tasks import TaskAdapter
-from patching.trainer import Neurons
 
 CURVE_POINTS = 20  # retention/locality checkpoints along the stream (each costs a prediction pass)
 CURVE_SAMPLE = 300  # held-out inputs predicted at each checkpoint (the full set at the end)
@@ -183,13 +182,10 @@ def _replay(ed: Editor, adapter: TaskAdapter, stream: list[Any], rows: list[dict
     if missing:
         raise ResumeError(f"cannot resume: no neurons saved for accepted edits {missing[:5]}")
     differs = 0
-    device = next(ed.patcher.model.parameters()).device  # the saved neurons are on the CPU
     for r in tqdm(accepted, desc="replaying", unit="edit"):
         ex = stream[r["i"]]
-        nr = resume.neurons[str(r["i"])]
-        nr = Neurons(nr.keys.to(device), nr.biases.to(device), nr.values.to(device))
         # the edit alone: only its own rows were gated, kept for retention and added to M
-        verdict = ed.patcher.replay(adapter.edit(ex.input, ex.target), str(r["i"]), nr)
+        verdict = ed.patcher.replay(adapter.edit(ex.input, ex.target), str(r["i"]), resume.neurons[str(r["i"])])
         differs += not verdict.passed
     progress(f"resumed after {len(rows)} mistakes: {len(accepted)} edits re-applied"
              + (f"; {differs} of them would not pass the gate again here (another machine?)" if differs else ""))
