@@ -336,7 +336,6 @@ def _build_zsre_smollm2_qa(
     """zsre-smollm2 tuned to answer ParaRel facts asked in zsRE's own phrasings (patching/pararel.py),
     the stand-in for the zsRE training split the paper tuned its base on."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from patching.datasets import raw_dir, text_key, zsre_phrasings
     from patching.pararel import qa_examples, relation_templates
@@ -354,11 +353,8 @@ def _build_zsre_smollm2_qa(
         raise FileNotFoundError(f"no ParaRel facts left to tune on in {raw_dir(data_dir) / 'pararel'}")
     log(f"zsre-smollm2-qa: {len(pairs)} questions about at most {hp.facts} ParaRel facts over "
         f"{len(templates)} relations")
-    source = prepare("zsre-smollm2", data_dir=data_dir, seed=seed, log=log)
-    tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, local_files_only=True)
+    source = load_base(str(prepare("zsre-smollm2", data_dir=data_dir, seed=seed, log=log)))
+    model, tokenizer = source.model, source.tokenizer
     losses = train_answers(model, tokenizer, pairs, DEFAULT_PROMPT_FORMAT, hp, seed=seed)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from patching.encode import target_ids
 from patching.qa import prompt_for
 
 IGNORE = -100  # label of a position the loss skips (the prompt and the padding)
@@ -32,13 +33,13 @@ class QATune:
 
 def answer_batch(tokenizer: Any, pairs: Sequence[tuple[str, str]], prompt_format: str) -> dict[str, Any]:
     """Right-padded input ids, attention mask and labels [batch, longest] for (question, answer)
-    pairs: the target is " " + answer + "\\n", as in encode.generation, and only its tokens count."""
+    pairs: the target is encode.target_ids (as in editing), and only its tokens count."""
     import torch
 
     rows, labels = [], []
     for question, answer in pairs:
         prompt = tokenizer(prompt_for(question, prompt_format))["input_ids"]
-        target = tokenizer(" " + answer.strip() + "\n", add_special_tokens=False)["input_ids"]
+        target = target_ids(tokenizer, answer)
         rows.append(prompt + target)
         labels.append([IGNORE] * len(prompt) + target)
     width = max(map(len, rows))
