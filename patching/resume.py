@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from patching.engine import Patcher
 from patching.trainer import Neurons
@@ -52,9 +52,9 @@ def load_patches(path: Path) -> dict[str, Neurons]:
     from safetensors import safe_open
 
     try:
-        with safe_open(str(path), framework="pt") as fh:
+        with safe_open(str(path), framework="pt") as fh:  # one read: metadata and tensors
             meta = fh.metadata() or {}
-        t = load_file(str(path))
+            t = {k: fh.get_tensor(k) for k in fh.keys()}
     except Exception as exc:  # safetensors raises its own error type for a damaged file
         raise ResumeError(f"{path}: not a readable safetensors file ({exc})") from exc
     if "edit_ids" not in meta or not {"keys", "biases", "values"} <= set(t):
