@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from patching.engine import Patcher
@@ -49,8 +50,6 @@ def save_patches(path: Path, patcher: Patcher) -> None:
 
 def load_patches(path: Path) -> dict[str, Neurons]:
     """edit id -> its neurons (keys [m, d], biases [m], values [m, d]), in the saved order."""
-    from safetensors import safe_open
-
     try:
         with safe_open(str(path), framework="pt") as fh:  # one read: metadata and tensors
             meta = fh.metadata() or {}
