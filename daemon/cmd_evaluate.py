@@ -42,7 +42,8 @@ def register(sub: Any, bench: Any) -> None:
                    help="trained MEND editor (mend; default: the cache's mend/BASE, see `patchd mend train`)")
     p.add_argument("--single", action="store_true",
                    help="single-edit run (T = 1): every edit on the unedited model (mend)")
-    p.add_argument("--activation", choices=["relu", "gelu"], default=None, help="patch activation (tpatcher)")
+    p.add_argument("--activation", choices=["relu", "gelu", "relu-cap"], default=None,
+                   help="patch activation (tpatcher)")
     p.add_argument("--augment-copies", type=int, default=None, help="perturbed copies of q per edit (tpatcher)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", dest="overrides",
                    help="a trainer or gate setting for this run, as in the daemon's config "

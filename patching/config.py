@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields, replace
 from typing import Literal
 
-Activation = Literal["relu", "gelu"]
+Activation = Literal["relu", "gelu", "relu-cap"]
 TrainerMode = Literal["cached", "reference"]
 
 
@@ -17,6 +17,12 @@ TrainerMode = Literal["cached", "reference"]
 class TrainConfig:
     # relu gives exact zeros on unrelated inputs, so thousands of neurons cannot leak (DESIGN §3)
     activation: Activation = "relu"
+    # relu-cap only: a neuron is trained as a relu, then capped (min(relu(x), 1), key and value
+    # rescaled) so that it gives its full output, the edit's own, from 1/saturation of the edit's
+    # pre-activation on: a paraphrase that fires more weakly than the edit gets the edit's output.
+    # When the capped neuron fails the gate, the same neuron capped at 1 (the relu's output on the
+    # edit, never more elsewhere) is tried before a retry. 1 = no boost.
+    saturation: float = 3.0
     # Adam learning rate of the reference implementation
     lr: float = 1e-2
     # hard cap; the stop rule usually ends training after tens of steps
@@ -82,14 +88,19 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _check_positive(self, "lr", "max_steps", "act_topk", "mem_topk", "max_neurons")
-        if self.activation not in ("relu", "gelu"):
-            raise ValueError(f"trainer.activation must be 'relu' or 'gelu', got {self.activation!r}")
+        if self.activation not in ("relu", "gelu", "relu-cap"):
+            raise ValueError(f"trainer.activation must be 'relu', 'gelu' or 'relu-cap', got {self.activation!r}")
+        if not self.saturation >= 1.0:
+            raise ValueError(f"trainer.saturation must be >= 1, got {self.saturation!r}")
         if self.init not in ("fisher", "margin", "reference"):
             raise ValueError(f"trainer.init must be 'fisher', 'margin' or 'reference', got {self.init!r}")
         if self.init_threshold is not None and not 0.0 < self.init_threshold < 1.0:
             raise ValueError("trainer.init_threshold must be in (0, 1)")
         if self.mode not in ("cached", "reference"):
             raise ValueError(f"trainer.mode must be 'cached' or 'reference', got {self.mode!r}")
+        if self.mode == "reference" and self.activation == "relu-cap":
+            raise ValueError("trainer.mode 'reference' trains relu or gelu neurons only, "
+                             "not trainer.activation 'relu-cap'")
         if not 0.0 <= self.augment_dropout < 1.0:
             raise ValueError("trainer.augment_dropout must be in [0, 1)")
         if min(self.augment_copies, self.mining_interval, self.equivalent_steps, self.stall_steps) < 0:

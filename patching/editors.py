@@ -25,6 +25,7 @@ class EditRecord:
     neurons: int = 0
     attempts: int = 0  # training attempts (tpatcher: gate retries, then the same without equivalents)
     equivalents: int = 0  # train equivalents the last attempt trained on to the end
+    saturation: float | None = None  # relu-cap: the cap of the neurons gated last (None: relu/gelu)
     gate: dict[str, Any] = field(default_factory=dict)
     reasons: list[str] = field(default_factory=list)
 
@@ -58,7 +59,7 @@ class TPatcherEditor:
             out.status, time.perf_counter() - t0, steps=p.train.steps if p else 0,
             neurons=p.neurons.n if p and out.status == "accepted" else 0,
             gate=p.gate.to_dict() if p else {}, reasons=out.reasons, attempts=p.attempts if p else 0,
-            equivalents=p.train.equivalents if p else 0,
+            equivalents=p.train.equivalents if p else 0, saturation=p.saturation if p else None,
         )
 
 

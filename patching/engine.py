@@ -25,9 +25,10 @@ from patching.config import GateConfig, TrainConfig
 from patching.encode import Encoded
 from patching.fasttail import LinearTail, linear_tail
 from patching.init import whitening
-from patching.layer import PatchedFFN, attach, detach, neuron_output
+from patching.layer import PatchedFFN, attach, detach, neuron_output, trained_as
 from patching.memory_bank import MemoryBank
 from patching.reference import train_reference
+from patching.saturation import cap, saturations
 from patching.trainer import EditTensors, Neurons, Objective, TrainResult, train_cached
 
 Status = Literal["already_fixed", "accepted", "rejected"]
@@ -42,6 +43,7 @@ class Proposal:
     gate: gating.GateResult
     attempts: int
     seconds: float
+    saturation: float | None = None  # relu-cap: the cap the neurons were gated with (None: relu/gelu)
 
     @property
     def accepted(self) -> bool:
@@ -166,25 +168,35 @@ class Patcher:
                 strength = self.gate_cfg.retry_factor ** attempt
                 obj = Objective.from_config(self.train_cfg, self.generation, strength)
                 result = self._train(enc, et, anchors, obj, attempt, eq)
-                verdict = gating.check(
-                    result.neurons, self.train_cfg.activation, et, self.retention, self.heldout, self.tail,
-                    self.gate_cfg,
-                )
                 tries += 1
-                # the stop rule is the trainer's proxy; the gate has the final word (a neuron that still
-                # fires on a memory row is kept only if no held-out prediction and no earlier edit moved)
-                proposal = Proposal(edit_id, et, result.neurons, result, verdict, tries, 0.0)
-                if proposal.accepted and self.generation and not isinstance(enc, EditTensors):
-                    if not self._generates(enc, result.neurons, edit_id):
-                        verdict.passed = False
-                        verdict.reasons.append("generate: greedy output differs from the target")
-                if proposal.accepted:
+                for neurons, saturation in self._as_run(result.neurons, et):
+                    verdict = gating.check(
+                        neurons, self.train_cfg.activation, et, self.retention, self.heldout, self.tail,
+                        self.gate_cfg,
+                    )
+                    # the stop rule is the trainer's proxy; the gate has the final word (a neuron that still
+                    # fires on a memory row is kept only if no held-out prediction and no earlier edit moved)
+                    proposal = Proposal(edit_id, et, neurons, result, verdict, tries, 0.0, saturation)
+                    if proposal.accepted and self.generation and not isinstance(enc, EditTensors):
+                        if not self._generates(enc, neurons, edit_id):
+                            verdict.passed = False
+                            verdict.reasons.append("generate: greedy output differs from the target")
+                    if proposal.accepted:
+                        break
+                if proposal is not None and proposal.accepted:
                     break
             if proposal is not None and proposal.accepted:
                 break
         assert proposal is not None
         proposal.seconds = time.perf_counter() - t0
         return proposal
+
+    def _as_run(self, nr: Neurons, et: EditTensors) -> list[tuple[Neurons, float | None]]:
+        """The trained neurons as the layer will run them, each way to gate in turn: as trained, or
+        (relu-cap) capped at the configured saturation, then at 1 (patching/saturation.py)."""
+        if self.train_cfg.activation != "relu-cap":
+            return [(nr, None)]
+        return [(cap(nr, et.q, s), s) for s in saturations(self.train_cfg.saturation)]
 
     def _train(self, enc: Encoded | EditTensors, et: EditTensors, anchors: torch.Tensor, obj: Objective,
                attempt: int, extra: EditTensors | None = None) -> TrainResult:
@@ -205,7 +217,7 @@ class Patcher:
             assert cfg.init_threshold is not None  # filled in by for_task
             cfg = replace(cfg, init_threshold=1.0 - (1.0 - cfg.init_threshold) / strength)
         return train_cached(et, anchors, self.memory.view(), self.tail, cfg, obj,
-                            cfg.activation, seed, whiten=self.whitening(), extra=extra,
+                            trained_as(cfg.activation), seed, whiten=self.whitening(), extra=extra,
                             fast=self.fast_tail if cfg.fast_tail else None)
 
     def whitening(self) -> tuple[torch.Tensor, torch.Tensor] | None:

@@ -120,7 +120,7 @@ def run_evaluate(
             rows.append({"i": i, "input": ex.input, "target": ex.target, "status": rec.status, "sr": right,
                          "gr": (sum(para) / len(para)) if para else None, "seconds": round(rec.seconds, 4),
                          "steps": rec.steps, "attempts": rec.attempts, "equivalents_trained": rec.equivalents,
-                         "neurons": rec.neurons, "gate": rec.gate,
+                         "saturation": rec.saturation, "neurons": rec.neurons, "gate": rec.gate,
                          "reasons": rec.reasons})
             edited.append(ex)
             if not sequential:

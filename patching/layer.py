@@ -26,7 +26,17 @@ from patching.config import Activation
 def activate(pre: torch.Tensor, activation: Activation) -> torch.Tensor:
     if activation == "relu":
         return F.relu(pre)
-    return F.gelu(pre)
+    if activation == "relu-cap":
+        # min(relu(x), 1): a capped neuron gives its whole value, never more (patching/saturation.py)
+        return pre.clamp(0.0, 1.0)
+    if activation == "gelu":
+        return F.gelu(pre)
+    raise ValueError(f"unknown patch activation {activation!r}")
+
+
+def trained_as(activation: Activation) -> Activation:
+    """The activation a neuron is trained with: a relu-cap neuron is trained as a relu and capped after."""
+    return "relu" if activation == "relu-cap" else activation
 
 
 def neuron_output(

@@ -42,11 +42,11 @@ def inputs(seed: int = 0) -> torch.Tensor:
     return ids
 
 
-def setup(seed: int = 0) -> tuple[Patcher, torch.Tensor, torch.Tensor]:
+def setup(seed: int = 0, train: TrainConfig | None = None) -> tuple[Patcher, torch.Tensor, torch.Tensor]:
     ids = inputs(seed)
     memory, heldout, edits = ids[:300], ids[300:500], ids[500:520]
     model = tiny_classifier()
-    patcher = Patcher(model, train=TrainConfig(max_steps=300), gate=GateConfig())
+    patcher = Patcher(model, train=train or TrainConfig(max_steps=300), gate=GateConfig())
     patcher.build_memory([batch(memory[i:i + 100]) for i in range(0, 300, 100)])
     patcher.build_heldout([batch(heldout)])
     return patcher, heldout, edits

@@ -43,7 +43,7 @@ def random_neurons(n: int, d: int, seed: int) -> tuple[torch.Tensor, torch.Tenso
             torch.randn(n, d, generator=g) * 0.5)
 
 
-@pytest.mark.parametrize("activation", ["relu", "gelu"])
+@pytest.mark.parametrize("activation", ["relu", "gelu", "relu-cap"])
 @pytest.mark.parametrize("earlier", [0, 1, 50])
 def test_cached_path_equals_full_forward(arch_name: str, activation: str, earlier: int) -> None:
     model = tiny_model(arch_name)

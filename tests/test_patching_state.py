@@ -30,7 +30,7 @@ def saved_base(tmp_path, arch: str, seed: int = 0):
 
 
 @pytest.mark.parametrize("arch", ["bert", "gpt2", "llama", "t5"])
-@pytest.mark.parametrize("activation", ["relu", "gelu"])
+@pytest.mark.parametrize("activation", ["relu", "gelu", "relu-cap"])
 def test_save_load_round_trip_bit_for_bit(tmp_path, arch: str, activation: str) -> None:
     model, base_dir = saved_base(tmp_path, arch)
     patcher = Patcher(model, train=TrainConfig(activation=activation))

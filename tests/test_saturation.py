@@ -1,0 +1,93 @@
+"""relu-cap: capping a trained relu neuron (patching/saturation.py), and the engine running it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from patching.config import TrainConfig
+from patching.layer import activate, neuron_output
+from patching.saturation import cap, saturations
+from patching.trainer import Neurons
+from tests.test_patching_behaviour import batch, predict, setup
+
+
+def one_neuron() -> tuple[Neurons, torch.Tensor]:
+    """A neuron k = e0, b = 0 and edit rows whose pre-activations are 2 and 0.5 (peak 2)."""
+    d = 4
+    nr = Neurons(torch.eye(d)[:1].clone(), torch.zeros(1), torch.tensor([[0.0, 1.0, -1.0, 0.5]]))
+    q_edit = torch.tensor([[2.0, 0.3, 0.0, 0.0], [0.5, 0.0, 1.0, 0.0]])
+    return nr, q_edit
+
+
+def out(nr: Neurons, q: torch.Tensor, activation: str) -> torch.Tensor:
+    return neuron_output(q, nr.keys, nr.biases, nr.values, activation)  # type: ignore[arg-type]
+
+
+def test_relu_cap_activation_is_relu_clamped_at_one_and_unknown_names_fail() -> None:
+    pre = torch.tensor([-1.0, 0.0, 0.4, 1.0, 7.0])
+    assert torch.equal(activate(pre, "relu-cap"), torch.tensor([0.0, 0.0, 0.4, 1.0, 1.0]))
+    with pytest.raises(ValueError, match="unknown patch activation 'tanh'"):
+        activate(pre, "tanh")  # type: ignore[arg-type]
+
+
+def test_cap_at_one_gives_the_relu_output_on_the_edit_and_never_more_elsewhere() -> None:
+    nr, q_edit = one_neuron()
+    capped = cap(nr, q_edit, 1.0)
+    assert torch.allclose(out(capped, q_edit, "relu-cap"), out(nr, q_edit, "relu"))
+    q = torch.tensor([[5.0, 0.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0], [-3.0, 1.0, 0.0, 0.0]])
+    # pre-activation 5 is past the edit's peak (2): capped at the peak's output; 1 is unchanged; -3 silent
+    assert torch.allclose(out(capped, q, "relu-cap"), torch.stack([2.0 * nr.values[0], 1.0 * nr.values[0],
+                                                                    torch.zeros(4)]))
+
+
+def test_saturation_gives_weaker_inputs_the_edits_full_output_and_keeps_silent_ones_silent() -> None:
+    nr, q_edit = one_neuron()
+    capped = cap(nr, q_edit, 3.0)
+    full = 2.0 * nr.values[0]  # the relu's output at the edit's peak row
+    q = torch.tensor([[1.0, 0.0, 0.0, 0.0], [2.0 / 3.0, 0.0, 0.0, 0.0], [0.5, 0.0, 0.0, 0.0],
+                      [-0.1, 0.0, 0.0, 0.0]])
+    got = out(capped, q, "relu-cap")
+    assert torch.allclose(got[0], full) and torch.allclose(got[1], full, atol=1e-6)  # half and a third of the peak
+    assert torch.allclose(got[2], 0.75 * full)  # a quarter of the peak: 3/4 of the way
+    assert torch.equal(got[3], torch.zeros(4))  # silent under relu: silent capped
+    # the plain relu gave the weaker inputs only their share
+    assert torch.allclose(out(nr, q[:1], "relu")[0], 0.5 * full)
+
+
+def test_a_neuron_silent_on_the_edit_keeps_its_weights() -> None:
+    nr = Neurons(torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.tensor([0.0, -5.0]), torch.ones(2, 2))
+    capped = cap(nr, torch.tensor([[1.0, 1.0]]), 3.0)
+    assert torch.isfinite(capped.keys).all()
+    assert torch.equal(capped.keys[1], nr.keys[1]) and torch.equal(capped.values[1], nr.values[1])
+    assert torch.allclose(capped.keys[0], torch.tensor([3.0, 0.0]))
+
+
+def test_the_engine_tries_the_bold_cap_first_then_one() -> None:
+    assert saturations(3.0) == (3.0, 1.0)
+    assert saturations(1.0) == (1.0,)
+
+
+def test_config_rejects_a_saturation_below_one_and_relu_cap_in_the_reference_trainer() -> None:
+    with pytest.raises(ValueError, match="trainer.saturation"):
+        TrainConfig(activation="relu-cap", saturation=0.5)
+    with pytest.raises(ValueError, match="relu-cap"):
+        TrainConfig(activation="relu-cap", mode="reference")
+
+
+def test_twenty_sequential_relu_cap_edits_succeed_and_keep_everything_else() -> None:
+    patcher, heldout, edits = setup(train=TrainConfig(max_steps=300, activation="relu-cap"))
+    model = patcher.model
+    held_before = predict(model, heldout)
+    targets = 1 - predict(model, edits)
+    caps = []
+    for i in range(20):
+        outcome = patcher.edit(batch(edits[i:i + 1], targets[i:i + 1]), edit_id=f"e{i}")
+        assert outcome.status == "accepted", outcome.reasons
+        assert outcome.proposal is not None
+        caps.append(outcome.proposal.saturation)
+        assert predict(model, edits[i:i + 1]).item() == targets[i].item()  # the real forward, capped neurons
+    assert torch.equal(predict(model, edits), targets)
+    assert torch.equal(predict(model, heldout), held_before)
+    assert set(caps) <= {3.0, 1.0} and 3.0 in caps
+    assert patcher.wrapper.activation == "relu-cap"
