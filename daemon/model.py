@@ -174,6 +174,12 @@ class PatchedModel:
         mistake = store.get_mistake(patch.mistake_id)
         if mistake is None or mistake.target is None:
             raise ModelSetupError(f"patch {patch.id}: its mistake {patch.mistake_id} is missing or has no target")
+        if patch.activation != self.settings.trainer.activation:
+            raise ModelSetupError(
+                f"patch {patch.id} was trained with activation {patch.activation!r}, this model runs "
+                f"{self.settings.trainer.activation!r}: set [trainer] activation = {patch.activation!r} "
+                "(patchd's default became 'relu-cap'), or start from an empty database"
+            )
         if patch.layer != self.layer:
             raise ModelSetupError(
                 f"patch {patch.id} was trained at layer {patch.layer}, this model patches "

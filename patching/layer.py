@@ -79,8 +79,8 @@ class PatchedFFN(nn.Module):
         if self.n:
             out = out + neuron_output(q, self.keys, self.biases, self.values, self.activation)
         if self.candidate is not None:
-            k, b, v = self.candidate
-            out = out + neuron_output(q, k, b, v, self.activation)
+            k, b, v = self.candidate  # trained as its activation trains (a relu-cap neuron is capped after)
+            out = out + neuron_output(q, k, b, v, trained_as(self.activation))
         return out
 
     def add(self, keys: torch.Tensor, biases: torch.Tensor, values: torch.Tensor, edit_id: str) -> None:

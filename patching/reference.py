@@ -15,6 +15,7 @@ import torch
 
 from patching.capture import capture
 from patching.encode import Encoded
+from patching.layer import trained_as
 from patching.trainer import EditTensors, Neurons, Objective, TrainResult, init_neurons, stop_met, total_loss
 
 if TYPE_CHECKING:
@@ -28,7 +29,7 @@ def train_reference(
     t0 = time.perf_counter()
     gen = torch.Generator().manual_seed(seed)
     memory = patcher.memory.view()
-    nr = init_neurons(et, anchors, memory, patcher.tail, cfg, gen, cfg.activation, patcher.whitening())
+    nr = init_neurons(et, anchors, memory, patcher.tail, cfg, gen, trained_as(cfg.activation), patcher.whitening())
     params = [nr.keys.requires_grad_(), nr.biases.requires_grad_(), nr.values.requires_grad_()]
     opt = torch.optim.Adam(params, lr=cfg.lr)
     device = patcher.memory.device

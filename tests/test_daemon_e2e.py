@@ -7,12 +7,13 @@ import os
 import signal
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from daemon import cli
-from daemon.model import PatchedModel
+from daemon.model import ModelSetupError, PatchedModel
 from daemon.settings import load_settings
 from memory.lifecycle import Status
 from memory.store import Store
@@ -89,6 +90,10 @@ def test_run_once_end_to_end(
         assert predictions == [stream.inputs[t] for t in patched]
         fixed = [t for t, s in final.items() if s == Status.ALREADY_FIXED]
         assert model.adapter.predict(fixed) == [stream.inputs[t] for t in fixed]
+        # a model set to another patch activation than the stored patches' refuses to replay them
+        other = replace(settings, trainer=replace(settings.trainer, activation="relu"))
+        with pytest.raises(ModelSetupError, match=r"activation 'relu-cap', this model runs 'relu'.*\[trainer\]"):
+            PatchedModel.load(other).rebuild(store)
 
     capsys.readouterr()
     assert cli.main(["status", "--json", "--config", str(config)]) == 0

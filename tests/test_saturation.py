@@ -68,11 +68,9 @@ def test_the_engine_tries_the_bold_cap_first_then_one() -> None:
     assert saturations(1.0) == (1.0,)
 
 
-def test_config_rejects_a_saturation_below_one_and_relu_cap_in_the_reference_trainer() -> None:
+def test_config_rejects_a_saturation_below_one() -> None:
     with pytest.raises(ValueError, match="trainer.saturation"):
         TrainConfig(activation="relu-cap", saturation=0.5)
-    with pytest.raises(ValueError, match="relu-cap"):
-        TrainConfig(activation="relu-cap", mode="reference")
 
 
 def test_twenty_sequential_relu_cap_edits_succeed_and_keep_everything_else() -> None:
