@@ -18,7 +18,9 @@ def plot_reports(reports: list[dict[str, Any]], out: Path) -> None:
     for rep in reports:
         single = " T=1 (each edit on the base)" if rep.get("sequential") is False else ""
         trained = " + train equivalents" if rep.get("train_equivalents") else ""
-        label = f"{rep['editor']}{trained}{single} ({rep['base']}, {rep['data']})"
+        # the patch activation tells apart two tpatcher runs on the same stream (relu vs relu-cap)
+        act = (rep.get("train_config") or {}).get("activation")
+        label = f"{rep['editor']}{f' {act}' if act else ''}{trained}{single} ({rep['base']}, {rep['data']})"
         done = [r for r in rep["rows"] if "sr" in r]
         x = list(range(1, len(done) + 1))
         (line,) = axes[0].plot(x, running_mean([float(r["sr"]) for r in done]), label=f"{label} SR")
