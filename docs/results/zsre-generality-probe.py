@@ -10,7 +10,7 @@ from patching.layer import activate
 from patching import gate as gating
 torch.set_num_threads(1)
 lb = load_base("zsre-smollm2"); sp = load_task("zsre"); ad = TaskAdapter(lb)
-p = Patcher(lb.model, train=TrainConfig(), gate=GateConfig())
+p = Patcher(lb.model, train=TrainConfig(activation="relu"), gate=GateConfig())  # relu: the default when these numbers were made
 ad.patcher(p, [e.input for e in sp.memory], [e.input for e in sp.heldout], progress=False)
 items = torch.load(sys.argv[1])
 configs = json.loads(sys.argv[2])
@@ -19,7 +19,7 @@ RIDGE = {}
 for c in configs:
     r_ = c.pop('ridge', None)
     RIDGE[json.dumps(c)] = r_
-    cfg = replace(TrainConfig(), max_steps=150, **c)
+    cfg = replace(TrainConfig(activation="relu"), max_steps=150, **c)  # relu: the default then
     p.train_cfg = cfg
     ridge = c.pop("ridge", None) if False else None
     p._whiten = None

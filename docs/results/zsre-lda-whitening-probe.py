@@ -14,7 +14,7 @@ torch.set_num_threads(int(sys.argv[4]) if len(sys.argv) > 4 else 1)
 base, N, lams = sys.argv[1], int(sys.argv[2]), [float(x) for x in sys.argv[3].split(",")]
 data = load_eval_data("zsre", None, seed=0)
 lb = load_base(base); ad = TaskAdapter(lb)
-p = Patcher(lb.model, train=TrainConfig(), gate=GateConfig())
+p = Patcher(lb.model, train=TrainConfig(activation="relu"), gate=GateConfig())  # relu: the default when these numbers were made
 p = ad.patcher(p, [e.input for e in data.memory], [e.input for e in data.heldout], progress=False)
 M = p.memory.view(); cfg = p.train_cfg
 t = time.time()

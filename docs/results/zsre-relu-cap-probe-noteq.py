@@ -15,7 +15,7 @@ base, N, scales = sys.argv[1], int(sys.argv[2]), [float(x) for x in sys.argv[3].
 thr = float(sys.argv[4]) if len(sys.argv) > 4 else None
 data = load_eval_data("zsre", None, seed=0)
 lb = load_base(base); ad = TaskAdapter(lb)
-tc = TrainConfig() if thr is None else TrainConfig(init_threshold=thr)
+tc = TrainConfig(activation="relu") if thr is None else TrainConfig(activation="relu", init_threshold=thr)
 p = Patcher(lb.model, train=tc, gate=GateConfig())
 p = ad.patcher(p, [e.input for e in data.memory], [e.input for e in data.heldout], progress=False)
 M = p.memory.view(); cfg = p.train_cfg

@@ -15,7 +15,7 @@ from patching.tasks import TaskAdapter
 N=int(sys.argv[1]); tag=sys.argv[2]
 data=load_eval_data("zsre", None, seed=0)
 lb=load_base("zsre-smollm2"); ad=TaskAdapter(lb)
-p=Patcher(lb.model, train=TrainConfig(seed=0), gate=GateConfig())
+p=Patcher(lb.model, train=TrainConfig(seed=0, activation="relu"), gate=GateConfig())  # relu: the default then
 p=ad.patcher(p,[e.input for e in data.memory],[e.input for e in data.heldout], progress=False)
 stream=ad.mistakes(data.edits, limit=N, progress=False)
 out=[]

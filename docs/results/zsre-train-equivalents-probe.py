@@ -22,7 +22,7 @@ N=int(sys.argv[1]); use=sys.argv[2]=="teq"; tag=sys.argv[3]
 extra=dict(a.split("=") for a in sys.argv[4:])
 data=load_eval_data("zsre", None, seed=0)
 lb=load_base(os.environ.get("PROBE_BASE", "zsre-smollm2"))  # or e.g. zsre-smollm2-qa; ad=TaskAdapter(lb)
-cfg=TrainConfig(seed=0)
+cfg=TrainConfig(seed=0, activation="relu")  # relu: the default when these numbers were made
 for k,v in extra.items(): cfg=replace(cfg, **{k: type(getattr(cfg,k))(v) if getattr(cfg,k) is not None else float(v)})
 p=Patcher(lb.model, train=cfg, gate=GateConfig())
 p=ad.patcher(p,[e.input for e in data.memory],[e.input for e in data.heldout], progress=False)
