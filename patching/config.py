@@ -16,9 +16,9 @@ TrainerMode = Literal["cached", "reference"]
 @dataclass(frozen=True)
 class TrainConfig:
     # relu gives exact zeros on unrelated inputs, so thousands of neurons cannot leak (DESIGN §3);
-    # relu-cap is that relu capped after training (see saturation): at equal locality it doubles the
-    # paraphrases answered on zsRE's paper protocol (first 100 mistakes: GR 0.29 vs 0.19) and leaves
-    # FEVER's every-mistake stream as it was (SR/ER 0.995, locality 1.00)
+    # relu-cap is that relu capped after training (see saturation): at equal locality it answers half
+    # again as many paraphrases on zsRE's paper protocol (first 100 mistakes: GR 0.29 vs 0.19) and
+    # leaves FEVER's every-mistake stream as it was (SR/ER 0.995, locality 1.00)
     activation: Activation = "relu-cap"
     # relu-cap only: a neuron is trained as a relu, then capped (min(relu(x), 1), key and value
     # rescaled) so that it gives its full output, the edit's own, from 1/saturation of the edit's
