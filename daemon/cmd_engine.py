@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from patching.config import ACTIVATIONS
+
 
 def register(sub: Any, bench: Any) -> None:
     p = bench.add_parser(
@@ -25,7 +27,7 @@ def register(sub: Any, bench: Any) -> None:
     p.add_argument("--no-reference", action="store_true", help="skip the reference-mode run")
     p.add_argument("--reference-edits", type=int, default=None,
                    help="edit only the first N mistakes in reference mode (default: all)")
-    p.add_argument("--activation", choices=["relu", "gelu", "relu-cap"], default=None, help="patch activation")
+    p.add_argument("--activation", choices=ACTIVATIONS, default=None, help="patch activation")
     p.add_argument("--mining-interval", type=int, default=None,
                    help="hard-negative mining: full M@k every N steps (0 = every step)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")

@@ -10,6 +10,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from patching.config import ACTIVATIONS
+
 FORMAT_HELP = """\
 DATA is a built-in task (fever, zsre, counterfact; read from --data-dir, default ../shared/data)
 or a folder in the generic JSON Lines format:
@@ -42,7 +44,7 @@ def register(sub: Any, bench: Any) -> None:
                    help="trained MEND editor (mend; default: the cache's mend/BASE, see `patchd mend train`)")
     p.add_argument("--single", action="store_true",
                    help="single-edit run (T = 1): every edit on the unedited model (mend)")
-    p.add_argument("--activation", choices=["relu", "gelu", "relu-cap"], default=None,
+    p.add_argument("--activation", choices=ACTIVATIONS, default=None,
                    help="patch activation (tpatcher)")
     p.add_argument("--augment-copies", type=int, default=None, help="perturbed copies of q per edit (tpatcher)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", dest="overrides",

@@ -7,9 +7,10 @@ settings file maps its `[trainer]` and `[gate]` sections onto them field by fiel
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
-from typing import Literal
+from typing import Literal, get_args
 
 Activation = Literal["relu", "gelu", "relu-cap"]
+ACTIVATIONS: tuple[str, ...] = get_args(Activation)  # the one list: settings check, CLI choices
 TrainerMode = Literal["cached", "reference"]
 
 
@@ -91,7 +92,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _check_positive(self, "lr", "max_steps", "act_topk", "mem_topk", "max_neurons")
-        if self.activation not in ("relu", "gelu", "relu-cap"):
+        if self.activation not in ACTIVATIONS:
             raise ValueError(f"trainer.activation must be 'relu', 'gelu' or 'relu-cap', got {self.activation!r}")
         if not self.saturation >= 1.0:
             raise ValueError(f"trainer.saturation must be >= 1, got {self.saturation!r}")
