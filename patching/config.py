@@ -93,7 +93,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _check_positive(self, "lr", "max_steps", "act_topk", "mem_topk", "max_neurons")
         if self.activation not in ACTIVATIONS:
-            raise ValueError(f"trainer.activation must be 'relu', 'gelu' or 'relu-cap', got {self.activation!r}")
+            names = ", ".join(repr(a) for a in ACTIVATIONS)
+            raise ValueError(f"trainer.activation must be one of {names}, got {self.activation!r}")
         if not self.saturation >= 1.0:
             raise ValueError(f"trainer.saturation must be >= 1, got {self.saturation!r}")
         if self.init not in ("fisher", "margin", "reference"):
