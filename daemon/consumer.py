@@ -29,15 +29,12 @@ from typing import Any
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.errors import CommitFailedError, KafkaError
 from kafka.structs import OffsetAndMetadata
-from sqlalchemy import func, or_, select
 from sqlalchemy.exc import OperationalError
 
 from daemon.logs import get_logger
 from daemon.messages import Limits, decode_event
 from daemon.settings import Settings
-from memory.lifecycle import Status
 from memory.records import RejectedIn, ReportIn
-from memory.schema import Mistake
 from memory.store import Store
 
 log = get_logger(__name__)
@@ -76,28 +73,6 @@ class IngestStats:
     rejected_by_reason: dict[str, int] = field(default_factory=dict)
     assigned: int = 0  # partitions assigned after the last poll (readiness)
     lag: int | None = None  # records not yet consumed on the assigned partitions (None: unknown yet)
-
-
-def backlog(store: Store, model: str, quorum: int) -> int:
-    """Mistakes waiting for the worker: queued, or reported by enough distinct reporters to be queued.
-
-    A `reported` mistake below quorum is not work (it may never be), so it does not count.
-    """
-    with store.reading() as session:
-        return int(
-            session.scalar(
-                select(func.count())
-                .select_from(Mistake)
-                .where(
-                    Mistake.model == model,
-                    or_(
-                        Mistake.status == Status.QUEUED,
-                        (Mistake.status == Status.REPORTED) & (Mistake.reporter_count >= quorum),
-                    ),
-                )
-            )
-            or 0
-        )
 
 
 class Consumer:
@@ -343,7 +318,7 @@ class Consumer:
 
     def _backpressure(self) -> None:
         assert self.consumer is not None
-        pending = backlog(self.store, self.model, self.settings.policy.quorum)
+        pending = self.store.backlog(self.model, self.settings.policy.quorum)
         self.stats.max_backlog = max(self.stats.max_backlog, pending)
         assigned = self.consumer.assignment()
         if pending >= self.kafka.max_pending:

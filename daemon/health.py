@@ -28,7 +28,6 @@ from typing import Any
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
-from sqlalchemy import text
 
 from daemon.logs import get_logger
 
@@ -144,7 +143,6 @@ class ServiceCollector(Collector):
             )
 
     def _database(self, store: Any, model: str, quorum: int) -> Iterator[Metric]:
-        from daemon.consumer import backlog
         from memory.lifecycle import Status
 
         up = store is not None and self.health.database_ok(force=True)
@@ -153,7 +151,7 @@ class ServiceCollector(Collector):
             return
         try:
             counts = store.status_counts(model)
-            pending = backlog(store, model, quorum)
+            pending = store.backlog(model, quorum)
             latest = store.latest_version(model)
         except Exception as exc:  # noqa: BLE001 - a scrape must answer even when the database fails
             log.warning("metrics: database read failed", error=repr(exc))
@@ -279,8 +277,7 @@ def _ping(store: Any) -> bool:
     if store is None:
         return False
     try:
-        with store.reading() as session:
-            session.execute(text("SELECT 1"))
+        store.ping()
     except Exception as exc:  # noqa: BLE001 - unreachable, locked, dropped: all mean "not ready"
         log.warning("database check failed", error=repr(exc))
         return False

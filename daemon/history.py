@@ -228,8 +228,8 @@ def version_rows(settings: Settings) -> list[dict[str, Any]]:
 
 def export(settings: Settings, number: int | None, out: Path) -> tuple[int, Path]:
     """Write version `number` (None: LATEST's) with its base into `out`: load_patched(out, out) loads it."""
-    from patching.bases import base_dir
-    from patching.state import base_identity
+    from patching.bases.load import base_dir
+    from patching.loading import base_identity
 
     model = settings.model.name
     storage = storage_of(settings)

@@ -212,6 +212,7 @@ def _validate(
         observed=observed,
         equivalents=_equivalents(event.get("equivalents"), normalised, limits),
         model_version=_model_version(event.get("model_version")),
+        input=value,
     )
 
 

@@ -33,7 +33,6 @@ publish that died after it (the row, and the event again: releases are at least 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import signal
 import threading
@@ -47,8 +46,9 @@ from daemon.logs import get_logger
 from daemon.releases import ReleaseSender, release_event
 from memory.records import PatchRecord
 from memory.store import Store
+from patching import patchfile
 from patching.checkpoint import FORMAT, MANIFEST_FILE, CheckpointError, encode_manifest, file_entry, read_verified
-from patching.state import CODE_VERSION, CONFIG_FILE, PATCHES_FILE, PatchConfig, config_bytes
+from patching.patchfile import CODE_VERSION, CONFIG_FILE, PATCHES_FILE, PatchConfig, config_bytes
 from patching.storage import Storage, StorageError, VersionExists
 
 if TYPE_CHECKING:
@@ -89,7 +89,7 @@ def fault_point(step: str) -> None:
 class BaseInfo:
     """What every version's patch_config.json says about the base it was made for."""
 
-    identity: str  # sha256 of the base's weight files (patching.state.base_identity)
+    identity: str  # sha256 of the base's weight files (patching.loading.base_identity)
     name: str | None
     model_type: str
     hidden_size: int
@@ -98,7 +98,7 @@ class BaseInfo:
 
     @classmethod
     def of_model(cls, model: PatchedModel) -> BaseInfo:
-        from patching.state import base_identity
+        from patching.loading import base_identity
 
         return cls(
             identity=base_identity(model.base.directory),
@@ -435,31 +435,13 @@ def daemon_publisher(settings: Settings, store: Store, model: PatchedModel) -> P
 
 
 def concat_neurons(patches: Sequence[PatchRecord], hidden_size: int) -> tuple[bytes, list[str]]:
-    """patches.safetensors for the stored neuron blobs, in order (patching.state's layout); and the
-    edit id of every neuron. numpy, not torch: publishing never pays for importing torch."""
-    import numpy as np
-    from safetensors.numpy import load, save
+    """patches.safetensors for the stored patches' neurons, in order, and the edit id of every neuron.
 
-    names = ("keys", "biases", "values")
-    parts: dict[str, list[Any]] = {k: [] for k in names}
-    edit_ids: list[str] = []
-    for p in patches:
-        try:
-            tensors = load(bytes(p.neurons))
-        except (TypeError, ValueError) as exc:  # e.g. bfloat16, which numpy lacks
-            raise ValueError(f"patch {p.id}: neurons in a dtype numpy cannot read ({exc})") from exc
-        for k in names:
-            parts[k].append(tensors[k])
-        edit_ids += [str(p.mistake_id)] * int(tensors["keys"].shape[0])
-    if patches:
-        out = {k: np.ascontiguousarray(np.concatenate(parts[k])) for k in names}
-    else:  # every patch removed: an empty patch set is still a version (the base itself)
-        out = {
-            "keys": np.zeros((0, hidden_size), np.float32),
-            "biases": np.zeros((0,), np.float32),
-            "values": np.zeros((0, hidden_size), np.float32),
-        }
-    return save(out, metadata={"edit_ids": json.dumps(edit_ids)}), edit_ids
+    Each stored row holds one patch in the same format (patching/patchfile.py), so its dtype is
+    kept: a version of bfloat16 neurons is bfloat16, bit for bit."""
+    parts = [patchfile.decode(p.neurons, where=f"patch {p.id}", edit_id=str(p.mistake_id)) for p in patches]
+    merged = patchfile.concat(parts, hidden_size)
+    return patchfile.encode(merged.keys, merged.biases, merged.values, merged.edit_ids), merged.edit_ids
 
 
 def gate_figures(patches: Sequence[PatchRecord]) -> dict[str, Any]:

@@ -24,14 +24,14 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 from daemon.logs import bind, clear_context, get_logger, log_context
-from daemon.model import PatchedModel, UnsupportedInput, training_text
+from daemon.model import PatchedModel
 from daemon.settings import PolicySettings
 from memory.lifecycle import Status
 from memory.records import MistakeRecord
 from memory.store import Store
+from patching.engine import Proposal
 
 log = get_logger(__name__)
 
@@ -131,13 +131,13 @@ class Worker(threading.Thread):
         attempts = steps = 0
         with log_context(mistake_id=mistake.id, fingerprint=mistake.fingerprint[:16]):
             try:
-                text = training_text(self.store, mistake)
                 # the paraphrases reported with the winning target, first seen first (DESIGN §7)
-                equivalents = [e for e in mistake.equivalents if e != text][: self.policy.max_equivalents]
+                own = mistake.input[0] if isinstance(mistake.input, tuple) else mistake.input
+                equivalents = [e for e in mistake.equivalents if e != own][: self.policy.max_equivalents]
                 if not self.policy.train_on_equivalents:
                     equivalents = []
-                proposal = self.model.propose(mistake, text, equivalents)
-            except (UnsupportedInput, ValueError, RuntimeError) as exc:
+                proposal = self.model.propose(mistake, equivalents)
+            except (ValueError, RuntimeError) as exc:
                 # an error is not a verdict: nothing was kept, an operator may re-queue it
                 outcome = Status.FAILED
                 self.store.set_status(mistake.id, outcome, note=f"{type(exc).__name__}: {exc}"[:NOTE_CHARS])
@@ -164,7 +164,7 @@ class Worker(threading.Thread):
             )
         return str(outcome)
 
-    def _keep_or_reject(self, mistake: MistakeRecord, proposal: Any) -> Status:
+    def _keep_or_reject(self, mistake: MistakeRecord, proposal: Proposal) -> Status:
         row = self.model.patch_row(proposal)
         patch_id = self.store.add_patch(mistake.id, row)  # durable first: a crash now replays it
         if proposal.accepted:

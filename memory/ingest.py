@@ -53,6 +53,8 @@ REPORT_COLUMNS = (
     "target",
     "observed",
     "equivalents",
+    "input",
+    "input_pair",
     "reporter",
     "reported_at",
     "received_at",
@@ -185,7 +187,8 @@ def record_reports(conn: Connection, reports: Sequence[ReportIn], now: datetime)
     # equivalents stay tuples: the empty () is one shared object, so bulk serialises it only once
     rows = [
         (r.event_id, r.model, ids[(r.model, r.fingerprint)], r.target, r.observed, r.equivalents,
-         r.reporter, r.reported_at, now, r.model_version, r.raw, r.topic, r.partition, r.offset)
+         *_input_columns(r), r.reporter, r.reported_at, now, r.model_version, r.raw, r.topic, r.partition,
+         r.offset)
         for r in fresh
     ]  # fmt: skip
     insert_many(conn, REPORTS, REPORT_COLUMNS, rows, conflict=["event_id"])
@@ -202,6 +205,14 @@ def record_reports(conn: Connection, reports: Sequence[ReportIn], now: datetime)
         mistakes_created=len(created),
         mistakes_updated=len(touched - created),
     )
+
+
+def _input_columns(report: ReportIn) -> tuple[str | None, str | None]:
+    """(input, input_pair) columns of a report: the text as sent, and a pair's second text."""
+    value = report.input
+    if isinstance(value, tuple):
+        return value[0], value[1]
+    return value, None
 
 
 def _ensure_mistakes(

@@ -17,29 +17,14 @@ else in patchd assigns `Mistake.status` (rq's `set_state` / `job_lifecycle.py` p
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from enum import StrEnum
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:  # schema imports this module for the column type; avoid the cycle at run time
-    from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session
 
-    from memory.schema import Mistake
+from memory.schema import Mistake, StatusChange
+from memory.status import OPEN, Status
 
+__all__ = ["OPEN", "TRANSITIONS", "IllegalTransition", "Status", "is_legal", "transition"]
 
-class Status(StrEnum):
-    REPORTED = "reported"  # seen, not yet at quorum (or not yet looked at by the policy)
-    QUEUED = "queued"  # at quorum, target decided, waiting for the worker
-    CONFLICTING = "conflicting"  # reporters disagree on the target; no winner above the share
-    ALREADY_FIXED = "already_fixed"  # the current model already gives the target
-    PATCHING = "patching"  # claimed by the worker; a crash leaves it here until recovery
-    PATCHED = "patched"  # a neuron for it was accepted by the gate and is in the model
-    GATE_REJECTED = "gate_rejected"  # every try was refused by the locality/retention gate
-    FAILED = "failed"  # training or the forward raised; nothing was kept
-    REVOKED = "revoked"  # an operator removed its neuron; it stays out until re-queued by hand
-
-
-# Statuses from which new reports may still change the policy's decision.
-OPEN: frozenset[Status] = frozenset({Status.REPORTED, Status.QUEUED, Status.CONFLICTING})
 
 TRANSITIONS: dict[Status, frozenset[Status]] = {
     Status.REPORTED: frozenset({Status.QUEUED, Status.CONFLICTING}),
@@ -88,8 +73,6 @@ def transition(session: Session, mistake: Mistake, wanted: Status, note: str | N
     The caller owns the transaction, so a status change commits together with whatever caused
     it (an accepted patch, a removed neuron) or not at all.
     """
-    from memory.schema import StatusChange  # run-time import: schema imports Status from here
-
     current = Status(mistake.status)
     if not is_legal(current, wanted):
         raise IllegalTransition(mistake.id, current, wanted)

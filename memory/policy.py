@@ -13,6 +13,7 @@ re-evaluated, so each call costs in proportion to what arrived, not to the backl
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 from collections.abc import Mapping
 
@@ -21,6 +22,7 @@ from sqlalchemy.orm import Session
 
 from memory import lifecycle
 from memory.lifecycle import OPEN, Status
+from memory.records import InputValue
 from memory.schema import Mistake, MistakeTarget, Report
 
 
@@ -113,6 +115,31 @@ def equivalents_of(session: Session, mistake_id: int, target: str | None) -> tup
         for text in equivalents or ():
             seen.setdefault(text, None)
     return tuple(seen)
+
+
+def input_of(session: Session, mistake: Mistake) -> InputValue:
+    """What a patch for `mistake` trains on: the first report's input as sent (of the winning target
+    once there is one); the normalised key when no stored report carries its input."""
+    query = select(Report.input, Report.input_pair).where(Report.mistake_id == mistake.id)
+    if mistake.target is not None:
+        query = query.where(Report.target == mistake.target)
+    row = session.execute(query.where(Report.input.is_not(None)).order_by(Report.id).limit(1)).first()
+    if row is not None:
+        text, pair = row
+        return text if pair is None else (text, pair)
+    return key_input(mistake.input_text)
+
+
+def key_input(key: str) -> InputValue:
+    """The normalised input back from its key (memory.fingerprint.input_key: a text pair is JSON)."""
+    if key.startswith("{"):
+        try:
+            value = json.loads(key)
+        except ValueError:
+            return key
+        if isinstance(value, dict) and isinstance(value.get("text"), str) and isinstance(value.get("text_pair"), str):
+            return value["text"], value["text_pair"]
+    return key
 
 
 def _share_note(targets: Mapping[str, int]) -> str:

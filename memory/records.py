@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any
 
-from memory.lifecycle import Status
+from memory.status import Status
+
+# a model input: a text, or a (text, text_pair) pair (e.g. an NLI classifier's premise and hypothesis);
+# patching/encode.py's ModelInput is the same type, so the value crosses from event to engine as is
+InputValue = str | tuple[str, str]
 
 
 @dataclass(frozen=True)
@@ -31,6 +35,9 @@ class ReportIn:
     observed: str | None = None
     equivalents: tuple[str, ...] = field(default_factory=tuple)
     model_version: int | None = None
+    # the input as sent (validated, not normalised): what a patch for this mistake trains on;
+    # None (synthetic reports) = the normalised `input_text`
+    input: InputValue | None = None
 
 
 @dataclass(frozen=True)
@@ -72,13 +79,15 @@ class MistakeRecord:
     status: Status
     priority: int
     equivalents: tuple[str, ...] = ()  # paraphrases reported with the winning target, first seen first
+    # what to train on: the first report's input as sent (of the winning target, once there is one)
+    input: InputValue = ""
 
 
 @dataclass(frozen=True)
 class PatchIn:
     """One trained neuron group and the gate's verdict, as the worker hands it to `Store.add_patch`."""
 
-    neurons: bytes  # safetensors blob: keys [n,d], biases [n], values [n,d] (patching.state's layout)
+    neurons: bytes  # safetensors blob: keys [n,d], biases [n], values [n,d] (patching/patchfile.py's format)
     n_neurons: int
     layer: int
     activation: str
@@ -117,3 +126,20 @@ class VersionRecord:
     manifest_sha256: str
     edit_ids: tuple[int, ...]
     uri: str | None
+
+
+@dataclass(frozen=True)
+class StatusSummary:
+    """`patchd status`: the store's counts for one model (its JSON keys are part of the interface)."""
+
+    model: str
+    reports: int
+    rejected: int  # events that failed validation (all models: they name none reliably)
+    mistakes: dict[str, int]  # status -> count, every status present
+    patches: int  # accepted and not removed
+    patch_tries: int  # every trained neuron group, accepted or not
+    backlog: int  # what the worker still has to do
+    last_version: int | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)

@@ -41,7 +41,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
-from memory.lifecycle import Status
+from memory.status import Status
 
 # Deterministic constraint names, so migrations can name what they alter on both backends.
 NAMING = {
@@ -158,6 +158,10 @@ class Report(Base):
     target: Mapped[str] = mapped_column(Text)
     observed: Mapped[str | None] = mapped_column(Text)
     equivalents: Mapped[list[str]] = mapped_column(JSON)
+    # the input as the producer sent it (not normalised): what the worker trains on; a text pair's
+    # second text in input_pair. NULL only in rows stored before revision 0002 that it could not read
+    input: Mapped[str | None] = mapped_column(Text)
+    input_pair: Mapped[str | None] = mapped_column(Text)
     reporter: Mapped[str | None] = mapped_column(String(NAME_LEN))
     reported_at: Mapped[datetime | None] = mapped_column(UTCDateTime)  # the client's claim; untrusted
     received_at: Mapped[datetime] = mapped_column(UTCDateTime)  # our clock; used for age and rates

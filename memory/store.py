@@ -10,6 +10,11 @@
     store.set_status(mistake_id, status, note=None)          # through memory.lifecycle
     store.set_priority(mistake_id, priority)
     store.status_counts(model) -> dict[Status, int]
+    store.backlog(model, quorum) -> int                       # what the worker still has to do
+    store.status_summary(model, quorum) -> StatusSummary     # `patchd status`
+    store.requeue(model, statuses, note) -> list[int]        # `patchd replay`: back to queued
+    store.mistakes(model) -> list[MistakeRecord]; store.event_ids(model) -> set[str]
+    store.ping()                                             # SELECT 1 (readiness)
     store.add_patch(mistake_id, PatchIn(...)) -> int        # accepted: mistake -> patched
     store.patches_of(mistake_id) -> list[PatchRecord]
     store.accepted_patches(model) -> list[PatchRecord]       # not removed, in acceptance order
@@ -34,7 +39,8 @@ A claimed mistake must end in one of add_patch(accepted=True), set_status(alread
 gate_rejected / failed) or, on a warm stop, set_status(queued).
 
 Status changes happen only in memory/lifecycle.py; an illegal one raises IllegalTransition and
-the whole call is rolled back.
+the whole call is rolled back. Every query patchd makes is a method here (or a function of
+memory/ingest.py, policy.py, summary.py that one calls): nothing outside memory/ writes SQL.
 """
 
 from __future__ import annotations
@@ -49,7 +55,7 @@ from sqlalchemy import Engine, func, select
 from sqlalchemy.engine import URL
 from sqlalchemy.orm import Session, sessionmaker
 
-from memory import ingest, lifecycle, migrate, policy
+from memory import ingest, lifecycle, migrate, policy, summary
 from memory.engine import WRITE_OPTION, default_url, make_engine
 from memory.lifecycle import Status
 from memory.records import (
@@ -59,6 +65,7 @@ from memory.records import (
     PatchRecord,
     RejectedIn,
     ReportIn,
+    StatusSummary,
     VersionRecord,
 )
 from memory.schema import Base, Mistake, Patch, Report, Version
@@ -111,13 +118,14 @@ class Store:
         self.close()
 
     @contextmanager
-    def writing(self) -> Iterator[Session]:
+    def _writing(self) -> Iterator[Session]:
         """A write transaction (BEGIN IMMEDIATE on SQLite): commits on exit, rolls back on error."""
         with self._write() as session, session.begin():
             yield session
 
     @contextmanager
-    def reading(self) -> Iterator[Session]:
+    def _reading(self) -> Iterator[Session]:
+        """A read transaction. Private: every query is a Store method (memory/ owns persistence)."""
         with self._read() as session, session.begin():
             yield session
 
@@ -127,12 +135,12 @@ class Store:
         """Store a batch of validated reports in ONE transaction (see memory/ingest.py)."""
         if not reports:
             return BatchResult(new_reports=0, duplicates=0, mistakes_created=0, mistakes_updated=0)
-        with self.writing() as session:
+        with self._writing() as session:
             return ingest.record_reports(session.connection(), reports, _now())
 
     def record_rejected(self, rejected: Sequence[RejectedIn]) -> int:
         """Store events that failed validation; returns how many were new."""
-        with self.writing() as session:
+        with self._writing() as session:
             return ingest.record_rejected(session.connection(), rejected, _now())
 
     # -- policy -------------------------------------------------------------------------------
@@ -146,7 +154,7 @@ class Store:
         callers never get the same mistake and a crash leaves a trace for recover_interrupted.
         """
         policy.check_policy(quorum, conflict_share)
-        with self.writing() as session:
+        with self._writing() as session:
             policy.resolve(session, model, quorum, conflict_share)
             mistake = policy.pick(session, model)
             if mistake is None:
@@ -157,7 +165,7 @@ class Store:
 
     def reporter_counts(self, model: str, since: datetime) -> dict[str, int]:
         """Reports per reporter received at or after `since` (anonymous reports under "")."""
-        with self.reading() as session:
+        with self._reading() as session:
             rows = session.execute(
                 select(Report.reporter, func.count())
                 .where(Report.model == model, Report.received_at >= since)
@@ -168,12 +176,12 @@ class Store:
     # -- mistakes -----------------------------------------------------------------------------
 
     def get_mistake(self, mistake_id: int) -> MistakeRecord | None:
-        with self.reading() as session:
+        with self._reading() as session:
             mistake = session.get(Mistake, mistake_id)
             return None if mistake is None else self._record(session, mistake)
 
     def find_mistake(self, model: str, fingerprint: str) -> MistakeRecord | None:
-        with self.reading() as session:
+        with self._reading() as session:
             mistake = session.scalars(
                 select(Mistake).where(Mistake.model == model, Mistake.fingerprint == fingerprint)
             ).first()
@@ -181,22 +189,56 @@ class Store:
 
     def set_status(self, mistake_id: int, status: Status, note: str | None = None) -> None:
         """Change a mistake's status (worker outcomes, operator re-queue); illegal changes raise."""
-        with self.writing() as session:
+        with self._writing() as session:
             lifecycle.transition(session, self._mistake(session, mistake_id), Status(status), note)
 
     def set_priority(self, mistake_id: int, priority: int) -> None:
-        with self.writing() as session:
+        with self._writing() as session:
             self._mistake(session, mistake_id).priority = priority
 
     def status_counts(self, model: str) -> dict[Status, int]:
         """Mistakes per status, with every status present (0 when none)."""
-        with self.reading() as session:
-            rows = session.execute(
-                select(Mistake.status, func.count()).where(Mistake.model == model).group_by(Mistake.status)
-            )
-            counts = dict.fromkeys(Status, 0)
-            counts.update({Status(status): n for status, n in rows})
-            return counts
+        with self._reading() as session:
+            return summary.status_counts(session, model)
+
+    def backlog(self, model: str, quorum: int) -> int:
+        """Mistakes waiting for the worker (queued, or reported by `quorum` reporters): backpressure."""
+        with self._reading() as session:
+            return summary.backlog(session, model, quorum)
+
+    def status_summary(self, model: str, quorum: int) -> StatusSummary:
+        """What `patchd status` prints, read in one transaction."""
+        with self._reading() as session:
+            return summary.status_summary(session, model, quorum)
+
+    def requeue(self, model: str, statuses: Sequence[Status], note: str) -> list[int]:
+        """Send every mistake of `model` in one of `statuses` back to the queue (`patchd replay`)."""
+        with self._writing() as session:
+            mistakes = session.scalars(
+                select(Mistake)
+                .where(Mistake.model == model, Mistake.status.in_(list(statuses)))
+                .order_by(Mistake.id)
+                .with_for_update()
+            ).all()
+            for mistake in mistakes:
+                lifecycle.transition(session, mistake, Status.QUEUED, note=note)
+            return [m.id for m in mistakes]
+
+    def mistakes(self, model: str) -> list[MistakeRecord]:
+        """Every mistake of `model`, in id order (audits, tests comparing two runs)."""
+        with self._reading() as session:
+            rows = session.scalars(select(Mistake).where(Mistake.model == model).order_by(Mistake.id)).all()
+            return [self._record(session, m) for m in rows]
+
+    def event_ids(self, model: str) -> set[str]:
+        """The event ids of every stored report of `model` (exactly-once checks)."""
+        with self._reading() as session:
+            return set(session.scalars(select(Report.event_id).where(Report.model == model)))
+
+    def ping(self) -> None:
+        """One round trip to the database (SELECT 1); raises when it does not answer (readiness)."""
+        with self._reading() as session:
+            session.execute(select(1))
 
     # -- patches ------------------------------------------------------------------------------
 
@@ -207,7 +249,7 @@ class Store:
         never leave a kept neuron whose mistake would be queued (and patched) again. A rejected
         try leaves the mistake in `patching` for the next try; the worker ends with set_status.
         """
-        with self.writing() as session:
+        with self._writing() as session:
             mistake = self._mistake(session, mistake_id)
             if mistake.status != Status.PATCHING:
                 raise ValueError(
@@ -224,13 +266,13 @@ class Store:
             return row.id
 
     def patches_of(self, mistake_id: int) -> list[PatchRecord]:
-        with self.reading() as session:
+        with self._reading() as session:
             rows = session.scalars(select(Patch).where(Patch.mistake_id == mistake_id).order_by(Patch.id))
             return [_as(PatchRecord, p) for p in rows]
 
     def accepted_patches(self, model: str) -> list[PatchRecord]:
         """The patches in the model now, in the order they were accepted: replay them to rebuild it."""
-        with self.reading() as session:
+        with self._reading() as session:
             rows = session.scalars(
                 select(Patch)
                 .where(Patch.model == model, Patch.accepted.is_(True), Patch.removed_at.is_(None))
@@ -240,7 +282,7 @@ class Store:
 
     def accepted_patch_ids(self, model: str) -> list[tuple[int, int]]:
         """(patch id, mistake id) of accepted_patches(model), without the tensors: a cheap "changed?" check."""
-        with self.reading() as session:
+        with self._reading() as session:
             rows = session.execute(
                 select(Patch.id, Patch.mistake_id)
                 .where(Patch.model == model, Patch.accepted.is_(True), Patch.removed_at.is_(None))
@@ -250,7 +292,7 @@ class Store:
 
     def mark_patch_removed(self, patch_id: int, reason: str) -> None:
         """Take an accepted patch out of the model (revoke); its mistake becomes `revoked`."""
-        with self.writing() as session:
+        with self._writing() as session:
             patch = session.get(Patch, patch_id, with_for_update=True)
             if patch is None:
                 raise NotFound(f"no patch with id {patch_id}")
@@ -268,7 +310,7 @@ class Store:
         A mistake in `patching` with a kept patch (impossible with add_patch's single
         transaction, but cheap to guard) is completed to `patched` instead of being re-queued.
         """
-        with self.writing() as session:
+        with self._writing() as session:
             stuck = session.scalars(
                 select(Mistake)
                 .where(Mistake.model == model, Mistake.status == Status.PATCHING)
@@ -301,7 +343,7 @@ class Store:
         uri: str | None = None,
     ) -> VersionRecord:
         """Record a published version; a number already used for `model` raises IntegrityError."""
-        with self.writing() as session:
+        with self._writing() as session:
             version = Version(
                 model=model,
                 number=number,
@@ -316,20 +358,20 @@ class Store:
             return _as(VersionRecord, version, edit_ids=tuple(version.edit_ids))
 
     def latest_version(self, model: str) -> VersionRecord | None:
-        with self.reading() as session:
+        with self._reading() as session:
             version = session.scalars(
                 select(Version).where(Version.model == model).order_by(Version.number.desc()).limit(1)
             ).first()
             return None if version is None else _as(VersionRecord, version, edit_ids=tuple(version.edit_ids))
 
     def versions(self, model: str) -> list[VersionRecord]:
-        with self.reading() as session:
+        with self._reading() as session:
             rows = session.scalars(select(Version).where(Version.model == model).order_by(Version.number))
             return [_as(VersionRecord, v, edit_ids=tuple(v.edit_ids)) for v in rows]
 
     def table_counts(self) -> dict[str, int]:
         """Rows per table (tests, `patchd status`)."""
-        with self.reading() as session:
+        with self._reading() as session:
             return {
                 name: int(session.scalar(select(func.count()).select_from(table)) or 0)
                 for name, table in Base.metadata.tables.items()
@@ -349,7 +391,12 @@ class Store:
         targets = policy.targets_of(session, [mistake.id]).get(mistake.id, {})
         equivalents = policy.equivalents_of(session, mistake.id, mistake.target)
         return _as(
-            MistakeRecord, mistake, targets=targets, equivalents=equivalents, status=Status(mistake.status)
+            MistakeRecord,
+            mistake,
+            targets=targets,
+            equivalents=equivalents,
+            status=Status(mistake.status),
+            input=policy.input_of(session, mistake),
         )
 
 

@@ -14,9 +14,9 @@ _EXPORTS = {
     "Patcher": "patching.engine",
     "TrainConfig": "patching.config",
     "GateConfig": "patching.config",
-    "load_patched": "patching.state",
-    "save_patches": "patching.state",
-    "PatchConfig": "patching.state",
+    "load_patched": "patching.loading",
+    "save_patches": "patching.loading",
+    "PatchConfig": "patching.patchfile",
     "locate": "patching.arch",
 }
 

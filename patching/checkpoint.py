@@ -1,7 +1,7 @@
 """The published version format: manifest.json, and reading a version back with every byte checked.
 
-A version directory holds patches.safetensors and patch_config.json (patching/state.py's patch
-set) and manifest.json, written last:
+A version directory holds patches.safetensors and patch_config.json (the patch set, in the
+format of patching/patchfile.py) and manifest.json, written last:
 
     {"format": "patchd-checkpoint/1", "model": ..., "version": 42, "parent": 41,
      "created_at": ISO-8601, "code_version": ..., "base": {"name", "identity"},
@@ -23,7 +23,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from patching.state import CONFIG_FILE, PATCHES_FILE, PatchConfig, PatchStateError, parse_config
+from patching.patchfile import CONFIG_FILE, PATCHES_FILE, PatchConfig, PatchStateError, parse_config
 from patching.storage import Storage
 
 MANIFEST_FILE = "manifest.json"

@@ -32,7 +32,8 @@ from pathlib import Path
 from typing import Any
 
 from patching.checkpoint import CheckpointError, VerifiedVersion, VersionMissing, read_verified
-from patching.state import CONFIG_FILE, PATCHES_FILE, PatchStateError, attach_patches, base_identity, parse_patches
+from patching.loading import attach_patches, base_identity
+from patching.patchfile import CONFIG_FILE, PATCHES_FILE, PatchStateError, parse_patch_set
 from patching.storage import Storage, StorageError, open_storage
 
 log = logging.getLogger(__name__)
@@ -71,7 +72,7 @@ class _Base:
     """The base model loaded once, its identity computed once; versions are built on copies."""
 
     def __init__(self, base_dir: str | Path, arch: dict[str, Any] | None):
-        from patching.state import load_base_model
+        from patching.loading import load_base_model
 
         self.dir = Path(base_dir)
         self.identity = base_identity(self.dir)
@@ -80,9 +81,9 @@ class _Base:
 
     def build(self, v: VerifiedVersion, fresh: bool = True) -> Any:
         """A patched model for a verified version (PatchStateError for a shape or identity mismatch)."""
-        config, tensors = parse_patches(v.files[CONFIG_FILE], v.files[PATCHES_FILE], where=f"version {v.number}")
+        config, patches = parse_patch_set(v.files[CONFIG_FILE], v.files[PATCHES_FILE], where=f"version {v.number}")
         model = copy.deepcopy(self.pristine) if fresh else self.pristine
-        return attach_patches(model, config, tensors, self.identity, self.arch)
+        return attach_patches(model, config, patches, self.identity, self.arch)
 
 
 def _newest_good(

@@ -13,6 +13,10 @@ from typing import Any
 
 import torch
 
+# a model input: a text, or (text, text_pair) for a classifier that reads two texts (NLI: premise and
+# hypothesis); the same type as memory.records.InputValue, so a stored report's input arrives as is
+ModelInput = str | tuple[str, str]
+
 
 @dataclass
 class Encoded:
@@ -29,10 +33,23 @@ class Encoded:
         return int(self.batch["input_ids"].shape[0])
 
 
+def split_pairs(texts: Sequence[ModelInput]) -> tuple[list[str], list[str] | None]:
+    """(first texts, second texts or None): a batch is all texts or all text pairs."""
+    pairs = [t for t in texts if isinstance(t, tuple)]
+    if not pairs:
+        return [t for t in texts if isinstance(t, str)], None
+    if len(pairs) != len(texts):
+        raise ValueError("a batch mixes plain texts and text pairs: a model reads one form")
+    return [t for t, _ in pairs], [p for _, p in pairs]
+
+
 def classification(
-    tokenizer: Any, texts: Sequence[str], labels: Sequence[int] | None = None, max_length: int = 128
+    tokenizer: Any, texts: Sequence[ModelInput], labels: Sequence[int] | None = None, max_length: int = 128
 ) -> Encoded:
-    batch = dict(tokenizer(list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt"))
+    """Position 0 of each input (the pooled position); a text pair is tokenised as one sequence."""
+    firsts, seconds = split_pairs(texts)
+    pair = {"text_pair": seconds} if seconds is not None else {}
+    batch = dict(tokenizer(firsts, **pair, padding=True, truncation=True, max_length=max_length, return_tensors="pt"))
     B = len(texts)
     targets = torch.tensor(list(labels), dtype=torch.long) if labels is not None else torch.full((B,), -1)
     return Encoded(batch, torch.arange(B), torch.zeros(B, dtype=torch.long), targets)

@@ -9,21 +9,35 @@ Losses, memory, initialisation and stop rule are the same as the cached trainer'
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 
+from patching.arch import FFNSite
 from patching.capture import capture
+from patching.config import TrainConfig
 from patching.encode import Encoded
-from patching.layer import trained_as
+from patching.layer import PatchedFFN, trained_as
+from patching.memory_bank import MemoryBank
 from patching.trainer import EditTensors, Neurons, Objective, TrainResult, init_neurons, stop_met, total_loss
 
-if TYPE_CHECKING:
-    from patching.engine import Patcher
+
+class ReferenceHost(Protocol):
+    """What the reference trainer reads of the Patcher (patching/engine.py satisfies it)."""
+
+    model: torch.nn.Module
+    site: FFNSite
+    wrapper: PatchedFFN
+    memory: MemoryBank
+    train_cfg: TrainConfig
+
+    def tail(self, ffn: torch.Tensor, residual: torch.Tensor) -> torch.Tensor: ...
+
+    def whitening(self) -> tuple[torch.Tensor, torch.Tensor] | None: ...
 
 
 def train_reference(
-    patcher: Patcher, enc: Encoded, et: EditTensors, anchors: torch.Tensor, obj: Objective, seed: int
+    patcher: ReferenceHost, enc: Encoded, et: EditTensors, anchors: torch.Tensor, obj: Objective, seed: int
 ) -> TrainResult:
     cfg = patcher.train_cfg
     t0 = time.perf_counter()

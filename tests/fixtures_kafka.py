@@ -1,6 +1,7 @@
 """Kafka fixtures: one real Apache Kafka broker per test session, and a fresh topic per test.
 
-The broker is the one `deploy/kafka/broker.sh` runs in development (KRaft combined mode on
+The broker is the one `deploy/kafka/broker.sh` runs in development (launched by daemon/tools/broker.py,
+shared with the demo and the benchmarks) (KRaft combined mode on
 127.0.0.1), started on free ports with a private state directory, unless
 `PATCHD_TEST_BOOTSTRAP=host:port` names a running broker. A broker that cannot start fails
 the tests that need it; Kafka tests are never skipped.
@@ -22,75 +23,12 @@ import subprocess
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 from kafka import KafkaAdminClient
 from kafka.admin import NewTopic
 
-from daemon.bench import free_ports
-
-BROKER_SH = Path(__file__).resolve().parents[1] / "deploy" / "kafka" / "broker.sh"
-# a cold JVM plus storage format takes ~7 s on an idle 2-core machine; leave room for a loaded one
-START_TIMEOUT_S = 180
-# a clean KRaft shutdown takes ~2 s; the script itself kills after its own timeout (60 s)
-STOP_TIMEOUT_S = 90
-
-
-class BrokerError(RuntimeError):
-    """broker.sh failed; the message carries its output (and so the broker log's tail)."""
-
-
-@dataclass(frozen=True)
-class BrokerScript:
-    """One broker instance as deploy/kafka/broker.sh sees it: its ports and state directory."""
-
-    port: int
-    controller_port: int
-    state_dir: Path
-
-    @classmethod
-    def on_free_ports(cls, state_dir: Path) -> BrokerScript:
-        port, controller_port = free_ports(2)
-        return cls(port=port, controller_port=controller_port, state_dir=state_dir)
-
-    @property
-    def bootstrap(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def env(self) -> dict[str, str]:
-        env = dict(os.environ)
-        env.update(
-            KAFKA_PORT=str(self.port),
-            KAFKA_CONTROLLER_PORT=str(self.controller_port),
-            KAFKA_STATE_DIR=str(self.state_dir),
-        )
-        return env
-
-    def run(self, command: str, timeout: float = START_TIMEOUT_S) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            ["bash", str(BROKER_SH), command],
-            env=self.env(),
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            stdin=subprocess.DEVNULL,
-        )
-
-    def start(self) -> str:
-        result = self.run("start", START_TIMEOUT_S)
-        if result.returncode != 0:
-            raise BrokerError(
-                f"deploy/kafka/broker.sh start failed (exit {result.returncode}) on port {self.port}, "
-                f"state {self.state_dir}:\n{result.stdout}{result.stderr}"
-            )
-        return result.stdout.strip().splitlines()[-1]
-
-    def stop(self) -> None:
-        result = self.run("stop", STOP_TIMEOUT_S)
-        if result.returncode != 0:
-            raise BrokerError(f"deploy/kafka/broker.sh stop failed:\n{result.stdout}{result.stderr}")
+from daemon.tools.broker import BrokerError, BrokerScript
 
 
 def _wait_for_external(bootstrap: str, timeout_s: float = 30.0) -> None:

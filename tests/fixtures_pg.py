@@ -1,7 +1,7 @@
 """PostgreSQL for the tests: a real server, never a mock, and never a skip.
 
 `pg_url` (session): $PATCHD_TEST_PG_URL when set (a server someone else runs; the role must be
-allowed to CREATE DATABASE), else a private server that memory.pgserver starts with initdb in a
+allowed to CREATE DATABASE), else a private server that daemon.tools.pgserver starts with initdb in a
 temporary directory on a free port and stops when the session ends. A missing or broken server
 fails the tests that need it, loudly.
 
@@ -19,7 +19,7 @@ from collections.abc import Iterator
 import pytest
 from sqlalchemy import create_engine, make_url, text
 
-from memory.pgserver import PostgresServer
+from daemon.tools.pgserver import PostgresServer
 from memory.store import Store
 
 _counter = itertools.count()

@@ -31,7 +31,9 @@ def main() -> None:
     import alembic.runtime.migration  # noqa: F401
     import numpy  # noqa: F401
     import safetensors.numpy  # noqa: F401
+    import safetensors.torch  # noqa: F401
     import sqlalchemy.dialects.sqlite  # noqa: F401
+    import torch  # noqa: F401
 
     import daemon.publisher  # noqa: F401
     import memory.migrate  # noqa: F401

@@ -1,9 +1,9 @@
 """Helpers for the publishing tests: synthetic accepted patches in a store, and a crash-test publisher.
 
 `add_patches(store, n, hidden)` stores n accepted one-neuron patches of random weights (what the
-worker would store), without a model: publishing only moves bytes, so the crash tests need no
-torch. `Zygote` is a child process that imported the publisher once and forks one grandchild per
-publish, which dies by SIGKILL at the step named (daemon/publisher.py STEPS): fork is the cheap
+worker would store), without a model: publishing only moves bytes. `Zygote` is a child process
+that imported the publisher once and forks one grandchild per publish, which dies by SIGKILL at the
+step named (daemon/publisher.py STEPS): fork is the cheap
 way to get a fresh process per step; the zygote itself has no threads and opened no database.
 """
 
@@ -29,6 +29,8 @@ _counter = {"n": 0}
 
 
 def neuron_blob(hidden: int, rng: np.random.Generator, count: int = 1) -> bytes:
+    """One patch's neurons as databases written before patchfile kept edit ids in each row (numpy's
+    safetensors, no metadata): the publisher must still read them, with the row's mistake as edit."""
     return save(
         {
             "keys": rng.standard_normal((count, hidden)).astype(np.float32),
@@ -71,7 +73,7 @@ def add_patches(store: Store, count: int, hidden: int, layer: int = 1, seed: int
 
 def tiny_info(base_dir: Path) -> BaseInfo:
     """The tiny test base (tests/tinybase.py): BERT, hidden 64, two layers (the last is 1)."""
-    from patching.state import base_identity
+    from patching.loading import base_identity
 
     return BaseInfo(base_identity(base_dir), "tiny-base", "bert", 64, 1, "relu")
 

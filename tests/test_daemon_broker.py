@@ -18,8 +18,8 @@ from kafka.admin import NewTopic
 
 from daemon import cli
 from daemon.settings import load_settings
+from daemon.tools.broker import BrokerScript
 from memory.store import Store
-from tests.fixtures_kafka import BrokerScript
 from tests.tinybase import (
     Daemon,
     assert_final_state,

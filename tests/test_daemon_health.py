@@ -19,10 +19,10 @@ from pathlib import Path
 import pytest
 
 from daemon import service as service_module
-from daemon.bench import free_ports
 from daemon.notify import Notifier
 from daemon.service import Service
 from daemon.settings import load_settings
+from daemon.tools.broker import free_ports
 from memory.lock import ModelLock
 from memory.store import Store
 from tests.test_health import get, metrics

@@ -16,6 +16,7 @@ from daemon.settings import load_settings
 from memory.lifecycle import Status
 from memory.store import Store
 from tests.tinybase import (
+    MODEL,
     committed,
     correction_stream,
     event_ids,
@@ -181,7 +182,7 @@ def test_rebalance_between_two_consumers_loses_and_doubles_nothing(
         assert event_ids(store) == stream.valid_ids  # nothing lost ...
         counts = store.table_counts()
         assert counts["reports"] == 270 and counts["rejected"] == 30  # ... nothing counted twice
-        assert sum(m.report_count for m in _mistakes(store)) == 270
+        assert sum(m.report_count for m in store.mistakes(MODEL)) == 270
 
 
 def _until(predicate: Callable[[], bool], what: str, timeout_s: float = 60.0) -> None:
@@ -190,12 +191,3 @@ def _until(predicate: Callable[[], bool], what: str, timeout_s: float = 60.0) ->
         if time.monotonic() > deadline:
             raise TimeoutError(f"{what}: not within {timeout_s}s")
         time.sleep(0.1)
-
-
-def _mistakes(store: Store) -> list:
-    from sqlalchemy import select
-
-    from memory.schema import Mistake
-
-    with store.reading() as session:
-        return list(session.scalars(select(Mistake)))

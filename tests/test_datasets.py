@@ -1,4 +1,4 @@
-"""patching.datasets on the real shared data (../shared/data from the repository root)."""
+"""patching.bases.datasets on the real shared data (../shared/data from the repository root)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from patching.datasets import FEVER_LABELS, TaskSplits, default_data_dir, load_task, text_key
+from patching.bases.datasets import FEVER_LABELS, TaskSplits, default_data_dir, load_task, text_key
 
 DATA = default_data_dir()
 needs_data = pytest.mark.skipif(DATA is None, reason="../shared/data is not present")
@@ -110,7 +110,7 @@ def test_counterfact_edit_targets_are_new_targets() -> None:
 def test_missing_data_dir_names_the_option(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(FileNotFoundError, match="--data-dir"):
         load_task("fever", tmp_path / "nowhere")
-    monkeypatch.setattr("patching.datasets.default_data_dir", lambda: None)
+    monkeypatch.setattr("patching.bases.datasets.default_data_dir", lambda: None)
     with pytest.raises(FileNotFoundError, match="--data-dir"):
         load_task("zsre")
 
@@ -129,8 +129,8 @@ def test_default_data_dir_honours_env(tmp_path: Path, monkeypatch: pytest.Monkey
 def test_pararel_questions_for_the_qa_base_stay_out_of_the_zsre_task() -> None:
     """zsre-smollm2-qa's tuning data (patching/pararel.py) on the real files: the documented
     relations, several phrasings per fact, no zsRE subject and no text of any zsRE part."""
-    from patching.datasets import raw_dir, zsre_phrasings
-    from patching.pararel import qa_examples, relation_templates
+    from patching.bases.datasets import raw_dir, zsre_phrasings
+    from patching.bases.pararel import qa_examples, relation_templates
 
     splits = load_task("zsre")
     graph, subjects = zsre_phrasings()

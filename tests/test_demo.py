@@ -19,17 +19,17 @@ from pathlib import Path
 import pytest
 
 from daemon import cli
-from daemon.demo import MARKER, DemoError, build_stream, fresh_state_dir, run_demo
-from patching.datasets import Example
+from daemon.tools.demo import MARKER, DemoError, build_stream, fresh_state_dir, run_demo
+from patching.bases.datasets import Example
 from tests.tinybase import MODEL, prepare, sentence
 
 CORRECTIONS = 12
 
 
 def test_demo_end_to_end(tmp_path: Path, kafka_bootstrap: str) -> None:
-    from patching.bases import load_base
+    from patching.bases.load import load_base
+    from patching.bases.tasks import TaskAdapter
     from patching.client import load_latest
-    from patching.tasks import TaskAdapter
 
     base, data = prepare(tmp_path / "tiny")
     lb = load_base(str(base))

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from patching import metrics
-from patching.evaldata import DataError, load_eval_data, load_generic
-from patching.evaluate import run_evaluate
+from patching.eval import metrics
+from patching.eval.evaldata import DataError, load_eval_data, load_generic
+from patching.eval.evaluate import run_evaluate
 from tests.tinybase import WORDS, tiny_base
 
 
@@ -35,7 +35,7 @@ def test_metrics_on_known_cases() -> None:
 
 
 def test_progress_bar_shows_running_sr_gr_and_the_last_er_checkpoint() -> None:
-    from patching.evaluate import _running
+    from patching.eval.evaluate import _running
 
     rows = [{"status": "fixed_along_the_way"}, {"sr": True, "gr": 1.0}, {"sr": False, "gr": 0.0},
             {"sr": True, "gr": None}, {"sr": True, "gr": 0.5}]
@@ -106,7 +106,7 @@ def test_tiny_end_to_end_evaluate(tmp_path: Path) -> None:
     assert report["gr"] is None  # no paraphrases in this data
     assert report["neurons"] == report["edits"] - report["gate_rejected"]
     assert len([r for r in report["rows"] if "sr" in r]) == report["edits"]
-    from patching.plots import plot_reports
+    from patching.eval.plots import plot_reports
 
     plot_reports([report, report], tmp_path / "cmp.png")  # what --plot and --compare write
     assert (tmp_path / "cmp.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -115,7 +115,7 @@ def test_tiny_end_to_end_evaluate(tmp_path: Path) -> None:
 def test_a_stopped_stream_resumed_ends_as_the_uninterrupted_one(tmp_path: Path) -> None:
     from safetensors.torch import load_file
 
-    from patching.resume import Resume, ResumeError, patches_path
+    from patching.eval.resume import Resume, ResumeError, patches_path
 
     data, base = load_eval_data(str(tiny_data(tmp_path))), str(tiny_base(tmp_path))
     quiet = {"editor": "tpatcher", "progress": lambda _msg: None, "curve_points": 2}
@@ -152,7 +152,7 @@ def test_a_background_evaluate_can_be_stopped_for_its_partial_report(signum: int
     # a shell's background job starts with SIGINT ignored: the run must still stop on kill -INT / kill
     code = f"""
 import os, signal
-from daemon.cmd_evaluate import interruptible
+from daemon.cli.evaluate import interruptible
 signal.signal(signal.SIGINT, signal.SIG_IGN)
 try:
     with interruptible():

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
-from tests.fixtures_kafka import BrokerScript
+from daemon.tools.broker import BrokerScript
 
 
 def _consume(bootstrap: str, topic: str, count: int, group: str, timeout_s: float = 30.0) -> list:

@@ -92,6 +92,6 @@ def test_writer_and_reader_threads(store: Store) -> None:
     assert counts["reports"] == written["new"] > 0
     assert seen["claimed"] > 0 and seen["reads"] > 0
     assert counts["patches"] == seen["claimed"]
-    with store.reading() as session:
+    with store._reading() as session:
         assert session.scalar(select(func.sum(Mistake.report_count))) == counts["reports"]
         assert session.scalar(select(func.sum(MistakeTarget.count))) == counts["reports"]

@@ -59,7 +59,7 @@ def _consistent(store: Store) -> int:
     """Whole batches only, and every counter agrees with the reports table; returns report count."""
     counts = store.table_counts()
     assert counts["reports"] % BATCH == 0, f"{counts['reports']} reports: a partial batch was committed"
-    with store.reading() as session:
+    with store._reading() as session:
         assert (session.scalar(select(func.sum(Mistake.report_count))) or 0) == counts["reports"]
         assert (session.scalar(select(func.sum(MistakeTarget.count))) or 0) == counts["reports"]
         assert (session.scalar(select(func.sum(Mistake.reporter_count))) or 0) == counts["mistake_reporters"]

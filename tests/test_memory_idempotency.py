@@ -6,14 +6,14 @@ from collections import defaultdict
 
 from sqlalchemy import select
 
-from memory.bench import Expected, synthetic_stream
+from daemon.tools.bench_store import Expected, synthetic_stream
 from memory.schema import Mistake, MistakeReporter, MistakeTarget
 from memory.store import Store
 
 
 def _stored(store: Store) -> tuple[dict[str, int], dict[str, dict[str, int]], dict[str, int], dict[str, int]]:
     """Per fingerprint: report counts, target counts, reporter_count column, distinct reporter rows."""
-    with store.reading() as session:
+    with store._reading() as session:
         mistakes = {
             mid: (fp, n, r)
             for mid, fp, n, r in session.execute(

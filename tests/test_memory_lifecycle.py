@@ -26,7 +26,7 @@ def test_patched_and_terminal_paths() -> None:
 
 def _mistake_in(store: Store, status: Status, text: str) -> int:
     store.record_batch([report(f"e-{text}", text)])
-    with store.writing() as session:
+    with store._writing() as session:
         mistake = session.scalars(select(Mistake).where(Mistake.input_text == text)).one()
         mistake.status = status  # test set-up only: put the row in the state under test
         return mistake.id
@@ -42,7 +42,7 @@ def test_every_pair_of_statuses(store: Store) -> None:
         if wanted in TRANSITIONS[current]:
             store.set_status(mid, wanted, note="test")
             assert store.get_mistake(mid).status == wanted  # type: ignore[union-attr]
-            with store.reading() as session:
+            with store._reading() as session:
                 change = session.scalars(select(StatusChange).where(StatusChange.mistake_id == mid)).one()
                 assert (change.from_status, change.to_status, change.note) == (current, wanted, "test")
         else:
@@ -57,7 +57,7 @@ def test_history_is_recorded_on_both_backends(store: Store) -> None:
     assert mistake is not None
     store.set_status(mistake.id, Status.FAILED, note="CUDA out of memory")
     store.set_status(mistake.id, Status.QUEUED)
-    with store.reading() as session:
+    with store._reading() as session:
         rows = session.execute(
             select(StatusChange.from_status, StatusChange.to_status).order_by(StatusChange.id)
         ).all()

@@ -9,10 +9,10 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from patching.pararel import qa_examples, relation_templates
-from patching.qa import greedy_answers, prompt_for
-from patching.qa_tuning import IGNORE, QATune, answer_batch, train_answers
-from patching.templates import SLOT
+from patching.bases.pararel import qa_examples, relation_templates
+from patching.bases.qa import greedy_answers, prompt_for
+from patching.bases.qa_tuning import IGNORE, QATune, answer_batch, train_answers
+from patching.bases.templates import SLOT
 from tests.fixtures_models import byte_tokenizer
 
 

@@ -11,14 +11,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from patching.bases import load_base
-from patching.datasets import Example
-from patching.mend import store
-from patching.mend.data import build
-from patching.mend.nets import MendNet, RunningStats
-from patching.mend.stack import GradCapture, TopStack, select_targets, target_modules
-from patching.mend.train import MendTrainConfig, MendTrainer, train
-from patching.tasks import TaskAdapter
+from patching.bases.datasets import Example
+from patching.bases.load import load_base
+from patching.bases.tasks import TaskAdapter
+from patching.eval.mend import store
+from patching.eval.mend.data import build
+from patching.eval.mend.nets import MendNet, RunningStats
+from patching.eval.mend.stack import GradCapture, TopStack, select_targets, target_modules
+from patching.eval.mend.train import MendTrainConfig, MendTrainer, train
 from tests.fixtures_models import tiny_model
 from tests.tinybase import WORDS, tiny_base
 
@@ -166,10 +166,10 @@ def test_training_makes_single_edits_succeed_and_round_trips(tmp_path: Path) -> 
 
 
 def test_evaluate_with_mend_sequential_and_single(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from patching.evaldata import EvalData
-    from patching.evaluate import run_evaluate
+    from patching.eval.evaldata import EvalData
+    from patching.eval.evaluate import run_evaluate
 
-    monkeypatch.setattr("patching.mend.editor.KEPT_BATCH", 4)  # earlier edits re-captured in padded batches
+    monkeypatch.setattr("patching.eval.mend.editor.KEPT_BATCH", 4)  # earlier edits re-captured in padded batches
 
     lb, pool = _tiny(tmp_path)
     out = tmp_path / "editor"

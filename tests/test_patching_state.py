@@ -10,14 +10,8 @@ from safetensors import safe_open
 
 from patching.config import TrainConfig
 from patching.engine import Patcher
-from patching.state import (
-    PATCHES_FILE,
-    PatchConfig,
-    PatchStateError,
-    base_identity,
-    load_patched,
-    save_patches,
-)
+from patching.loading import base_identity, load_patched, save_patches
+from patching.patchfile import PATCHES_FILE, PatchConfig, PatchStateError
 from tests.fixtures_models import tiny_model
 from tests.test_patching_parity import full_logits, random_neurons, tiny_batch
 

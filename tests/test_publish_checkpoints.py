@@ -19,7 +19,8 @@ from daemon.publisher import STEPS, Publisher
 from memory.store import Store
 from patching.checkpoint import MANIFEST_FILE, CheckpointError, read_verified
 from patching.client import CheckpointWatcher, NoGoodVersion, load_latest
-from patching.state import CONFIG_FILE, PATCHES_FILE, load_base_model
+from patching.loading import load_base_model
+from patching.patchfile import CONFIG_FILE, PATCHES_FILE
 from patching.storage import FileStorage, StorageError, version_name
 from tests.publishing import MODEL, Zygote, add_patches, tiny_info
 from tests.tinybase import tiny_base
@@ -209,7 +210,7 @@ def test_watcher_swaps_between_requests(base: Path, store: Store, tmp_path: Path
             time.sleep(0.02)
         assert watcher.version == published.number and swaps == [published.number]
         assert torch.equal(held(input_ids=ids).logits, base_logits)
-        from patching.state import load_patched
+        from patching.loading import load_patched
 
         version_dir = storage.root / MODEL / "versions" / version_name(published.number)
         expected = load_patched(base, version_dir)(input_ids=ids).logits

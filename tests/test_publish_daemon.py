@@ -28,7 +28,8 @@ from memory.lifecycle import Status
 from memory.store import Store
 from patching.checkpoint import read_verified
 from patching.client import CheckpointWatcher, KafkaReleases, Loaded, load_latest
-from patching.state import PATCHES_FILE, load_patched
+from patching.loading import load_patched
+from patching.patchfile import PATCHES_FILE
 from patching.storage import open_storage, version_name
 from tests.tinybase import MODEL, Daemon, prepare, produce, sentence, write_config
 
@@ -61,8 +62,8 @@ class Run:
 
 
 def _predictor(base: Path) -> Callable[[Any, list[str]], list[str]]:
-    from patching.bases import load_base
-    from patching.tasks import TaskAdapter
+    from patching.bases.load import load_base
+    from patching.bases.tasks import TaskAdapter
 
     loaded = load_base(str(base))
     return lambda model, texts: TaskAdapter(replace(loaded, model=model)).predict(texts)
@@ -73,7 +74,7 @@ def run(tmp_path_factory: pytest.TempPathFactory, kafka_bootstrap: str, kafka_ad
     tmp = tmp_path_factory.mktemp("publish")
     base, data = prepare(tmp / "tiny")
     predict = _predictor(base)
-    from patching.state import load_base_model
+    from patching.loading import load_base_model
 
     plain = load_base_model(base)
     rng = random.Random(5)

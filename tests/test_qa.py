@@ -1,4 +1,4 @@
-"""patching.qa on a tiny random Llama and a byte-level tokenizer built offline (no hub, no real model)."""
+"""patching.bases.qa on a tiny random Llama and a byte-level tokenizer built offline (no hub, no real model)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from patching.qa import cut_answer, exact_match, greedy_answers, prompt_for
+from patching.bases.qa import cut_answer, exact_match, greedy_answers, prompt_for
 from tests.fixtures_models import byte_tokenizer
 
 PROMPTS = [
@@ -113,8 +113,8 @@ def test_empty_prompt_list(model: LlamaForCausalLM, tokenizer: PreTrainedTokeniz
 def test_load_base_reads_a_local_directory(
     model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, tmp_path: Path
 ) -> None:
-    """patching.bases.load_base on any HF directory: kind from the architecture, answers unchanged."""
-    from patching.bases import load_base
+    """patching.bases.load.load_base on any HF directory: kind from the architecture, answers unchanged."""
+    from patching.bases.load import load_base
 
     model.save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
@@ -126,7 +126,7 @@ def test_load_base_reads_a_local_directory(
 
 
 def test_load_base_names_the_prepare_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from patching.bases import load_base
+    from patching.bases.load import load_base
 
     monkeypatch.setenv("PATCHD_CACHE_DIR", str(tmp_path))
     with pytest.raises(FileNotFoundError, match="patchd prepare zsre-smollm2"):
@@ -138,8 +138,8 @@ def test_base_answers_are_cached_per_base_and_input_list(
 ) -> None:
     """TaskAdapter.base_predict: the first call decodes and writes the cache, a repeat reads it (no
     decoding), another input list or other weights miss it."""
-    from patching.bases import load_base
-    from patching.tasks import TaskAdapter
+    from patching.bases.load import load_base
+    from patching.bases.tasks import TaskAdapter
 
     monkeypatch.setenv("PATCHD_CACHE_DIR", str(tmp_path / "cache"))
     model.save_pretrained(tmp_path / "base")

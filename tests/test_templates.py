@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from patching.templates import TemplateGraph, template
+from patching.bases.templates import TemplateGraph, template
 
 
 def key(text: str) -> str:

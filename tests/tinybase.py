@@ -322,28 +322,27 @@ class Daemon:
 
 
 def final_state(store: Store) -> dict[str, tuple[str, bytes | None]]:
-    """fingerprint -> (status, the kept neuron bytes or None): what two runs must agree on."""
-    from sqlalchemy import select
+    """fingerprint -> (status, the kept neurons' tensor bytes or None): what two runs must agree on.
 
-    from memory.schema import Mistake
+    The neurons are compared bit for bit; the stored row also names its edit (the mistake id), which
+    two runs may number differently, so the tensors are compared, not the rows' bytes."""
+    from patching import patchfile
 
-    with store.reading() as session:
-        rows = session.execute(select(Mistake.id, Mistake.fingerprint, Mistake.status)).all()
     out = {}
-    for mid, fp, status in rows:
-        kept = [p.neurons for p in store.patches_of(mid) if p.accepted]
-        assert len(kept) <= 1, f"mistake {mid} has {len(kept)} kept neurons"
-        out[fp] = (str(status), kept[0] if kept else None)
+    for mistake in store.mistakes(MODEL):
+        kept = [p.neurons for p in store.patches_of(mistake.id) if p.accepted]
+        assert len(kept) <= 1, f"mistake {mistake.id} has {len(kept)} kept neurons"
+        tensors = None
+        if kept:
+            nr = patchfile.decode(kept[0], edit_id=str(mistake.id))
+            tensors = b"".join(t.contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+                               for t in (nr.keys, nr.biases, nr.values))
+        out[mistake.fingerprint] = (str(mistake.status), tensors)
     return out
 
 
 def event_ids(store: Store) -> set[str]:
-    from sqlalchemy import select
-
-    from memory.schema import Report
-
-    with store.reading() as session:
-        return set(session.scalars(select(Report.event_id)))
+    return store.event_ids(MODEL)
 
 
 def run_once(config: Path) -> Any:

@@ -1,0 +1,265 @@
+"""`patchd bench edit | store | ingest | daemon | e2e`: every benchmark's arguments and printing.
+
+The work is in patching/eval/bench.py (edit) and daemon/tools/ (store, ingest, daemon, e2e).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from patching.config import ACTIVATIONS
+
+# the issue's size: long enough that start-up and the first group join are noise
+INGEST_EVENTS = 20_000
+# records per poll = events per database transaction; amortises the commit and the offset commit
+INGEST_BATCH = 500
+# the issue's count of real FEVER corrections
+DAEMON_CORRECTIONS = 200
+# events in one store benchmark run: large enough that per-run start-up is noise (the issue's size)
+BENCH_EVENTS = 50_000
+# one record_batch per Kafka poll; kafka-python's default max_poll_records is 500
+BENCH_BATCH = 500
+BROKER_HELP = "Kafka bootstrap host:port (default: start a private broker with deploy/kafka/broker.sh)"
+
+
+def register(sub: Any, bench: Any) -> None:
+    p = bench.add_parser(
+        "edit",
+        help="sequential real edits with the gate: cached trainer vs the reference procedure",
+        description="Edit the mistakes of a prepared base one after another, once with the cached "
+        "trainer and once with the reference procedure (full forward every step), with the gate "
+        "on the held-out set; print a table and optionally write JSON.",
+    )
+    p.add_argument("--base", default="fever-minilm", help="prepared base name or local model directory "
+                   "(default: fever-minilm)")
+    p.add_argument("--edits", type=int, default=50, help="number of sequential edits (default: 50)")
+    p.add_argument("--data-dir", type=Path, default=None, help="data directory (default: ../shared/data)")
+    p.add_argument("--seed", type=int, default=0, help="split and training seed (default: 0)")
+    p.add_argument("--json", type=Path, default=None, help="write the report as JSON to this file")
+    p.add_argument("--no-reference", action="store_true", help="skip the reference-mode run")
+    p.add_argument("--reference-edits", type=int, default=None,
+                   help="edit only the first N mistakes in reference mode (default: all)")
+    p.add_argument("--activation", choices=ACTIVATIONS, default=None, help="patch activation")
+    p.add_argument("--mining-interval", type=int, default=None,
+                   help="hard-negative mining: full M@k every N steps (0 = every step)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.set_defaults(func=_bench_edit)
+
+    store = bench.add_parser(
+        "store", help="record a synthetic correction stream and print events/s for SQLite and PostgreSQL"
+    )
+    store.add_argument(
+        "--events",
+        type=int,
+        default=BENCH_EVENTS,
+        help="events delivered, 30%% of them redeliveries (default: %(default)s)",
+    )
+    store.add_argument(
+        "--batch-size",
+        type=int,
+        default=BENCH_BATCH,
+        help="events per record_batch transaction (default: %(default)s)",
+    )
+    store.add_argument(
+        "--backends",
+        nargs="+",
+        choices=["sqlite", "postgresql"],
+        default=["sqlite", "postgresql"],
+        help="backends to measure (default: both)",
+    )
+    store.add_argument(
+        "--pg-url",
+        help="PostgreSQL server to use (a scratch database is created and dropped "
+        "there); default: start a private server with Debian's PostgreSQL binaries",
+    )
+    store.add_argument("--scratch-dir", help="directory for the SQLite file (default: the system temp dir)")
+    store.add_argument("--json", type=Path, metavar="FILE", help="also write the results to FILE as JSON")
+    store.set_defaults(func=_bench_store)
+
+    ingest = bench.add_parser(
+        "ingest",
+        help="events per second from Kafka into the database (30%% redelivered duplicates)",
+        description="Produce a synthetic correction stream, then time the daemon's consumer storing it "
+        "(decode, validate, one transaction per poll, offset commit).",
+    )
+    ingest.add_argument("--events", type=int, default=INGEST_EVENTS, help="events delivered (default: %(default)s)")
+    ingest.add_argument("--batch", type=int, default=INGEST_BATCH, help="records per poll (default: %(default)s)")
+    ingest.add_argument("--bootstrap", help=BROKER_HELP)
+    ingest.add_argument("--database", help="database URL (default: a temporary SQLite file)")
+    ingest.add_argument("--json", type=Path, metavar="FILE", help="also write the result to FILE")
+    ingest.set_defaults(func=_ingest)
+
+    daemon = bench.add_parser(
+        "daemon",
+        help="real corrections through `patchd run --once`: outcomes and per-edit timings",
+        description="Produce corrections of FEVER claims the base gets wrong and run the daemon once over "
+        "them; print accepted / rejected / already fixed and per-edit and end-to-end timings.",
+    )
+    daemon.add_argument(
+        "--corrections",
+        type=int,
+        default=DAEMON_CORRECTIONS,
+        help="corrections to produce (default: %(default)s)",
+    )
+    daemon.add_argument("--base", default="fever-minilm", help="prepared base (default: %(default)s)")
+    daemon.add_argument("--bootstrap", help=BROKER_HELP)
+    daemon.add_argument("--json", type=Path, metavar="FILE", help="also write the result to FILE")
+    daemon.set_defaults(func=_daemon)
+
+    e2e = bench.add_parser(
+        "e2e",
+        help="correction produced -> fixed prediction served by a downstream watcher (p50/p95)",
+        description="Run `patchd run` as a child process and a CheckpointWatcher here; send real FEVER "
+        "corrections one at a time and time each until the watcher serves the corrected label. Also the "
+        "size of a version with --version-patches patches.",
+    )
+    e2e.add_argument("--corrections", type=int, default=100, help="timed corrections (default: %(default)s)")
+    e2e.add_argument("--base", default="fever-minilm", help="prepared base (default: %(default)s)")
+    e2e.add_argument("--bootstrap", help=BROKER_HELP)
+    e2e.add_argument(
+        "--publish-interval", type=float, default=5.0, help="the daemon's publish.interval_s (default: %(default)s)"
+    )
+    e2e.add_argument("--poll-interval", type=float, default=0.5, help="the watcher's poll (default: %(default)s)")
+    e2e.add_argument(
+        "--gap",
+        type=float,
+        help="seconds between a fix served and the next correction "
+        "(default: the publish interval, so every correction meets an idle publisher)",
+    )
+    e2e.add_argument("--listen", action="store_true", help="the watcher also listens to <topic>.releases")
+    e2e.add_argument("--version-patches", type=int, default=1000, help="patches in the size measurement")
+    e2e.add_argument("--json", type=Path, metavar="FILE", help="also write the result to FILE")
+    e2e.set_defaults(func=_e2e)
+
+
+def _write(path: Path | None, result: dict[str, Any]) -> None:
+    if path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {path}")
+
+
+def _quiet_logs() -> None:
+    from daemon.logs import configure_logging
+
+    # per-batch and per-edit lines would drown the numbers; warnings still show, on stderr
+    configure_logging(os.environ.get("PATCHD_LOG_LEVEL", "WARNING"), json=True, stream=sys.stderr)
+
+
+def _ingest(args: argparse.Namespace) -> int:
+    from daemon.tools.bench_daemon import run_ingest_bench
+
+    if args.events < 1 or args.batch < 1:
+        print("--events and --batch must be positive", file=sys.stderr)
+        return 2
+    _quiet_logs()
+    r = run_ingest_bench(args.events, args.bootstrap, args.batch, args.database)
+    print(
+        f"ingest: {r['events_per_s']:,.0f} events/s ({r['events']:,} events, {r['duplicates']:,} duplicates, "
+        f"{r['mistakes']:,} mistakes in {r['seconds']:.2f}s; batch {r['batch_size']}, {r['database']})"
+    )
+    _write(args.json, r)
+    return 0
+
+
+def _daemon(args: argparse.Namespace) -> int:
+    from daemon.tools.bench_daemon import run_daemon_bench
+
+    _quiet_logs()
+    r = run_daemon_bench(args.corrections, args.base, args.bootstrap)
+    e, t = r["per_edit_ms"], r["per_trained_edit_ms"]
+    print(
+        f"daemon: {r['corrections']} corrections -> {r['accepted']} accepted, "
+        f"{r['rejected']} rejected by the gate, {r['already_fixed']} already fixed, {r['lost']} lost"
+    )
+    print(
+        f"per edit: median {e.get('median')} ms, p95 {e.get('p95')} ms (trained edits: median "
+        f"{t.get('median')} ms, p95 {t.get('p95')} ms)"
+    )
+    print(
+        f"end to end: {r['end_to_end_seconds']}s (start-up {r['startup_seconds']}s incl. memory build "
+        f"{r['model_setup_seconds']}s; ingest + patching {r['patching_seconds']}s) on {r['device']}"
+    )
+    _write(args.json, r)
+    return 0 if r["lost"] == 0 else 1
+
+
+def _e2e(args: argparse.Namespace) -> int:
+    from daemon.tools.bench_e2e import run_e2e_bench
+
+    if args.corrections < 1 or args.publish_interval <= 0 or args.poll_interval <= 0:
+        print("--corrections, --publish-interval and --poll-interval must be positive", file=sys.stderr)
+        return 2
+    _quiet_logs()
+    r = run_e2e_bench(
+        args.corrections,
+        args.base,
+        args.bootstrap,
+        args.publish_interval,
+        args.poll_interval,
+        args.gap,
+        args.listen,
+        args.version_patches,
+    )
+    print(
+        f"e2e: {r['served']} of {r['corrections']} corrections served downstream; p50 {r['p50_s']}s, "
+        f"p95 {r['p95_s']}s (produce -> publish began p50 {r['to_publish_p50_s']}s, publish -> served p50 "
+        f"{r['publish_to_served_p50_s']}s); outcomes {r['outcomes']}"
+    )
+    size = r["version_with_patches"]
+    print(
+        f"a version with {size['patches']} patches: {size['total_bytes'] / 1024:.0f} KiB ({size['bytes']}); "
+        f"published in {size['publish_s']}s, loaded downstream in {size['load_latest_s']}s"
+    )
+    _write(args.json, r)
+    return 0 if r["served"] else 1
+
+
+def _bench_edit(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from patching.config import TrainConfig
+    from patching.eval.bench import print_table, run_edit_bench
+
+    train = TrainConfig()
+    if args.activation:
+        train = replace(train, activation=args.activation)
+    if args.mining_interval is not None:
+        train = replace(train, mining_interval=args.mining_interval)
+    report = run_edit_bench(
+        args.base, edits=args.edits, data_dir=args.data_dir, seed=args.seed, reference=not args.no_reference,
+        reference_edits=args.reference_edits, train=train, threads=args.threads,
+    )
+    print_table(report)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
+def _bench_store(args: argparse.Namespace) -> int:
+    from daemon.tools.bench_store import bench_backends
+
+    if args.events < 1 or args.batch_size < 1:
+        print("--events and --batch-size must be positive", file=sys.stderr)
+        return 2
+    results = bench_backends(args.backends, args.events, args.batch_size, args.pg_url, args.scratch_dir)
+    for backend in args.backends:
+        r = results[backend]
+        print(
+            f"{backend:<10} {r['events_per_s']:>10,.0f} events/s  "
+            f"({r['events']:,} events in {r['seconds']:.2f} s, "
+            f"batch {r['batch_size']}, p50 {r['batch_p50_ms']:.1f} ms, p99 {r['batch_p99_ms']:.1f} ms; "
+            f"{r['server']})"
+        )
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return 0

@@ -1,0 +1,175 @@
+"""`patchd evaluate`: the sequential-editing protocol with baselines, JSON report and plots."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from patching.config import ACTIVATIONS
+
+FORMAT_HELP = """\
+DATA is a built-in task (fever, zsre, counterfact; read from --data-dir, default ../shared/data)
+or a folder in the generic JSON Lines format:
+  edits.jsonl       {"input": ..., "target": ..., "equivalents": [...], "train_equivalents": [...]}   (required)
+                    equivalents: measured (GR), never trained on; train_equivalents: trained on
+                    with --train-equivalents (zsre: mined from other questions' templates)
+  heldout.jsonl     {"input": ..., "target": ...}   locality
+  train_eval.jsonl  {"input": ..., "target": ...}   TrainR
+  test.jsonl        {"input": ..., "target": ...}   TestR
+  memory.jsonl      {"input": ...}                  activation memory (default: train_eval inputs)
+"""
+
+
+def register(sub: Any, bench: Any) -> None:
+    p = sub.add_parser(
+        "evaluate", help="sequential editing on real data: SR, GR, ER, TrainR, TestR, locality",
+        description="Edit the mistakes of BASE on DATA one after another (no reset) with the chosen "
+        "editor and report the paper's metrics.", epilog=FORMAT_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--base", help="fever-minilm, zsre-smollm2, zsre-smollm2-qa (prepared bases) "
+                   "or a local model directory")
+    p.add_argument("--data", help="built-in task name or generic-format folder")
+    p.add_argument("--data-dir", type=Path, default=None, help="where the built-in tasks' files are")
+    p.add_argument("--edits", type=int, default=None, help="edit at most N mistakes (default: all)")
+    p.add_argument("--seed", type=int, default=0, help="split and training seed (default: 0)")
+    p.add_argument("--editor", choices=["tpatcher", "ft-last", "ft-all", "mend"], default="tpatcher",
+                   help="editor to run (default: tpatcher)")
+    p.add_argument("--mend-dir", type=Path, default=None,
+                   help="trained MEND editor (mend; default: the cache's mend/BASE, see `patchd mend train`)")
+    p.add_argument("--single", action="store_true",
+                   help="single-edit run (T = 1): every edit on the unedited model (mend)")
+    p.add_argument("--activation", choices=ACTIVATIONS, default=None,
+                   help="patch activation (tpatcher)")
+    p.add_argument("--augment-copies", type=int, default=None, help="perturbed copies of q per edit (tpatcher)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", dest="overrides",
+                   help="a trainer or gate setting for this run, as in the daemon's config "
+                   "(e.g. --set trainer.value_scale=2 --set gate.max_changed=1); repeatable")
+    p.add_argument("--curve-points", type=int, default=20, metavar="N",
+                   help="retention/locality checkpoints along the stream for the plot (default: 20; 0 = none, "
+                   "the final numbers only: each checkpoint costs a prediction pass)")
+    p.add_argument("--train-equivalents", action="store_true",
+                   help="editors also train on each edit's train_equivalents (paraphrases a producer could "
+                   "send with a correction; zsre: mined from other questions, docs/data.md); GR is still "
+                   "measured on the held-apart equivalents only")
+    p.add_argument("--out", type=Path, default=None,
+                   help="write the JSON report here (tpatcher: and the edits' neurons beside it, "
+                   "REPORT.patches.safetensors, so that --resume can go on from it)")
+    p.add_argument("--resume", type=Path, default=None, metavar="REPORT",
+                   help="go on with the stream of a stopped run (Ctrl-C / kill): the same command line plus "
+                   "--resume with its report; its edits are re-applied, not trained again (default --out: REPORT)")
+    p.add_argument("--plot", type=Path, default=None, help="write a PNG plot here")
+    p.add_argument("--compare", type=Path, nargs="+", default=None, metavar="REPORT",
+                   help="plot existing reports side by side (with --plot) instead of running")
+    p.set_defaults(func=_evaluate)
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from patching.eval.evaldata import DataError, load_eval_data
+    from patching.eval.plots import plot_reports
+
+    if args.compare:
+        if not args.plot:
+            print("--compare needs --plot FILE")
+            return 2
+        plot_reports([json.loads(p.read_text()) for p in args.compare], args.plot)
+        print(f"wrote {args.plot}")
+        return 0
+    if not args.base or not args.data:
+        print("patchd evaluate needs --base and --data (or --compare)")
+        return 2
+    try:
+        data = load_eval_data(args.data, args.data_dir, seed=args.seed)
+    except (DataError, FileNotFoundError) as exc:
+        print(f"error: {exc}")
+        return 2
+    from patching.eval.evaluate import run_evaluate
+
+    try:
+        train, gate = _patch_settings(args.overrides)
+    except ValueError as exc:
+        print(f"error: {exc}")
+        return 2
+    train = replace(train, seed=args.seed)
+    if args.activation:
+        train = replace(train, activation=args.activation)
+    if args.augment_copies is not None:
+        train = replace(train, augment_copies=args.augment_copies)
+    from patching.eval.resume import Resume, ResumeError, patches_path
+
+    resume = None
+    if args.resume is not None:
+        try:
+            resume = Resume.read(args.resume)
+        except (OSError, ValueError) as exc:
+            print(f"error: {exc}")
+            return 2
+        args.out = args.out or args.resume
+    options = {}
+    if args.editor == "mend":
+        from patching.bases.load import cache_root
+
+        options["mend_dir"] = args.mend_dir or cache_root() / "mend" / Path(args.base).name
+    try:
+        with interruptible():
+            report = run_evaluate(args.base, data, editor=args.editor, edits=args.edits, seed=args.seed,
+                                  train=train, gate=gate, sequential=not args.single, editor_options=options,
+                                  curve_points=args.curve_points, train_equivalents=args.train_equivalents,
+                                  resume=resume, patches=patches_path(args.out) if args.out else None)
+    except ResumeError as exc:  # a stopped run that does not fit this command line
+        print(f"error: {exc}")
+        return 2
+    summary = {k: report[k] for k in ("editor", "base", "data", "sequential", "train_equivalents", "edits",
+                                      "neurons", "sr", "gr", "er",
+                                      "train_r", "test_r", "locality", "gate_rejected", "gate_would_reject",
+                                      "edit_seconds", "wall_seconds")}
+    print(json.dumps(summary, indent=2))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {args.out}")
+    if args.plot:
+        plot_reports([report], args.plot)
+        print(f"wrote {args.plot}")
+    return 0
+
+
+@contextlib.contextmanager
+def interruptible() -> Iterator[None]:
+    """Ctrl-C, `kill -INT` and `kill` (SIGTERM) all end the stream with the partial report.
+
+    A shell starts a background job (`nohup patchd evaluate ... &`) with SIGINT ignored, so a long
+    run could otherwise only be killed, losing hours of edits; SIGTERM is what `kill` and systemd send.
+    """
+    def stop(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def _patch_settings(overrides: list[str]) -> tuple[Any, Any]:
+    """`trainer.KEY=VALUE` / `gate.KEY=VALUE` pairs read exactly like the daemon's PATCHD_* variables,
+    so a value that the daemon would refuse is refused here with the same message."""
+    from daemon.settings import ENV_PREFIX, load_settings
+
+    env: dict[str, str] = {}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        section, dot, name = key.strip().partition(".")
+        if not sep or not dot or section not in ("trainer", "gate"):
+            raise ValueError(f"--set {item!r}: expected trainer.KEY=VALUE or gate.KEY=VALUE")
+        env[f"{ENV_PREFIX}{section.upper()}_{name.upper()}"] = value
+    settings = load_settings(None, env)
+    return settings.trainer, settings.gate

@@ -1,0 +1,114 @@
+"""Evaluation data: a built-in task, or a folder in the generic JSON Lines format.
+
+Generic format (one JSON object per line, UTF-8):
+
+- `edits.jsonl` (required): `{"input": str, "target": str, "equivalents": [str, ...]}`;
+  `equivalents` (paraphrases that must get the same target) are only measured (GR), never
+  trained on; `train_equivalents` may be given for paraphrases a trainer may use.
+- `heldout.jsonl`, `train_eval.jsonl`, `test.jsonl` (optional): `{"input": str, "target": str}`.
+  heldout measures locality (target may be ""), train_eval TrainR, test TestR.
+- `memory.jsonl` (optional): `{"input": str}` unrelated inputs for the activation memory; when
+  missing, the memory is built from train_eval (or test) inputs.
+
+Every bad line is reported with its file and line number, and nothing runs on invalid data.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from patching.bases.datasets import Example, TaskSplits, load_task
+
+BUILTIN = ("fever", "zsre", "counterfact")
+
+
+class DataError(ValueError):
+    """Invalid evaluation data; the message lists every problem with file:line."""
+
+
+@dataclass
+class EvalData:
+    name: str
+    edits: list[Example]
+    heldout: list[Example] = field(default_factory=list)
+    train_eval: list[Example] = field(default_factory=list)
+    test: list[Example] = field(default_factory=list)
+    memory: list[Example] = field(default_factory=list)
+
+    @property
+    def has_paraphrases(self) -> bool:
+        return any(e.equivalents for e in self.edits)
+
+    @classmethod
+    def from_splits(cls, s: TaskSplits, train_eval_size: int = 1000) -> EvalData:
+        # TrainR is measured on a fixed subset of the training split (the paper's protocol)
+        return cls(s.name, s.edit, s.heldout, s.train[:train_eval_size], s.test, s.memory)
+
+
+def _strings(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
+def _read_jsonl(path: Path, need_target: bool, errors: list[str]) -> list[Example]:
+    out: list[Example] = []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        errors.append(f"{path}: cannot read: {exc}")
+        return out
+    for no, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        where = f"{path.name}:{no}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            errors.append(f"{where}: not valid JSON ({exc.msg})")
+            continue
+        if not isinstance(obj, dict):
+            errors.append(f"{where}: expected a JSON object")
+            continue
+        inp, target = obj.get("input"), obj.get("target", "")
+        if not isinstance(inp, str) or not inp.strip():
+            errors.append(f"{where}: 'input' must be a non-empty string")
+            continue
+        if not isinstance(target, str) or (need_target and not target.strip()):
+            errors.append(f"{where}: 'target' must be a {'non-empty ' if need_target else ''}string")
+            continue
+        eq, teq = obj.get("equivalents", []), obj.get("train_equivalents", [])
+        if not _strings(eq) or not _strings(teq):
+            errors.append(f"{where}: 'equivalents' / 'train_equivalents' must be lists of strings")
+            continue
+        out.append(Example(inp, target, tuple(eq), tuple(teq)))
+    return out
+
+
+def load_generic(folder: Path) -> EvalData:
+    errors: list[str] = []
+    edits_path = folder / "edits.jsonl"
+    if not edits_path.is_file():
+        raise DataError(f"{folder}: no edits.jsonl (see `patchd evaluate --help` for the format)")
+    edits = _read_jsonl(edits_path, True, errors)
+    parts: dict[str, list[Example]] = {}
+    for name, need in (("heldout", False), ("train_eval", True), ("test", True), ("memory", False)):
+        p = folder / f"{name}.jsonl"
+        parts[name] = _read_jsonl(p, need, errors) if p.is_file() else []
+    if errors:
+        raise DataError(f"{len(errors)} problem(s) in {folder}:\n  " + "\n  ".join(errors[:50]))
+    if not edits:
+        raise DataError(f"{edits_path}: no edits")
+    memory = parts["memory"] or parts["train_eval"] or parts["test"]
+    return EvalData(folder.name, edits, parts["heldout"], parts["train_eval"], parts["test"], memory)
+
+
+def load_eval_data(data: str, data_dir: Path | None = None, seed: int = 0) -> EvalData:
+    """A built-in task name, or a folder in the generic format."""
+    path = Path(data).expanduser()
+    if data in BUILTIN and not path.is_dir():
+        return EvalData.from_splits(load_task(data, data_dir, seed=seed))
+    if path.is_dir():
+        return load_generic(path)
+    raise DataError(f"--data {data!r} is neither a built-in task ({', '.join(BUILTIN)}) nor a folder")

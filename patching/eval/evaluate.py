@@ -1,0 +1,191 @@
+"""`patchd evaluate`: the sequential-editing protocol (DESIGN §7) on real data, any editor.
+
+The stream: the edit-set inputs the base gets wrong, in order, edited one after another without
+any reset. An input the current model already gets right when its turn comes (fixed through the
+generality of earlier patches) is counted, not edited. Ctrl-C stops the stream and the report
+covers what was done.
+"""
+
+from __future__ import annotations
+
+import random
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from patching.eval import metrics
+from patching.bases.load import load_base
+from patching.bases.tasks import TaskAdapter
+from patching.config import GateConfig, TrainConfig
+from patching.engine import Patcher
+from patching.eval.editors import Editor, TPatcherEditor, make_editor
+from patching.eval.evaldata import EvalData
+from patching.eval.resume import Resume, ResumeError, save_patches
+
+CURVE_POINTS = 20  # retention/locality checkpoints along the stream (each costs a prediction pass)
+CURVE_SAMPLE = 300  # held-out inputs predicted at each checkpoint (the full set at the end)
+
+
+def _right(adapter: TaskAdapter, examples: list[Any]) -> list[bool]:
+    preds = adapter.predict([e.input for e in examples])
+    return [adapter.right(p, e.target) for p, e in zip(preds, examples, strict=True)]
+
+
+def _running(rows: list[dict[str, Any]], curve: list[dict[str, Any]], neurons: int) -> dict[str, str]:
+    """The progress bar's running numbers: SR and GR so far, ER and locality at the last checkpoint."""
+    done = [r for r in rows if "sr" in r]
+    out = {"sr": f"{statistics.fmean(r['sr'] for r in done):.2f}"}
+    gr = metrics.generalization_rate([r["gr"] for r in done])
+    if gr is not None:
+        out["gr"] = f"{gr:.2f}"
+    if curve:
+        out["er"] = f"{curve[-1]['retention']:.2f}"
+        out["loc"] = f"{curve[-1]['locality']:.3f}"
+    out["neurons"] = str(neurons)
+    return out
+
+
+def run_evaluate(
+    base: str, data: EvalData, *, editor: str = "tpatcher", edits: int | None = None, seed: int = 0,
+    train: TrainConfig | None = None, gate: GateConfig | None = None,
+    progress: Callable[[str], None] = print, sequential: bool = True, editor_options: dict[str, Any] | None = None,
+    curve_points: int = CURVE_POINTS, train_equivalents: bool = False,
+    resume: Resume | None = None, patches: Path | None = None,
+) -> dict[str, Any]:
+    """`sequential=False`: every edit on the unedited model (T = 1; the editor must have `reset()`);
+    ER, TrainR, TestR, locality and the curve then do not apply and are None.
+    `train_equivalents`: editors also train on each edit's `train_equivalents` (never on the
+    `equivalents` that GR measures).
+    `patches` (tpatcher, sequential): write every accepted edit's neurons there at the end, also
+    when interrupted; `resume`: a stopped run of the same settings, continued (patching/resume.py)."""
+    t_start = time.perf_counter()
+    lb = load_base(base)
+    adapter = TaskAdapter(lb)
+    rng = random.Random(seed)
+    train = train or TrainConfig(seed=seed)
+    gate = gate or GateConfig()
+    settings = {"editor": editor, "base": lb.name, "data": data.name, "seed": seed,
+                "train_equivalents": train_equivalents,
+                "train_config": asdict(train.for_task(adapter.generation)) if editor == "tpatcher" else None,
+                "gate_config": asdict(gate) if editor == "tpatcher" else None}
+    if resume is not None:
+        resume.check({**settings, "sequential": sequential})
+
+    def factory() -> Patcher:
+        p = Patcher(lb.model, train=train, gate=gate)
+        return adapter.patcher(p, [e.input for e in data.memory], [e.input for e in data.heldout])
+
+    options = {"heldout": [e.input for e in data.heldout], "seed": seed, **(editor_options or {})}
+    ed: Editor = make_editor(editor, adapter, factory, options)
+    if not sequential and not hasattr(ed, "reset"):
+        raise ValueError(f"editor {editor!r} cannot reset to the base: single-edit runs need mend")
+    # the model is still the base here: its answers may come from the disk cache
+    stream = adapter.mistakes(data.edits, limit=edits, base=True)
+    progress(f"{len(stream)} mistakes of the base in {len(data.edits)} edit inputs"
+             + (f" (asked for {edits})" if edits and len(stream) < edits else ""))
+    held_inputs = [e.input for e in data.heldout]
+    held_before = adapter.base_predict(held_inputs, progress=True)
+    sample = sorted(rng.sample(range(len(held_inputs)), min(CURVE_SAMPLE, len(held_inputs))))
+    train_before, test_before = _right(adapter, data.train_eval), _right(adapter, data.test)
+
+    rows: list[dict[str, Any]] = []
+    curve: list[dict[str, Any]] = []
+    # 0 = no curve: on a generator each checkpoint is hundreds of greedy decodes
+    every = max(1, len(stream) // curve_points) if curve_points > 0 else 0
+    edited: list[Any] = []
+    interrupted = False
+    earlier_wall, segments = 0.0, 1
+    if resume is not None:
+        rows = [dict(r) for r in resume.rows([e.input for e in stream])]
+        curve = list(resume.report.get("curve", []))
+        edited = [stream[r["i"]] for r in rows if "sr" in r]
+        _replay(ed, adapter, stream, rows, resume, progress)
+        earlier_wall, segments = float(resume.report["wall_seconds"]), int(resume.report.get("segments", 1)) + 1
+    start = len(rows)
+    bar = tqdm(stream[start:], desc=f"{editor} stream", unit="edit", initial=start, total=len(stream))
+    try:
+        for i, ex in enumerate(bar, start=start):
+            if adapter.right(adapter.predict([ex.input])[0], ex.target):
+                rows.append({"i": i, "input": ex.input, "target": ex.target, "status": "fixed_along_the_way"})
+                continue
+            rec = ed.edit(ex.input, ex.target, edit_id=str(i),
+                          train_equivalents=ex.train_equivalents if train_equivalents else ())
+            right = adapter.right(adapter.predict([ex.input])[0], ex.target)
+            para = _right(adapter, [type(ex)(q, ex.target) for q in ex.equivalents]) if ex.equivalents else []
+            rows.append({"i": i, "input": ex.input, "target": ex.target, "status": rec.status, "sr": right,
+                         "gr": (sum(para) / len(para)) if para else None, "seconds": round(rec.seconds, 4),
+                         "steps": rec.steps, "attempts": rec.attempts, "equivalents_trained": rec.equivalents,
+                         "saturation": rec.saturation, "neurons": rec.neurons, "gate": rec.gate,
+                         "reasons": rec.reasons})
+            edited.append(ex)
+            if not sequential:
+                ed.reset()  # type: ignore[attr-defined]
+            elif every and len(edited) % every == 0:
+                kept = _right(adapter, edited)
+                now = adapter.predict([held_inputs[j] for j in sample])
+                curve.append({"edits": len(edited), "retention": sum(kept) / len(kept),
+                              "locality": metrics.locality([held_before[j] for j in sample], now)})
+            bar.set_postfix(_running(rows, curve, ed.neurons))
+    except KeyboardInterrupt:
+        interrupted = True
+        progress("interrupted: writing the partial report")
+    if patches is not None and isinstance(ed, TPatcherEditor) and sequential:
+        save_patches(patches, ed.patcher)  # before the final passes: a second Ctrl-C keeps the edits
+    done = [r for r in rows if "sr" in r]
+    final_right = _right(adapter, edited) if sequential else []
+    for r, ok in zip(done, final_right, strict=False):
+        r["right_at_end"] = ok
+    held_after = adapter.predict(held_inputs, progress=True) if sequential else held_before
+    secs = [r["seconds"] for r in done]
+    report: dict[str, Any] = {
+        **settings,
+        "edits": len(done), "stream": len(stream), "interrupted": interrupted,
+        "train_equivalents_per_edit": (statistics.fmean(len(e.train_equivalents) for e in edited)
+                                       if train_equivalents and edited else 0.0),
+        "fixed_along_the_way": sum(r["status"] == "fixed_along_the_way" for r in rows),
+        "neurons": ed.neurons,
+        "sr": metrics.success_rate([r["sr"] for r in done]),
+        "gr": metrics.generalization_rate([r["gr"] for r in done]) if data.has_paraphrases else None,
+        "er": metrics.edit_retention(final_right) if sequential else None,
+        "train_r": metrics.relative_accuracy(train_before, _right(adapter, data.train_eval)) if sequential else None,
+        "test_r": metrics.relative_accuracy(test_before, _right(adapter, data.test)) if sequential else None,
+        "locality": metrics.locality(held_before, held_after) if sequential else None,
+        "sequential": sequential,
+        "gate_rejected": sum(r["status"] == "rejected" for r in done),
+        # editors without a gate (mend) report per edit what patchd's gate would have said
+        "gate_would_reject": sum(r["gate"].get("would_pass") is False for r in done),
+        "edit_seconds": {"median": statistics.median(secs) if secs else None,
+                         "p95": metrics.percentile(secs, 0.95)},
+        "wall_seconds": round(earlier_wall + time.perf_counter() - t_start, 1),
+        "segments": segments,  # runs that made this stream (1 + times it was resumed)
+        "sizes": {"heldout": len(held_inputs), "train_eval": len(data.train_eval), "test": len(data.test),
+                  "memory_inputs": len(data.memory)},
+        "curve": curve,
+        "editor_summary": ed.summary() if hasattr(ed, "summary") else None,
+        "rows": rows,
+    }
+    return report
+
+
+def _replay(ed: Editor, adapter: TaskAdapter, stream: list[Any], rows: list[dict[str, Any]], resume: Resume,
+            progress: Callable[[str], None]) -> None:
+    """Re-apply the stopped run's accepted edits, in order, on the fresh editor (tpatcher only)."""
+    if not isinstance(ed, TPatcherEditor):
+        raise ResumeError("only tpatcher runs can be resumed")
+    accepted = [r for r in rows if r.get("status") == "accepted"]
+    missing = [r["i"] for r in accepted if str(r["i"]) not in resume.neurons]
+    if missing:
+        raise ResumeError(f"cannot resume: no neurons saved for accepted edits {missing[:5]}")
+    differs = 0
+    for r in tqdm(accepted, desc="replaying", unit="edit"):
+        ex = stream[r["i"]]
+        # the edit alone: only its own rows were gated, kept for retention and added to M
+        verdict = ed.patcher.replay(adapter.edit(ex.input, ex.target), str(r["i"]), resume.neurons[str(r["i"])])
+        differs += not verdict.passed
+    progress(f"resumed after {len(rows)} mistakes: {len(accepted)} edits re-applied"
+             + (f"; {differs} of them would not pass the gate again here (another machine?)" if differs else ""))

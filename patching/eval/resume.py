@@ -1,0 +1,91 @@
+"""Continuing an interrupted `patchd evaluate` stream exactly where it stopped.
+
+A zsRE stream is ~1,285 edits, hours on a CPU. A run stopped with Ctrl-C (or `kill`) writes its
+partial report and, next to it, the neurons of every accepted edit (`<report>.patches.safetensors`,
+safetensors only). `--resume REPORT` loads the base again, re-applies those neurons in their
+original order through `Patcher.replay` (which rebuilds the memory, held-out and retention caches
+exactly as the edits had left them) and goes on with the next mistake of the same stream: the same
+model, so one stream, not a restart.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from patching import patchfile
+from patching.engine import Patcher
+from patching.trainer import Neurons
+
+
+class ResumeError(ValueError):
+    """The stopped run cannot be continued by this command line (the message says why)."""
+
+
+# what must match between the stopped run and the resumed one (else it is another stream)
+SAME = ("editor", "base", "data", "seed", "train_equivalents", "train_config", "gate_config")
+
+
+def patches_path(report: Path) -> Path:
+    """report.json -> report.patches.safetensors"""
+    return report.with_name(report.stem + ".patches.safetensors")
+
+
+def save_patches(path: Path, patcher: Patcher) -> None:
+    """Every neuron of the patched layer with the edit id it belongs to (patching/patchfile.py)."""
+    w = patcher.wrapper
+    patchfile.write_file(path, patchfile.PatchTensors(w.keys, w.biases, w.values, list(w.edit_ids)))
+
+
+def load_patches(path: Path) -> dict[str, Neurons]:
+    """edit id -> its neurons (keys [m, d], biases [m], values [m, d]), in the saved order."""
+    try:
+        saved = patchfile.read_file(path)
+    except patchfile.PatchStateError as exc:
+        raise ResumeError(f"{path}: not a patchd evaluate patches file ({exc})") from exc
+    return {edit_id: Neurons(*saved.of_edit(edit_id)) for edit_id in dict.fromkeys(saved.edit_ids)}
+
+
+@dataclass
+class Resume:
+    """A stopped run: its report and the neurons of its accepted edits."""
+
+    report: dict[str, Any]
+    neurons: dict[str, Neurons]
+
+    @classmethod
+    def read(cls, report_path: Path) -> Resume:
+        try:
+            report = json.loads(report_path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ResumeError(f"cannot resume {report_path}: not a JSON report ({exc})") from exc
+        if not isinstance(report, dict) or not isinstance(report.get("rows"), list):
+            raise ResumeError(f"cannot resume {report_path}: not a patchd evaluate report (no rows)")
+        path = patches_path(report_path)
+        if not path.is_file():
+            raise ResumeError(f"cannot resume {report_path}: {path.name} is missing (reports written before "
+                             "resuming existed, and runs of other editors, have none)")
+        return cls(report, load_patches(path))
+
+    def check(self, now: dict[str, Any]) -> None:
+        """Refuse a resume whose settings differ from the stopped run's (`now`: the same keys)."""
+        for key in SAME:
+            if self.report.get(key) != now.get(key):
+                raise ResumeError(f"cannot resume: {key} differs from the stopped run "
+                                 f"({self.report.get(key)!r} there, {now.get(key)!r} now)")
+        if not self.report.get("sequential", True):
+            raise ResumeError("cannot resume a single-edit (--single) run")
+
+    def rows(self, stream_inputs: Sequence[str]) -> list[dict[str, Any]]:
+        """The stopped run's rows, checked to be the start of this stream."""
+        rows: list[dict[str, Any]] = self.report.get("rows", [])
+        if len(rows) > len(stream_inputs):
+            raise ResumeError(f"cannot resume: the stopped run went through {len(rows)} mistakes, this stream "
+                             f"has {len(stream_inputs)} (raise --edits)")
+        for j, r in enumerate(rows):
+            if r["i"] != j or r["input"] != stream_inputs[j]:
+                raise ResumeError(f"cannot resume: mistake {j} of the stopped run is not mistake {j} of this stream")
+        return rows
