@@ -52,8 +52,8 @@ def build_caches(
     device = patcher.memory.device
     if stored.rows("memory") and stored.rows("heldout"):
         patcher.add_memory(stored.load("memory", device)["q"])
-        h = stored.load("heldout", device)
-        patcher.heldout = HeldoutTensors(h["q"], h["ffn"], h["residual"], h["pred"], h["group"])
+        rows = stored.load("heldout", device)
+        patcher.heldout = HeldoutTensors(rows["q"], rows["ffn"], rows["residual"], rows["pred"], rows["group"])
         return True
     TaskAdapter(base).patcher(patcher, memory, heldout, progress=False)
     h = patcher.heldout

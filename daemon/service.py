@@ -243,7 +243,8 @@ class Service:
 
     def _take_lock(self) -> bool:
         """Hold the model's lock; a second daemon for the model waits here (READY=1, /readyz 503)."""
-        self.lock = ModelLock(self.settings.database.url, self.settings.model.name)
+        assert self.settings.database.url is not None  # resolved by load_settings
+        self.lock = lock = ModelLock(self.settings.database.url, self.settings.model.name)
         if self.lock.try_acquire():
             log.info("model lock taken", lock=self.lock.where)
             return True
@@ -256,7 +257,7 @@ class Service:
             self.notifier.watchdog()
             if waited_s - last_log[0] >= STANDBY_LOG_S:
                 last_log[0] = waited_s
-                log.info("standby: another daemon holds the model lock", lock=self.lock.where, waited_s=waited_s)
+                log.info("standby: another daemon holds the model lock", lock=lock.where, waited_s=waited_s)
 
         if not self.lock.acquire(self.stopping, poll_s=LOCK_POLL_S, on_wait=waiting):
             return False

@@ -126,6 +126,7 @@ def input_of(session: Session, mistake: Mistake) -> InputValue:
     row = session.execute(query.where(Report.input.is_not(None)).order_by(Report.id).limit(1)).first()
     if row is not None:
         text, pair = row
+        assert text is not None  # the query skips reports without an input
         return text if pair is None else (text, pair)
     return key_input(mistake.input_text)
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields, replace
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 from torch import nn
@@ -80,31 +80,31 @@ SETTING_HINT = (
 
 def _bert_cls(model: Any, h: torch.Tensor) -> torch.Tensor:
     pooled = model.bert.pooler(h[:, None, :])  # the pooler reads position 0 of [N, 1, d]
-    return model.classifier(model.dropout(pooled))
+    return cast(torch.Tensor, model.classifier(model.dropout(pooled)))
 
 
 def _roberta_cls(model: Any, h: torch.Tensor) -> torch.Tensor:
-    return model.classifier(h[:, None, :])  # RobertaClassificationHead reads position 0
+    return cast(torch.Tensor, model.classifier(h[:, None, :]))  # RobertaClassificationHead reads position 0
 
 
 def _distilbert_cls(model: Any, h: torch.Tensor) -> torch.Tensor:
     pooled = torch.relu(model.pre_classifier(h))
-    return model.classifier(model.dropout(pooled))
+    return cast(torch.Tensor, model.classifier(model.dropout(pooled)))
 
 
 def _lm(model: Any, h: torch.Tensor) -> torch.Tensor:
-    return model.get_output_embeddings()(h)
+    return cast(torch.Tensor, model.get_output_embeddings()(h))
 
 
 def _bart_lm(model: Any, h: torch.Tensor) -> torch.Tensor:
-    return model.lm_head(h) + model.final_logits_bias[0].to(h.dtype)
+    return cast(torch.Tensor, model.lm_head(h) + model.final_logits_bias[0].to(h.dtype))
 
 
 def _t5_lm(model: Any, h: torch.Tensor) -> torch.Tensor:
     # T5 rescales decoder outputs before a tied LM head (transformers' scale_decoder_outputs)
     if getattr(model.config, "scale_decoder_outputs", model.config.tie_word_embeddings):
         h = h * (model.model_dim ** -0.5)
-    return model.lm_head(h)
+    return cast(torch.Tensor, model.lm_head(h))
 
 
 HEADS: dict[str, Callable[[Any, torch.Tensor], torch.Tensor]] = {
@@ -183,7 +183,7 @@ class FFNSite:
 
     @property
     def ffn_out(self) -> nn.Module:
-        return getattr(self.ffn_out_parent, self.ffn_out_name)
+        return cast(nn.Module, getattr(self.ffn_out_parent, self.ffn_out_name))
 
     @property
     def head(self) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -193,9 +193,9 @@ class FFNSite:
 
 def locate(model: nn.Module, override: Mapping[str, Any] | None = None) -> FFNSite:
     """Resolve the table row against a loaded model; every path is checked before anything changes."""
-    config = model.config  # type: ignore[attr-defined]
+    config: Any = model.config  # a transformers config: model_type, hidden_size are not typed attributes
     spec = resolve_spec(config.model_type, override)
-    base = model.base_model  # type: ignore[attr-defined]
+    base = cast(nn.Module, model.base_model)
 
     def find(root: nn.Module, path: str, what: str) -> nn.Module:
         try:

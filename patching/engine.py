@@ -239,7 +239,7 @@ class Patcher:
                 out = self.model.generate(  # type: ignore[operator]
                     input_ids=prompt[None], attention_mask=torch.ones_like(prompt)[None],
                     max_new_tokens=int(target.numel()), do_sample=False,
-                    pad_token_id=int(self.model.config.pad_token_id or 0),  # type: ignore[union-attr]
+                    pad_token_id=int(self.model.config.pad_token_id or 0),  # type: ignore[union-attr, arg-type]
                 )
             new = out[0, prompt.numel():] if not self.model.config.is_encoder_decoder else out[0, 1:]  # type: ignore[union-attr]
             return new.shape == target.shape and bool((new == target).all())

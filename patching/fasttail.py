@@ -18,6 +18,7 @@ the plain tail.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -83,19 +84,20 @@ def linear_tail(site: FFNSite) -> LinearTail | None:
             return None
         centre, eps, gain, shift = True, float(norm.eps), norm.weight, norm.bias
     elif type(norm).__name__ in _RMS_NORMS:
-        centre, eps, gain, shift = False, float(norm.variance_epsilon), norm.weight, None
+        rms: Any = norm  # a transformers RMSNorm: `variance_epsilon` and `weight` are not typed attributes
+        centre, eps, gain, shift = False, float(rms.variance_epsilon), rms.weight, None
     else:
         return None
-    model = site.model
-    linear = model.get_output_embeddings() if head == "lm" else model.lm_head  # type: ignore[operator]
+    model: Any = site.model  # a transformers model: its heads, config and model_dim are not typed attributes
+    linear = model.get_output_embeddings() if head == "lm" else model.lm_head
     if not isinstance(linear, nn.Linear):
         return None
     scale = 1.0
     if head == "t5_lm" and getattr(model.config, "scale_decoder_outputs", model.config.tie_word_embeddings):
-        scale = float(model.model_dim) ** -0.5  # type: ignore[union-attr]
+        scale = float(model.model_dim) ** -0.5
     const = linear.bias.detach() if linear.bias is not None else None
     if head == "bart_lm":
-        bias = model.final_logits_bias[0].detach()  # type: ignore[union-attr,index]
+        bias = model.final_logits_bias[0].detach()
         const = bias if const is None else const + bias
     if shift is not None:
         moved = scale * (shift.detach() @ linear.weight.detach().T)

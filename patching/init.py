@@ -17,6 +17,7 @@ memory row is as close as the edit itself, the neuron falls back to the referenc
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -85,7 +86,7 @@ def descent_direction(ffn: torch.Tensor, residual: torch.Tensor, targets: torch.
     loss = F.cross_entropy(tail(x, residual).float(), targets, reduction="sum")
     (g,) = torch.autograd.grad(loss, x)
     d = -g[anchors]
-    return d / d.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    return cast(torch.Tensor, d / d.norm(dim=-1, keepdim=True).clamp_min(1e-12))  # Tensor.norm is not annotated
 
 
 @torch.no_grad()

@@ -49,6 +49,11 @@ def neuron_output(
 class PatchedFFN(nn.Module):
     """Wraps the `ffn_out` module of the patched layer; see the module docstring."""
 
+    # buffers, registered in __init__ (declared here for the type checker)
+    keys: torch.Tensor  # [n, d]
+    biases: torch.Tensor  # [n]
+    values: torch.Tensor  # [n, d]
+
     def __init__(self, base: nn.Module, hidden_size: int, activation: Activation, q_from_input: bool):
         super().__init__()
         self.base = base

@@ -51,7 +51,8 @@ def train_reference(
     rb, rt = enc.rows_b.to(device), enc.rows_t.to(device)
     cols = torch.arange(anchors.numel(), device=device)
     patcher.wrapper.candidate = (nr.keys, nr.biases, nr.values)
-    success, step, info = False, 0, {}
+    success, step = False, 0
+    info: dict[str, float] = {}
     a_edit = torch.zeros(anchors.numel())
     m_max = float("inf")
     try:

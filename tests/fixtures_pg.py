@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import itertools
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 from sqlalchemy import create_engine, make_url, text
@@ -79,6 +79,31 @@ def pg_database(pg_url: str) -> Iterator[str]:
     name = _create_database(pg_url)
     yield _url_of(pg_url, name)
     _drop_database(pg_url, name)
+
+
+@pytest.fixture
+def pg_database_factory(pg_url: str, pg_template: str) -> Iterator[Callable[[], str]]:
+    """make_database() -> the URL of a new migrated database on the test server; all dropped afterwards
+    (a test that runs two daemons side by side needs two)."""
+    made: list[str] = []
+
+    def make_database() -> str:
+        made.append(_create_database(pg_url, template=pg_template))
+        return _url_of(pg_url, made[-1])
+
+    yield make_database
+    for name in made:
+        _drop_database(pg_url, name)
+
+
+@pytest.fixture
+def daemon_database(backend: str, request: pytest.FixtureRequest) -> Callable[[], str | None]:
+    """For daemon tests run on both backends: make() -> None (the config's SQLite default under its
+    state dir) or the URL of a new PostgreSQL database, the production backend."""
+    if backend == "sqlite":
+        return lambda: None
+    factory: Callable[[], str] = request.getfixturevalue("pg_database_factory")
+    return factory
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])

@@ -1,4 +1,5 @@
-"""Crash safety of `patchd run`: SIGKILL at random moments, warm and cold stops by signal.
+"""Crash safety of `patchd run`: SIGKILL at random moments (on SQLite and on PostgreSQL, the
+production backend), warm and cold stops by signal.
 
 The daemon runs as a child process (`python -m daemon run`), as an operator runs it; the state it
 leaves is compared with an uninterrupted run of the same stream.
@@ -56,16 +57,21 @@ def _config(tiny, tmp_path: Path, name: str, bootstrap: str, topic: str, **kw) -
 
 
 def test_sigkill_at_random_moments_gives_the_uninterrupted_result(
-    tiny, tmp_path: Path, kafka_bootstrap: str, kafka_topic_factory: Callable[..., str]
+    tiny,
+    tmp_path: Path,
+    kafka_bootstrap: str,
+    kafka_topic_factory: Callable[..., str],
+    daemon_database: Callable[[], str | None],
 ) -> None:
     topic = kafka_topic_factory()
     kafka_topic_factory(f"{topic}.dlq")
     stream = correction_stream(seed=1)
     produce(kafka_bootstrap, topic, stream.values)
 
-    run_once(_config(tiny, tmp_path, "reference", kafka_bootstrap, topic))  # uninterrupted, in-process
+    # uninterrupted, in-process
+    run_once(_config(tiny, tmp_path, "reference", kafka_bootstrap, topic, database_url=daemon_database()))
 
-    config = _config(tiny, tmp_path, "crashed", kafka_bootstrap, topic)
+    config = _config(tiny, tmp_path, "crashed", kafka_bootstrap, topic, database_url=daemon_database())
     rng = random.Random(7)
     kills = 0
     for _ in range(5):

@@ -1,4 +1,5 @@
-"""End to end on the real broker: the issue's 300-event stream through `patchd run --once`."""
+"""End to end on the real broker: the issue's 300-event stream through `patchd run --once`, on
+SQLite (the embedded default) and on PostgreSQL (the production backend)."""
 
 from __future__ import annotations
 
@@ -50,6 +51,7 @@ def test_run_once_end_to_end(
     kafka_topic_factory: Callable[..., str],
     keep_signals: None,
     capsys: pytest.CaptureFixture[str],
+    daemon_database: Callable[[], str | None],
 ) -> None:
     base, data = tiny
     topic = kafka_topic_factory()
@@ -63,6 +65,7 @@ def test_run_once_end_to_end(
         bootstrap=kafka_bootstrap,
         topic=topic,
         state=tmp_path / "state",
+        database_url=daemon_database(),
     )
 
     started = time.monotonic()

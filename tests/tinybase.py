@@ -150,15 +150,19 @@ def write_config(
     max_pending: int = 1000,
     poll_max_records: int = 200,
     health_port: int = 0,
+    database_url: str | None = None,
+    model: str = MODEL,
 ) -> Path:
     """A daemon config for the tiny base on a test broker, state (SQLite) under `state`.
 
-    The health endpoint is off unless `health_port` is given: test daemons run side by side.
+    `database_url` replaces the SQLite default (a PostgreSQL test database). The health endpoint is
+    off unless `health_port` is given: test daemons run side by side.
     """
+    database = f'[database]\nurl = "{database_url}"\n' if database_url else ""
     path.write_text(f"""
 device = "cpu"
 [model]
-name = "{MODEL}"
+name = "{model}"
 base = "{base}"
 memory_file = "{data / "memory.jsonl"}"
 heldout_file = "{data / "heldout.jsonl"}"
@@ -174,7 +178,7 @@ dir = "{state}"
 port = {health_port}
 [log]
 level = "INFO"
-""")
+{database}""")
     return path
 
 

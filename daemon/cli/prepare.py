@@ -8,12 +8,13 @@ from __future__ import annotations
 import argparse
 import os
 from pathlib import Path
+from typing import Any
 
 # kept in step with patching.bases.load.BASES (not imported: that module imports the task loaders)
 BASE_NAMES: tuple[str, ...] = ("fever-minilm", "zsre-smollm2", "zsre-smollm2-qa")
 
 
-def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction) -> None:
+def register(sub: Any, bench: Any) -> None:
     parser = sub.add_parser(
         "prepare",
         help="build a base model into the cache ($PATCHD_CACHE_DIR or ~/.cache/patchd/bases/NAME)",
@@ -63,7 +64,7 @@ def _prepare(args: argparse.Namespace) -> int:
     if args.facts is not None and args.facts < 1:
         print(f"patchd prepare: --facts must be at least 1, not {args.facts}")
         return 2
-    options: dict[str, int | None] = {"sample": args.sample}
+    options: dict[str, Any] = {"sample": args.sample}
     if args.name == "fever-minilm":
         options = {"epochs": args.epochs}
     elif args.name == "zsre-smollm2-qa":

@@ -26,7 +26,7 @@ import time
 import uuid
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from daemon.logs import get_logger
 from daemon.tools.bench_daemon import machine_facts
@@ -131,6 +131,7 @@ def _measure(
     from patching.client import CheckpointWatcher, KafkaReleases
 
     settings = load_settings(None, env)
+    assert settings.storage.root is not None  # resolved by load_settings
     swapped = threading.Event()
     watcher = CheckpointWatcher(
         settings.storage.root,
@@ -204,7 +205,7 @@ def _measure(
         "served": len(latencies),
         "outcomes": outcomes,
         "p50_s": round(statistics.median(latencies), 3) if latencies else None,
-        "p95_s": round(percentile(latencies, 0.95), 3) if latencies else None,
+        "p95_s": round(cast(float, percentile(latencies, 0.95)), 3) if latencies else None,
         "mean_s": round(statistics.fmean(latencies), 3) if latencies else None,
         "min_s": round(min(latencies), 3) if latencies else None,
         "max_s": round(max(latencies), 3) if latencies else None,

@@ -319,7 +319,8 @@ def running_daemon(demo: Demo, out: Out) -> Iterator[subprocess.Popen[bytes]]:
 def _ready(port: str) -> bool:
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as response:
-            return response.status == 200
+            status: int = response.status
+            return status == 200
     except (urllib.error.URLError, OSError):
         return False
 

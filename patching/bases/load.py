@@ -95,6 +95,7 @@ def load_base(name_or_dir: str) -> LoadedBase:
     meta = _read_meta(path)
     config = AutoConfig.from_pretrained(path, local_files_only=True)
     arch = (config.architectures or [""])[0]
+    auto: type[AutoModelForSequenceClassification | AutoModelForSeq2SeqLM | AutoModelForCausalLM]
     if arch.endswith("ForSequenceClassification"):
         kind: Kind = "classification"
         auto = AutoModelForSequenceClassification

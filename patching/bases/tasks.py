@@ -51,7 +51,10 @@ class TaskAdapter:
         """A generator's prompt for a question (generators read one text, never a pair)."""
         if not isinstance(question, str):
             raise ValueError("a text pair cannot be asked of a generator: send the question as one text")
-        return prompt_for(question, self.base.prompt_format) if self.generation else question
+        if not self.generation:
+            return question
+        assert self.base.prompt_format is not None  # load_base gives every generator one
+        return prompt_for(question, self.base.prompt_format)
 
     def label_id(self, label: str) -> int:
         assert self.base.labels is not None

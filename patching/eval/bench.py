@@ -27,7 +27,7 @@ from patching.eval.metrics import percentile
 
 def _run(patcher: Patcher, adapter: TaskAdapter, edits: list[Any], label: str) -> dict[str, Any]:
     cp = patcher.checkpoint()
-    rows = []
+    rows: list[dict[str, Any]] = []
     bar = tqdm(edits, desc=f"{label} edits", unit="edit")
     for i, ex in enumerate(bar):
         enc = adapter.edit(ex.input, ex.target)

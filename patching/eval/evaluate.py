@@ -18,13 +18,14 @@ from typing import Any
 
 from tqdm import tqdm
 
-from patching.eval import metrics
 from patching.bases.load import load_base
 from patching.bases.tasks import TaskAdapter
 from patching.config import GateConfig, TrainConfig
 from patching.engine import Patcher
-from patching.eval.editors import Editor, TPatcherEditor, make_editor
+from patching.eval import metrics
+from patching.eval.editors import TPatcherEditor, make_editor
 from patching.eval.evaldata import EvalData
+from patching.eval.record import Editor
 from patching.eval.resume import Resume, ResumeError, save_patches
 
 CURVE_POINTS = 20  # retention/locality checkpoints along the stream (each costs a prediction pass)

@@ -9,7 +9,10 @@ from patching.eval.metrics import running_mean
 
 
 def plot_reports(reports: list[dict[str, Any]], out: Path) -> None:
-    import matplotlib
+    try:
+        import matplotlib
+    except ModuleNotFoundError:
+        raise RuntimeError("plots need matplotlib: pip install 'patchd[eval]' (deploy/setup.sh installs it)") from None
 
     matplotlib.use("Agg")  # files only: no display on a server
     import matplotlib.pyplot as plt

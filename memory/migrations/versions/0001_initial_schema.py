@@ -26,7 +26,7 @@ BigId = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
 UTC = sa.DateTime(timezone=True)
 
 
-def status_column(name: str) -> sa.Column:
+def status_column(name: str) -> sa.Column[str]:
     return sa.Column(name, sa.String(length=20), nullable=False)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from typing import cast
 
 import torch
 from torch import nn
@@ -23,6 +24,11 @@ class RunningStats(nn.Module):
     Updated only in training mode; frozen at evaluation. Using them before at least two rows were
     seen raises, because NaN statistics would silently turn every edit into NaN.
     """
+
+    # buffers, registered in __init__ (declared here for the type checker)
+    count: torch.Tensor
+    mean: torch.Tensor
+    m2: torch.Tensor
 
     def __init__(self, dim: int):
         super().__init__()
@@ -136,7 +142,7 @@ class MendNet(nn.Module):
         return [p for n, p in self.named_parameters() if n != "edit_lrs"]
 
     def stats_initialised(self) -> bool:
-        return all(t.stats.initialised() for t in self.transforms.values())
+        return all(cast(GradientTransform, t).stats.initialised() for t in self.transforms.values())
 
     def updates(self, rows: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
         """ΔW per matrix name from its captured (u [N, in], δ [N, out]) rows; zeros where no rows."""

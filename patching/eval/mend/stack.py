@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -52,7 +52,8 @@ def _layers(model: nn.Module) -> tuple[FFNSite, nn.ModuleList, str]:
 
 
 def select_targets(model: nn.Module, n_layers: int = 3, gate: bool = False) -> list[Target]:
-    model_type = model.config.model_type  # type: ignore[attr-defined]
+    config: Any = model.config  # a transformers config: model_type is not a typed attribute
+    model_type = config.model_type
     if model_type not in FFN_LINEARS:
         raise ArchError(f"MEND supports model types {', '.join(sorted(FFN_LINEARS))}, not {model_type!r}")
     locals_ = list(FFN_LINEARS[model_type])
@@ -68,13 +69,14 @@ def select_targets(model: nn.Module, n_layers: int = 3, gate: bool = False) -> l
             mod = get_module(layers[i], loc)
             if not isinstance(mod, nn.Linear):
                 raise ArchError(f"{prefix}.{i}.{loc} is {type(mod).__name__}, not nn.Linear")
-            out.append(Target(f"{prefix}.{i}.{loc}.weight", i, f"{loc}.weight", tuple(mod.weight.shape)))
+            shape = cast("tuple[int, int]", tuple(mod.weight.shape))  # a Linear's weight is 2-D
+            out.append(Target(f"{prefix}.{i}.{loc}.weight", i, f"{loc}.weight", shape))
     return out
 
 
 def target_modules(model: nn.Module, targets: Sequence[Target]) -> dict[str, nn.Linear]:
     mods = dict(model.named_modules())
-    return {t.name: mods[t.name.removesuffix(".weight")] for t in targets}  # type: ignore[misc]
+    return {t.name: mods[t.name.removesuffix(".weight")] for t in targets}
 
 
 def drop_zero_rows(u: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -143,7 +145,7 @@ class TopStack:
         self.model = model
         self.site, self.layers, self.prefix = _layers(model)
         self.lowest = lowest
-        self._extra = {"use_cache": False} if hasattr(model.config, "use_cache") else {}  # type: ignore[attr-defined]
+        self._extra = {"use_cache": False} if hasattr(model.config, "use_cache") else {}
 
     @torch.no_grad()
     def capture(self, batch: Mapping[str, torch.Tensor]) -> Cached:

@@ -65,7 +65,7 @@ def read_config(directory: Path) -> dict[str, Any]:
     if not path.is_file() or not (directory / WEIGHTS_FILE).is_file():
         raise MendStateError(f"{directory} holds no trained MEND editor ({CONFIG_FILE} + {WEIGHTS_FILE}); "
                              "train one with `patchd mend train`")
-    config = json.loads(path.read_text(encoding="utf-8"))
+    config: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
     if config.get("format") != FORMAT:
         raise MendStateError(f"{path}: unknown format {config.get('format')!r} (expected {FORMAT})")
     return config

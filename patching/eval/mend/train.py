@@ -231,8 +231,8 @@ def train(
                 state["history"].append({"step": state["step"], **{k: round(v, 5) for k, v in ema.items()},
                                          "edit_lr_mean": float(net.edit_lrs.detach().mean())})
             if cfg.val_every and state["step"] % cfg.val_every == 0:
-                v = trainer.validate(data)
-                state["val"].append({"step": state["step"], **{k: round(x, 4) for k, x in v.items()}})
+                scores = trainer.validate(data)
+                state["val"].append({"step": state["step"], **{k: round(x, 4) for k, x in scores.items()}})
                 log(f"step {state['step']}: validation {state['val'][-1]}")
             if time.perf_counter() - last_ckpt > cfg.checkpoint_minutes * 60:
                 save()
@@ -243,8 +243,8 @@ def train(
     finally:
         bar.close()
     if not state["val"] or state["val"][-1]["step"] != state["step"]:
-        v = trainer.validate(data)
-        state["val"].append({"step": state["step"], **{k: round(x, 4) for k, x in v.items()}})
+        scores = trainer.validate(data)
+        state["val"].append({"step": state["step"], **{k: round(x, 4) for k, x in scores.items()}})
     save()
     return {
         "out": str(out), **{k: config[k] for k in ("base", "model_type", "edited", "data", "editor_parameters")},
