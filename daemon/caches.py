@@ -112,8 +112,6 @@ def read_inputs(path: Path) -> list[ModelInput]:
     return inputs
 
 
-
-
 def _input(value: Any) -> ModelInput | None:
     """A text, or a text pair from {"text", "text_pair"}; None when it is neither."""
     if isinstance(value, str):

@@ -252,9 +252,7 @@ class Consumer:
 
     # ------------------------------------------------------------------ offsets
 
-    def _commit(
-        self, offsets: dict[TopicPartition, OffsetAndMetadata], timeout_ms: int = COMMIT_TIMEOUT_MS
-    ) -> bool:
+    def _commit(self, offsets: dict[TopicPartition, OffsetAndMetadata], timeout_ms: int = COMMIT_TIMEOUT_MS) -> bool:
         """Commit `offsets` plus any earlier ones that failed; on failure keep them for the next try."""
         assert self.consumer is not None
         self._pending.update(offsets)
@@ -289,9 +287,7 @@ class Consumer:
             return None
         try:
             ends = self.consumer.end_offsets(assigned, timeout_ms=LOOKUP_TIMEOUT_MS)
-            return {
-                tp: (self.consumer.position(tp, timeout_ms=LOOKUP_TIMEOUT_MS), ends[tp]) for tp in assigned
-            }
+            return {tp: (self.consumer.position(tp, timeout_ms=LOOKUP_TIMEOUT_MS), ends[tp]) for tp in assigned}
         except (KafkaError, KeyError) as exc:
             log.debug("end offsets unavailable", error=repr(exc))
             return None
@@ -310,9 +306,7 @@ class Consumer:
         if not self.caught_up.is_set() and self._at_end():
             self.caught_up.set()
             self.work_allowed.set()
-            log.info(
-                "caught up with the topic", partitions=len(self.consumer.assignment()) if self.consumer else 0
-            )
+            log.info("caught up with the topic", partitions=len(self.consumer.assignment()) if self.consumer else 0)
 
     # ------------------------------------------------------------------ backpressure
 

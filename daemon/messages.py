@@ -137,9 +137,7 @@ def _parse(raw: bytes | None, limits: Limits) -> dict[str, Any]:
     except _Reject:
         raise
     except json.JSONDecodeError as exc:
-        raise _Reject(
-            Reason.BAD_JSON, f"invalid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
-        ) from None
+        raise _Reject(Reason.BAD_JSON, f"invalid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
     except (RecursionError, ValueError) as exc:  # absurd nesting, or a number too long to convert
         raise _Reject(Reason.BAD_JSON, f"invalid JSON: {type(exc).__name__}") from None
     if not isinstance(event, dict):
@@ -223,9 +221,7 @@ def _input(value: Any, limits: Limits) -> InputValue:
     elif isinstance(value, dict):
         extra = set(value) - {"text", "text_pair"}
         if extra:
-            raise _Reject(
-                Reason.WRONG_TYPE, f"'input' object may hold only text and text_pair, got {sorted(extra)}"
-            )
+            raise _Reject(Reason.WRONG_TYPE, f"'input' object may hold only text and text_pair, got {sorted(extra)}")
         text, pair = value.get("text"), value.get("text_pair")
         if text is None:
             raise _Reject(Reason.MISSING_FIELD, "required field 'input.text' is missing")
@@ -238,9 +234,7 @@ def _input(value: Any, limits: Limits) -> InputValue:
     else:
         raise _wrong_type("input", 'a string or {"text", "text_pair"}', value)
     if length > limits.max_input_chars:
-        raise _Reject(
-            Reason.INPUT_TOO_LONG, f"'input' has {length} characters, limit {limits.max_input_chars}"
-        )
+        raise _Reject(Reason.INPUT_TOO_LONG, f"'input' has {length} characters, limit {limits.max_input_chars}")
     return result
 
 
@@ -250,9 +244,7 @@ def _target(value: Any, labels: Sequence[str] | None, limits: Limits) -> str:
     if labels is not None:
         # a classifier's target must name a class exactly: a near miss is a producer bug to surface
         if value not in labels:
-            raise _Reject(
-                Reason.UNKNOWN_LABEL, f"target {_show(value)} is not a label of this model {list(labels)}"
-            )
+            raise _Reject(Reason.UNKNOWN_LABEL, f"target {_show(value)} is not a label of this model {list(labels)}")
         return value
     _check_length("target", value, limits.max_input_chars)
     target = normalise_text(value)  # "Paris " and "Paris" are one answer, not a conflict
@@ -267,9 +259,7 @@ def _equivalents(value: Any, normalised: InputValue, limits: Limits) -> tuple[st
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise _wrong_type("equivalents", "a list of strings", value)
     if len(value) > limits.max_equivalents:
-        raise _Reject(
-            Reason.TOO_MANY_EQUIVALENTS, f"{len(value)} equivalents, limit {limits.max_equivalents}"
-        )
+        raise _Reject(Reason.TOO_MANY_EQUIVALENTS, f"{len(value)} equivalents, limit {limits.max_equivalents}")
     seen: dict[str, None] = {}
     own = normalised[0] if isinstance(normalised, tuple) else normalised
     for i, text in enumerate(value):

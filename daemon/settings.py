@@ -268,9 +268,7 @@ def _read_file(path: Path, raw: Raw, top: dict[str, tuple[Any, str]]) -> None:
             for sub, item in value.items():
                 raw[key][sub] = (item, str(path))
         else:
-            raise SettingsError(
-                f"unknown section or key {key!r} in {path}{_hint(key, [*SECTIONS, *TOP_LEVEL])}"
-            )
+            raise SettingsError(f"unknown section or key {key!r} in {path}{_hint(key, [*SECTIONS, *TOP_LEVEL])}")
 
 
 def _read_env(env: Mapping[str, str], raw: Raw, top: dict[str, tuple[Any, str]]) -> None:

@@ -186,7 +186,5 @@ class Worker(threading.Thread):
         self.store.set_status(
             mistake.id, Status.GATE_REJECTED, note=f"{proposal.attempts} tries: {reasons}"[:NOTE_CHARS]
         )
-        log.warning(
-            "patch rejected by the gate", patch_id=patch_id, attempts=proposal.attempts, reasons=reasons
-        )
+        log.warning("patch rejected by the gate", patch_id=patch_id, attempts=proposal.attempts, reasons=reasons)
         return Status.GATE_REJECTED

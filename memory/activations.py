@@ -77,9 +77,7 @@ class ActivationStore:
         if index_path.exists():
             index = json.loads(index_path.read_text())
             if index.get("format") != FORMAT:
-                raise ValueError(
-                    f"{index_path}: index format {index.get('format')!r}, this patchd reads {FORMAT}"
-                )
+                raise ValueError(f"{index_path}: index format {index.get('format')!r}, this patchd reads {FORMAT}")
             if index.get("key") != asdict(key):
                 raise ActivationKeyMismatch(
                     f"{directory} holds activations of {index.get('key')}, not of {asdict(key)}"
@@ -108,9 +106,7 @@ class ActivationStore:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
         _fsync_and_rename(tmp, self.directory / name)
         digest = _sha256(self.directory / name)
-        shards.append(
-            {"file": name, "rows": rows, "edit_id": edit_id, "sha256": digest, "tensors": _layout(tensors)}
-        )
+        shards.append({"file": name, "rows": rows, "edit_id": edit_id, "sha256": digest, "tensors": _layout(tensors)})
         self._save_index()
         return self.rows(split)
 
@@ -183,11 +179,7 @@ class ActivationStore:
     def _remove_unlisted(self) -> None:
         listed = {s["file"] for split in SPLITS for s in self._index["splits"][split]}
         for path in self.directory.iterdir():
-            if (
-                path.name != INDEX
-                and path.name not in listed
-                and path.name.endswith((".safetensors", ".tmp"))
-            ):
+            if path.name != INDEX and path.name not in listed and path.name.endswith((".safetensors", ".tmp")):
                 path.unlink(missing_ok=True)
 
 

@@ -106,17 +106,13 @@ def _statements(dialect_name: str) -> _Statements:
         .group_by(REPORTS.c.mistake_id, REPORTS.c.target)
         .order_by(REPORTS.c.mistake_id, REPORTS.c.target)
     )
-    add_targets = upsert_insert(dialect_name, TARGETS).from_select(
-        ["mistake_id", "target", "count"], per_target
-    )
+    add_targets = upsert_insert(dialect_name, TARGETS).from_select(["mistake_id", "target", "count"], per_target)
     add_targets = add_targets.on_conflict_do_update(
         index_elements=["mistake_id", "target"], set_={"count": TARGETS.c.count + add_targets.excluded.count}
     )
 
     reporter = func.coalesce(REPORTS.c.reporter, ANONYMOUS)
-    per_reporter = (
-        select(REPORTS.c.mistake_id, reporter).where(new).distinct().order_by(REPORTS.c.mistake_id, reporter)
-    )
+    per_reporter = select(REPORTS.c.mistake_id, reporter).where(new).distinct().order_by(REPORTS.c.mistake_id, reporter)
     add_reporters = (
         upsert_insert(dialect_name, REPORTERS)
         .from_select(["mistake_id", "reporter"], per_reporter)
@@ -228,9 +224,7 @@ def _ensure_mistakes(
     ids: dict[tuple[str, str], int] = {}
     for model, fps in by_model.items():
         for start in range(0, len(fps), LOOKUP_CHUNK):
-            found = conn.execute(
-                sql.mistakes_by_key, {"model": model, "fps": fps[start : start + LOOKUP_CHUNK]}
-            )
+            found = conn.execute(sql.mistakes_by_key, {"model": model, "fps": fps[start : start + LOOKUP_CHUNK]})
             ids.update({(model, fp): mid for mid, fp in found})
     missing = sorted(key for key in first if key not in ids)
     if not missing:
@@ -242,9 +236,7 @@ def _ensure_mistakes(
         for model, fp in missing
     ]
     insert_many(conn, MISTAKES, MISTAKE_COLUMNS, rows, conflict=["model", "fingerprint"])
-    created = {
-        (model, fp): mid for mid, model, fp in conn.execute(sql.mistakes_after, {"watermark": watermark})
-    }
+    created = {(model, fp): mid for mid, model, fp in conn.execute(sql.mistakes_after, {"watermark": watermark})}
     ids.update(created)
     return ids, set(created.values())
 

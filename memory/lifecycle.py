@@ -55,8 +55,7 @@ class IllegalTransition(ValueError):
     def __init__(self, mistake_id: int, current: Status, wanted: Status) -> None:
         allowed = ", ".join(sorted(TRANSITIONS[current])) or "none"
         super().__init__(
-            f"mistake {mistake_id}: illegal status change {current} -> {wanted} "
-            f"(from {current} only: {allowed})"
+            f"mistake {mistake_id}: illegal status change {current} -> {wanted} (from {current} only: {allowed})"
         )
         self.mistake_id = mistake_id
         self.current = current

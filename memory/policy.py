@@ -30,9 +30,7 @@ def check_policy(quorum: int, conflict_share: float) -> None:
     if quorum < 1:
         raise ValueError(f"quorum must be at least 1 distinct reporter, got {quorum}")
     if not 0.0 <= conflict_share < 1.0:
-        raise ValueError(
-            f"conflict_share must be in [0, 1): the winner's share must be above it, got {conflict_share}"
-        )
+        raise ValueError(f"conflict_share must be in [0, 1): the winner's share must be above it, got {conflict_share}")
 
 
 def decide_target(targets: Mapping[str, int], conflict_share: float) -> str | None:
@@ -82,9 +80,7 @@ def resolve(session: Session, model: str, quorum: int, conflict_share: float) ->
         if winner is None:
             mistake.target = None
             if mistake.status != Status.CONFLICTING:
-                lifecycle.transition(
-                    session, mistake, Status.CONFLICTING, note=_share_note(targets[mistake.id])
-                )
+                lifecycle.transition(session, mistake, Status.CONFLICTING, note=_share_note(targets[mistake.id]))
             continue
         mistake.target = winner
         if mistake.status != Status.QUEUED:
@@ -106,9 +102,7 @@ def pick(session: Session, model: str) -> Mistake | None:
 def equivalents_of(session: Session, mistake_id: int, target: str | None) -> tuple[str, ...]:
     """Distinct paraphrases sent with reports of the winning target, in the order first seen."""
     rows = session.scalars(
-        select(Report.equivalents)
-        .where(Report.mistake_id == mistake_id, Report.target == target)
-        .order_by(Report.id)
+        select(Report.equivalents).where(Report.mistake_id == mistake_id, Report.target == target).order_by(Report.id)
     )
     seen: dict[str, None] = {}
     for equivalents in rows:
@@ -145,7 +139,5 @@ def key_input(key: str) -> InputValue:
 
 def _share_note(targets: Mapping[str, int]) -> str:
     total = sum(targets.values()) or 1
-    parts = ", ".join(
-        f"{t!r}: {n} ({n / total:.0%})" for t, n in sorted(targets.items(), key=lambda i: -i[1])[:5]
-    )
+    parts = ", ".join(f"{t!r}: {n} ({n / total:.0%})" for t, n in sorted(targets.items(), key=lambda i: -i[1])[:5])
     return f"no target above the share: {parts}"

@@ -84,9 +84,7 @@ class Store:
         self._write = sessionmaker(engine.execution_options(**{WRITE_OPTION: True}), expire_on_commit=False)
 
     @classmethod
-    def open(
-        cls, url: str | URL | None = None, *, state_dir: str | None = None, upgrade: bool = True
-    ) -> Store:
+    def open(cls, url: str | URL | None = None, *, state_dir: str | None = None, upgrade: bool = True) -> Store:
         """Open (and by default migrate) the database at `url`.
 
         `upgrade=True` runs pending migrations, so the embedded SQLite default needs no setup;
@@ -259,9 +257,7 @@ class Store:
             row = Patch(mistake_id=mistake_id, model=mistake.model, created_at=_now(), **asdict(patch))
             session.add(row)
             if patch.accepted:
-                lifecycle.transition(
-                    session, mistake, Status.PATCHED, note=f"{patch.n_neurons} neuron(s) kept"
-                )
+                lifecycle.transition(session, mistake, Status.PATCHED, note=f"{patch.n_neurons} neuron(s) kept")
             session.flush()
             return row.id
 
@@ -300,9 +296,7 @@ class Store:
                 state = "was never accepted" if not patch.accepted else f"was removed at {patch.removed_at}"
                 raise ValueError(f"patch {patch_id} cannot be removed: it {state}")
             patch.removed_at, patch.removed_reason = _now(), reason
-            lifecycle.transition(
-                session, self._mistake(session, patch.mistake_id), Status.REVOKED, note=reason
-            )
+            lifecycle.transition(session, self._mistake(session, patch.mistake_id), Status.REVOKED, note=reason)
 
     def recover_interrupted(self, model: str) -> list[int]:
         """After a restart: mistakes left in `patching` go back to `queued`; returns their ids.

@@ -15,9 +15,7 @@ from memory.status import Status
 
 def status_counts(session: Session, model: str) -> dict[Status, int]:
     """Mistakes per status, with every status present (0 when none)."""
-    rows = session.execute(
-        select(Mistake.status, func.count()).where(Mistake.model == model).group_by(Mistake.status)
-    )
+    rows = session.execute(select(Mistake.status, func.count()).where(Mistake.model == model).group_by(Mistake.status))
     counts = dict.fromkeys(Status, 0)
     counts.update({Status(status): n for status, n in rows})
     return counts

@@ -50,15 +50,17 @@ class ArchSpec:
     kind: Kind
 
 
-_BERT = ArchSpec("encoder.layer", "intermediate", "output.dense", None, "output.LayerNorm", None,
-                 "bert_cls", "classification")
+_BERT = ArchSpec(
+    "encoder.layer", "intermediate", "output.dense", None, "output.LayerNorm", None, "bert_cls", "classification"
+)
 _LLAMA = ArchSpec("layers", "mlp", "mlp", "post_attention_layernorm", None, "norm", "lm", "generation")
 
 ARCH_TABLE: dict[str, ArchSpec] = {
     "bert": _BERT,
     "roberta": replace(_BERT, head="roberta_cls"),
-    "distilbert": ArchSpec("transformer.layer", "ffn", "ffn", None, "output_layer_norm", None,
-                           "distilbert_cls", "classification"),
+    "distilbert": ArchSpec(
+        "transformer.layer", "ffn", "ffn", None, "output_layer_norm", None, "distilbert_cls", "classification"
+    ),
     # GPT-2's FFN projections are Conv1D (weight stored transposed); the wrapper only needs its output
     "gpt2": ArchSpec("h", "mlp.c_fc", "mlp.c_proj", "ln_2", None, "ln_f", "lm", "generation"),
     "llama": _LLAMA,
@@ -66,17 +68,24 @@ ARCH_TABLE: dict[str, ArchSpec] = {
     "mistral": _LLAMA,
     # encoder-decoder models: the decoder's last layer makes the prediction
     "bart": ArchSpec("decoder.layers", "fc1", "fc2", None, "final_layer_norm", None, "bart_lm", "generation"),
-    "t5": ArchSpec("decoder.block", "layer.-1.DenseReluDense", "layer.-1.DenseReluDense", "layer.-1", None,
-                   "decoder.final_layer_norm", "t5_lm", "generation"),
+    "t5": ArchSpec(
+        "decoder.block",
+        "layer.-1.DenseReluDense",
+        "layer.-1.DenseReluDense",
+        "layer.-1",
+        None,
+        "decoder.final_layer_norm",
+        "t5_lm",
+        "generation",
+    ),
 }
 
-SETTING_HINT = (
-    "set `[model] arch` in the settings (fields: " + ", ".join(f.name for f in fields(ArchSpec)) + ")"
-)
+SETTING_HINT = "set `[model] arch` in the settings (fields: " + ", ".join(f.name for f in fields(ArchSpec)) + ")"
 
 
 # ---------------------------------------------------------------------------------------------
 # heads: final hidden states h [N, d] (one row per position) -> logits [N, C]
+
 
 def _bert_cls(model: Any, h: torch.Tensor) -> torch.Tensor:
     pooled = model.bert.pooler(h[:, None, :])  # the pooler reads position 0 of [N, 1, d]
@@ -103,7 +112,7 @@ def _bart_lm(model: Any, h: torch.Tensor) -> torch.Tensor:
 def _t5_lm(model: Any, h: torch.Tensor) -> torch.Tensor:
     # T5 rescales decoder outputs before a tied LM head (transformers' scale_decoder_outputs)
     if getattr(model.config, "scale_decoder_outputs", model.config.tie_word_embeddings):
-        h = h * (model.model_dim ** -0.5)
+        h = h * (model.model_dim**-0.5)
     return cast(torch.Tensor, model.lm_head(h))
 
 
@@ -118,6 +127,7 @@ HEADS: dict[str, Callable[[Any, torch.Tensor], torch.Tensor]] = {
 
 
 # ---------------------------------------------------------------------------------------------
+
 
 def get_module(root: nn.Module, path: str) -> nn.Module:
     """Resolve a dotted path; integer parts (also negative) index ModuleLists."""

@@ -106,8 +106,10 @@ class TrainConfig:
         if not 0.0 <= self.augment_dropout < 1.0:
             raise ValueError("trainer.augment_dropout must be in [0, 1)")
         if min(self.augment_copies, self.mining_interval, self.equivalent_steps, self.stall_steps) < 0:
-            raise ValueError("trainer.augment_copies, trainer.mining_interval, trainer.equivalent_steps and "
-                             "trainer.stall_steps must be >= 0")
+            raise ValueError(
+                "trainer.augment_copies, trainer.mining_interval, trainer.equivalent_steps and "
+                "trainer.stall_steps must be >= 0"
+            )
 
     def for_task(self, generation: bool) -> TrainConfig:
         """The config with every by-task-kind default (None) filled in."""

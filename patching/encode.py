@@ -66,8 +66,13 @@ def _pad(seqs: Sequence[torch.Tensor], value: int) -> tuple[torch.Tensor, torch.
 
 
 def generation_ids(
-    prompts: Sequence[torch.Tensor], targets: Sequence[torch.Tensor], *, seq2seq: bool,
-    pad_id: int, decoder_start_id: int | None = None, all_rows: bool = False,
+    prompts: Sequence[torch.Tensor],
+    targets: Sequence[torch.Tensor],
+    *,
+    seq2seq: bool,
+    pad_id: int,
+    decoder_start_id: int | None = None,
+    all_rows: bool = False,
 ) -> Encoded:
     """Token-id level encoding (right padding). prompts[i] [P_i], targets[i] [L_i] (may be empty).
 
@@ -81,11 +86,17 @@ def generation_ids(
         if decoder_start_id is None:
             raise ValueError("an encoder-decoder model needs decoder_start_id")
         enc_ids, enc_mask = _pad(prompts, pad_id)
-        dec = [torch.cat([torch.tensor([decoder_start_id]), t[:-1]]) if t.numel() else torch.tensor([decoder_start_id])
-               for t in targets]
+        dec = [
+            torch.cat([torch.tensor([decoder_start_id]), t[:-1]]) if t.numel() else torch.tensor([decoder_start_id])
+            for t in targets
+        ]
         dec_ids, dec_mask = _pad(dec, pad_id)
-        batch = {"input_ids": enc_ids, "attention_mask": enc_mask,
-                 "decoder_input_ids": dec_ids, "decoder_attention_mask": dec_mask}
+        batch = {
+            "input_ids": enc_ids,
+            "attention_mask": enc_mask,
+            "decoder_input_ids": dec_ids,
+            "decoder_attention_mask": dec_mask,
+        }
         for i, t in enumerate(targets):
             n = int(t.numel()) if not all_rows else int(dec[i].numel())
             for j in range(n):
@@ -105,8 +116,12 @@ def generation_ids(
                 j = pos - (P - 1)
                 tgts.append(int(t[j]) if 0 <= j < L else -1)
     return Encoded(
-        batch, torch.tensor(rows_b, dtype=torch.long), torch.tensor(rows_t, dtype=torch.long),
-        torch.tensor(tgts, dtype=torch.long), prompts=list(prompts), target_ids=list(targets),
+        batch,
+        torch.tensor(rows_b, dtype=torch.long),
+        torch.tensor(rows_t, dtype=torch.long),
+        torch.tensor(tgts, dtype=torch.long),
+        prompts=list(prompts),
+        target_ids=list(targets),
     )
 
 
@@ -117,13 +132,20 @@ def target_ids(tokenizer: Any, answer: str, stop: str = "\n") -> list[int]:
 
 
 def generation(
-    tokenizer: Any, prompts: Sequence[str], answers: Sequence[str], *, seq2seq: bool = False,
-    decoder_start_id: int | None = None, all_rows: bool = False, stop: str = "\n",
+    tokenizer: Any,
+    prompts: Sequence[str],
+    answers: Sequence[str],
+    *,
+    seq2seq: bool = False,
+    decoder_start_id: int | None = None,
+    all_rows: bool = False,
+    stop: str = "\n",
 ) -> Encoded:
     """Text level: each target is " " + answer + stop, tokenised apart from the prompt so that the
     rows line up with the target tokens exactly."""
     p_ids = [torch.tensor(tokenizer(p)["input_ids"], dtype=torch.long) for p in prompts]
     t_ids = [torch.tensor(target_ids(tokenizer, a, stop), dtype=torch.long) for a in answers]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return generation_ids(p_ids, t_ids, seq2seq=seq2seq, pad_id=int(pad or 0),
-                          decoder_start_id=decoder_start_id, all_rows=all_rows)
+    return generation_ids(
+        p_ids, t_ids, seq2seq=seq2seq, pad_id=int(pad or 0), decoder_start_id=decoder_start_id, all_rows=all_rows
+    )

@@ -59,7 +59,11 @@ class EditOutcome:
 
 class Patcher:
     def __init__(
-        self, model: torch.nn.Module, *, train: TrainConfig | None = None, gate: GateConfig | None = None,
+        self,
+        model: torch.nn.Module,
+        *,
+        train: TrainConfig | None = None,
+        gate: GateConfig | None = None,
         arch: Mapping[str, Any] | None = None,
     ):
         self.model = model.eval()
@@ -160,18 +164,23 @@ class Patcher:
         # equivalents help, never block: when every attempt with them fails (usually the gate: a
         # key wide enough for all the phrasings also fires on a held-out input), the whole retry
         # sequence runs again on the edit alone, as it would have without them
-        for eq in ((extra, None) if extra is not None else (None,)):
+        for eq in (extra, None) if extra is not None else (None,):
             for attempt in range(self.gate_cfg.retries + 1):
                 # more neurons only when the edit itself stayed wrong with the capped set
                 grow = attempt > 0 and proposal is not None and not proposal.gate.reliable
                 anchors = self.anchors(et, attempt if grow else 0, eq)
-                strength = self.gate_cfg.retry_factor ** attempt
+                strength = self.gate_cfg.retry_factor**attempt
                 obj = Objective.from_config(self.train_cfg, self.generation, strength)
                 result = self._train(enc, et, anchors, obj, attempt, eq)
                 tries += 1
                 for neurons, saturation in self._as_run(result.neurons, et):
                     verdict = gating.check(
-                        neurons, self.train_cfg.activation, et, self.retention, self.heldout, self.tail,
+                        neurons,
+                        self.train_cfg.activation,
+                        et,
+                        self.retention,
+                        self.heldout,
+                        self.tail,
                         self.gate_cfg,
                     )
                     # the stop rule is the trainer's proxy; the gate has the final word (a neuron that still
@@ -198,8 +207,15 @@ class Patcher:
             return [(nr, None)]
         return [(cap(nr, et.q, s), s) for s in saturations(self.train_cfg.saturation)]
 
-    def _train(self, enc: Encoded | EditTensors, et: EditTensors, anchors: torch.Tensor, obj: Objective,
-               attempt: int, extra: EditTensors | None = None) -> TrainResult:
+    def _train(
+        self,
+        enc: Encoded | EditTensors,
+        et: EditTensors,
+        anchors: torch.Tensor,
+        obj: Objective,
+        attempt: int,
+        extra: EditTensors | None = None,
+    ) -> TrainResult:
         seed = self.train_cfg.seed + attempt
         if self.train_cfg.mode == "reference":
             if isinstance(enc, EditTensors):
@@ -213,12 +229,22 @@ class Patcher:
             # 0.75 -> 0.875 with retry_factor 2; generation 0.25 -> 0.625 -> 0.8125), so it fires on
             # fewer held-out inputs; with a margin init that already meets the stop rule, a stronger
             # loss alone would change nothing
-            strength = self.gate_cfg.retry_factor ** attempt
+            strength = self.gate_cfg.retry_factor**attempt
             assert cfg.init_threshold is not None  # filled in by for_task
             cfg = replace(cfg, init_threshold=1.0 - (1.0 - cfg.init_threshold) / strength)
-        return train_cached(et, anchors, self.memory.view(), self.tail, cfg, obj,
-                            trained_as(cfg.activation), seed, whiten=self.whitening(), extra=extra,
-                            fast=self.fast_tail if cfg.fast_tail else None)
+        return train_cached(
+            et,
+            anchors,
+            self.memory.view(),
+            self.tail,
+            cfg,
+            obj,
+            trained_as(cfg.activation),
+            seed,
+            whiten=self.whitening(),
+            extra=extra,
+            fast=self.fast_tail if cfg.fast_tail else None,
+        )
 
     def whitening(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Memory mean and inverse covariance for the fisher init, computed once from the memory as
@@ -237,11 +263,13 @@ class Patcher:
             prompt, target = enc.prompts[0].to(self.memory.device), enc.target_ids[0].to(self.memory.device)
             with torch.no_grad():
                 out = self.model.generate(  # type: ignore[operator]
-                    input_ids=prompt[None], attention_mask=torch.ones_like(prompt)[None],
-                    max_new_tokens=int(target.numel()), do_sample=False,
+                    input_ids=prompt[None],
+                    attention_mask=torch.ones_like(prompt)[None],
+                    max_new_tokens=int(target.numel()),
+                    do_sample=False,
                     pad_token_id=int(self.model.config.pad_token_id or 0),  # type: ignore[union-attr, arg-type]
                 )
-            new = out[0, prompt.numel():] if not self.model.config.is_encoder_decoder else out[0, 1:]  # type: ignore[union-attr]
+            new = out[0, prompt.numel() :] if not self.model.config.is_encoder_decoder else out[0, 1:]  # type: ignore[union-attr]
             return new.shape == target.shape and bool((new == target).all())
         finally:
             self.wrapper.remove([edit_id])
@@ -254,8 +282,13 @@ class Patcher:
         self.wrapper.add(nr.keys, nr.biases, nr.values, proposal.edit_id)
         self._add_to_caches(nr)
         et = proposal.edit
-        new_rows = EditTensors(et.q, et.ffn + self._delta(nr, et.q), et.residual, et.targets,
-                               group=torch.full_like(et.targets, len(self._edits)))
+        new_rows = EditTensors(
+            et.q,
+            et.ffn + self._delta(nr, et.q),
+            et.residual,
+            et.targets,
+            group=torch.full_like(et.targets, len(self._edits)),
+        )
         self.retention = new_rows if self.retention is None else _concat([self.retention, new_rows])
         self.memory.append(et.q)
         self._edits.append(proposal.edit_id)
@@ -270,8 +303,9 @@ class Patcher:
         device = self.memory.device
         neurons = Neurons(neurons.keys.to(device), neurons.biases.to(device), neurons.values.to(device))
         et = self.cache(enc)
-        verdict = gating.check(neurons, self.train_cfg.activation, et, self.retention, self.heldout, self.tail,
-                               self.gate_cfg)
+        verdict = gating.check(
+            neurons, self.train_cfg.activation, et, self.retention, self.heldout, self.tail, self.gate_cfg
+        )
         stub = TrainResult(neurons, True, 0, 0.0, 0.0, 0.0)
         self.commit(Proposal(edit_id, et, neurons, stub, gating.GateResult(passed=True), 0, 0.0))
         return verdict
@@ -334,7 +368,9 @@ def split_equivalents(et: EditTensors) -> tuple[EditTensors, EditTensors | None]
 def _concat(parts: list[EditTensors]) -> EditTensors:
     groups = [p.group for p in parts if p.group is not None]
     return EditTensors(
-        torch.cat([p.q for p in parts]), torch.cat([p.ffn for p in parts]),
-        torch.cat([p.residual for p in parts]), torch.cat([p.targets for p in parts]),
+        torch.cat([p.q for p in parts]),
+        torch.cat([p.ffn for p in parts]),
+        torch.cat([p.residual for p in parts]),
+        torch.cat([p.targets for p in parts]),
         group=torch.cat(groups) if len(groups) == len(parts) else None,
     )

@@ -57,7 +57,12 @@ class GateResult:
 
 @torch.no_grad()
 def predictions_with(
-    nr: Neurons, activation: str, q: torch.Tensor, ffn: torch.Tensor, residual: torch.Tensor, tail: Tail,
+    nr: Neurons,
+    activation: str,
+    q: torch.Tensor,
+    ffn: torch.Tensor,
+    residual: torch.Tensor,
+    tail: Tail,
     pred: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """New argmax per row with the neurons added, and the mask of rows where they are active.
@@ -69,7 +74,7 @@ def predictions_with(
     new = pred.clone()
     rows = active.nonzero().flatten()
     for start in range(0, rows.numel(), _CHUNK):
-        r = rows[start:start + _CHUNK]
+        r = rows[start : start + _CHUNK]
         logits = tail(ffn[r] + act[r] @ nr.values, residual[r])
         new[r] = logits.argmax(-1)
     return new, active
@@ -115,8 +120,6 @@ def check(
             res.regressed = _bad_groups(regressed, heldout.group)
         counted = res.changed if cfg.policy == "changed" else res.regressed
         if counted > cfg.max_changed:
-            res.reasons.append(
-                f"locality: {counted} held-out prediction(s) {cfg.policy} (max {cfg.max_changed})"
-            )
+            res.reasons.append(f"locality: {counted} held-out prediction(s) {cfg.policy} (max {cfg.max_changed})")
     res.passed = not res.reasons
     return res

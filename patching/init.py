@@ -52,8 +52,12 @@ def whitening(memory: torch.Tensor, ridge: float = 1e-2) -> tuple[torch.Tensor, 
     return mu, precision.to(memory.dtype)
 
 
-def margin_keys(q: torch.Tensor, memory: torch.Tensor, threshold: float = 0.5,
-                whiten: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def margin_keys(
+    q: torch.Tensor,
+    memory: torch.Tensor,
+    threshold: float = 0.5,
+    whiten: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """q [n, d], memory [N, d] -> keys, biases with pre-activation +1 on q_i.
 
     The direction is (q - mu), or P (q - mu) with `whiten` = (mu, P). The bias puts the firing
@@ -79,8 +83,9 @@ def margin_keys(q: torch.Tensor, memory: torch.Tensor, threshold: float = 0.5,
 
 
 @torch.enable_grad()
-def descent_direction(ffn: torch.Tensor, residual: torch.Tensor, targets: torch.Tensor,
-                      anchors: torch.Tensor, tail: Tail) -> torch.Tensor:
+def descent_direction(
+    ffn: torch.Tensor, residual: torch.Tensor, targets: torch.Tensor, anchors: torch.Tensor, tail: Tail
+) -> torch.Tensor:
     """Unit directions [n, d] in FFN-output space that lower the edit loss at each anchor row."""
     x = ffn.detach().clone().requires_grad_(True)
     loss = F.cross_entropy(tail(x, residual).float(), targets, reduction="sum")
@@ -90,9 +95,18 @@ def descent_direction(ffn: torch.Tensor, residual: torch.Tensor, targets: torch.
 
 
 @torch.no_grad()
-def init_values(q: torch.Tensor, ffn: torch.Tensor, residual: torch.Tensor, targets: torch.Tensor,
-                anchors: torch.Tensor, keys: torch.Tensor, biases: torch.Tensor, tail: Tail,
-                activation: str, scale_up: float = 1.0) -> torch.Tensor:
+def init_values(
+    q: torch.Tensor,
+    ffn: torch.Tensor,
+    residual: torch.Tensor,
+    targets: torch.Tensor,
+    anchors: torch.Tensor,
+    keys: torch.Tensor,
+    biases: torch.Tensor,
+    tail: Tail,
+    activation: str,
+    scale_up: float = 1.0,
+) -> torch.Tensor:
     """Per neuron, the shortest v along its row's descent direction that makes that row right.
 
     Neurons are set one after another (a neuron may also fire on another neuron's row); a neuron
@@ -107,11 +121,11 @@ def init_values(q: torch.Tensor, ffn: torch.Tensor, residual: torch.Tensor, targ
         best, best_loss = None, float("inf")
         for alpha in _ALPHAS:
             values[i] = direction[i] * scale[i] * alpha
-            logits = tail(ffn[row:row + 1] + act[row:row + 1] @ values, residual[row:row + 1])
+            logits = tail(ffn[row : row + 1] + act[row : row + 1] @ values, residual[row : row + 1])
             if int(logits.argmax(-1)) == int(targets[row]):
                 best = values[i].clone()
                 break
-            loss = float(F.cross_entropy(logits.float(), targets[row:row + 1]))
+            loss = float(F.cross_entropy(logits.float(), targets[row : row + 1]))
             if loss < best_loss:
                 best, best_loss = values[i].clone(), loss
         assert best is not None

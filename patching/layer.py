@@ -127,6 +127,7 @@ def attach(site: FFNSite, activation: Activation) -> PatchedFFN:
     q_from_input = site.ffn_in is current
     wrapper = PatchedFFN(current, site.hidden_size, activation, q_from_input)
     if not q_from_input:
+
         def store_q(_module: nn.Module, args: tuple[Any, ...]) -> None:
             wrapper._q = args[0]
 

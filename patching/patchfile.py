@@ -112,8 +112,10 @@ def decode(data: bytes, where: str = PATCHES_FILE, edit_id: str | None = None) -
     keys, biases, values = (tensors[k] for k in TENSORS)
     n = int(keys.shape[0]) if keys.ndim == 2 else -1
     if n < 0 or values.shape != keys.shape or biases.shape != (n,):
-        raise PatchStateError(f"{where}: tensor shapes {tuple(keys.shape)}, {tuple(biases.shape)}, "
-                              f"{tuple(values.shape)} are not keys [n, d], biases [n], values [n, d]")
+        raise PatchStateError(
+            f"{where}: tensor shapes {tuple(keys.shape)}, {tuple(biases.shape)}, "
+            f"{tuple(values.shape)} are not keys [n, d], biases [n], values [n, d]"
+        )
     raw_ids = with_meta.pop("edit_ids", None)
     if raw_ids is None:
         if edit_id is None:
@@ -212,8 +214,9 @@ def parse_patch_set(raw_config: bytes, raw_patches: bytes, where: str = "") -> t
     config = parse_config(raw_config, f"{where}/{CONFIG_FILE}" if where else CONFIG_FILE)
     patches = decode(raw_patches, where=f"{where}/{PATCHES_FILE}" if where else PATCHES_FILE)
     if patches.n != config.n or int(patches.keys.shape[1]) != config.hidden_size:
-        raise PatchStateError(f"{where}: tensor shapes do not match patch_config.json (n={config.n}, "
-                              f"d={config.hidden_size})")
+        raise PatchStateError(
+            f"{where}: tensor shapes do not match patch_config.json (n={config.n}, d={config.hidden_size})"
+        )
     if patches.edit_ids != config.edit_ids:
         raise PatchStateError(f"{where}: the edit ids of {PATCHES_FILE} and {CONFIG_FILE} differ")
     return config, patches

@@ -84,9 +84,16 @@ class Objective:
         )
 
 
-def init_neurons(edit: EditTensors, anchors: torch.Tensor, memory: torch.Tensor, tail: Tail,
-                 cfg: TrainConfig, gen: torch.Generator, activation: str,
-                 whiten: tuple[torch.Tensor, torch.Tensor] | None = None) -> Neurons:
+def init_neurons(
+    edit: EditTensors,
+    anchors: torch.Tensor,
+    memory: torch.Tensor,
+    tail: Tail,
+    cfg: TrainConfig,
+    gen: torch.Generator,
+    activation: str,
+    whiten: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> Neurons:
     """Starting weights of the neurons anchored at edit rows `anchors` (see patching/init.py).
 
     Keys start from the edit's rows alone: starting from the centroid of the edit's and its train
@@ -100,8 +107,9 @@ def init_neurons(edit: EditTensors, anchors: torch.Tensor, memory: torch.Tensor,
         threshold = cfg.for_task(generation=False).init_threshold
         assert threshold is not None
         keys, biases = init.margin_keys(q, memory, threshold, whiten if cfg.init == "fisher" else None)
-        values = init.init_values(edit.q, edit.ffn, edit.residual, edit.targets, anchors, keys, biases,
-                                  tail, activation, cfg.value_scale)
+        values = init.init_values(
+            edit.q, edit.ffn, edit.residual, edit.targets, anchors, keys, biases, tail, activation, cfg.value_scale
+        )
     return Neurons(keys.clone(), biases.clone(), values.clone())
 
 
@@ -119,8 +127,13 @@ def stop_met(edit_ok: bool, a_edit: torch.Tensor, m_max: float, obj: Objective) 
 
 
 def total_loss(
-    logits: torch.Tensor, targets: torch.Tensor, a_rows: torch.Tensor, a_edit: torch.Tensor, m: torch.Tensor,
-    obj: Objective, cfg: TrainConfig,
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    a_rows: torch.Tensor,
+    a_edit: torch.Tensor,
+    m: torch.Tensor,
+    obj: Objective,
+    cfg: TrainConfig,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """l_e + l_a + c_m (l_abs + l_rel). a_rows [C, n] activations at each neuron's anchor (all copies)."""
     le = losses.edit_loss(logits, targets)
@@ -274,4 +287,3 @@ def train_cached(
         losses=info,
         equivalents=K,
     )
-

@@ -116,8 +116,12 @@ def _until_described(admin: KafkaAdminClient, topic: str, partitions: int, timeo
     while True:
         described = admin.describe_topics([topic])
         parts = described[0].get("partitions", []) if described else []
-        if described and described[0].get("error_code") == 0 and len(parts) == partitions \
-                and all(p.get("error_code") == 0 and p.get("leader_id", -1) >= 0 for p in parts):
+        if (
+            described
+            and described[0].get("error_code") == 0
+            and len(parts) == partitions
+            and all(p.get("error_code") == 0 and p.get("leader_id", -1) >= 0 for p in parts)
+        ):
             return
         if time.monotonic() > deadline:
             raise TimeoutError(f"topic {topic}: {partitions} partitions not in the broker's metadata in {timeout_s}s")

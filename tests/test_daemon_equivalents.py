@@ -25,13 +25,16 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 @pytest.mark.parametrize("train_on_equivalents", [True, False])
 def test_worker_fits_the_reported_equivalents(tiny, tmp_path: Path, train_on_equivalents: bool) -> None:
     base, data = tiny
-    config = write_config(tmp_path / "p.toml", base=base, data=data, bootstrap="127.0.0.1:9", topic="t",
-                          state=tmp_path / "state")
+    config = write_config(
+        tmp_path / "p.toml", base=base, data=data, bootstrap="127.0.0.1:9", topic="t", state=tmp_path / "state"
+    )
     settings = load_settings(config, {})
     # unrelated random inputs stand in for paraphrases here: they take more steps than real ones
     settings = dataclasses.replace(
-        settings, policy=dataclasses.replace(settings.policy, train_on_equivalents=train_on_equivalents),
-        trainer=dataclasses.replace(settings.trainer, equivalent_steps=400))
+        settings,
+        policy=dataclasses.replace(settings.policy, train_on_equivalents=train_on_equivalents),
+        trainer=dataclasses.replace(settings.trainer, equivalent_steps=400),
+    )
     model = PatchedModel.load(settings)
     rng = random.Random(7)
     texts = [sentence(rng, i) for i in MISTAKE_WORDS]
@@ -44,8 +47,7 @@ def test_worker_fits_the_reported_equivalents(tiny, tmp_path: Path, train_on_equ
         store.record_batch([report("ev-0", same[0], target, model=MODEL, equivalents=tuple(same[1:]))])
         mistake = store.next_mistake(MODEL)
         assert mistake is not None and mistake.equivalents == tuple(same[1:])
-        worker = Worker(store, model, settings.policy, work_allowed=threading.Event(),
-                        ingest_done=threading.Event())
+        worker = Worker(store, model, settings.policy, work_allowed=threading.Event(), ingest_done=threading.Event())
         assert worker.process(mistake) == "patched"
     after = model.adapter.predict(same)
     assert after[0] == target

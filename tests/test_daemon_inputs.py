@@ -61,8 +61,9 @@ def test_text_pair_classifier_end_to_end(
         for i, value in enumerate(inputs)
     ]
     produce(kafka_bootstrap, topic, [json.dumps(e).encode() for e in events])
-    config = write_config(tmp_path / "pairs.toml", base=base, data=data, bootstrap=kafka_bootstrap, topic=topic,
-                          state=tmp_path / "state")
+    config = write_config(
+        tmp_path / "pairs.toml", base=base, data=data, bootstrap=kafka_bootstrap, topic=topic, state=tmp_path / "state"
+    )
     counts, _ = _run(config, "tiny")
     assert counts[Status.FAILED] == counts[Status.QUEUED] == counts[Status.PATCHING] == 0
     assert sum(counts[s] for s in DONE) == len(events)
@@ -88,15 +89,39 @@ def _seq2seq_base(directory: Path, arch: str) -> Path:
     vocab, pad, eos = len(tok), tok.pad_token_id, tok.eos_token_id
     torch.manual_seed(0)
     if arch == "bart":
-        model: T.PreTrainedModel = T.BartForConditionalGeneration(T.BartConfig(
-            vocab_size=vocab, d_model=64, encoder_layers=1, decoder_layers=2, encoder_attention_heads=2,
-            decoder_attention_heads=2, encoder_ffn_dim=128, decoder_ffn_dim=128, max_position_embeddings=128,
-            pad_token_id=pad, bos_token_id=eos, eos_token_id=eos, decoder_start_token_id=eos,
-            forced_eos_token_id=None))
+        model: T.PreTrainedModel = T.BartForConditionalGeneration(
+            T.BartConfig(
+                vocab_size=vocab,
+                d_model=64,
+                encoder_layers=1,
+                decoder_layers=2,
+                encoder_attention_heads=2,
+                decoder_attention_heads=2,
+                encoder_ffn_dim=128,
+                decoder_ffn_dim=128,
+                max_position_embeddings=128,
+                pad_token_id=pad,
+                bos_token_id=eos,
+                eos_token_id=eos,
+                decoder_start_token_id=eos,
+                forced_eos_token_id=None,
+            )
+        )
     else:  # equal encoder and decoder depth: transformers' t5 cache assumes it in generate()
-        model = T.T5ForConditionalGeneration(T.T5Config(
-            vocab_size=vocab, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=2, num_heads=2,
-            pad_token_id=pad, eos_token_id=eos, decoder_start_token_id=pad))
+        model = T.T5ForConditionalGeneration(
+            T.T5Config(
+                vocab_size=vocab,
+                d_model=64,
+                d_kv=16,
+                d_ff=128,
+                num_layers=2,
+                num_decoder_layers=2,
+                num_heads=2,
+                pad_token_id=pad,
+                eos_token_id=eos,
+                decoder_start_token_id=pad,
+            )
+        )
     out = directory / f"tiny-{arch}"
     model.save_pretrained(out)
     tok.save_pretrained(out)
@@ -126,8 +151,15 @@ def test_seq2seq_generator_end_to_end(
     topic = kafka_topic_factory()
     kafka_topic_factory(f"{topic}.dlq")
     produce(kafka_bootstrap, topic, [json.dumps(e).encode() for e in events])
-    config = write_config(tmp_path / "s2s.toml", base=base, data=data, bootstrap=kafka_bootstrap, topic=topic,
-                          state=tmp_path / "state", model=arch)
+    config = write_config(
+        tmp_path / "s2s.toml",
+        base=base,
+        data=data,
+        bootstrap=kafka_bootstrap,
+        topic=topic,
+        state=tmp_path / "state",
+        model=arch,
+    )
     counts, _ = _run(config, arch)
     assert counts[Status.FAILED] == counts[Status.QUEUED] == counts[Status.PATCHING] == 0
     assert sum(counts[s] for s in DONE) == len(events)

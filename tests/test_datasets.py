@@ -138,8 +138,14 @@ def test_pararel_questions_for_the_qa_base_stay_out_of_the_zsre_task() -> None:
     assert len(subjects) == 1_237 and len(templates) == 16
     taken = splits.keys()
     assert text_key(splits.edit[0].input) in taken and text_key(splits.edit[0].equivalents[0]) in taken
-    pairs = qa_examples(raw_dir(None) / "pararel" / "trex_lms_vocab", templates, skip_subjects=subjects,
-                        skip_key=taken, key=text_key, facts=1000)
+    pairs = qa_examples(
+        raw_dir(None) / "pararel" / "trex_lms_vocab",
+        templates,
+        skip_subjects=subjects,
+        skip_key=taken,
+        key=text_key,
+        facts=1000,
+    )
     assert 2_000 <= len(pairs) <= 3_000
     assert not any(text_key(q) in taken for q, _ in pairs)
     assert not any(s in q.casefold() for q, _ in pairs[:200] for s in subjects if len(s) > 12)

@@ -37,8 +37,13 @@ def test_metrics_on_known_cases() -> None:
 def test_progress_bar_shows_running_sr_gr_and_the_last_er_checkpoint() -> None:
     from patching.eval.evaluate import _running
 
-    rows = [{"status": "fixed_along_the_way"}, {"sr": True, "gr": 1.0}, {"sr": False, "gr": 0.0},
-            {"sr": True, "gr": None}, {"sr": True, "gr": 0.5}]
+    rows = [
+        {"status": "fixed_along_the_way"},
+        {"sr": True, "gr": 1.0},
+        {"sr": False, "gr": 0.0},
+        {"sr": True, "gr": None},
+        {"sr": True, "gr": 0.5},
+    ]
     curve = [{"edits": 2, "retention": 1.0, "locality": 1.0}, {"edits": 4, "retention": 0.75, "locality": 0.995}]
     assert _running(rows, curve, 7) == {"sr": "0.75", "gr": "0.50", "er": "0.75", "loc": "0.995", "neurons": "7"}
     assert _running(rows[1:2], [], 1) == {"sr": "1.00", "gr": "1.00", "neurons": "1"}  # no checkpoint yet
@@ -49,8 +54,10 @@ def write_jsonl(path: Path, rows: list) -> None:
 
 
 def test_generic_loader_reads_good_files(tmp_path: Path) -> None:
-    write_jsonl(tmp_path / "edits.jsonl", [{"input": "a b", "target": "X", "equivalents": ["b a"]},
-                                           {"input": "c", "target": "Y"}])
+    write_jsonl(
+        tmp_path / "edits.jsonl",
+        [{"input": "a b", "target": "X", "equivalents": ["b a"]}, {"input": "c", "target": "Y"}],
+    )
     write_jsonl(tmp_path / "heldout.jsonl", [{"input": "h", "target": ""}])
     write_jsonl(tmp_path / "test.jsonl", [{"input": "t", "target": "X"}])
     data = load_eval_data(str(tmp_path))
@@ -61,14 +68,17 @@ def test_generic_loader_reads_good_files(tmp_path: Path) -> None:
 
 
 def test_generic_loader_reports_every_bad_line(tmp_path: Path) -> None:
-    write_jsonl(tmp_path / "edits.jsonl", [
-        {"input": "ok", "target": "X"},
-        "{not json",
-        {"input": "", "target": "X"},
-        {"input": "x", "target": 3},
-        {"input": "y", "target": "Y", "equivalents": "not a list"},
-        "[1, 2]",
-    ])
+    write_jsonl(
+        tmp_path / "edits.jsonl",
+        [
+            {"input": "ok", "target": "X"},
+            "{not json",
+            {"input": "", "target": "X"},
+            {"input": "x", "target": 3},
+            {"input": "y", "target": "Y", "equivalents": "not a list"},
+            "[1, 2]",
+        ],
+    )
     with pytest.raises(DataError) as err:
         load_generic(tmp_path)
     msg = str(err.value)
@@ -98,8 +108,9 @@ def tiny_data(tmp_path: Path) -> Path:
 
 def test_tiny_end_to_end_evaluate(tmp_path: Path) -> None:
     data = tiny_data(tmp_path)
-    report = run_evaluate(str(tiny_base(tmp_path)), load_eval_data(str(data)), editor="tpatcher",
-                          progress=lambda _msg: None)
+    report = run_evaluate(
+        str(tiny_base(tmp_path)), load_eval_data(str(data)), editor="tpatcher", progress=lambda _msg: None
+    )
     assert report["edits"] > 5  # roughly half of random targets are mistakes
     assert report["sr"] == 1.0 and report["er"] == 1.0
     assert report["locality"] == 1.0  # the strict gate lets no held-out prediction change
@@ -124,8 +135,13 @@ def test_a_stopped_stream_resumed_ends_as_the_uninterrupted_one(tmp_path: Path) 
     # the first 3 mistakes, as a run stopped there would leave them
     first = run_evaluate(base, data, edits=3, patches=patches_path(tmp_path / "first.json"), **quiet)
     (tmp_path / "first.json").write_text(json.dumps(first))
-    resumed = run_evaluate(base, data, resume=Resume.read(tmp_path / "first.json"),
-                           patches=tmp_path / "resumed.patches.safetensors", **quiet)
+    resumed = run_evaluate(
+        base,
+        data,
+        resume=Resume.read(tmp_path / "first.json"),
+        patches=tmp_path / "resumed.patches.safetensors",
+        **quiet,
+    )
     same = ("status", "sr", "neurons", "right_at_end")
 
     def outcome(report: dict) -> list[dict]:

@@ -38,9 +38,7 @@ def _produce(bootstrap: str, topic: str, values: list[bytes]) -> None:
     producer = KafkaProducer(bootstrap_servers=bootstrap)
     try:
         for i, value in enumerate(values):
-            producer.send(topic, value=value, key=f"k{i}".encode(), headers=[("source", b"test")]).get(
-                timeout=30
-            )
+            producer.send(topic, value=value, key=f"k{i}".encode(), headers=[("source", b"test")]).get(timeout=30)
     finally:
         producer.close()
 
@@ -81,9 +79,7 @@ def test_unknown_command_is_a_usage_error(tmp_path: Path) -> None:
     assert "usage" in result.stderr
 
 
-def test_broker_script_lifecycle(
-    kafka_broker: BrokerScript | None, kafka_bootstrap: str, tmp_path: Path
-) -> None:
+def test_broker_script_lifecycle(kafka_broker: BrokerScript | None, kafka_bootstrap: str, tmp_path: Path) -> None:
     """status/start/stop through broker.sh, and data kept across a restart.
 
     Runs on the session's broker (a restart costs one JVM start, a second broker two); only with

@@ -57,15 +57,20 @@ def _imports() -> dict[str, set[str]]:
 
 def test_only_memory_touches_the_tables() -> None:
     graph = _imports()
-    offenders = {m: sorted(t for t in targets if t in MEMORY_INTERNALS)
-                 for m, targets in graph.items() if not m.startswith("memory")}
+    offenders = {
+        m: sorted(t for t in targets if t in MEMORY_INTERNALS)
+        for m, targets in graph.items()
+        if not m.startswith("memory")
+    }
     assert {m: t for m, t in offenders.items() if t} == {}
 
 
 def test_package_dependencies_point_one_way() -> None:
     graph = _imports()
     wrong = sorted(
-        (m, t) for m, targets in graph.items() for t in targets
+        (m, t)
+        for m, targets in graph.items()
+        for t in targets
         if (m.startswith("patching") and t.startswith("daemon"))
         or (m.startswith("memory") and t.split(".")[0] in ("daemon", "patching"))
     )

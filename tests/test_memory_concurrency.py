@@ -31,9 +31,7 @@ def endless_batches(size: int = 50, seed: int = 3) -> Iterator[list[ReportIn]]:
             if sent and rng.random() < 0.3:
                 batch.append(rng.choice(sent[-500:]))
                 continue
-            text = (
-                f"input {rng.randrange(n * size + i + 1)}" if rng.random() < 0.2 else f"input {n * size + i}"
-            )
+            text = f"input {rng.randrange(n * size + i + 1)}" if rng.random() < 0.2 else f"input {n * size + i}"
             batch.append(report(f"conc-{n}-{i}", text, model="bench", reporter=f"u{rng.randrange(50)}"))
             sent.append(batch[-1])
         yield batch

@@ -63,9 +63,7 @@ def _consistent(store: Store) -> int:
         assert (session.scalar(select(func.sum(Mistake.report_count))) or 0) == counts["reports"]
         assert (session.scalar(select(func.sum(MistakeTarget.count))) or 0) == counts["reports"]
         assert (session.scalar(select(func.sum(Mistake.reporter_count))) or 0) == counts["mistake_reporters"]
-        assert (
-            session.scalar(select(func.count()).select_from(MistakeReporter)) == counts["mistake_reporters"]
-        )
+        assert session.scalar(select(func.count()).select_from(MistakeReporter)) == counts["mistake_reporters"]
         assert counts["mistakes"] == counts["reports"] // 4
     return counts["reports"]
 

@@ -58,9 +58,7 @@ def test_history_is_recorded_on_both_backends(store: Store) -> None:
     store.set_status(mistake.id, Status.FAILED, note="CUDA out of memory")
     store.set_status(mistake.id, Status.QUEUED)
     with store._reading() as session:
-        rows = session.execute(
-            select(StatusChange.from_status, StatusChange.to_status).order_by(StatusChange.id)
-        ).all()
+        rows = session.execute(select(StatusChange.from_status, StatusChange.to_status).order_by(StatusChange.id)).all()
     assert [(str(a), str(b)) for a, b in rows] == [
         ("reported", "queued"),
         ("queued", "patching"),

@@ -91,12 +91,8 @@ def test_cli_db_upgrade_postgres(pg_database: str) -> None:
 
 
 def test_package_data_ships_every_migration_file() -> None:
-    patterns = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"][
-        "memory"
-    ]
-    needed = [
-        p.relative_to(REPO / "memory").as_posix() for p in (REPO / "memory" / "migrations").rglob("*.py")
-    ]
+    patterns = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["memory"]
+    needed = [p.relative_to(REPO / "memory").as_posix() for p in (REPO / "memory" / "migrations").rglob("*.py")]
     assert "migrations/env.py" in needed and any(n.startswith("migrations/versions/") for n in needed)
     missing = [n for n in needed if not any(fnmatch.fnmatch(n, pattern) for pattern in patterns)]
     assert missing == [], f"pyproject package-data does not ship {missing}"

@@ -48,9 +48,7 @@ def claim(store: Store, text: str, model: str = "m") -> int:
     return mistake.id
 
 
-def patch_in(
-    neurons: bytes = b"n", accepted: bool = True, n_neurons: int = 1, locality: float = 1.0
-) -> PatchIn:
+def patch_in(neurons: bytes = b"n", accepted: bool = True, n_neurons: int = 1, locality: float = 1.0) -> PatchIn:
     return PatchIn(neurons=neurons, n_neurons=n_neurons, layer=-1, activation="relu", steps=12, seconds=0.1,
                    gate={"locality": locality}, accepted=accepted)  # fmt: skip
 
@@ -103,9 +101,7 @@ def test_case_is_kept_and_models_are_separate(store: Store) -> None:
 
 
 def test_anonymous_reports_count_as_one_reporter(store: Store) -> None:
-    store.record_batch(
-        [report(f"e{i}", "x", reporter=None) for i in range(3)] + [report("e9", "x", reporter="bob")]
-    )
+    store.record_batch([report(f"e{i}", "x", reporter=None) for i in range(3)] + [report("e9", "x", reporter="bob")])
     mistake = store.find_mistake("m", fingerprint("m", "x"))
     assert mistake is not None and mistake.reporter_count == 2 and mistake.report_count == 4
 

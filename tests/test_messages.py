@@ -106,9 +106,7 @@ def test_numeric_id_and_anonymous_reporter() -> None:
 
 
 def test_naive_timestamp_is_utc_and_z_suffix_parses() -> None:
-    assert decode(event(reported_at="2026-01-02T03:04:05")).reported_at == datetime(
-        2026, 1, 2, 3, 4, 5, tzinfo=UTC
-    )
+    assert decode(event(reported_at="2026-01-02T03:04:05")).reported_at == datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
     stamp = decode(event(reported_at="2026-01-02T03:04:05Z")).reported_at
     assert stamp == datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone(timedelta(0)))
 

@@ -45,10 +45,14 @@ def trex(tmp_path: Path) -> Path:
 
 def test_qa_examples_ask_each_fact_in_several_phrasings_and_skip_the_task(trex: Path) -> None:
     templates = relation_templates(TEMPLATES)
-    taken = {key("What city was Person 0 born in?"), key("In what city was Person 0 born?"),
-             key("What is Person 0's birthplace?")}
-    pairs = qa_examples(trex, templates, skip_subjects={"epaspidoceras"}, skip_key=taken, key=key,
-                        facts=4, per_fact=2, seed=0)
+    taken = {
+        key("What city was Person 0 born in?"),
+        key("In what city was Person 0 born?"),
+        key("What is Person 0's birthplace?"),
+    }
+    pairs = qa_examples(
+        trex, templates, skip_subjects={"epaspidoceras"}, skip_key=taken, key=key, facts=4, per_fact=2, seed=0
+    )
     assert len(pairs) == 8  # 4 facts x 2 phrasings
     by_answer: dict[str, set[str]] = {}
     for question, answer in pairs:
@@ -60,14 +64,17 @@ def test_qa_examples_ask_each_fact_in_several_phrasings_and_skip_the_task(trex: 
     assert "Nowhere" not in by_answer  # the zsRE subject is never asked about
     assert "Town 0" not in by_answer  # every phrasing of Person 0 is a task text: the fact is skipped
     # the same seed gives the same data
-    assert qa_examples(trex, templates, skip_subjects={"epaspidoceras"}, skip_key=taken, key=key,
-                       facts=4, per_fact=2, seed=0) == pairs
+    assert (
+        qa_examples(
+            trex, templates, skip_subjects={"epaspidoceras"}, skip_key=taken, key=key, facts=4, per_fact=2, seed=0
+        )
+        == pairs
+    )
 
 
 def test_qa_examples_name_a_missing_relation_file(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="P19"):
-        qa_examples(tmp_path, relation_templates(TEMPLATES), skip_subjects=set(), skip_key=set(), key=key,
-                    facts=1)
+        qa_examples(tmp_path, relation_templates(TEMPLATES), skip_subjects=set(), skip_key=set(), key=key, facts=1)
 
 
 @pytest.fixture(scope="module")
@@ -88,14 +95,26 @@ def test_answer_batch_counts_only_the_answer_and_its_newline(tokenizer: PreTrain
 
 def test_train_answers_teaches_a_tiny_model_its_answers(tokenizer: PreTrainedTokenizerFast) -> None:
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-    ))
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+    )
     fmt = "Question: {question}\nAnswer:"
-    pairs = [("Where was Ann born?", "Rome"), ("What city was Ann born in?", "Rome"),
-             ("Where was Bo born?", "Oslo"), ("What city was Bo born in?", "Oslo")]
+    pairs = [
+        ("Where was Ann born?", "Rome"),
+        ("What city was Ann born in?", "Rome"),
+        ("Where was Bo born?", "Oslo"),
+        ("What city was Bo born in?", "Oslo"),
+    ]
     hp = QATune(epochs=150, lr=1e-2, warmup_steps=1, batch_size=4)
     losses = train_answers(model, tokenizer, pairs, fmt, hp, seed=0, progress=False)
     assert len(losses) == 150 and losses[-1] < 0.1 * losses[0]

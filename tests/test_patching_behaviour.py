@@ -16,15 +16,26 @@ VOCAB = 1000
 
 def tiny_classifier() -> T.BertForSequenceClassification:
     torch.manual_seed(0)
-    cfg = T.BertConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                       intermediate_size=128, num_labels=2, max_position_embeddings=32)
+    cfg = T.BertConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        num_labels=2,
+        max_position_embeddings=32,
+    )
     return T.BertForSequenceClassification(cfg).eval()
 
 
 def batch(ids: torch.Tensor, labels: torch.Tensor | None = None) -> Encoded:
     B = ids.shape[0]
-    return Encoded({"input_ids": ids, "attention_mask": torch.ones_like(ids)}, torch.arange(B),
-                   torch.zeros(B, dtype=torch.long), labels if labels is not None else torch.full((B,), -1))
+    return Encoded(
+        {"input_ids": ids, "attention_mask": torch.ones_like(ids)},
+        torch.arange(B),
+        torch.zeros(B, dtype=torch.long),
+        labels if labels is not None else torch.full((B,), -1),
+    )
 
 
 def predict(model, ids: torch.Tensor) -> torch.Tensor:
@@ -47,7 +58,7 @@ def setup(seed: int = 0, train: TrainConfig | None = None) -> tuple[Patcher, tor
     memory, heldout, edits = ids[:300], ids[300:500], ids[500:520]
     model = tiny_classifier()
     patcher = Patcher(model, train=train or TrainConfig(max_steps=300), gate=GateConfig())
-    patcher.build_memory([batch(memory[i:i + 100]) for i in range(0, 300, 100)])
+    patcher.build_memory([batch(memory[i : i + 100]) for i in range(0, 300, 100)])
     patcher.build_heldout([batch(heldout)])
     return patcher, heldout, edits
 
@@ -58,10 +69,10 @@ def test_twenty_sequential_edits_succeed_and_keep_everything_else() -> None:
     held_before = predict(model, heldout)
     targets = 1 - predict(model, edits)  # every edit is a real mistake: flip the current prediction
     for i in range(20):
-        outcome = patcher.edit(batch(edits[i:i + 1], targets[i:i + 1]), edit_id=f"e{i}")
+        outcome = patcher.edit(batch(edits[i : i + 1], targets[i : i + 1]), edit_id=f"e{i}")
         assert outcome.status == "accepted", outcome.reasons
         # the full model (not just the cache) now gets this edit right
-        assert predict(model, edits[i:i + 1]).item() == targets[i].item()
+        assert predict(model, edits[i : i + 1]).item() == targets[i].item()
     assert torch.equal(predict(model, edits), targets)  # retention: every earlier edit still right
     assert torch.equal(predict(model, heldout), held_before)  # locality: nothing held-out changed
     assert patcher.wrapper.n == 20 and patcher.edit_ids == [f"e{i}" for i in range(20)]
@@ -87,13 +98,13 @@ def test_replay_rebuilds_the_same_model() -> None:
     targets = 1 - predict(patcher.model, edits)
     kept = []
     for i in range(5):
-        out = patcher.edit(batch(edits[i:i + 1], targets[i:i + 1]), edit_id=f"e{i}")
+        out = patcher.edit(batch(edits[i : i + 1], targets[i : i + 1]), edit_id=f"e{i}")
         assert out.status == "accepted" and out.proposal is not None
         kept.append((i, out.proposal.neurons))
     after = predict(patcher.model, heldout), predict(patcher.model, edits)
     fresh, _, _ = setup()  # a restarted process: same base, same memory and held-out inputs
     for i, nr in kept:
-        verdict = fresh.replay(batch(edits[i:i + 1], targets[i:i + 1]), f"e{i}", nr)
+        verdict = fresh.replay(batch(edits[i : i + 1], targets[i : i + 1]), f"e{i}", nr)
         assert verdict.passed, verdict.reasons
     assert torch.equal(fresh.wrapper.keys, patcher.wrapper.keys)
     assert fresh.edit_ids == patcher.edit_ids
@@ -203,8 +214,9 @@ def test_a_long_answer_past_the_neuron_cap_stalls_into_the_retry_that_grows_the_
         return generation_ids(prompts, targets, seq2seq=False, pad_id=0)
 
     memory = [torch.randint(3, V, (6,), generator=g) for _ in range(60)]
-    patcher = Patcher(model, train=TrainConfig(max_steps=400, max_neurons=1, stall_steps=50),
-                      gate=GateConfig(retries=2))
+    patcher = Patcher(
+        model, train=TrainConfig(max_steps=400, max_neurons=1, stall_steps=50), gate=GateConfig(retries=2)
+    )
     patcher.build_memory([enc(memory, [torch.empty(0, dtype=torch.long)] * len(memory))])
     prompt, answer = torch.randint(3, V, (5,), generator=g), torch.randint(3, V, (3,), generator=g)
     edit = enc([prompt], [answer])

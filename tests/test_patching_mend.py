@@ -31,10 +31,18 @@ def _batch(model_type: str) -> tuple[dict[str, torch.Tensor], torch.Tensor, torc
     mask = torch.ones(2, 7, dtype=torch.long)
     mask[1, 5:] = 0  # one padded example
     if model_type == "bert":  # classification: position 0 of each example
-        return {"input_ids": ids, "attention_mask": mask}, torch.arange(2), torch.zeros(2, dtype=torch.long), \
-            torch.tensor([1, 0])
-    return {"input_ids": ids, "attention_mask": mask}, torch.tensor([0, 0, 1, 1]), torch.tensor([3, 5, 2, 3]), \
-        torch.tensor([5, 9, 11, 2])
+        return (
+            {"input_ids": ids, "attention_mask": mask},
+            torch.arange(2),
+            torch.zeros(2, dtype=torch.long),
+            torch.tensor([1, 0]),
+        )
+    return (
+        {"input_ids": ids, "attention_mask": mask},
+        torch.tensor([0, 0, 1, 1]),
+        torch.tensor([3, 5, 2, 3]),
+        torch.tensor([5, 9, 11, 2]),
+    )
 
 
 def _rows(logits: torch.Tensor, rb: torch.Tensor, rt: torch.Tensor) -> torch.Tensor:
@@ -180,13 +188,22 @@ def test_evaluate_with_mend_sequential_and_single(tmp_path: Path, monkeypatch: p
         return " ".join([WORDS[i]] + rng.choices(WORDS[300:], k=6))
 
     labels = ["SUPPORTS", "REFUTES"]
-    data = EvalData("tiny", [Example(sent(300 + i), rng.choice(labels)) for i in range(20)],
-                    heldout=[Example(sent(320 + i), "") for i in range(40)],
-                    test=[Example(sent(360 + i), rng.choice(labels)) for i in range(20)])
+    data = EvalData(
+        "tiny",
+        [Example(sent(300 + i), rng.choice(labels)) for i in range(20)],
+        heldout=[Example(sent(320 + i), "") for i in range(40)],
+        test=[Example(sent(360 + i), rng.choice(labels)) for i in range(20)],
+    )
     reports = {}
     for seq in (True, False):
-        reports[seq] = run_evaluate(str(lb.directory), data, editor="mend", sequential=seq,
-                                    editor_options={"mend_dir": out}, progress=lambda _m: None)
+        reports[seq] = run_evaluate(
+            str(lb.directory),
+            data,
+            editor="mend",
+            sequential=seq,
+            editor_options={"mend_dir": out},
+            progress=lambda _m: None,
+        )
     seq, single = reports[True], reports[False]
     assert single["sequential"] is False and single["er"] is None and single["locality"] is None
     assert seq["er"] is not None and seq["locality"] is not None

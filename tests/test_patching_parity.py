@@ -20,13 +20,22 @@ def tiny_batch(model, seed: int = 1) -> Encoded:
         mask = torch.ones_like(ids)
         mask[1, 5:] = 0  # one padded example
         B = ids.shape[0]
-        return Encoded({"input_ids": ids, "attention_mask": mask}, torch.arange(B), torch.zeros(B, dtype=torch.long),
-                       torch.zeros(B, dtype=torch.long))
+        return Encoded(
+            {"input_ids": ids, "attention_mask": mask},
+            torch.arange(B),
+            torch.zeros(B, dtype=torch.long),
+            torch.zeros(B, dtype=torch.long),
+        )
     prompts = [torch.randint(3, VOCAB, (n,), generator=g) for n in (5, 3, 6)]
     targets = [torch.randint(3, VOCAB, (n,), generator=g) for n in (3, 4, 2)]
     seq2seq = bool(model.config.is_encoder_decoder)
-    return generation_ids(prompts, targets, seq2seq=seq2seq, pad_id=int(model.config.pad_token_id or 0),
-                          decoder_start_id=getattr(model.config, "decoder_start_token_id", None))
+    return generation_ids(
+        prompts,
+        targets,
+        seq2seq=seq2seq,
+        pad_id=int(model.config.pad_token_id or 0),
+        decoder_start_id=getattr(model.config, "decoder_start_token_id", None),
+    )
 
 
 def full_logits(model, enc: Encoded) -> torch.Tensor:
@@ -39,8 +48,11 @@ def full_logits(model, enc: Encoded) -> torch.Tensor:
 
 def random_neurons(n: int, d: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(n, d, generator=g) * 0.3, torch.randn(n, generator=g) * 0.5,
-            torch.randn(n, d, generator=g) * 0.5)
+    return (
+        torch.randn(n, d, generator=g) * 0.3,
+        torch.randn(n, generator=g) * 0.5,
+        torch.randn(n, d, generator=g) * 0.5,
+    )
 
 
 @pytest.mark.parametrize("activation", ["relu", "gelu", "relu-cap"])

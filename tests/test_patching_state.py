@@ -32,8 +32,15 @@ def test_save_load_round_trip_bit_for_bit(tmp_path, arch: str, activation: str) 
     for i, n in enumerate((1, 3, 2)):  # edits with several neurons keep their grouping
         k, b, v = random_neurons(n, d, seed=i)
         patcher.wrapper.add(k, b, v, edit_id=f"edit-{i}")
-    cfg = PatchConfig(base_identity(base_dir), model.config.model_type, patcher.site.layer_index, activation, d,
-                      patcher.wrapper.n, list(patcher.wrapper.edit_ids))
+    cfg = PatchConfig(
+        base_identity(base_dir),
+        model.config.model_type,
+        patcher.site.layer_index,
+        activation,
+        d,
+        patcher.wrapper.n,
+        list(patcher.wrapper.edit_ids),
+    )
     out = tmp_path / "patch"
     save_patches(patcher.wrapper, out, cfg)
     # only patch tensors are written: no base weights, no model config
@@ -60,8 +67,9 @@ def test_patch_set_for_another_base_is_refused(tmp_path) -> None:
     patcher = Patcher(model)
     k, b, v = random_neurons(1, patcher.site.hidden_size, seed=0)
     patcher.wrapper.add(k, b, v, edit_id="x")
-    cfg = PatchConfig(base_identity(base_dir), "bert", patcher.site.layer_index, "relu",
-                      patcher.site.hidden_size, 1, ["x"])
+    cfg = PatchConfig(
+        base_identity(base_dir), "bert", patcher.site.layer_index, "relu", patcher.site.hidden_size, 1, ["x"]
+    )
     save_patches(patcher.wrapper, tmp_path / "p", cfg)
     with pytest.raises(PatchStateError, match="refusing"):
         load_patched(other_dir, tmp_path / "p")

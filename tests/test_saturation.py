@@ -37,16 +37,16 @@ def test_cap_at_one_gives_the_relu_output_on_the_edit_and_never_more_elsewhere()
     assert torch.allclose(out(capped, q_edit, "relu-cap"), out(nr, q_edit, "relu"))
     q = torch.tensor([[5.0, 0.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0], [-3.0, 1.0, 0.0, 0.0]])
     # pre-activation 5 is past the edit's peak (2): capped at the peak's output; 1 is unchanged; -3 silent
-    assert torch.allclose(out(capped, q, "relu-cap"), torch.stack([2.0 * nr.values[0], 1.0 * nr.values[0],
-                                                                    torch.zeros(4)]))
+    assert torch.allclose(
+        out(capped, q, "relu-cap"), torch.stack([2.0 * nr.values[0], 1.0 * nr.values[0], torch.zeros(4)])
+    )
 
 
 def test_saturation_gives_weaker_inputs_the_edits_full_output_and_keeps_silent_ones_silent() -> None:
     nr, q_edit = one_neuron()
     capped = cap(nr, q_edit, 3.0)
     full = 2.0 * nr.values[0]  # the relu's output at the edit's peak row
-    q = torch.tensor([[1.0, 0.0, 0.0, 0.0], [2.0 / 3.0, 0.0, 0.0, 0.0], [0.5, 0.0, 0.0, 0.0],
-                      [-0.1, 0.0, 0.0, 0.0]])
+    q = torch.tensor([[1.0, 0.0, 0.0, 0.0], [2.0 / 3.0, 0.0, 0.0, 0.0], [0.5, 0.0, 0.0, 0.0], [-0.1, 0.0, 0.0, 0.0]])
     got = out(capped, q, "relu-cap")
     assert torch.allclose(got[0], full) and torch.allclose(got[1], full, atol=1e-6)  # half and a third of the peak
     assert torch.allclose(got[2], 0.75 * full)  # a quarter of the peak: 3/4 of the way
@@ -80,11 +80,11 @@ def test_twenty_sequential_relu_cap_edits_succeed_and_keep_everything_else() -> 
     targets = 1 - predict(model, edits)
     caps = []
     for i in range(20):
-        outcome = patcher.edit(batch(edits[i:i + 1], targets[i:i + 1]), edit_id=f"e{i}")
+        outcome = patcher.edit(batch(edits[i : i + 1], targets[i : i + 1]), edit_id=f"e{i}")
         assert outcome.status == "accepted", outcome.reasons
         assert outcome.proposal is not None
         caps.append(outcome.proposal.saturation)
-        assert predict(model, edits[i:i + 1]).item() == targets[i].item()  # the real forward, capped neurons
+        assert predict(model, edits[i : i + 1]).item() == targets[i].item()  # the real forward, capped neurons
     assert torch.equal(predict(model, edits), targets)
     assert torch.equal(predict(model, heldout), held_before)
     assert set(caps) <= {3.0, 1.0} and 3.0 in caps

@@ -44,6 +44,10 @@ def test_by_use_orders_templates_by_their_records() -> None:
     graph = TemplateGraph(RECORDS, key)
     # "What family are X?" is in both family records; the others in one each
     assert graph.by_use()[0] == "What family are \x00?"
-    assert set(graph.by_use()) == {"Which family does \x00 belong to?", "What family are \x00?",
-                                   "What kind of family is \x00?", "Who created \x00?",
-                                   "Who is the creator of \x00?"}
+    assert set(graph.by_use()) == {
+        "Which family does \x00 belong to?",
+        "What family are \x00?",
+        "What kind of family is \x00?",
+        "Who created \x00?",
+        "Who is the creator of \x00?",
+    }

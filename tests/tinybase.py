@@ -339,8 +339,9 @@ def final_state(store: Store) -> dict[str, tuple[str, bytes | None]]:
         tensors = None
         if kept:
             nr = patchfile.decode(kept[0], edit_id=str(mistake.id))
-            tensors = b"".join(t.contiguous().view(-1).view(torch.uint8).numpy().tobytes()
-                               for t in (nr.keys, nr.biases, nr.values))
+            tensors = b"".join(
+                t.contiguous().view(-1).view(torch.uint8).numpy().tobytes() for t in (nr.keys, nr.biases, nr.values)
+            )
         out[mistake.fingerprint] = (str(mistake.status), tensors)
     return out
 

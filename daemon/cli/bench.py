@@ -35,18 +35,27 @@ def register(sub: Any, bench: Any) -> None:
         "trainer and once with the reference procedure (full forward every step), with the gate "
         "on the held-out set; print a table and optionally write JSON.",
     )
-    p.add_argument("--base", default="fever-minilm", help="prepared base name or local model directory "
-                   "(default: fever-minilm)")
+    p.add_argument(
+        "--base", default="fever-minilm", help="prepared base name or local model directory (default: fever-minilm)"
+    )
     p.add_argument("--edits", type=int, default=50, help="number of sequential edits (default: 50)")
     p.add_argument("--data-dir", type=Path, default=None, help="data directory (default: ../shared/data)")
     p.add_argument("--seed", type=int, default=0, help="split and training seed (default: 0)")
     p.add_argument("--json", type=Path, default=None, help="write the report as JSON to this file")
     p.add_argument("--no-reference", action="store_true", help="skip the reference-mode run")
-    p.add_argument("--reference-edits", type=int, default=None,
-                   help="edit only the first N mistakes in reference mode (default: all)")
+    p.add_argument(
+        "--reference-edits",
+        type=int,
+        default=None,
+        help="edit only the first N mistakes in reference mode (default: all)",
+    )
     p.add_argument("--activation", choices=ACTIVATIONS, default=None, help="patch activation")
-    p.add_argument("--mining-interval", type=int, default=None,
-                   help="hard-negative mining: full M@k every N steps (0 = every step)")
+    p.add_argument(
+        "--mining-interval",
+        type=int,
+        default=None,
+        help="hard-negative mining: full M@k every N steps (0 = every step)",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.set_defaults(func=_bench_edit)
 
@@ -232,8 +241,14 @@ def _bench_edit(args: argparse.Namespace) -> int:
     if args.mining_interval is not None:
         train = replace(train, mining_interval=args.mining_interval)
     report = run_edit_bench(
-        args.base, edits=args.edits, data_dir=args.data_dir, seed=args.seed, reference=not args.no_reference,
-        reference_edits=args.reference_edits, train=train, threads=args.threads,
+        args.base,
+        edits=args.edits,
+        data_dir=args.data_dir,
+        seed=args.seed,
+        reference=not args.no_reference,
+        reference_edits=args.reference_edits,
+        train=train,
+        threads=args.threads,
     )
     print_table(report)
     if args.json:

@@ -33,16 +33,12 @@ def register(sub: Any, bench: Any) -> None:
     copy.set_defaults(func=_copy)
 
 
-
 def _add_url_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--url",
-        help="database URL, e.g. postgresql://user@host/db "
-        "(default: SQLite file patchd.db in the state directory)",
+        help="database URL, e.g. postgresql://user@host/db (default: SQLite file patchd.db in the state directory)",
     )
-    parser.add_argument(
-        "--state-dir", help="state directory (default: $PATCHD_STATE_DIR or ~/.local/state/patchd)"
-    )
+    parser.add_argument("--state-dir", help="state directory (default: $PATCHD_STATE_DIR or ~/.local/state/patchd)")
 
 
 def _missing(parser: argparse.ArgumentParser) -> int:

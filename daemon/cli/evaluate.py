@@ -27,45 +27,85 @@ or a folder in the generic JSON Lines format:
 
 def register(sub: Any, bench: Any) -> None:
     p = sub.add_parser(
-        "evaluate", help="sequential editing on real data: SR, GR, ER, TrainR, TestR, locality",
+        "evaluate",
+        help="sequential editing on real data: SR, GR, ER, TrainR, TestR, locality",
         description="Edit the mistakes of BASE on DATA one after another (no reset) with the chosen "
-        "editor and report the paper's metrics.", epilog=FORMAT_HELP,
+        "editor and report the paper's metrics.",
+        epilog=FORMAT_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--base", help="fever-minilm, zsre-smollm2, zsre-smollm2-qa (prepared bases) "
-                   "or a local model directory")
+    p.add_argument(
+        "--base", help="fever-minilm, zsre-smollm2, zsre-smollm2-qa (prepared bases) or a local model directory"
+    )
     p.add_argument("--data", help="built-in task name or generic-format folder")
     p.add_argument("--data-dir", type=Path, default=None, help="where the built-in tasks' files are")
     p.add_argument("--edits", type=int, default=None, help="edit at most N mistakes (default: all)")
     p.add_argument("--seed", type=int, default=0, help="split and training seed (default: 0)")
-    p.add_argument("--editor", choices=["tpatcher", "ft-last", "ft-all", "mend"], default="tpatcher",
-                   help="editor to run (default: tpatcher)")
-    p.add_argument("--mend-dir", type=Path, default=None,
-                   help="trained MEND editor (mend; default: the cache's mend/BASE, see `patchd mend train`)")
-    p.add_argument("--single", action="store_true",
-                   help="single-edit run (T = 1): every edit on the unedited model (mend)")
-    p.add_argument("--activation", choices=ACTIVATIONS, default=None,
-                   help="patch activation (tpatcher)")
+    p.add_argument(
+        "--editor",
+        choices=["tpatcher", "ft-last", "ft-all", "mend"],
+        default="tpatcher",
+        help="editor to run (default: tpatcher)",
+    )
+    p.add_argument(
+        "--mend-dir",
+        type=Path,
+        default=None,
+        help="trained MEND editor (mend; default: the cache's mend/BASE, see `patchd mend train`)",
+    )
+    p.add_argument(
+        "--single", action="store_true", help="single-edit run (T = 1): every edit on the unedited model (mend)"
+    )
+    p.add_argument("--activation", choices=ACTIVATIONS, default=None, help="patch activation (tpatcher)")
     p.add_argument("--augment-copies", type=int, default=None, help="perturbed copies of q per edit (tpatcher)")
-    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", dest="overrides",
-                   help="a trainer or gate setting for this run, as in the daemon's config "
-                   "(e.g. --set trainer.value_scale=2 --set gate.max_changed=1); repeatable")
-    p.add_argument("--curve-points", type=int, default=20, metavar="N",
-                   help="retention/locality checkpoints along the stream for the plot (default: 20; 0 = none, "
-                   "the final numbers only: each checkpoint costs a prediction pass)")
-    p.add_argument("--train-equivalents", action="store_true",
-                   help="editors also train on each edit's train_equivalents (paraphrases a producer could "
-                   "send with a correction; zsre: mined from other questions, docs/data.md); GR is still "
-                   "measured on the held-apart equivalents only")
-    p.add_argument("--out", type=Path, default=None,
-                   help="write the JSON report here (tpatcher: and the edits' neurons beside it, "
-                   "REPORT.patches.safetensors, so that --resume can go on from it)")
-    p.add_argument("--resume", type=Path, default=None, metavar="REPORT",
-                   help="go on with the stream of a stopped run (Ctrl-C / kill): the same command line plus "
-                   "--resume with its report; its edits are re-applied, not trained again (default --out: REPORT)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        dest="overrides",
+        help="a trainer or gate setting for this run, as in the daemon's config "
+        "(e.g. --set trainer.value_scale=2 --set gate.max_changed=1); repeatable",
+    )
+    p.add_argument(
+        "--curve-points",
+        type=int,
+        default=20,
+        metavar="N",
+        help="retention/locality checkpoints along the stream for the plot (default: 20; 0 = none, "
+        "the final numbers only: each checkpoint costs a prediction pass)",
+    )
+    p.add_argument(
+        "--train-equivalents",
+        action="store_true",
+        help="editors also train on each edit's train_equivalents (paraphrases a producer could "
+        "send with a correction; zsre: mined from other questions, docs/data.md); GR is still "
+        "measured on the held-apart equivalents only",
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="write the JSON report here (tpatcher: and the edits' neurons beside it, "
+        "REPORT.patches.safetensors, so that --resume can go on from it)",
+    )
+    p.add_argument(
+        "--resume",
+        type=Path,
+        default=None,
+        metavar="REPORT",
+        help="go on with the stream of a stopped run (Ctrl-C / kill): the same command line plus "
+        "--resume with its report; its edits are re-applied, not trained again (default --out: REPORT)",
+    )
     p.add_argument("--plot", type=Path, default=None, help="write a PNG plot here")
-    p.add_argument("--compare", type=Path, nargs="+", default=None, metavar="REPORT",
-                   help="plot existing reports side by side (with --plot) instead of running")
+    p.add_argument(
+        "--compare",
+        type=Path,
+        nargs="+",
+        default=None,
+        metavar="REPORT",
+        help="plot existing reports side by side (with --plot) instead of running",
+    )
     p.set_defaults(func=_evaluate)
 
 
@@ -119,17 +159,46 @@ def _evaluate(args: argparse.Namespace) -> int:
         options["mend_dir"] = args.mend_dir or cache_root() / "mend" / Path(args.base).name
     try:
         with interruptible():
-            report = run_evaluate(args.base, data, editor=args.editor, edits=args.edits, seed=args.seed,
-                                  train=train, gate=gate, sequential=not args.single, editor_options=options,
-                                  curve_points=args.curve_points, train_equivalents=args.train_equivalents,
-                                  resume=resume, patches=patches_path(args.out) if args.out else None)
+            report = run_evaluate(
+                args.base,
+                data,
+                editor=args.editor,
+                edits=args.edits,
+                seed=args.seed,
+                train=train,
+                gate=gate,
+                sequential=not args.single,
+                editor_options=options,
+                curve_points=args.curve_points,
+                train_equivalents=args.train_equivalents,
+                resume=resume,
+                patches=patches_path(args.out) if args.out else None,
+            )
     except ResumeError as exc:  # a stopped run that does not fit this command line
         print(f"error: {exc}")
         return 2
-    summary = {k: report[k] for k in ("editor", "base", "data", "sequential", "train_equivalents", "edits",
-                                      "neurons", "sr", "gr", "er",
-                                      "train_r", "test_r", "locality", "gate_rejected", "gate_would_reject",
-                                      "edit_seconds", "wall_seconds")}
+    summary = {
+        k: report[k]
+        for k in (
+            "editor",
+            "base",
+            "data",
+            "sequential",
+            "train_equivalents",
+            "edits",
+            "neurons",
+            "sr",
+            "gr",
+            "er",
+            "train_r",
+            "test_r",
+            "locality",
+            "gate_rejected",
+            "gate_would_reject",
+            "edit_seconds",
+            "wall_seconds",
+        )
+    }
     print(json.dumps(summary, indent=2))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -148,6 +217,7 @@ def interruptible() -> Iterator[None]:
     A shell starts a background job (`nohup patchd evaluate ... &`) with SIGINT ignored, so a long
     run could otherwise only be killed, losing hours of edits; SIGTERM is what `kill` and systemd send.
     """
+
     def stop(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt
 

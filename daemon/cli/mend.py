@@ -14,7 +14,8 @@ def register(sub: Any, bench: Any) -> None:
     msub = mend.add_subparsers(dest="mend_command", metavar="COMMAND")
     mend.set_defaults(func=lambda args: (mend.print_help(), 2)[1])
     p = msub.add_parser(
-        "train", help="train (or resume) a MEND editor for a base",
+        "train",
+        help="train (or resume) a MEND editor for a base",
         description="Train MEND's editor for BASE on training examples of TASK that no evaluation uses "
         "(fever: train[1000:]; zsre: the memory split's answered questions). Checkpointed every few minutes "
         "and on Ctrl-C; running again with the same --out resumes.",
@@ -50,8 +51,14 @@ def _train(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = MendTrainConfig(seed=args.seed)
-    for flag, name in (("rank", "rank"), ("lr", "lr"), ("accumulate", "accumulate"), ("loc_batch", "loc_batch"),
-                       ("val_every", "val_every"), ("layers", "n_layers")):
+    for flag, name in (
+        ("rank", "rank"),
+        ("lr", "lr"),
+        ("accumulate", "accumulate"),
+        ("loc_batch", "loc_batch"),
+        ("val_every", "val_every"),
+        ("layers", "n_layers"),
+    ):
         if getattr(args, flag) is not None:
             cfg = replace(cfg, **{name: getattr(args, flag)})
     if args.gate_proj:

@@ -199,8 +199,7 @@ def _check_daemon(settings: Any, required: bool) -> list[tuple[bool, str, str]]:
         (
             not health.get("replay_mismatches"),
             "rebuild",
-            f"{health.get('replayed', 0)} patches replayed, "
-            f"{health.get('replay_mismatches', 0)} gate mismatches",
+            f"{health.get('replayed', 0)} patches replayed, {health.get('replay_mismatches', 0)} gate mismatches",
         ),
     ]
     return results

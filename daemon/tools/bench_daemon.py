@@ -75,11 +75,7 @@ def ingest_events(n: int, duplicate_share: float = 0.3, seed: int = 0) -> list[b
     unique: list[bytes] = []
     inputs: list[str] = []
     for i in range(n - round(n * duplicate_share)):
-        text = (
-            rng.choice(inputs)
-            if inputs and rng.random() < 0.2
-            else f"claim {i} about thing {rng.random():.6f}"
-        )
+        text = rng.choice(inputs) if inputs and rng.random() < 0.2 else f"claim {i} about thing {rng.random():.6f}"
         inputs.append(text)
         unique.append(
             json.dumps(
@@ -147,9 +143,7 @@ def run_ingest_bench(
 # ---------------------------------------------------------------------------- real edits
 
 
-def run_daemon_bench(
-    corrections: int, base: str = "fever-minilm", bootstrap: str | None = None
-) -> dict[str, Any]:
+def run_daemon_bench(corrections: int, base: str = "fever-minilm", bootstrap: str | None = None) -> dict[str, Any]:
     """`corrections` FEVER claims the base gets wrong, as events through `patchd run --once`."""
     from daemon.service import Service
     from memory.store import Store
@@ -160,9 +154,7 @@ def run_daemon_bench(
     t0 = time.perf_counter()
     lb = load_base(base)
     wrong = TaskAdapter(lb).mistakes(load_task("fever").edit, limit=corrections, progress=False)
-    print(
-        f"{len(wrong)} fever claims {base} gets wrong ({time.perf_counter() - t0:.1f}s to find)", flush=True
-    )
+    print(f"{len(wrong)} fever claims {base} gets wrong ({time.perf_counter() - t0:.1f}s to find)", flush=True)
     del lb
     values = [
         json.dumps(

@@ -114,9 +114,7 @@ def _report(model: str, event_id: str, text: str, target: str, reporter: str | N
     )
 
 
-def run_store_bench(
-    url: str, n_events: int, batch_size: int = DEFAULT_BATCH, seed: int = 0
-) -> dict[str, Any]:
+def run_store_bench(url: str, n_events: int, batch_size: int = DEFAULT_BATCH, seed: int = 0) -> dict[str, Any]:
     """Record a synthetic stream into the (fresh) database at `url`; return timings and checks."""
     from memory.store import Store  # here, so that importing the stream generator stays light
 
@@ -176,9 +174,7 @@ def bench_backends(
     for backend in backends:
         if backend == "sqlite":
             with tempfile.TemporaryDirectory(prefix="patchd-bench-", dir=scratch_dir) as tmp:
-                results["sqlite"] = run_store_bench(
-                    f"sqlite+pysqlite:///{tmp}/bench.db", n_events, batch_size
-                )
+                results["sqlite"] = run_store_bench(f"sqlite+pysqlite:///{tmp}/bench.db", n_events, batch_size)
             results["sqlite"]["server"] = f"SQLite {sqlite3.sqlite_version} (WAL, synchronous=FULL)"
         elif backend == "postgresql":
             results["postgresql"] = _bench_postgres(pg_url, n_events, batch_size)

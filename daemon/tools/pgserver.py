@@ -130,9 +130,7 @@ class PostgresServer:
         else:
             self._cleanup()
             raise PostgresUnavailable(f"PostgreSQL did not start; server log:\n{last_error}")
-        self._run(
-            [str(bindir / "createdb"), "-h", "127.0.0.1", "-p", str(self.port), "-U", SERVER_USER, DATABASE]
-        )
+        self._run([str(bindir / "createdb"), "-h", "127.0.0.1", "-p", str(self.port), "-U", SERVER_USER, DATABASE])
         return self.url
 
     def stop(self) -> None:
@@ -171,8 +169,7 @@ class PostgresServer:
         result = subprocess.run(argv, capture_output=True, text=True, cwd=self.workdir)
         if check and result.returncode != 0:
             raise PostgresUnavailable(
-                f"{' '.join(argv)} failed ({result.returncode}):\n{result.stdout}{result.stderr}"
-                f"{self._log_tail()}"
+                f"{' '.join(argv)} failed ({result.returncode}):\n{result.stdout}{result.stderr}{self._log_tail()}"
             )
         return result
 

@@ -81,8 +81,12 @@ class TaskSplits:
 
     def keys(self) -> set[str]:
         """text_key of every text any part holds: inputs, paraphrases and train equivalents."""
-        return {text_key(t) for part in self.PARTS for ex in getattr(self, part)
-                for t in (ex.input, *ex.equivalents, *ex.train_equivalents)}
+        return {
+            text_key(t)
+            for part in self.PARTS
+            for ex in getattr(self, part)
+            for t in (ex.input, *ex.equivalents, *ex.train_equivalents)
+        }
 
 
 def text_key(text: str) -> str:
@@ -241,9 +245,7 @@ def _load_zsre(raw: Path, rng: random.Random) -> TaskSplits:
     # zsRE questions with no true answer here join the memory, unless they ask about an edited
     # subject (they could then be a paraphrase of an edit, which the memory must not hold)
     extra = [
-        Example(row["src"].strip(), "")
-        for row in portability
-        if row["subject"].strip().casefold() not in subjects
+        Example(row["src"].strip(), "") for row in portability if row["subject"].strip().casefold() not in subjects
     ]
     memory += _disjoint(extra, claimed)
     rng.shuffle(memory)
@@ -251,8 +253,9 @@ def _load_zsre(raw: Path, rng: random.Random) -> TaskSplits:
     return TaskSplits("zsre", "generation", None, [], memory, heldout, edit, test)
 
 
-def _with_mined_phrasings(edit: list[Example], knowedit: list[dict[str, Any]], others: list[dict[str, Any]],
-                          claimed: _Claimed) -> list[Example]:
+def _with_mined_phrasings(
+    edit: list[Example], knowedit: list[dict[str, Any]], others: list[dict[str, Any]], claimed: _Claimed
+) -> list[Example]:
     """Each edit question's train equivalents: its relation's other phrasings (patching/templates.py)
     about its subject, at most ZSRE_TRAIN_EQUIVALENTS, never a text any part of the task holds (its
     measured paraphrases, another edit question, a locality or memory prompt). Used only when

@@ -70,6 +70,7 @@ def _package_dir(package: str) -> Path:
         raise FileNotFoundError(f"package {package} is not installed (pip install --no-deps {package})")
     return Path(spec.origin).parent
 
+
 # ------------------------------------------------------------------------------------- loading
 
 
@@ -124,4 +125,3 @@ def load_base(name_or_dir: str) -> LoadedBase:
 def _read_meta(path: Path) -> dict[str, Any]:
     meta_path = path / META_FILE
     return json.loads(meta_path.read_text(encoding="utf-8")) if meta_path.is_file() else {}
-

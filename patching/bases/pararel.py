@@ -55,8 +55,7 @@ def relation_templates(templates: Iterable[str]) -> dict[str, list[str]]:
     templates = list(templates)
     out: dict[str, list[str]] = {}
     for relation, (yes, no) in RELATIONS.items():
-        chosen = [t for t in templates
-                  if re.search(yes, t, re.I) and not (no and re.search(no, t, re.I))]
+        chosen = [t for t in templates if re.search(yes, t, re.I) and not (no and re.search(no, t, re.I))]
         if len(chosen) >= 2:
             out[relation] = chosen
     return out

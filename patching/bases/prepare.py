@@ -149,9 +149,7 @@ def _build_fever_minilm(
     }
 
 
-def _build_zsre_smollm2(
-    out: Path, data_dir: Path | None, seed: int, log: Log, sample: int = 200
-) -> dict[str, Any]:
+def _build_zsre_smollm2(out: Path, data_dir: Path | None, seed: int, log: Log, sample: int = 200) -> dict[str, Any]:
     """Dequantise the SmolLM2 GGUF into a plain LlamaForCausalLM and score it zero-shot.
 
     sample=200 edit and test questions: enough to tell 0% from 5% exact match, ~3 min on 2 CPU cores.
@@ -199,8 +197,9 @@ def _build_zsre_smollm2(
     }
 
 
-def _score_answers(model: Any, tokenizer: Any, splits: Any, sample: int, seed: int, log: Log,
-                   name: str) -> dict[str, Any]:
+def _score_answers(
+    model: Any, tokenizer: Any, splits: Any, sample: int, seed: int, log: Log, name: str
+) -> dict[str, Any]:
     """Exact match of greedy answers on `sample` seeded edit and test questions each."""
     import random
 
@@ -239,12 +238,22 @@ def _build_zsre_smollm2_qa(
     splits = load_task("zsre", data_dir, seed)  # first, so that a bad --data-dir fails fast
     graph, subjects = zsre_phrasings(data_dir)
     templates = relation_templates(graph.by_use())
-    pairs = qa_examples(raw_dir(data_dir) / "pararel" / "trex_lms_vocab", templates, skip_subjects=subjects,
-                        skip_key=splits.keys(), key=text_key, facts=hp.facts, per_fact=hp.per_fact, seed=seed)
+    pairs = qa_examples(
+        raw_dir(data_dir) / "pararel" / "trex_lms_vocab",
+        templates,
+        skip_subjects=subjects,
+        skip_key=splits.keys(),
+        key=text_key,
+        facts=hp.facts,
+        per_fact=hp.per_fact,
+        seed=seed,
+    )
     if not pairs:
         raise FileNotFoundError(f"no ParaRel facts left to tune on in {raw_dir(data_dir) / 'pararel'}")
-    log(f"zsre-smollm2-qa: {len(pairs)} questions about at most {hp.facts} ParaRel facts over "
-        f"{len(templates)} relations")
+    log(
+        f"zsre-smollm2-qa: {len(pairs)} questions about at most {hp.facts} ParaRel facts over "
+        f"{len(templates)} relations"
+    )
     source = load_base(str(prepare("zsre-smollm2", data_dir=data_dir, seed=seed, log=log)))
     model, tokenizer = source.model, source.tokenizer
     losses = train_answers(model, tokenizer, pairs, DEFAULT_PROMPT_FORMAT, hp, seed=seed)
@@ -255,8 +264,13 @@ def _build_zsre_smollm2_qa(
     return {
         **ZSRE_META,
         "source": f"zsre-smollm2 tuned on {len(pairs)} ParaRel questions in zsRE phrasings",
-        "tuning": {**asdict(hp), "relations": sorted(templates), "questions": len(pairs),
-                   "first_loss": round(losses[0], 4), "last_loss_mean10": round(sum(tail) / len(tail), 4)},
+        "tuning": {
+            **asdict(hp),
+            "relations": sorted(templates),
+            "questions": len(pairs),
+            "first_loss": round(losses[0], 4),
+            "last_loss_mean10": round(sum(tail) / len(tail), 4),
+        },
         "data_counts": splits.counts(),
         "metrics": metrics,
     }
@@ -304,9 +318,7 @@ def train_classifier(
     bar.close()
 
 
-def accuracy(
-    model: Any, tokenizer: Any, examples: list[Example], labels: tuple[str, ...], max_length: int
-) -> float:
+def accuracy(model: Any, tokenizer: Any, examples: list[Example], labels: tuple[str, ...], max_length: int) -> float:
     """Share of examples whose argmax label is the target."""
     batch_size = 128  # inference keeps no activations for a backward pass: 4x the training batch
     import torch

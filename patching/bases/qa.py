@@ -71,7 +71,7 @@ def _greedy_batch(
     model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int, stop_ids: torch.Tensor
 ) -> list[list[int]]:
     """The generated token ids per prompt, up to and including the token that stopped it."""
-    if getattr(model.config, "is_encoder_decoder", False):
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
         return _greedy_seq2seq(model, tokenizer, prompts, max_new_tokens, stop_ids)
     enc = tokenizer(list(prompts), return_tensors="pt", padding=True)
     device = next(model.parameters()).device
@@ -164,15 +164,18 @@ def greedy_answers(
         starts = range(0, len(prompts), batch_size)
         for start in tqdm(starts, desc="generating", unit="batch", disable=not progress):
             batch = prompts[start : start + batch_size]
-            answers.extend(cut_answer(tokenizer.decode(ids, skip_special_tokens=True))
-                           for ids in _greedy_batch(model, tokenizer, batch, max_new_tokens, stop_ids))
+            answers.extend(
+                cut_answer(tokenizer.decode(ids, skip_special_tokens=True))
+                for ids in _greedy_batch(model, tokenizer, batch, max_new_tokens, stop_ids)
+            )
     finally:
         tokenizer.padding_side = side
     return answers
 
 
-def greedy_ids(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int = 24,
-               batch_size: int = 32) -> list[list[int]]:
+def greedy_ids(
+    model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int = 24, batch_size: int = 32
+) -> list[list[int]]:
     """The raw greedy continuation of each prompt as token ids, stop token included.
 
     The held-out cache teacher-forces exactly these tokens: an unchanged argmax at each of their
@@ -186,7 +189,7 @@ def greedy_ids(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_token
     out: list[list[int]] = []
     try:
         for start in range(0, len(prompts), batch_size):
-            out.extend(_greedy_batch(model, tokenizer, prompts[start:start + batch_size], max_new_tokens, stop_ids))
+            out.extend(_greedy_batch(model, tokenizer, prompts[start : start + batch_size], max_new_tokens, stop_ids))
     finally:
         tokenizer.padding_side = side
     return out

@@ -52,8 +52,13 @@ def answer_batch(tokenizer: Any, pairs: Sequence[tuple[str, str]], prompt_format
 
 
 def train_answers(
-    model: Any, tokenizer: Any, pairs: Sequence[tuple[str, str]], prompt_format: str, hp: QATune,
-    seed: int = 0, progress: bool = True,
+    model: Any,
+    tokenizer: Any,
+    pairs: Sequence[tuple[str, str]],
+    prompt_format: str,
+    hp: QATune,
+    seed: int = 0,
+    progress: bool = True,
 ) -> list[float]:
     """AdamW over all weights, seeded batch order; the loss of every step (for the log and tests)."""
     import torch

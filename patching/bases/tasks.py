@@ -66,8 +66,13 @@ class TaskAdapter:
         example 0, its train equivalents (same target) follow as examples 1.. (Patcher.propose)."""
         inputs = [inp, *train_equivalents]
         if self.generation:
-            return encode.generation(self.base.tokenizer, [self.text(x) for x in inputs], [target] * len(inputs),
-                                     seq2seq=self.seq2seq, decoder_start_id=self.decoder_start_id)
+            return encode.generation(
+                self.base.tokenizer,
+                [self.text(x) for x in inputs],
+                [target] * len(inputs),
+                seq2seq=self.seq2seq,
+                decoder_start_id=self.decoder_start_id,
+            )
         return encode.classification(self.base.tokenizer, inputs, [self.label_id(target)] * len(inputs))
 
     def memory_batches(self, inputs: Sequence[ModelInput], progress: bool = True) -> Iterator[Encoded]:
@@ -83,8 +88,9 @@ class TaskAdapter:
             else:
                 yield encode.classification(tok, chunk)
 
-    def heldout_batches(self, inputs: Sequence[ModelInput], labels: Sequence[str] | None = None,
-                        progress: bool = True) -> Iterator[Encoded]:
+    def heldout_batches(
+        self, inputs: Sequence[ModelInput], labels: Sequence[str] | None = None, progress: bool = True
+    ) -> Iterator[Encoded]:
         """Held-out rows: position 0 (classification), or the positions that produce the model's own
         greedy answer (generation: unchanged argmax there <=> unchanged greedy output)."""
         tok = self.base.tokenizer
@@ -102,17 +108,23 @@ class TaskAdapter:
         prompts = [self.text(x) for x in inputs]
         gen = greedy_ids(self.base.model, tok, prompts)
         p_ids = [torch.tensor(tok(p)["input_ids"], dtype=torch.long) for p in prompts]
-        return encode.generation_ids(p_ids, [torch.tensor(g, dtype=torch.long) for g in gen], seq2seq=self.seq2seq,
-                                     pad_id=int(tok.pad_token_id), decoder_start_id=self.decoder_start_id,
-                                     all_rows=all_rows)
+        return encode.generation_ids(
+            p_ids,
+            [torch.tensor(g, dtype=torch.long) for g in gen],
+            seq2seq=self.seq2seq,
+            pad_id=int(tok.pad_token_id),
+            decoder_start_id=self.decoder_start_id,
+            all_rows=all_rows,
+        )
 
     # ------------------------------------------------------------------ predicting
     @torch.no_grad()
     def predict(self, inputs: Sequence[ModelInput], progress: bool = False) -> list[str]:
         """The current model's outputs: label names, or greedy answers."""
         if self.generation:
-            return greedy_answers(self.base.model, self.base.tokenizer, [self.text(x) for x in inputs],
-                                  progress=progress)
+            return greedy_answers(
+                self.base.model, self.base.tokenizer, [self.text(x) for x in inputs], progress=progress
+            )
         assert self.base.labels is not None
         out: list[str] = []
         for i in range(0, len(inputs), BATCH):
@@ -156,8 +168,9 @@ class TaskAdapter:
     def right(self, predicted: str, target: str) -> bool:
         return exact_match(predicted, target) if self.generation else predicted == target
 
-    def mistakes(self, examples: Sequence[Example], limit: int | None = None, progress: bool = True,
-                 base: bool = False) -> list[Example]:
+    def mistakes(
+        self, examples: Sequence[Example], limit: int | None = None, progress: bool = True, base: bool = False
+    ) -> list[Example]:
         """The examples the current model gets wrong, in order, up to `limit`.
         `base=True`: the model is the unpatched base, so its answers may come from the disk cache."""
         found: list[Example] = []
@@ -171,23 +184,28 @@ class TaskAdapter:
                 return found[:limit]
         return found
 
-    def patcher(self, patcher: Patcher, memory: Sequence[ModelInput], heldout: Sequence[ModelInput],
-                progress: bool = True, cache: bool = True) -> Patcher:
+    def patcher(
+        self,
+        patcher: Patcher,
+        memory: Sequence[ModelInput],
+        heldout: Sequence[ModelInput],
+        progress: bool = True,
+        cache: bool = True,
+    ) -> Patcher:
         """Build M and the held-out cache, reusing tensors cached on disk for this exact base,
         layer and input lists (a zsRE held-out set costs minutes of greedy decoding)."""
         path = self._cache_path(patcher, memory, heldout) if cache else None
         if path is not None and path.is_file():
             tensors = load_file(str(path))
             patcher.add_memory(tensors.pop("memory"))
-            patcher.heldout = gating.HeldoutTensors(**{k[len("heldout."):]: v for k, v in tensors.items()})
+            patcher.heldout = gating.HeldoutTensors(**{k[len("heldout.") :]: v for k, v in tensors.items()})
             return patcher
         patcher.build_memory(self.memory_batches(memory, progress))
         patcher.build_heldout(self.heldout_batches(heldout, progress=progress))
         if path is not None and patcher.heldout is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             tensors = {"memory": patcher.memory.view().contiguous()}
-            tensors.update({f"heldout.{k}": v.contiguous() for k, v in vars(patcher.heldout).items()
-                            if v is not None})
+            tensors.update({f"heldout.{k}": v.contiguous() for k, v in vars(patcher.heldout).items() if v is not None})
             tmp = path.with_suffix(f".tmp{os.getpid()}")
             save_file(tensors, str(tmp))
             os.replace(tmp, path)  # never a half-written cache file
@@ -196,9 +214,16 @@ class TaskAdapter:
     def _cache_path(self, patcher: Patcher, memory: Sequence[ModelInput], heldout: Sequence[ModelInput]) -> Path | None:
         if patcher.wrapper.n:
             return None  # the cache holds the unpatched model's tensors only
-        return self._keyed_path("activations", ".safetensors", patcher.site.spec.layers,
-                                str(patcher.site.layer_index), self.base.prompt_format or "",
-                                _joined(memory), "\x01", _joined(heldout))
+        return self._keyed_path(
+            "activations",
+            ".safetensors",
+            patcher.site.spec.layers,
+            str(patcher.site.layer_index),
+            self.base.prompt_format or "",
+            _joined(memory),
+            "\x01",
+            _joined(heldout),
+        )
 
 
 def _joined(inputs: Sequence[ModelInput]) -> str:

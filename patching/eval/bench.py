@@ -35,11 +35,17 @@ def _run(patcher: Patcher, adapter: TaskAdapter, edits: list[Any], label: str) -
         outcome = patcher.edit(enc, edit_id=f"{label}-{i}")
         ms = (time.perf_counter() - t0) * 1000
         p = outcome.proposal
-        rows.append({
-            "ms": round(ms, 2), "status": outcome.status, "steps": p.train.steps if p else 0,
-            "attempts": p.attempts if p else 0, "neurons": p.neurons.n if p else 0,
-            "changed": p.gate.changed if p else 0, "reasons": outcome.reasons,
-        })
+        rows.append(
+            {
+                "ms": round(ms, 2),
+                "status": outcome.status,
+                "steps": p.train.steps if p else 0,
+                "attempts": p.attempts if p else 0,
+                "neurons": p.neurons.n if p else 0,
+                "changed": p.gate.changed if p else 0,
+                "reasons": outcome.reasons,
+            }
+        )
         ok = sum(r["status"] == "accepted" for r in rows)
         bar.set_postfix(ok=f"{ok}/{len(rows)}", ms=f"{statistics.median(r['ms'] for r in rows):.0f}")
     # retention at the end, through the full model (not the cache)
@@ -61,8 +67,14 @@ def _run(patcher: Patcher, adapter: TaskAdapter, edits: list[Any], label: str) -
 
 
 def run_edit_bench(
-    base: str, edits: int = 50, data_dir: Path | None = None, seed: int = 0, reference: bool = True,
-    reference_edits: int | None = None, train: TrainConfig | None = None, gate: GateConfig | None = None,
+    base: str,
+    edits: int = 50,
+    data_dir: Path | None = None,
+    seed: int = 0,
+    reference: bool = True,
+    reference_edits: int | None = None,
+    train: TrainConfig | None = None,
+    gate: GateConfig | None = None,
     threads: int | None = None,
 ) -> dict[str, Any]:
     if threads:
@@ -78,14 +90,23 @@ def run_edit_bench(
     adapter.patcher(patcher, [e.input for e in splits.memory], [e.input for e in splits.heldout])
     setup_s = time.perf_counter() - t0
     mistakes = adapter.mistakes(splits.edit, limit=edits, base=True)  # nothing is patched yet
-    print(f"{len(mistakes)} mistakes of the base; memory {len(patcher.memory)} rows from "
-          f"{len(splits.memory)} inputs; held-out {len(splits.heldout)} inputs; setup {setup_s:.1f}s")
+    print(
+        f"{len(mistakes)} mistakes of the base; memory {len(patcher.memory)} rows from "
+        f"{len(splits.memory)} inputs; held-out {len(splits.heldout)} inputs; setup {setup_s:.1f}s"
+    )
     report: dict[str, Any] = {
-        "base": lb.name, "task": task, "edits": len(mistakes), "seed": seed,
-        "memory_inputs": len(splits.memory), "memory_rows": len(patcher.memory),
-        "heldout_inputs": len(splits.heldout), "setup_seconds": round(setup_s, 1),
-        "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
-        "train_config": asdict(train), "gate_config": asdict(patcher.gate_cfg),
+        "base": lb.name,
+        "task": task,
+        "edits": len(mistakes),
+        "seed": seed,
+        "memory_inputs": len(splits.memory),
+        "memory_rows": len(patcher.memory),
+        "heldout_inputs": len(splits.heldout),
+        "setup_seconds": round(setup_s, 1),
+        "threads": torch.get_num_threads(),
+        "machine": platform.processor() or platform.machine(),
+        "train_config": asdict(train),
+        "gate_config": asdict(patcher.gate_cfg),
     }
     report["cached"] = _run(patcher, adapter, mistakes, "cached")
     if reference:
@@ -100,15 +121,19 @@ def run_edit_bench(
 
 
 def print_table(report: dict[str, Any]) -> None:
-    print(f"\nbench edit: base {report['base']}, {report['edits']} sequential edits, "
-          f"memory {report['memory_rows']} rows, held-out {report['heldout_inputs']} inputs")
+    print(
+        f"\nbench edit: base {report['base']}, {report['edits']} sequential edits, "
+        f"memory {report['memory_rows']} rows, held-out {report['heldout_inputs']} inputs"
+    )
     print(f"{'trainer':<10} {'edits':>6} {'median ms':>10} {'p95 ms':>9} {'success':>8} {'retention':>9} {'steps':>6}")
     for name in ("cached", "reference"):
         r = report.get(name)
         if r is None:
             continue
         n = r.get("edits", report["edits"])
-        print(f"{name:<10} {n:>6} {r['median_ms']:>10.1f} {r['p95_ms']:>9.1f} {r['success_rate']:>8.2f} "
-              f"{r['retention'] if r['retention'] is not None else '-':>9} {r['median_steps']:>6}")
+        print(
+            f"{name:<10} {n:>6} {r['median_ms']:>10.1f} {r['p95_ms']:>9.1f} {r['success_rate']:>8.2f} "
+            f"{r['retention'] if r['retention'] is not None else '-':>9} {r['median_steps']:>6}"
+        )
     if "speedup" in report:
         print(f"speedup (reference median / cached median): {report['speedup']}x")

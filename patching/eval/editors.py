@@ -37,10 +37,15 @@ class TPatcherEditor:
         out = self.patcher.edit(self.adapter.edit(inp, target, train_equivalents), edit_id)
         p = out.proposal
         return EditRecord(
-            out.status, time.perf_counter() - t0, steps=p.train.steps if p else 0,
+            out.status,
+            time.perf_counter() - t0,
+            steps=p.train.steps if p else 0,
             neurons=p.neurons.n if p and out.status == "accepted" else 0,
-            gate=p.gate.to_dict() if p else {}, reasons=out.reasons, attempts=p.attempts if p else 0,
-            equivalents=p.train.equivalents if p else 0, saturation=p.saturation if p else None,
+            gate=p.gate.to_dict() if p else {},
+            reasons=out.reasons,
+            attempts=p.attempts if p else 0,
+            equivalents=p.train.equivalents if p else 0,
+            saturation=p.saturation if p else None,
         )
 
 
@@ -51,8 +56,9 @@ class FineTuneEditor:
     `ft-all` trains every weight. No gate: a fine-tuning step cannot be rejected after the fact.
     """
 
-    def __init__(self, name: str, adapter: TaskAdapter, site_params: list[torch.nn.Parameter],
-                 lr: float, max_steps: int = 50):
+    def __init__(
+        self, name: str, adapter: TaskAdapter, site_params: list[torch.nn.Parameter], lr: float, max_steps: int = 50
+    ):
         self.name, self.adapter, self.params = name, adapter, site_params
         self.lr, self.max_steps = lr, max_steps
         self.model = adapter.base.model

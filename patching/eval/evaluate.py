@@ -52,11 +52,21 @@ def _running(rows: list[dict[str, Any]], curve: list[dict[str, Any]], neurons: i
 
 
 def run_evaluate(
-    base: str, data: EvalData, *, editor: str = "tpatcher", edits: int | None = None, seed: int = 0,
-    train: TrainConfig | None = None, gate: GateConfig | None = None,
-    progress: Callable[[str], None] = print, sequential: bool = True, editor_options: dict[str, Any] | None = None,
-    curve_points: int = CURVE_POINTS, train_equivalents: bool = False,
-    resume: Resume | None = None, patches: Path | None = None,
+    base: str,
+    data: EvalData,
+    *,
+    editor: str = "tpatcher",
+    edits: int | None = None,
+    seed: int = 0,
+    train: TrainConfig | None = None,
+    gate: GateConfig | None = None,
+    progress: Callable[[str], None] = print,
+    sequential: bool = True,
+    editor_options: dict[str, Any] | None = None,
+    curve_points: int = CURVE_POINTS,
+    train_equivalents: bool = False,
+    resume: Resume | None = None,
+    patches: Path | None = None,
 ) -> dict[str, Any]:
     """`sequential=False`: every edit on the unedited model (T = 1; the editor must have `reset()`);
     ER, TrainR, TestR, locality and the curve then do not apply and are None.
@@ -70,10 +80,15 @@ def run_evaluate(
     rng = random.Random(seed)
     train = train or TrainConfig(seed=seed)
     gate = gate or GateConfig()
-    settings = {"editor": editor, "base": lb.name, "data": data.name, "seed": seed,
-                "train_equivalents": train_equivalents,
-                "train_config": asdict(train.for_task(adapter.generation)) if editor == "tpatcher" else None,
-                "gate_config": asdict(gate) if editor == "tpatcher" else None}
+    settings = {
+        "editor": editor,
+        "base": lb.name,
+        "data": data.name,
+        "seed": seed,
+        "train_equivalents": train_equivalents,
+        "train_config": asdict(train.for_task(adapter.generation)) if editor == "tpatcher" else None,
+        "gate_config": asdict(gate) if editor == "tpatcher" else None,
+    }
     if resume is not None:
         resume.check({**settings, "sequential": sequential})
 
@@ -87,8 +102,10 @@ def run_evaluate(
         raise ValueError(f"editor {editor!r} cannot reset to the base: single-edit runs need mend")
     # the model is still the base here: its answers may come from the disk cache
     stream = adapter.mistakes(data.edits, limit=edits, base=True)
-    progress(f"{len(stream)} mistakes of the base in {len(data.edits)} edit inputs"
-             + (f" (asked for {edits})" if edits and len(stream) < edits else ""))
+    progress(
+        f"{len(stream)} mistakes of the base in {len(data.edits)} edit inputs"
+        + (f" (asked for {edits})" if edits and len(stream) < edits else "")
+    )
     held_inputs = [e.input for e in data.heldout]
     held_before = adapter.base_predict(held_inputs, progress=True)
     sample = sorted(rng.sample(range(len(held_inputs)), min(CURVE_SAMPLE, len(held_inputs))))
@@ -114,23 +131,42 @@ def run_evaluate(
             if adapter.right(adapter.predict([ex.input])[0], ex.target):
                 rows.append({"i": i, "input": ex.input, "target": ex.target, "status": "fixed_along_the_way"})
                 continue
-            rec = ed.edit(ex.input, ex.target, edit_id=str(i),
-                          train_equivalents=ex.train_equivalents if train_equivalents else ())
+            rec = ed.edit(
+                ex.input, ex.target, edit_id=str(i), train_equivalents=ex.train_equivalents if train_equivalents else ()
+            )
             right = adapter.right(adapter.predict([ex.input])[0], ex.target)
             para = _right(adapter, [type(ex)(q, ex.target) for q in ex.equivalents]) if ex.equivalents else []
-            rows.append({"i": i, "input": ex.input, "target": ex.target, "status": rec.status, "sr": right,
-                         "gr": (sum(para) / len(para)) if para else None, "seconds": round(rec.seconds, 4),
-                         "steps": rec.steps, "attempts": rec.attempts, "equivalents_trained": rec.equivalents,
-                         "saturation": rec.saturation, "neurons": rec.neurons, "gate": rec.gate,
-                         "reasons": rec.reasons})
+            rows.append(
+                {
+                    "i": i,
+                    "input": ex.input,
+                    "target": ex.target,
+                    "status": rec.status,
+                    "sr": right,
+                    "gr": (sum(para) / len(para)) if para else None,
+                    "seconds": round(rec.seconds, 4),
+                    "steps": rec.steps,
+                    "attempts": rec.attempts,
+                    "equivalents_trained": rec.equivalents,
+                    "saturation": rec.saturation,
+                    "neurons": rec.neurons,
+                    "gate": rec.gate,
+                    "reasons": rec.reasons,
+                }
+            )
             edited.append(ex)
             if not sequential:
                 ed.reset()  # type: ignore[attr-defined]
             elif every and len(edited) % every == 0:
                 kept = _right(adapter, edited)
                 now = adapter.predict([held_inputs[j] for j in sample])
-                curve.append({"edits": len(edited), "retention": sum(kept) / len(kept),
-                              "locality": metrics.locality([held_before[j] for j in sample], now)})
+                curve.append(
+                    {
+                        "edits": len(edited),
+                        "retention": sum(kept) / len(kept),
+                        "locality": metrics.locality([held_before[j] for j in sample], now),
+                    }
+                )
             bar.set_postfix(_running(rows, curve, ed.neurons))
     except KeyboardInterrupt:
         interrupted = True
@@ -145,9 +181,12 @@ def run_evaluate(
     secs = [r["seconds"] for r in done]
     report: dict[str, Any] = {
         **settings,
-        "edits": len(done), "stream": len(stream), "interrupted": interrupted,
-        "train_equivalents_per_edit": (statistics.fmean(len(e.train_equivalents) for e in edited)
-                                       if train_equivalents and edited else 0.0),
+        "edits": len(done),
+        "stream": len(stream),
+        "interrupted": interrupted,
+        "train_equivalents_per_edit": (
+            statistics.fmean(len(e.train_equivalents) for e in edited) if train_equivalents and edited else 0.0
+        ),
         "fixed_along_the_way": sum(r["status"] == "fixed_along_the_way" for r in rows),
         "neurons": ed.neurons,
         "sr": metrics.success_rate([r["sr"] for r in done]),
@@ -160,12 +199,15 @@ def run_evaluate(
         "gate_rejected": sum(r["status"] == "rejected" for r in done),
         # editors without a gate (mend) report per edit what patchd's gate would have said
         "gate_would_reject": sum(r["gate"].get("would_pass") is False for r in done),
-        "edit_seconds": {"median": statistics.median(secs) if secs else None,
-                         "p95": metrics.percentile(secs, 0.95)},
+        "edit_seconds": {"median": statistics.median(secs) if secs else None, "p95": metrics.percentile(secs, 0.95)},
         "wall_seconds": round(earlier_wall + time.perf_counter() - t_start, 1),
         "segments": segments,  # runs that made this stream (1 + times it was resumed)
-        "sizes": {"heldout": len(held_inputs), "train_eval": len(data.train_eval), "test": len(data.test),
-                  "memory_inputs": len(data.memory)},
+        "sizes": {
+            "heldout": len(held_inputs),
+            "train_eval": len(data.train_eval),
+            "test": len(data.test),
+            "memory_inputs": len(data.memory),
+        },
         "curve": curve,
         "editor_summary": ed.summary() if hasattr(ed, "summary") else None,
         "rows": rows,
@@ -173,8 +215,14 @@ def run_evaluate(
     return report
 
 
-def _replay(ed: Editor, adapter: TaskAdapter, stream: list[Any], rows: list[dict[str, Any]], resume: Resume,
-            progress: Callable[[str], None]) -> None:
+def _replay(
+    ed: Editor,
+    adapter: TaskAdapter,
+    stream: list[Any],
+    rows: list[dict[str, Any]],
+    resume: Resume,
+    progress: Callable[[str], None],
+) -> None:
     """Re-apply the stopped run's accepted edits, in order, on the fresh editor (tpatcher only)."""
     if not isinstance(ed, TPatcherEditor):
         raise ResumeError("only tpatcher runs can be resumed")
@@ -188,5 +236,7 @@ def _replay(ed: Editor, adapter: TaskAdapter, stream: list[Any], rows: list[dict
         # the edit alone: only its own rows were gated, kept for retention and added to M
         verdict = ed.patcher.replay(adapter.edit(ex.input, ex.target), str(r["i"]), resume.neurons[str(r["i"])])
         differs += not verdict.passed
-    progress(f"resumed after {len(rows)} mistakes: {len(accepted)} edits re-applied"
-             + (f"; {differs} of them would not pass the gate again here (another machine?)" if differs else ""))
+    progress(
+        f"resumed after {len(rows)} mistakes: {len(accepted)} edits re-applied"
+        + (f"; {differs} of them would not pass the gate again here (another machine?)" if differs else "")
+    )

@@ -29,8 +29,9 @@ def plot_reports(reports: list[dict[str, Any]], out: Path) -> None:
         (line,) = axes[0].plot(x, running_mean([float(r["sr"]) for r in done]), label=f"{label} SR")
         grs = [r["gr"] for r in done if r.get("gr") is not None]
         if grs:
-            axes[0].plot(range(1, len(grs) + 1), running_mean(grs), ls="--", color=line.get_color(),
-                         label=f"{label} GR")
+            axes[0].plot(
+                range(1, len(grs) + 1), running_mean(grs), ls="--", color=line.get_color(), label=f"{label} GR"
+            )
         curve = list(rep.get("curve") or [])
         final = rep.get("er") is not None and rep.get("locality") is not None
         if final and (not curve or curve[-1]["edits"] < len(done)):

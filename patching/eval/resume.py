@@ -66,16 +66,20 @@ class Resume:
             raise ResumeError(f"cannot resume {report_path}: not a patchd evaluate report (no rows)")
         path = patches_path(report_path)
         if not path.is_file():
-            raise ResumeError(f"cannot resume {report_path}: {path.name} is missing (reports written before "
-                             "resuming existed, and runs of other editors, have none)")
+            raise ResumeError(
+                f"cannot resume {report_path}: {path.name} is missing (reports written before "
+                "resuming existed, and runs of other editors, have none)"
+            )
         return cls(report, load_patches(path))
 
     def check(self, now: dict[str, Any]) -> None:
         """Refuse a resume whose settings differ from the stopped run's (`now`: the same keys)."""
         for key in SAME:
             if self.report.get(key) != now.get(key):
-                raise ResumeError(f"cannot resume: {key} differs from the stopped run "
-                                 f"({self.report.get(key)!r} there, {now.get(key)!r} now)")
+                raise ResumeError(
+                    f"cannot resume: {key} differs from the stopped run "
+                    f"({self.report.get(key)!r} there, {now.get(key)!r} now)"
+                )
         if not self.report.get("sequential", True):
             raise ResumeError("cannot resume a single-edit (--single) run")
 
@@ -83,8 +87,10 @@ class Resume:
         """The stopped run's rows, checked to be the start of this stream."""
         rows: list[dict[str, Any]] = self.report.get("rows", [])
         if len(rows) > len(stream_inputs):
-            raise ResumeError(f"cannot resume: the stopped run went through {len(rows)} mistakes, this stream "
-                             f"has {len(stream_inputs)} (raise --edits)")
+            raise ResumeError(
+                f"cannot resume: the stopped run went through {len(rows)} mistakes, this stream "
+                f"has {len(stream_inputs)} (raise --edits)"
+            )
         for j, r in enumerate(rows):
             if r["i"] != j or r["input"] != stream_inputs[j]:
                 raise ResumeError(f"cannot resume: mistake {j} of the stopped run is not mistake {j} of this stream")

@@ -64,15 +64,15 @@ def pool_for(task: str, data_dir: Any = None, seed: int = 0) -> tuple[list[Examp
 
 
 @torch.no_grad()
-def _item(stack: TopStack, enc: encode.Encoded, targets: torch.Tensor | None = None,
-          members: tuple[int, ...] = ()) -> Item:
+def _item(
+    stack: TopStack, enc: encode.Encoded, targets: torch.Tensor | None = None, members: tuple[int, ...] = ()
+) -> Item:
     cached = stack.capture(enc.batch)
     base = stack.logits(cached, enc.rows_b, enc.rows_t)
     return Item(cached, enc.rows_b, enc.rows_t, enc.targets if targets is None else targets, base, members)
 
 
-def _edit_item(adapter: TaskAdapter, stack: TopStack, ex: Example, new_target: str | None,
-               rng: random.Random) -> Item:
+def _edit_item(adapter: TaskAdapter, stack: TopStack, ex: Example, new_target: str | None, rng: random.Random) -> Item:
     if not adapter.generation:
         enc = encode.classification(adapter.base.tokenizer, [ex.input])
         item = _item(stack, enc)
@@ -92,8 +92,18 @@ def _loc_item(adapter: TaskAdapter, stack: TopStack, exs: list[Example], members
     return _item(stack, enc, members=members)
 
 
-def build(adapter: TaskAdapter, stack: TopStack, pool: list[Example], source: str, *, val: int = 200,
-          loc_batch: int = 8, seed: int = 0, limit: int | None = None, progress: bool = True) -> MendData:
+def build(
+    adapter: TaskAdapter,
+    stack: TopStack,
+    pool: list[Example],
+    source: str,
+    *,
+    val: int = 200,
+    loc_batch: int = 8,
+    seed: int = 0,
+    limit: int | None = None,
+    progress: bool = True,
+) -> MendData:
     rng = random.Random(seed)
     pool = list(pool)
     rng.shuffle(pool)
@@ -101,8 +111,7 @@ def build(adapter: TaskAdapter, stack: TopStack, pool: list[Example], source: st
     if limit is not None:
         pool = pool[: limit + val + n_vloc]
     if len(pool) < val + n_vloc + 2 * loc_batch:
-        raise ValueError(f"only {len(pool)} training examples for MEND; need more than "
-                         f"{val + n_vloc + 2 * loc_batch}")
+        raise ValueError(f"only {len(pool)} training examples for MEND; need more than {val + n_vloc + 2 * loc_batch}")
     val_pool, vloc_pool, train_pool = pool[:val], pool[val : val + n_vloc], pool[val + n_vloc :]
     answers = [e.target for e in pool]
 
@@ -124,12 +133,21 @@ def build(adapter: TaskAdapter, stack: TopStack, pool: list[Example], source: st
     order = list(range(len(train_pool)))
     rng.shuffle(order)
     groups = [tuple(order[i : i + loc_batch]) for i in range(0, len(order) - loc_batch + 1, loc_batch)]
-    loc_groups = [_loc_item(adapter, stack, [train_pool[j] for j in g], g)
-                  for g in tqdm(groups, desc="mend locality", unit="group", disable=not progress)]
+    loc_groups = [
+        _loc_item(adapter, stack, [train_pool[j] for j in g], g)
+        for g in tqdm(groups, desc="mend locality", unit="group", disable=not progress)
+    ]
     val_loc = _loc_item(adapter, stack, vloc_pool, ())
-    info = {"source": source, "train_edits": len(edits), "val_edits": len(val_edits),
-            "loc_groups": len(loc_groups), "loc_batch": loc_batch, "val_loc": len(vloc_pool),
-            "paraphrase": "none in the data: the edit NLL is taken on the edit input itself",
-            "edit_target": "the base's prediction flipped" if not adapter.generation
-            else "another training question's answer (counterfactual)"}
+    info = {
+        "source": source,
+        "train_edits": len(edits),
+        "val_edits": len(val_edits),
+        "loc_groups": len(loc_groups),
+        "loc_batch": loc_batch,
+        "val_loc": len(vloc_pool),
+        "paraphrase": "none in the data: the edit NLL is taken on the edit input itself",
+        "edit_target": "the base's prediction flipped"
+        if not adapter.generation
+        else "another training question's answer (counterfactual)",
+    }
     return MendData(edits, loc_groups, val_edits, val_loc, info)

@@ -37,8 +37,16 @@ KEPT_BATCH = 32  # earlier edits are re-captured as one padded batch per this ma
 class MendEditor:
     name = "mend"
 
-    def __init__(self, adapter: TaskAdapter, mend_dir: Path, heldout: Sequence[str] = (), *,
-                 gate_sample: int = GATE_SAMPLE, seed: int = 0, gate: GateConfig | None = None):
+    def __init__(
+        self,
+        adapter: TaskAdapter,
+        mend_dir: Path,
+        heldout: Sequence[str] = (),
+        *,
+        gate_sample: int = GATE_SAMPLE,
+        seed: int = 0,
+        gate: GateConfig | None = None,
+    ):
         self.adapter, self.model, self.dir = adapter, adapter.base.model, Path(mend_dir)
         self.net, self.config = store.load(self.dir)
         store.check_matches(self.config, self.model)
@@ -101,8 +109,11 @@ class MendEditor:
             am = self.stack.logits(cached, enc.rows_b, enc.rows_t).argmax(-1)
             for b in range(enc.size):
                 preds.append(am[enc.rows_b == b])
-        return torch.nn.utils.rnn.pad_sequence(preds, batch_first=True, padding_value=-1) if preds \
+        return (
+            torch.nn.utils.rnn.pad_sequence(preds, batch_first=True, padding_value=-1)
+            if preds
             else torch.zeros(0, 1, dtype=torch.long)
+        )
 
     # ------------------------------------------------------------------ editing
     def edit(self, inp: str, target: str, edit_id: str, train_equivalents: Sequence[str] = ()) -> EditRecord:
@@ -148,11 +159,19 @@ class MendEditor:
         if retention_failed:
             reasons.append(f"retention: {retention_failed} earlier edit(s) no longer right")
         if changed > self.gate_cfg.max_changed:
-            reasons.append(f"locality: {changed} of {self.held_examples} sampled held-out prediction(s) changed "
-                           f"(max {self.gate_cfg.max_changed})")
-        return {"would_pass": not reasons, "reliable": reliable, "retention_failed": retention_failed,
-                "changed": changed, "heldout_checked": self.held_examples, "reasons": reasons,
-                "seconds": round(time.perf_counter() - t0, 4)}
+            reasons.append(
+                f"locality: {changed} of {self.held_examples} sampled held-out prediction(s) changed "
+                f"(max {self.gate_cfg.max_changed})"
+            )
+        return {
+            "would_pass": not reasons,
+            "reliable": reliable,
+            "retention_failed": retention_failed,
+            "changed": changed,
+            "heldout_checked": self.held_examples,
+            "reasons": reasons,
+            "seconds": round(time.perf_counter() - t0, 4),
+        }
 
     def reset(self) -> None:
         """Back to the base weights (single-edit runs: every edit on the unedited model)."""
@@ -165,20 +184,28 @@ class MendEditor:
 
     def summary(self) -> dict[str, Any]:
         g = self.gates
-        drift = {n: round(float((w.detach() - self.original[n]).norm() / self.original[n].norm()), 5)
-                 for n, w in self.weights.items()}
+        drift = {
+            n: round(float((w.detach() - self.original[n]).norm() / self.original[n].norm()), 5)
+            for n, w in self.weights.items()
+        }
         training = self.config.get("training", {})
         return {
-            "mend_dir": str(self.dir), "edited": [t.name for t in self.targets],
-            "trained_steps": training.get("step"), "rank": self.config["net"]["rank"],
+            "mend_dir": str(self.dir),
+            "edited": [t.name for t in self.targets],
+            "trained_steps": training.get("step"),
+            "rank": self.config["net"]["rank"],
             "edit_lrs": [round(float(x), 6) for x in self.net.edit_lrs.detach()],
-            "gate_would_pass": sum(x["would_pass"] for x in g), "gate_checked": len(g),
+            "gate_would_pass": sum(x["would_pass"] for x in g),
+            "gate_checked": len(g),
             "gate_reliable": sum(x["reliable"] for x in g),
             "gate_heldout_sample": self.held_examples,
-            "heldout_changed_per_edit": {"mean": statistics.fmean(x["changed"] for x in g) if g else None,
-                                         "max": max((x["changed"] for x in g), default=None)},
+            "heldout_changed_per_edit": {
+                "mean": statistics.fmean(x["changed"] for x in g) if g else None,
+                "max": max((x["changed"] for x in g), default=None),
+            },
             "locality_per_edit": (1 - statistics.fmean(x["changed"] for x in g) / self.held_examples)
-            if g and self.held_examples else None,
+            if g and self.held_examples
+            else None,
             "nonfinite_skipped": self.nonfinite,
             "weight_relative_change_now": drift,
         }

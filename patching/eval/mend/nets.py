@@ -59,8 +59,10 @@ class RunningStats(nn.Module):
 
     def normalise(self, x: torch.Tensor) -> torch.Tensor:
         if not self.initialised():
-            raise RuntimeError("MEND normalisation statistics are not initialised (no training rows seen); "
-                               "an untrained or corrupt editor would make every edit NaN")
+            raise RuntimeError(
+                "MEND normalisation statistics are not initialised (no training rows seen); "
+                "an untrained or corrupt editor would make every edit NaN"
+            )
         mean, std = self.mean.to(x.dtype), self.std().to(x.dtype)
         return (x - mean) / (std + 1e-7)
 
@@ -119,8 +121,9 @@ class MendNet(nn.Module):
     its index among the matrices of its shape.
     """
 
-    def __init__(self, names: Sequence[str], shapes: Sequence[Sequence[int]], rank: int,
-                 edit_lr: float = 1e-4, n_layers: int = 2):
+    def __init__(
+        self, names: Sequence[str], shapes: Sequence[Sequence[int]], rank: int, edit_lr: float = 1e-4, n_layers: int = 2
+    ):
         super().__init__()
         if len(names) != len(shapes) or not names:
             raise ValueError("MendNet needs one [out, in] shape per edited matrix")
@@ -133,9 +136,9 @@ class MendNet(nn.Module):
             self.modes.append(counts.get(key, 0))
             counts[key] = counts.get(key, 0) + 1
         first = {shape_key(sh): sh for sh in reversed(self.shapes)}
-        self.transforms = nn.ModuleDict({
-            key: GradientTransform(first[key][1], first[key][0], rank, counts[key], n_layers) for key in counts
-        })
+        self.transforms = nn.ModuleDict(
+            {key: GradientTransform(first[key][1], first[key][0], rank, counts[key], n_layers) for key in counts}
+        )
         self.edit_lrs = nn.Parameter(torch.full((len(names),), float(edit_lr)))
 
     def editor_parameters(self) -> list[nn.Parameter]:

@@ -116,8 +116,9 @@ class GradCapture:
 
     def rows(self, loss: torch.Tensor, retain_graph: bool = False) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         names = [n for n in self.modules if n in self.outputs]
-        grads = torch.autograd.grad(loss, [self.outputs[n] for n in names], retain_graph=retain_graph,
-                                    allow_unused=True)
+        grads = torch.autograd.grad(
+            loss, [self.outputs[n] for n in names], retain_graph=retain_graph, allow_unused=True
+        )
         out = {}
         for n, g in zip(names, grads, strict=True):
             if g is None:
@@ -167,8 +168,9 @@ class TopStack:
             kwargs["use_cache"] = False
         return Cached(args[0].detach(), tuple(args[1:]), kwargs)
 
-    def hidden(self, cached: Cached, params: Mapping[str, torch.Tensor] | None = None,
-               targets: Sequence[Target] = ()) -> torch.Tensor:
+    def hidden(
+        self, cached: Cached, params: Mapping[str, torch.Tensor] | None = None, targets: Sequence[Target] = ()
+    ) -> torch.Tensor:
         """Final hidden states [B, T, d] from the cached input; `params` maps target names to the
         weights to use instead of the model's (functional_call), e.g. W + ΔW."""
         per_layer: dict[int, dict[str, torch.Tensor]] = {}
@@ -186,8 +188,14 @@ class TopStack:
             h = out[0] if isinstance(out, tuple) else out
         return h
 
-    def logits(self, cached: Cached, rows_b: torch.Tensor, rows_t: torch.Tensor,
-               params: Mapping[str, torch.Tensor] | None = None, targets: Sequence[Target] = ()) -> torch.Tensor:
+    def logits(
+        self,
+        cached: Cached,
+        rows_b: torch.Tensor,
+        rows_t: torch.Tensor,
+        params: Mapping[str, torch.Tensor] | None = None,
+        targets: Sequence[Target] = (),
+    ) -> torch.Tensor:
         """Logits [R, C] at the given rows only (classification: position 0)."""
         h = self.hidden(cached, params, targets)[rows_b, rows_t]
         if self.site.final_norm is not None:

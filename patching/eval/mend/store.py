@@ -41,12 +41,18 @@ def _atomic_json(obj: Any, path: Path) -> None:
 
 
 def net_config(net: MendNet, rank: int, n_layers: int) -> dict[str, Any]:
-    return {"names": net.names, "shapes": [list(s) for s in net.shapes], "modes": net.modes, "rank": rank,
-            "mlp_layers": n_layers}
+    return {
+        "names": net.names,
+        "shapes": [list(s) for s in net.shapes],
+        "modes": net.modes,
+        "rank": rank,
+        "mlp_layers": n_layers,
+    }
 
 
-def save(directory: Path, net: MendNet, config: dict[str, Any],
-         optimizers: dict[str, torch.optim.Optimizer] | None = None) -> None:
+def save(
+    directory: Path, net: MendNet, config: dict[str, Any], optimizers: dict[str, torch.optim.Optimizer] | None = None
+) -> None:
     """Write the editor (and, for resuming, the optimisers' state) and then its config."""
     directory.mkdir(parents=True, exist_ok=True)
     _atomic_tensors(dict(net.state_dict()), directory / WEIGHTS_FILE)
@@ -63,8 +69,10 @@ def save(directory: Path, net: MendNet, config: dict[str, Any],
 def read_config(directory: Path) -> dict[str, Any]:
     path = directory / CONFIG_FILE
     if not path.is_file() or not (directory / WEIGHTS_FILE).is_file():
-        raise MendStateError(f"{directory} holds no trained MEND editor ({CONFIG_FILE} + {WEIGHTS_FILE}); "
-                             "train one with `patchd mend train`")
+        raise MendStateError(
+            f"{directory} holds no trained MEND editor ({CONFIG_FILE} + {WEIGHTS_FILE}); "
+            "train one with `patchd mend train`"
+        )
     config: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
     if config.get("format") != FORMAT:
         raise MendStateError(f"{path}: unknown format {config.get('format')!r} (expected {FORMAT})")
@@ -78,8 +86,9 @@ def load(directory: Path) -> tuple[MendNet, dict[str, Any]]:
     state = load_file(str(directory / WEIGHTS_FILE))
     missing, unexpected = net.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise MendStateError(f"{directory}: weights do not match the config (missing {missing[:3]}, "
-                             f"unexpected {unexpected[:3]})")
+        raise MendStateError(
+            f"{directory}: weights do not match the config (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
     return net, config
 
 
@@ -108,5 +117,4 @@ def check_matches(config: dict[str, Any], model: torch.nn.Module) -> None:
         if name not in params:
             raise MendStateError(f"the editor edits {name}, which this model does not have")
         if list(params[name].shape) != list(shape):
-            raise MendStateError(f"{name}: the editor expects shape {shape}, the model has "
-                                 f"{list(params[name].shape)}")
+            raise MendStateError(f"{name}: the editor expects shape {shape}, the model has {list(params[name].shape)}")

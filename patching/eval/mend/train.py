@@ -70,8 +70,12 @@ class StepOut:
 
 def kl_loc(base_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     """KL(base ‖ edited), averaged over rows (softmax over classes or the vocabulary)."""
-    return F.kl_div(F.log_softmax(logits.float(), -1), F.log_softmax(base_logits.float(), -1), log_target=True,
-                    reduction="batchmean")
+    return F.kl_div(
+        F.log_softmax(logits.float(), -1),
+        F.log_softmax(base_logits.float(), -1),
+        log_target=True,
+        reduction="batchmean",
+    )
 
 
 class MendTrainer:
@@ -121,8 +125,12 @@ class MendTrainer:
                 ll.append(out.l_loc)
         finally:
             self.net.train(was)
-        return {"edit_success": statistics.fmean(succ), "loc_unchanged": statistics.fmean(kept),
-                "l_edit": statistics.fmean(le), "l_loc": statistics.fmean(ll)}
+        return {
+            "edit_success": statistics.fmean(succ),
+            "loc_unchanged": statistics.fmean(kept),
+            "l_edit": statistics.fmean(le),
+            "l_loc": statistics.fmean(ll),
+        }
 
 
 def _finite_grads(params: list[torch.nn.Parameter]) -> bool:
@@ -130,9 +138,17 @@ def _finite_grads(params: list[torch.nn.Parameter]) -> bool:
 
 
 def train(
-    lb: LoadedBase, pool: list[Any], source: str, out: Path, cfg: MendTrainConfig | None = None, *,
-    steps: int | None = None, minutes: float | None = None, progress: bool = True,
-    log: Callable[[str], None] = print, data: MendData | None = None,
+    lb: LoadedBase,
+    pool: list[Any],
+    source: str,
+    out: Path,
+    cfg: MendTrainConfig | None = None,
+    *,
+    steps: int | None = None,
+    minutes: float | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+    data: MendData | None = None,
 ) -> dict[str, Any]:
     """Train (or resume) the editor in `out` until `steps` total steps or `minutes` of wall time."""
     t_start = time.perf_counter()
@@ -166,14 +182,33 @@ def train(
         store.load_optimizers(out, {"editor": opt, "edit_lrs": opt_lr})
     trainer = MendTrainer(model, net, targets, cfg)
     if data is None:
-        data = build(TaskAdapter(lb), trainer.stack, pool, source, val=cfg.val_edits, loc_batch=cfg.loc_batch,
-                     seed=cfg.seed, progress=progress)
+        data = build(
+            TaskAdapter(lb),
+            trainer.stack,
+            pool,
+            source,
+            val=cfg.val_edits,
+            loc_batch=cfg.loc_batch,
+            seed=cfg.seed,
+            progress=progress,
+        )
     config = {
-        "base": lb.name, "base_identity": identity, "model_type": model.config.model_type,
-        "edited": [{"name": t.name, "shape": list(t.shape), "layer": t.layer, "editor": f"{t.shape[0]}x{t.shape[1]}",
-                    "mode": m} for t, m in zip(targets, net.modes, strict=True)],
+        "base": lb.name,
+        "base_identity": identity,
+        "model_type": model.config.model_type,
+        "edited": [
+            {
+                "name": t.name,
+                "shape": list(t.shape),
+                "layer": t.layer,
+                "editor": f"{t.shape[0]}x{t.shape[1]}",
+                "mode": m,
+            }
+            for t, m in zip(targets, net.modes, strict=True)
+        ],
         "net": store.net_config(net, cfg.rank, cfg.mlp_layers),
-        "train_config": asdict(cfg), "data": data.info,
+        "train_config": asdict(cfg),
+        "data": data.info,
         "editor_parameters": sum(p.numel() for p in net.editor_parameters()),
     }
 
@@ -219,17 +254,31 @@ def train(
             dt = time.perf_counter() - t0
             state["seconds"] += dt
             step_times.append(dt)
-            for k, v in (("l_edit", out_s.l_edit), ("l_loc", out_s.l_loc), ("success", float(out_s.success)),
-                         ("loc_changed", out_s.loc_changed)):
+            for k, v in (
+                ("l_edit", out_s.l_edit),
+                ("l_loc", out_s.l_loc),
+                ("success", float(out_s.success)),
+                ("loc_changed", out_s.loc_changed),
+            ):
                 ema[k] = v if k not in ema else 0.99 * ema[k] + 0.01 * v
             bar.update(1)
             if state["step"] % 20 == 0:
-                bar.set_postfix(edit=f"{ema['l_edit']:.3f}", loc=f"{ema['l_loc']:.4f}", ok=f"{ema['success']:.2f}",
-                                moved=f"{ema['loc_changed']:.3f}", lr=f"{float(net.edit_lrs.detach().mean()):.1e}",
-                                nan=state["nan_skipped"])
+                bar.set_postfix(
+                    edit=f"{ema['l_edit']:.3f}",
+                    loc=f"{ema['l_loc']:.4f}",
+                    ok=f"{ema['success']:.2f}",
+                    moved=f"{ema['loc_changed']:.3f}",
+                    lr=f"{float(net.edit_lrs.detach().mean()):.1e}",
+                    nan=state["nan_skipped"],
+                )
             if state["step"] % 100 == 0:
-                state["history"].append({"step": state["step"], **{k: round(v, 5) for k, v in ema.items()},
-                                         "edit_lr_mean": float(net.edit_lrs.detach().mean())})
+                state["history"].append(
+                    {
+                        "step": state["step"],
+                        **{k: round(v, 5) for k, v in ema.items()},
+                        "edit_lr_mean": float(net.edit_lrs.detach().mean()),
+                    }
+                )
             if cfg.val_every and state["step"] % cfg.val_every == 0:
                 scores = trainer.validate(data)
                 state["val"].append({"step": state["step"], **{k: round(x, 4) for k, x in scores.items()}})
@@ -247,12 +296,19 @@ def train(
         state["val"].append({"step": state["step"], **{k: round(x, 4) for k, x in scores.items()}})
     save()
     return {
-        "out": str(out), **{k: config[k] for k in ("base", "model_type", "edited", "data", "editor_parameters")},
-        "train_config": asdict(cfg), "steps": state["step"], "train_seconds": state["seconds"],
-        "this_run": {"wall_seconds": round(time.perf_counter() - t_start, 1), "steps": len(step_times),
-                     "median_step_seconds": round(statistics.median(step_times), 4) if step_times else None},
-        "nan_skipped": state["nan_skipped"], "interrupted": interrupted,
-        "running": {k: round(v, 5) for k, v in ema.items()}, "validation": state["val"],
+        "out": str(out),
+        **{k: config[k] for k in ("base", "model_type", "edited", "data", "editor_parameters")},
+        "train_config": asdict(cfg),
+        "steps": state["step"],
+        "train_seconds": state["seconds"],
+        "this_run": {
+            "wall_seconds": round(time.perf_counter() - t_start, 1),
+            "steps": len(step_times),
+            "median_step_seconds": round(statistics.median(step_times), 4) if step_times else None,
+        },
+        "nan_skipped": state["nan_skipped"],
+        "interrupted": interrupted,
+        "running": {k: round(v, 5) for k, v in ema.items()},
+        "validation": state["val"],
         "edit_lrs": [float(x) for x in net.edit_lrs.detach()],
     }
-
