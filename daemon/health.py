@@ -23,13 +23,18 @@ import threading
 import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, Protocol
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from daemon.consumer import Consumer
 from daemon.logs import get_logger
+from daemon.model import PatchedModel
+from daemon.settings import Settings
+from daemon.worker import Worker
+from memory.store import Store
 
 log = get_logger(__name__)
 
@@ -48,10 +53,22 @@ TRAINED = ("patched", "gate_rejected")
 UNWATCHED_PHASES = ("starting", "loading", "stopping")
 
 
+class Monitored(Protocol):
+    """What the endpoint reads of the running Service (daemon/service.py), each part None until up."""
+
+    settings: Settings
+    phase: str  # starting -> (standby ->) loading -> running -> stopping -> stopped
+    heartbeat: float  # time.monotonic() of the main loop's last round
+    store: Store | None
+    model: PatchedModel | None
+    consumer: Consumer | None
+    worker: Worker | None
+
+
 class ServiceCollector(Collector):
     """Reads the running Service (daemon/service.py) at every scrape."""
 
-    def __init__(self, service: Any, health: HealthServer):
+    def __init__(self, service: Monitored, health: HealthServer):
         self.service = service
         self.health = health
         self._lock = threading.Lock()
@@ -74,7 +91,7 @@ class ServiceCollector(Collector):
         yield from self._database(s.store, model, s.settings.policy.quorum)
         yield from _gpu(s)
 
-    def _ingest(self, consumer: Any) -> Iterator[Metric]:
+    def _ingest(self, consumer: Consumer | None) -> Iterator[Metric]:
         stats = consumer.stats if consumer is not None else None
         yield CounterMetricFamily(
             "patchd_events_consumed", "Kafka records consumed and stored", value=stats.records if stats else 0
@@ -98,7 +115,7 @@ class ServiceCollector(Collector):
             "patchd_consumer_paused", "1 while backpressure pauses consumption", bool(consumer and consumer.paused)
         )
 
-    def _worker(self, worker: Any) -> Iterator[Metric]:
+    def _worker(self, worker: Worker | None) -> Iterator[Metric]:
         outcomes = dict(worker.stats.outcomes) if worker is not None else {}
         done = CounterMetricFamily(
             "patchd_mistakes_done", "mistakes the worker finished, by outcome", labels=["outcome"]
@@ -120,7 +137,7 @@ class ServiceCollector(Collector):
         busy = worker.stats.busy_since if worker is not None else None
         yield _gauge("patchd_worker_busy", "1 while a mistake is being patched", busy is not None)
 
-    def _edit_histogram(self, worker: Any) -> Metric:
+    def _edit_histogram(self, worker: Worker | None) -> Metric:
         with self._lock:
             timings = worker.stats.timings if worker is not None else []
             new, self._seen = timings[self._seen :], max(self._seen, len(timings))
@@ -142,12 +159,12 @@ class ServiceCollector(Collector):
                 sum_value=self._sum,
             )
 
-    def _database(self, store: Any, model: str, quorum: int) -> Iterator[Metric]:
+    def _database(self, store: Store | None, model: str, quorum: int) -> Iterator[Metric]:
         from memory.lifecycle import Status
 
         up = store is not None and self.health.database_ok(force=True)
         yield _gauge("patchd_database_up", "1 when the database answered this scrape", up)
-        if not up:
+        if store is None or not up:
             return
         try:
             counts = store.status_counts(model)
@@ -174,16 +191,13 @@ def _gauge(name: str, documentation: str, value: float | bool) -> GaugeMetricFam
     return GaugeMetricFamily(name, documentation, value=float(value))
 
 
-def _gpu(service: Any) -> Iterator[Metric]:
+def _gpu(service: Monitored) -> Iterator[Metric]:
     """GPU memory of the daemon's device, when it runs on one (torch is already loaded then)."""
     torch = sys.modules.get("torch")
     if torch is None or service.model is None or not torch.cuda.is_available():
         return
-    try:
-        device = service.model.patcher.memory.device
-    except AttributeError:
-        return
-    if getattr(device, "type", str(device).split(":")[0]) != "cuda":
+    device = service.model.patcher.memory.device
+    if device.type != "cuda":
         return
     free, total = torch.cuda.mem_get_info(device)
     yield _gauge("patchd_gpu_memory_allocated_bytes", "bytes held by tensors", torch.cuda.memory_allocated(device))
@@ -199,7 +213,7 @@ def _gpu(service: Any) -> Iterator[Metric]:
 class HealthServer:
     """/livez, /readyz and /metrics for one Service on host:port (port 0: the OS picks one)."""
 
-    def __init__(self, service: Any, host: str, port: int):
+    def __init__(self, service: Monitored, host: str, port: int):
         self.service = service
         self.host = host
         self.requested_port = port
@@ -273,7 +287,7 @@ class HealthServer:
         return generate_latest(self.registry)
 
 
-def _ping(store: Any) -> bool:
+def _ping(store: Store | None) -> bool:
     if store is None:
         return False
     try:

@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from daemon.logs import get_logger
 from daemon.publisher import BaseInfo, Published, Publisher
@@ -29,6 +29,9 @@ from daemon.settings import Settings
 from memory.store import Store
 from patching.checkpoint import MANIFEST_FILE, CheckpointError, VerifiedVersion, decode_manifest, read_verified
 from patching.storage import Storage, StorageError, open_storage
+
+if TYPE_CHECKING:  # torch: only revoke needs the model, `patchd versions` and rollback must not wait for it
+    from patching.engine import Patcher
 
 log = get_logger(__name__)
 
@@ -148,7 +151,7 @@ def revoke(settings: Settings, edit_id: int, force: bool = False) -> Revoked:
         return Revoked(edit_id, patch.n_neurons, broken, published)
 
 
-def retention_without(patcher: Any, edit_id: str) -> list[int]:
+def retention_without(patcher: Patcher, edit_id: str) -> list[int]:
     """Edits (other than `edit_id`) that would be wrong with `edit_id`'s neurons taken out.
 
     The gate's retention check run backwards: the retention rows hold every kept edit's FFN output
@@ -176,8 +179,9 @@ def retention_without(patcher: Any, edit_id: str) -> list[int]:
         retention.targets,
     )
     order = patcher.edit_ids  # retention group g = the g-th kept edit
+    assert retention.group is not None  # Patcher.commit numbers every retention row by its edit
     wrong = (new != retention.targets) & (retention.group != order.index(edit_id))
-    return sorted({int(order[int(g)]) for g in retention.group[wrong].unique().tolist()})
+    return sorted({int(order[int(g)]) for g in torch.unique(retention.group[wrong]).tolist()})
 
 
 # ---------------------------------------------------------------------------- listing

@@ -23,6 +23,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
+from daemon.settings import PolicySettings
 from memory.fingerprint import InputValue, fingerprint, input_key, normalise_input, normalise_text
 from memory.records import RejectedIn, ReportIn
 
@@ -65,8 +66,8 @@ class Limits:
     casefold: bool = False
 
     @classmethod
-    def from_policy(cls, policy: Any) -> Limits:
-        """From a settings.PolicySettings (typed as Any to keep this module free of settings)."""
+    def from_policy(cls, policy: PolicySettings) -> Limits:
+        """The limits the daemon's [policy] settings set."""
         return cls(policy.max_input_chars, policy.max_equivalents, policy.max_event_bytes, policy.casefold)
 
 

@@ -13,6 +13,15 @@ true/false/1/0/yes/no/on/off, lists comma-separated; an empty value sets an opti
 None). PATCHD_* variables that name no section (PATCHD_CACHE_DIR, PATCHD_TEST_BOOTSTRAP, ...)
 belong to other parts of patchd and are ignored here. `[trainer]` and `[gate]` map field by field
 onto patching.config.TrainConfig and GateConfig.
+
+Why not pydantic-settings (weighed in the architecture issue): it merges its sources before it
+validates, so an error names the key but not where the value came from (this file's or that
+environment variable), which is the first thing an operator needs; it reads a list from the
+environment as JSON, so `PATCHD_KAFKA_BOOTSTRAP_SERVERS=h1:9092,h2:9092` would need a custom
+decoder on every list; telling PATCHD_* variables of other components (ignored) from unknown keys
+of a known section (an error) needs a custom source; and [trainer] / [gate] are the engine's
+dataclasses, which must not depend on pydantic. What remained to write by hand was about as long
+as the reflection below, which the tests pin (tests/test_settings.py).
 """
 
 from __future__ import annotations
@@ -41,7 +50,7 @@ class SettingsError(ValueError):
 
 @dataclass(frozen=True)
 class ModelSettings:
-    # the prepared FEVER classifier is the quickstart's model (patching/bases.py)
+    # the prepared FEVER classifier is the quickstart's model (patching/bases/load.py)
     name: str = "fever-minilm"
     # a prepared base name or a local directory; None = the prepared base called `name`
     base: str | None = None

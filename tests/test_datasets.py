@@ -127,7 +127,7 @@ def test_default_data_dir_honours_env(tmp_path: Path, monkeypatch: pytest.Monkey
 
 @needs_data
 def test_pararel_questions_for_the_qa_base_stay_out_of_the_zsre_task() -> None:
-    """zsre-smollm2-qa's tuning data (patching/pararel.py) on the real files: the documented
+    """zsre-smollm2-qa's tuning data (patching/bases/pararel.py) on the real files: the documented
     relations, several phrasings per fact, no zsRE subject and no text of any zsRE part."""
     from patching.bases.datasets import raw_dir, zsre_phrasings
     from patching.bases.pararel import qa_examples, relation_templates

@@ -1,6 +1,6 @@
 """`patchd demo`, the quickstart's core, run non-interactively against the test broker.
 
-The same code path as `./deploy/quickstart.sh` (daemon/demo.py: a producer process, `patchd run` as a
+The same code path as `./deploy/quickstart.sh` (daemon/tools/demo.py: a producer process, `patchd run` as a
 child process on embedded defaults, the downstream client), with the tiny test base instead of
 fever-minilm: its corrections are tiny-vocabulary sentences whose reported label is the one the base
 does not give, so every correction is a real mistake. Checked here independently of the demo's own

@@ -1,4 +1,4 @@
-"""`patchd demo`: the quickstart's one-command demo (the work is in daemon/demo.py)."""
+"""`patchd demo`: the quickstart's one-command demo (the work is in daemon/tools/demo.py)."""
 
 from __future__ import annotations
 

@@ -12,7 +12,7 @@ The stream holds one correction per claim, a few recurring reports of the same c
 users (absorbed into the existing mistake: no second neuron), one re-delivered event (same id:
 stored once) and a few malformed events (dead-lettered with their reason). The demo waits until
 the daemon has handled everything and published it, stops the daemon (warm stop) and the broker,
-and prints what happened (daemon/demo_report.py). Every run starts from a fresh state directory.
+and prints what happened (daemon/tools/demo_report.py). Every run starts from a fresh state directory.
 """
 
 from __future__ import annotations
@@ -183,7 +183,7 @@ def run_demo(
     gap: float = PRODUCE_GAP_S,
     out: Out = print,
 ) -> dict[str, Any]:
-    """The whole demo; returns what the summary shows (daemon/demo_report.py prints it).
+    """The whole demo; returns what the summary shows (daemon/tools/demo_report.py prints it).
 
     `claims` (Examples the base gets wrong), `others` (inputs to compare before/after) and `env`
     (extra PATCHD_* settings for the daemon) replace the FEVER defaults, for the tiny test base;

@@ -256,7 +256,7 @@ def _load_zsre(raw: Path, rng: random.Random) -> TaskSplits:
 def _with_mined_phrasings(
     edit: list[Example], knowedit: list[dict[str, Any]], others: list[dict[str, Any]], claimed: _Claimed
 ) -> list[Example]:
-    """Each edit question's train equivalents: its relation's other phrasings (patching/templates.py)
+    """Each edit question's train equivalents: its relation's other phrasings (patching/bases/templates.py)
     about its subject, at most ZSRE_TRAIN_EQUIVALENTS, never a text any part of the task holds (its
     measured paraphrases, another edit question, a locality or memory prompt). Used only when
     `patchd evaluate --train-equivalents` asks for them."""
@@ -347,7 +347,7 @@ def _zsre_graph(knowedit: list[dict[str, Any]], others: list[dict[str, Any]]) ->
 
 
 def zsre_phrasings(data_dir: Path | None = None) -> tuple[TemplateGraph, set[str]]:
-    """zsRE's phrasing templates (patching/templates.py) and every subject a zsRE record names
+    """zsRE's phrasing templates (patching/bases/templates.py) and every subject a zsRE record names
     (casefolded): what `patchd prepare zsre-smollm2-qa` asks other facts with, and keeps out."""
     raw = raw_dir(data_dir)
     knowedit = _read_json(raw, "knowedit_zsre/ZsRE-test-all.json")

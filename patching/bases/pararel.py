@@ -5,7 +5,7 @@ had learned every relation's question phrasings, and a neuron trained on one phr
 a paraphrase. There is no zsRE training split here, but ParaRel (`raw/pararel/trex_lms_vocab`,
 29,411 Wikidata facts over 41 relations) holds facts of many relations zsRE asks about. Each such
 fact is asked with several of zsRE's own question templates for its relation (the templates mined
-from zsRE's question/rephrase pairs, patching/templates.py) and answered with ParaRel's object.
+from zsRE's question/rephrase pairs, patching/bases/templates.py) and answered with ParaRel's object.
 
 Which zsRE templates belong to a Wikidata relation is decided by the patterns in RELATIONS (zsRE
 has no relation ids); relations whose templates these patterns cannot tell apart (language spoken

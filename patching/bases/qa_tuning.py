@@ -1,7 +1,7 @@
 """Fine-tuning a causal LM to answer questions in the prompt format (answer-token loss only).
 
 Used to build `zsre-smollm2-qa`: SmolLM2 tuned on other facts asked in zsRE's phrasings
-(patching/pararel.py), as the paper tuned its BART-base on zsRE's training split before editing.
+(patching/bases/pararel.py), as the paper tuned its BART-base on zsRE's training split before editing.
 """
 
 from __future__ import annotations

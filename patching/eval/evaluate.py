@@ -73,7 +73,7 @@ def run_evaluate(
     `train_equivalents`: editors also train on each edit's `train_equivalents` (never on the
     `equivalents` that GR measures).
     `patches` (tpatcher, sequential): write every accepted edit's neurons there at the end, also
-    when interrupted; `resume`: a stopped run of the same settings, continued (patching/resume.py)."""
+    when interrupted; `resume`: a stopped run of the same settings, continued (patching/eval/resume.py)."""
     t_start = time.perf_counter()
     lb = load_base(base)
     adapter = TaskAdapter(lb)
