@@ -27,7 +27,7 @@ from daemon.settings import PolicySettings
 from memory.fingerprint import InputValue, fingerprint, input_key, normalise_input, normalise_text
 from memory.records import RejectedIn, ReportIn
 
-# ids and reporter names are stored in String(256) columns (memory/schema.py NAME_LEN)
+# ids and reporter names are stored in String(256) columns (NAME_LEN of the tables in memory/)
 MAX_NAME_CHARS = 256
 # model_version is an Integer column: 32-bit signed on PostgreSQL
 MAX_MODEL_VERSION = 2**31 - 1
