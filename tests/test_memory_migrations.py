@@ -125,3 +125,43 @@ def test_bench_store_cli_writes_json(tmp_path: Path, pg_url: str) -> None:
     for backend in ("sqlite", "postgresql"):
         assert results[backend]["events"] == 1500 and results[backend]["events_per_s"] > 0
         assert results[backend]["new_reports"] == 1050  # 30% redeliveries
+
+
+def test_0002_fills_the_input_of_reports_stored_before_it(db_url: str) -> None:
+    """A database from before revision 0002 keeps working: each report's input comes back from its
+    stored event bytes, a text pair as a pair, an unreadable event as NULL (the key is used then)."""
+    from memory.store import Store
+
+    engine = make_engine(db_url)
+    try:
+        migrate.upgrade(engine, "0001")
+        raws = [
+            json.dumps({"id": "a", "input": "  The Moon is cheese. ", "target": "REFUTES"}).encode(),
+            json.dumps({"id": "b", "input": {"text": "Claim.", "text_pair": "Evidence."}, "target": "A"}).encode(),
+            b"{not json",
+        ]
+        with engine.begin() as conn:
+            for i, (key, raw) in enumerate(zip(["the moon is cheese.", "k2", "k3"], raws, strict=True)):
+                conn.execute(
+                    text(
+                        "INSERT INTO mistakes (model, fingerprint, input_text, target, report_count, reporter_count,"
+                        " first_seen, last_seen, status, status_changed_at, priority, needs_policy) VALUES "
+                        "('m', :fp, :key, 'A', 1, 1, CURRENT_TIMESTAMP, CURRENT_TIMESTAMP, 'queued',"
+                        " CURRENT_TIMESTAMP, 0, false)"
+                    ),
+                    {"fp": f"f{i}", "key": key},
+                )
+                conn.execute(
+                    text(
+                        "INSERT INTO reports (event_id, model, mistake_id, target, equivalents, received_at, raw,"
+                        " topic, kafka_partition, kafka_offset) SELECT :eid, 'm', id, 'A', '[]', CURRENT_TIMESTAMP,"
+                        " :raw, 't', 0, :off FROM mistakes WHERE fingerprint = :fp"
+                    ),
+                    {"eid": f"e{i}", "raw": raw, "off": i, "fp": f"f{i}"},
+                )
+        assert migrate.upgrade(engine) == migrate.head_revision()
+    finally:
+        engine.dispose()
+    with Store.open(db_url) as store:
+        inputs = [m.input for m in store.mistakes("m")]
+    assert inputs == ["  The Moon is cheese. ", ("Claim.", "Evidence."), "k3"]
