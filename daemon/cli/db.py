@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from sqlalchemy import Engine
 
 
 def register(sub: Any, bench: Any) -> None:
@@ -46,13 +49,13 @@ def _missing(parser: argparse.ArgumentParser) -> int:
     return 2
 
 
-def _engine(args: argparse.Namespace) -> Any:
+def _engine(args: argparse.Namespace) -> Engine:
     from memory.engine import default_url, make_engine
 
     return make_engine(args.url or default_url(args.state_dir))
 
 
-def _safe(engine: Any) -> str:
+def _safe(engine: Engine) -> str:
     return str(engine.url.render_as_string(hide_password=True))
 
 

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from patching.config import ACTIVATIONS
+from patching.config import ACTIVATIONS, GateConfig, TrainConfig
 
 FORMAT_HELP = """\
 DATA is a built-in task (fever, zsre, counterfact; read from --data-dir, default ../shared/data)
@@ -229,7 +229,7 @@ def interruptible() -> Iterator[None]:
             signal.signal(s, handler)
 
 
-def _patch_settings(overrides: list[str]) -> tuple[Any, Any]:
+def _patch_settings(overrides: list[str]) -> tuple[TrainConfig, GateConfig]:
     """`trainer.KEY=VALUE` / `gate.KEY=VALUE` pairs read exactly like the daemon's PATCHD_* variables,
     so a value that the daemon would refuse is refused here with the same message."""
     from daemon.settings import ENV_PREFIX, load_settings

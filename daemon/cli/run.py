@@ -11,7 +11,11 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # imported by the handlers when they run: `patchd --help` stays fast
+    from daemon.settings import Settings
+    from memory.store import Store
 
 CONFIG_HELP = "TOML settings file (default: none; PATCHD_* environment variables still apply)"
 # broker probe in `patchd check`: long enough for a TLS handshake, short enough for a probe
@@ -64,7 +68,7 @@ def register(sub: Any, bench: Any) -> None:
     replay.set_defaults(func=_replay)
 
 
-def _settings(args: argparse.Namespace, logs_to_stdout: bool = False) -> Any:
+def _settings(args: argparse.Namespace, logs_to_stdout: bool = False) -> Settings:
     from daemon.logs import configure_logging
     from daemon.settings import load_settings
 
@@ -91,7 +95,7 @@ def _run(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------- status
 
 
-def _open_store(settings: Any) -> Any:
+def _open_store(settings: Settings) -> Store:
     from memory.store import Store
 
     return Store.open(settings.database.url, upgrade=False)
@@ -146,7 +150,7 @@ def _check(args: argparse.Namespace) -> int:
     return 0 if all(ok for ok, _, _ in results) else 1
 
 
-def _check_database(settings: Any) -> tuple[bool, str, str]:
+def _check_database(settings: Settings) -> tuple[bool, str, str]:
     from daemon.settings import mask_url
 
     try:
@@ -157,7 +161,7 @@ def _check_database(settings: Any) -> tuple[bool, str, str]:
     return True, "database", f"{mask_url(settings.database.url)} ({sum(counts.values())} mistakes)"
 
 
-def _check_kafka(settings: Any) -> tuple[bool, str, str]:
+def _check_kafka(settings: Settings) -> tuple[bool, str, str]:
     from kafka import KafkaAdminClient
 
     try:
@@ -180,7 +184,7 @@ def _check_kafka(settings: Any) -> tuple[bool, str, str]:
     )
 
 
-def _check_daemon(settings: Any, required: bool) -> list[tuple[bool, str, str]]:
+def _check_daemon(settings: Settings, required: bool) -> list[tuple[bool, str, str]]:
     from daemon.scheduler import HEALTH_INTERVAL_S, HEALTH_STALE_INTERVALS, health_path, read_health
 
     health = read_health(health_path(settings))

@@ -10,7 +10,10 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from daemon.settings import Settings
 
 CONFIG_HELP = "TOML settings file (default: none; PATCHD_* environment variables still apply)"
 
@@ -53,7 +56,7 @@ def register(sub: Any, bench: Any) -> None:
     export.set_defaults(func=_export)
 
 
-def _settings(args: argparse.Namespace) -> Any:
+def _settings(args: argparse.Namespace) -> Settings:
     from daemon.logs import configure_logging
     from daemon.settings import load_settings
 
