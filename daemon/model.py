@@ -2,12 +2,12 @@
 
     model = PatchedModel.load(settings)              # base, M and held-out built once
     rebuilt = model.rebuild(store)                   # restart: recover, then replay every kept patch
-    proposal = model.propose(mistake, text)          # None = already right; nothing changes
+    proposal = model.propose(mistake, equivalents)   # None = already right; nothing changes
     model.commit(proposal)                           # only AFTER the patch row is stored
 
-The seam between the service and the engine: the worker hands it a stored mistake (its input as
-the producer sent it: a text or a text pair, memory.records.InputValue) and gets the engine's
-typed Proposal back; nothing else of patching/ is seen by daemon/'s other modules.
+The worker's one door to the engine: it hands over a stored mistake (its input as the producer
+sent it: a text or a text pair, memory.records.InputValue) and gets the engine's typed Proposal
+back; the encoding, the neurons and the caches stay behind this class.
 
 Restart contract (memory/store.py): a mistake left in `patching` was never kept, so it goes back
 to `queued`; the accepted patches are replayed in acceptance order, which recomputes exactly the
