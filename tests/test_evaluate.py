@@ -67,6 +67,16 @@ def test_generic_loader_reads_good_files(tmp_path: Path) -> None:
     assert data.memory == data.test  # no memory.jsonl and no train_eval: the test inputs
 
 
+def test_generic_folder_without_memory_inputs_is_refused(tmp_path: Path) -> None:
+    """edits + heldout alone once built an empty memory and failed every edit without a word."""
+    write_jsonl(tmp_path / "edits.jsonl", [{"input": "a", "target": "X"}])
+    write_jsonl(tmp_path / "heldout.jsonl", [{"input": "h", "target": ""}])
+    with pytest.raises(DataError, match="memory.jsonl"):
+        load_eval_data(str(tmp_path))
+    write_jsonl(tmp_path / "memory.jsonl", [{"input": "m"}])
+    assert [e.input for e in load_eval_data(str(tmp_path)).memory] == ["m"]
+
+
 def test_generic_loader_reports_every_bad_line(tmp_path: Path) -> None:
     write_jsonl(
         tmp_path / "edits.jsonl",

@@ -8,7 +8,9 @@ Generic format (one JSON object per line, UTF-8):
 - `heldout.jsonl`, `train_eval.jsonl`, `test.jsonl` (optional): `{"input": str, "target": str}`.
   heldout measures locality (target may be ""), train_eval TrainR, test TestR.
 - `memory.jsonl` (optional): `{"input": str}` unrelated inputs for the activation memory; when
-  missing, the memory is built from train_eval (or test) inputs.
+  missing, the memory is built from train_eval (or test) inputs. A folder with none of the three
+  is refused: with an empty memory a neuron is trained against nothing it must stay silent on, and
+  every edit fails (a run must never silently do nothing).
 
 Every bad line is reported with its file and line number, and nothing runs on invalid data.
 """
@@ -101,6 +103,12 @@ def load_generic(folder: Path) -> EvalData:
     if not edits:
         raise DataError(f"{edits_path}: no edits")
     memory = parts["memory"] or parts["train_eval"] or parts["test"]
+    if not memory:
+        raise DataError(
+            f"{folder}: no inputs for the activation memory M: add memory.jsonl with unrelated inputs, one "
+            '{"input": ...} per line (about 1,000 or more, none of them an edit or held-out input), or a '
+            "train_eval.jsonl / test.jsonl to build it from; with an empty M every edit fails"
+        )
     return EvalData(folder.name, edits, parts["heldout"], parts["train_eval"], parts["test"], memory)
 
 
