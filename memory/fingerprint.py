@@ -36,6 +36,18 @@ def input_key(value: InputValue) -> str:
     return value
 
 
+def input_from_key(key: str) -> InputValue:
+    """The input back from its key (input_key's inverse): a text pair's key is its JSON object."""
+    if key.startswith("{"):
+        try:
+            value = json.loads(key)
+        except ValueError:
+            return key
+        if isinstance(value, dict) and isinstance(value.get("text"), str) and isinstance(value.get("text_pair"), str):
+            return value["text"], value["text_pair"]
+    return key
+
+
 def fingerprint(model: str, value: InputValue, casefold: bool = False) -> str:
     key = input_key(normalise_input(value, casefold))
     return hashlib.sha256(f"{model}\x00{key}".encode()).hexdigest()

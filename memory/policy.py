@@ -13,7 +13,6 @@ re-evaluated, so each call costs in proportion to what arrived, not to the backl
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from collections.abc import Mapping
 
@@ -21,8 +20,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from memory import lifecycle
+from memory.fingerprint import InputValue, input_from_key
 from memory.lifecycle import OPEN, Status
-from memory.records import InputValue
 from memory.schema import Mistake, MistakeTarget, Report
 
 
@@ -122,19 +121,7 @@ def input_of(session: Session, mistake: Mistake) -> InputValue:
         text, pair = row
         assert text is not None  # the query skips reports without an input
         return text if pair is None else (text, pair)
-    return key_input(mistake.input_text)
-
-
-def key_input(key: str) -> InputValue:
-    """The normalised input back from its key (memory.fingerprint.input_key: a text pair is JSON)."""
-    if key.startswith("{"):
-        try:
-            value = json.loads(key)
-        except ValueError:
-            return key
-        if isinstance(value, dict) and isinstance(value.get("text"), str) and isinstance(value.get("text_pair"), str):
-            return value["text"], value["text_pair"]
-    return key
+    return input_from_key(mistake.input_text)
 
 
 def _share_note(targets: Mapping[str, int]) -> str:

@@ -6,11 +6,10 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any
 
-from memory.status import Status
-
-# a model input: a text, or a (text, text_pair) pair (e.g. an NLI classifier's premise and hypothesis);
+# InputValue: a text, or a (text, text_pair) pair (an NLI classifier's premise and hypothesis);
 # patching/encode.py's ModelInput is the same type, so the value crosses from event to engine as is
-InputValue = str | tuple[str, str]
+from memory.fingerprint import InputValue as InputValue  # re-exported for the daemon
+from memory.status import Status
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ Functions over an open session; memory/store.py wraps each in a read transaction
 
 from __future__ import annotations
 
-from sqlalchemy import func, or_, select
+from sqlalchemy import Select, func, or_, select
 from sqlalchemy.orm import Session
 
 from memory.records import StatusSummary
@@ -36,8 +36,8 @@ def backlog(session: Session, model: str, quorum: int) -> int:
 def status_summary(session: Session, model: str, quorum: int) -> StatusSummary:
     """What `patchd status` prints, in one read transaction."""
 
-    def count(query: object) -> int:
-        return int(session.scalar(query) or 0)  # type: ignore[call-overload]
+    def count(query: Select[int]) -> int:
+        return int(session.scalar(query) or 0)
 
     kept = (Patch.model == model) & Patch.accepted.is_(True) & Patch.removed_at.is_(None)
     latest = session.scalar(select(func.max(Version.number)).where(Version.model == model))
