@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs the system services the tests use, from Debian's packages, when missing:
-# PostgreSQL (production database path), Java 17 + Maven (the real Kafka broker),
+# PostgreSQL (production database path), Java 17 + Maven (the real Kafka broker and the S3 server),
 # systemd (systemd-analyze verify for the unit file), kcat (a producer no one here wrote: librdkafka,
 # the client most non-Java services use, in the compression tests).
 set -euo pipefail
