@@ -23,12 +23,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from daemon.logs import get_logger
-from daemon.publisher import BaseInfo, Published, Publisher
+from daemon.publisher import BaseInfo, Published, Publisher, storage_of
 from daemon.releases import ReleaseSender
 from daemon.settings import Settings
 from memory.store import Store
 from patching.checkpoint import MANIFEST_FILE, CheckpointError, VerifiedVersion, decode_manifest, read_verified
-from patching.storage import Storage, StorageError, open_storage
+from patching.storage import Storage, StorageError
 
 if TYPE_CHECKING:  # torch: only revoke needs the model, `patchd versions` and rollback must not wait for it
     from patching.engine import Patcher
@@ -46,11 +46,6 @@ class Revoked:
     neurons: int
     broken: list[int]  # other edits that are wrong without the revoked neurons (only with force)
     published: Published | None
-
-
-def storage_of(settings: Settings) -> Storage:
-    assert settings.storage.root is not None  # resolved by load_settings
-    return open_storage(settings.storage.root)
 
 
 @contextmanager

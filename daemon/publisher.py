@@ -58,18 +58,14 @@ if TYPE_CHECKING:
 log = get_logger(__name__)
 
 FAULT_ENV = "PATCHD_FAULT_KILL_AT"
-STEPS: tuple[str, ...] = (
-    "publish.start",
-    "version.tmpdir",
-    f"version.file:{PATCHES_FILE}",
-    f"version.file:{CONFIG_FILE}",
-    f"version.file:{MANIFEST_FILE}",
-    "version.renamed",
-    "latest.tmp",
-    "latest.renamed",
-    "publish.released",
-    "publish.recorded",
-)
+VERSION_FILES = (PATCHES_FILE, CONFIG_FILE, MANIFEST_FILE)  # the write order: the manifest last
+
+
+def publish_steps(storage: Storage) -> tuple[str, ...]:
+    """Every fault point of one publish on `storage`, in order (the crash tests kill at each)."""
+    return ("publish.start", *storage.write_steps(VERSION_FILES), "publish.released", "publish.recorded")
+
+
 # a version is deleted only when it stopped being the newest this long ago: a reader that picked
 # it up just before it was superseded has long finished reading a few megabytes by then
 RETENTION_GRACE_S = 60.0
@@ -416,15 +412,20 @@ class Publisher:
             self.releases.close()
 
 
-def daemon_publisher(settings: Settings, store: Store, model: PatchedModel) -> Publisher:
-    """The running daemon's publisher: its storage root, release topic and retention from settings."""
+def storage_of(settings: Settings) -> Storage:
+    """The configured storage: a file system path, or an S3 bucket with the [storage] options."""
     from patching.storage import open_storage
 
     assert settings.storage.root is not None  # resolved by load_settings
+    return open_storage(settings.storage.root, settings.storage.s3_options())
+
+
+def daemon_publisher(settings: Settings, store: Store, model: PatchedModel) -> Publisher:
+    """The running daemon's publisher: its storage root, release topic and retention from settings."""
     return Publisher(
         settings.model.name,
         store,
-        open_storage(settings.storage.root),
+        storage_of(settings),
         BaseInfo.of_model(model),
         releases=ReleaseSender(settings.kafka),
         keep=settings.publish.keep_versions,

@@ -42,7 +42,7 @@ from daemon.health import HealthServer
 from daemon.logs import bind, clear_context, get_logger
 from daemon.model import PatchedModel, Rebuilt
 from daemon.notify import Notifier
-from daemon.publisher import daemon_publisher
+from daemon.publisher import daemon_publisher, storage_of
 from daemon.scheduler import Jobs
 from daemon.settings import Settings, SettingsError, effective_settings, mask_url
 from daemon.worker import Worker
@@ -127,6 +127,7 @@ class Service:
             settings=effective_settings(s),
         )
         t0 = time.perf_counter()
+        self._check_storage()
         if s.health.port:  # first, so that /livez answers during a long start-up
             try:
                 self.health = HealthServer(self, s.health.host, s.health.port).start()
@@ -153,6 +154,18 @@ class Service:
             if self.health is not None:
                 self.health.stop()
             clear_context()
+
+    def _check_storage(self) -> None:
+        """Stop start-up at once on storage that cannot work (a missing bucket, bad credentials, an
+        unwritable directory), naming the setting, rather than after a long load at the first publish."""
+        from patching.storage import StorageSetupError
+
+        try:
+            storage_of(self.settings).check()
+        except StorageSetupError as exc:
+            value = self.settings.storage.root if exc.setting == "root" else None
+            shown = f" = {value!r}" if value is not None else ""
+            raise SettingsError(f"storage.{exc.setting}{shown}: {exc}") from None
 
     def _run(self, t0: float) -> int:
         assert self.store is not None

@@ -38,6 +38,9 @@ from typing import Any, Literal, Union
 
 from patching.config import GateConfig, TrainConfig
 
+if typing.TYPE_CHECKING:
+    from patching.s3storage import S3Options
+
 ENV_PREFIX = "PATCHD_"
 MASK = "***"
 SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
@@ -128,8 +131,25 @@ class StateSettings:
 
 @dataclass(frozen=True)
 class StorageSettings:
-    # None = <state.dir>/checkpoints (resolved at load); production points it at shared storage
-    root: Path | None = None
+    # a path (local or NFS), file://PATH or s3://BUCKET/PREFIX; None = <state.dir>/checkpoints
+    # (resolved at load); production points it at shared storage
+    root: str | None = None
+    # s3:// only. Each None falls back to the AWS SDK's own chain, so the standard AWS_* variables,
+    # ~/.aws and instance roles work as they do for every AWS tool.
+    # None = AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL, else AWS; set it for MinIO, Ceph, s3proxy ...
+    endpoint_url: str | None = None
+    # None = AWS_REGION / AWS_DEFAULT_REGION / ~/.aws/config
+    region: str | None = None
+    # None = AWS_ACCESS_KEY_ID / ~/.aws/credentials / an instance or pod role
+    access_key_id: str | None = None
+    secret_access_key: str | None = field(default=None, repr=False)  # secret
+    # fetched version files; None = <state.dir>/s3-cache (resolved at load)
+    cache_dir: Path | None = None
+
+    def s3_options(self) -> S3Options:
+        from patching.s3storage import S3Options
+
+        return S3Options(self.endpoint_url, self.region, self.access_key_id, self.secret_access_key, self.cache_dir)
 
 
 @dataclass(frozen=True)
@@ -198,10 +218,11 @@ TOP_LEVEL = ("device",)  # keys outside any section
 SECTIONS: dict[str, type] = {
     f.name: typing.get_type_hints(Settings)[f.name] for f in fields(Settings) if f.name not in TOP_LEVEL
 }
-SECRETS = {("kafka", "ssl_password"), ("kafka", "sasl_plain_password")}
+SECRETS = {("kafka", "ssl_password"), ("kafka", "sasl_plain_password"), ("storage", "secret_access_key")}
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?|mps")
 # Kafka allows 249; the ".releases" suffix must still fit
 _TOPIC = re.compile(r"[A-Za-z0-9._-]{1,200}")
+_STORAGE_URI = re.compile(r"file://.+|s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?")
 _TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
 
 
@@ -415,6 +436,16 @@ def _check(s: Settings) -> None:
         (s.policy.max_input_chars > 0, "policy.max_input_chars", "must be > 0"),
         (s.policy.max_equivalents >= 0, "policy.max_equivalents", "must be >= 0"),
         (s.policy.max_event_bytes > 0, "policy.max_event_bytes", "must be > 0"),
+        (
+            s.storage.root is None or "://" not in s.storage.root or bool(_STORAGE_URI.fullmatch(s.storage.root)),
+            "storage.root",
+            "must be a path, file://PATH or s3://BUCKET[/PREFIX] (bucket: 3-63 of a-z 0-9 . -)",
+        ),
+        (
+            (s.storage.access_key_id is None) == (s.storage.secret_access_key is None),
+            "storage.access_key_id",
+            "and storage.secret_access_key are set together (or both left to the AWS SDK's chain)",
+        ),
         (s.publish.interval_s > 0, "publish.interval_s", "must be > 0"),
         (s.publish.keep_versions >= 1, "publish.keep_versions", "must be >= 1 (LATEST is always kept)"),
         (0 <= s.health.port <= 65535, "health.port", "must be in 0..65535 (0 disables)"),
@@ -429,12 +460,14 @@ def _resolve(s: Settings, env: Mapping[str, str]) -> Settings:
     """Fill the defaults that depend on other values: state dir, storage root, database, group id."""
     home = Path(env["HOME"]) if env.get("HOME") else Path.home()
     state_dir = (s.state.dir or home / ".local" / "state" / "patchd").expanduser()
-    root = (s.storage.root or state_dir / "checkpoints").expanduser()
+    root = s.storage.root or str(state_dir / "checkpoints")
+    if "://" not in root:
+        root = str(Path(root).expanduser())
     url = s.database.url or f"sqlite:///{state_dir / 'patchd.db'}"
     return replace(
         s,
         state=replace(s.state, dir=state_dir),
-        storage=replace(s.storage, root=root),
+        storage=replace(s.storage, root=root, cache_dir=(s.storage.cache_dir or state_dir / "s3-cache").expanduser()),
         database=replace(s.database, url=url),
         kafka=replace(s.kafka, group_id=s.kafka.group_id or f"patchd-{s.model.name}"),
         model=replace(s.model, base=s.model.base or s.model.name),

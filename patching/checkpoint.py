@@ -110,7 +110,20 @@ def read_verified(storage: Storage, model: str, number: int) -> VerifiedVersion:
     CheckpointError: the version is there but must not be used (missing manifest or file, a
     checksum or size mismatch, an unreadable patch_config.json). OSError from the storage
     (a file vanishing while read, an NFS hiccup) propagates: it may pass on a later try.
+    A medium that serves files from a local cache (S3) is read once more without it when the
+    first read fails its checks: a corrupt cached copy must not condemn a good version.
     """
+    try:
+        return _read_verified(storage, model, number)
+    except VersionMissing:
+        raise
+    except CheckpointError:
+        if not storage.forget(model, number):
+            raise
+        return _read_verified(storage, model, number)
+
+
+def _read_verified(storage: Storage, model: str, number: int) -> VerifiedVersion:
     try:
         raw = storage.read(model, number, MANIFEST_FILE)
     except FileNotFoundError:

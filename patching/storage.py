@@ -20,9 +20,9 @@ The contract every implementation keeps, whatever the medium:
 - versions are immutable; `delete_version` makes one invisible before removing its bytes.
 
 Checksums are not this module's business: patching/checkpoint.py verifies what is read, so a
-medium that corrupts bytes is caught, whichever medium it is. An object store (S3, GCS) can be
-added as another `Storage`: it has no rename, so it writes the files, then the manifest as the
-commit marker, and its `versions` lists only prefixes that hold a manifest.
+medium that corrupts bytes is caught, whichever medium it is. The object store (S3 and
+S3-compatible servers) is patching/s3storage.py: it has no rename, so it writes the files, then
+the manifest as the commit marker, and its `versions` lists only prefixes that hold a manifest.
 """
 
 from __future__ import annotations
@@ -37,6 +37,10 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from patching.s3storage import S3Options
 
 LATEST_FILE = "LATEST"
 VERSIONS_DIR = "versions"
@@ -59,6 +63,14 @@ class StorageError(OSError):
     """Storage that cannot be used as asked (a bad LATEST, an unknown URI scheme)."""
 
 
+class StorageSetupError(StorageError):
+    """Storage that cannot be reached as configured; `setting` names the [storage] key to fix."""
+
+    def __init__(self, setting: str, message: str):
+        super().__init__(message)
+        self.setting = setting
+
+
 class VersionExists(StorageError):
     """put_version for a number that is already taken (another publisher got there first)."""
 
@@ -71,6 +83,20 @@ class Storage(ABC):
     """The operations the publisher and the client need, and nothing else (see the module docstring)."""
 
     uri: str
+    # the step (see Step) after which LATEST names the new version
+    latest_step: str
+
+    @abstractmethod
+    def write_steps(self, files: Sequence[str]) -> tuple[str, ...]:
+        """The durable steps of put_version(files) then set_latest, in order (the crash tests' list)."""
+
+    @abstractmethod
+    def check(self) -> None:
+        """Usable as configured, or StorageSetupError naming the setting (run once at start-up)."""
+
+    def forget(self, model: str, number: int) -> bool:
+        """Drop local copies of a version's files, if this medium keeps any; True when it did."""
+        return False
 
     @abstractmethod
     def put_version(self, model: str, number: int, files: Sequence[tuple[str, bytes]], step: Step = _no_step) -> str:
@@ -117,9 +143,23 @@ class FileStorage(Storage):
     the change survives a power cut. Deleting renames the version to a hidden trash name first.
     """
 
+    latest_step = "latest.renamed"
+
     def __init__(self, root: str | Path):
         self.root = Path(root).expanduser().resolve()
         self.uri = self.root.as_uri()
+
+    def write_steps(self, files: Sequence[str]) -> tuple[str, ...]:
+        named = tuple(f"version.file:{name}" for name in files)
+        return ("version.tmpdir", *named, "version.renamed", "latest.tmp", "latest.renamed")
+
+    def check(self) -> None:
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StorageSetupError("root", f"{self.root}: cannot create it: {exc.strerror or exc}") from None
+        if not os.access(self.root, os.W_OK | os.X_OK):
+            raise StorageSetupError("root", f"{self.root}: not writable by this user")
 
     def _model_dir(self, model: str) -> Path:
         if not model or "/" in model or model.startswith("."):
@@ -223,17 +263,23 @@ class FileStorage(Storage):
         return removed
 
 
-def open_storage(root: str | Path | Storage) -> Storage:
-    """A Storage for a path or URI: a plain path or file:// is a (local or NFS) file system."""
+def open_storage(root: str | Path | Storage, s3: S3Options | None = None) -> Storage:
+    """A Storage for a path or URI: a plain path or file:// is a (local or NFS) file system,
+    s3://bucket/prefix an object store (patching/s3storage.py; `s3` says how to reach it, else
+    the AWS SDK's own configuration: AWS_* variables, ~/.aws, an instance role)."""
     if isinstance(root, Storage):
         return root
     text = str(root)
     if text.startswith("file://"):
         return FileStorage(text[len("file://") :])
+    if text.startswith("s3://"):
+        from patching.s3storage import S3Storage
+
+        return S3Storage(text, s3)
     scheme = re.match(r"([a-z][a-z0-9+.-]*)://", text)
     if scheme:
-        raise StorageError(
-            f"storage {text!r}: the {scheme.group(1)}:// scheme is not supported yet; use a local or NFS path"
+        raise StorageSetupError(
+            "root", f"{text!r}: the {scheme.group(1)}:// scheme is not supported; use a path, file:// or s3://"
         )
     return FileStorage(text)
 
