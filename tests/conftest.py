@@ -4,6 +4,8 @@ pytest_plugins = [
     "tests.fixtures_models",
     "tests.fixtures_pg",
     "tests.fixtures_kafka",
+    "tests.fixtures_s3",
+    "tests.media",
 ]
 
 

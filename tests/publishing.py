@@ -3,7 +3,7 @@
 `add_patches(store, n, hidden)` stores n accepted one-neuron patches of random weights (what the
 worker would store), without a model: publishing only moves bytes. `Zygote` is a child process
 that imported the publisher once and forks one grandchild per publish, which dies by SIGKILL at the
-step named (daemon/publisher.py STEPS): fork is the cheap
+step named (daemon/publisher.py publish_steps): fork is the cheap
 way to get a fresh process per step; the zygote itself has no threads and opened no database.
 """
 
@@ -22,6 +22,7 @@ from daemon.publisher import BaseInfo
 from memory.fingerprint import fingerprint
 from memory.records import PatchIn, ReportIn
 from memory.store import Store
+from patching.storage import Storage
 
 MODEL = "tiny"
 GATE = {"passed": True, "changed": 0, "regressed": 0, "retention_failed": 0, "heldout_active": 0.0125, "attempts": 1}
@@ -81,8 +82,12 @@ def tiny_info(base_dir: Path) -> BaseInfo:
 class Zygote:
     """`python -m tests.publish_child`: one publish per request, each in a fresh forked process."""
 
-    def __init__(self, database_url: str, root: Path, info: BaseInfo, model: str = MODEL):
-        spec = json.dumps({"database": database_url, "root": str(root), "model": model, "base": asdict(info)})
+    def __init__(self, database_url: str, storage: Storage, info: BaseInfo, model: str = MODEL):
+        from tests.media import storage_spec
+
+        spec = json.dumps(
+            {"database": database_url, "storage": storage_spec(storage), "model": model, "base": asdict(info)}
+        )
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "tests.publish_child", spec],
             stdin=subprocess.PIPE,

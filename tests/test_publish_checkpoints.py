@@ -1,4 +1,5 @@
-"""Publishing on a file system: SIGKILL at every step, corrupted bytes, retention, nothing to publish.
+"""Publishing on every medium (a file system, the real S3 server): SIGKILL at every step, corrupted
+bytes, retention, retention while a watcher reads, nothing to publish.
 
 No Kafka here (the publisher runs without a release sender); the daemon and the downstream watcher
 on a real broker are in test_publish_daemon.py.
@@ -15,13 +16,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from daemon.publisher import STEPS, Publisher
+from daemon.publisher import Publisher, publish_steps
 from memory.store import Store
 from patching.checkpoint import MANIFEST_FILE, CheckpointError, read_verified
 from patching.client import CheckpointWatcher, NoGoodVersion, load_latest
 from patching.loading import load_base_model
 from patching.patchfile import CONFIG_FILE, PATCHES_FILE
-from patching.storage import FileStorage, StorageError, version_name
+from patching.storage import Storage, StorageError, version_name
+from tests.media import get_raw, put_raw, raw_names
 from tests.publishing import MODEL, Zygote, add_patches, tiny_info
 from tests.tinybase import tiny_base
 
@@ -37,15 +39,15 @@ def store(tmp_path: Path):
         yield s
 
 
-def _verified_latest(storage: FileStorage) -> int | None:
+def _verified_latest(storage: Storage) -> int | None:
     pointer = storage.latest(MODEL)
     if pointer is not None:
         read_verified(storage, MODEL, pointer)
     return pointer
 
 
-def test_sigkill_at_every_step_never_exposes_an_incomplete_version(base: Path, store: Store, tmp_path: Path) -> None:
-    storage = FileStorage(tmp_path / "checkpoints")
+def test_sigkill_at_every_step_never_exposes_an_incomplete_version(base: Path, store: Store, storage: Storage) -> None:
+    steps = publish_steps(storage)
     add_patches(store, 3, hidden=64)
     first = Publisher(MODEL, store, storage, tiny_info(base)).publish_if_changed()
     assert first is not None and storage.latest(MODEL) == first.number == 1
@@ -69,11 +71,11 @@ def test_sigkill_at_every_step_never_exposes_an_incomplete_version(base: Path, s
 
     thread = threading.Thread(target=reader, daemon=True)
     thread.start()
-    zygote = Zygote(store.engine.url.render_as_string(hide_password=False), storage.root, tiny_info(base))
+    zygote = Zygote(store.engine.url.render_as_string(hide_password=False), storage, tiny_info(base))
     released = {1}  # versions LATEST named at some point: exactly these get a row
     try:
-        flipped = STEPS.index("latest.renamed")
-        for i, step in enumerate(STEPS):
+        flipped = steps.index(storage.latest_step)
+        for i, step in enumerate(steps):
             add_patches(store, 1, hidden=64, seed=i + 1)  # something new to publish each time
             before = storage.latest(MODEL)
             assert zygote.publish(kill_at=step) == -9, f"the publisher was not killed at {step}"
@@ -99,17 +101,19 @@ def test_sigkill_at_every_step_never_exposes_an_incomplete_version(base: Path, s
     assert failures == [] and reads > 0
 
     # recovery: leftovers are gone, every released version is recorded (and no other), the last is complete
-    versions_dir = storage.root / MODEL / "versions"
-    assert [p.name for p in versions_dir.iterdir() if p.name.startswith(".")] == []
-    assert not [p for p in (storage.root / MODEL).iterdir() if p.name.startswith(".LATEST")]
+    # (file system: no temp or trash entry; S3: no key outside a committed version, since a publish
+    # that died is overwritten by the next one of that number)
+    committed = {version_name(n) for n in storage.versions(MODEL)}
+    assert [n for n in raw_names(storage, f"{MODEL}/versions") if n.split("/")[0] not in committed] == []
+    assert [n for n in raw_names(storage, MODEL) if n.startswith(".LATEST")] == []
     recorded = {v.number for v in store.versions(MODEL)}
     assert recorded == released
     final = read_verified(storage, MODEL, latest)
     assert final.patch_ids == [p.id for p in store.accepted_patches(MODEL)]
-    assert final.manifest["neurons"] == 3 + len(STEPS)
+    assert final.manifest["neurons"] == 3 + len(steps)
 
 
-def _publish_two(store: Store, storage: FileStorage, base: Path) -> Publisher:
+def _publish_two(store: Store, storage: Storage, base: Path) -> Publisher:
     publisher = Publisher(MODEL, store, storage, tiny_info(base))
     add_patches(store, 2, hidden=64, seed=10)
     publisher.publish_if_changed()
@@ -121,19 +125,18 @@ def _publish_two(store: Store, storage: FileStorage, base: Path) -> Publisher:
 
 @pytest.mark.parametrize("name", [PATCHES_FILE, CONFIG_FILE, MANIFEST_FILE])
 def test_flipped_byte_is_detected_and_the_loader_falls_back(
-    base: Path, store: Store, tmp_path: Path, name: str, caplog: pytest.LogCaptureFixture
+    base: Path, store: Store, storage: Storage, name: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    storage = FileStorage(tmp_path / "checkpoints")
     _publish_two(store, storage, base)
-    path = storage.root / MODEL / "versions" / version_name(2) / name
-    data = bytearray(path.read_bytes())
+    path = f"{MODEL}/versions/{version_name(2)}/{name}"
+    data = bytearray(get_raw(storage, path))
     data[len(data) // 2] ^= 0x01  # one bit, in the middle of the file
-    path.write_bytes(bytes(data))
+    put_raw(storage, path, bytes(data))
     with pytest.raises(CheckpointError):
         read_verified(storage, MODEL, 2)
 
     with caplog.at_level(logging.WARNING, logger="patching.client"):
-        loaded = load_latest(storage.root, MODEL, base)
+        loaded = load_latest(storage, MODEL, base)
     assert loaded.version == 1
     assert "refused version 2" in caplog.text and "serving version 1" in caplog.text
     # the fallback is exactly version 1: same neurons as its files say
@@ -146,34 +149,35 @@ def test_flipped_byte_is_detected_and_the_loader_falls_back(
     assert wrapper.edit_ids == v1.config.edit_ids
 
 
-def test_wrong_base_or_bad_latest_falls_back_and_nothing_good_raises(base: Path, store: Store, tmp_path: Path) -> None:
+def test_wrong_base_or_bad_latest_falls_back_and_nothing_good_raises(
+    base: Path, store: Store, storage: Storage
+) -> None:
     from dataclasses import replace
 
-    storage = FileStorage(tmp_path / "checkpoints")
     publisher = _publish_two(store, storage, base)
     # version 3 made for another base: refused by identity, version 2 served
     publisher.base = replace(publisher.base, identity="0" * 64)
     add_patches(store, 1, hidden=64, seed=12)
     publisher.publish_if_changed()
-    assert load_latest(storage.root, MODEL, base).version == 2
+    assert load_latest(storage, MODEL, base).version == 2
     # an unreadable LATEST: the newest good version overall
-    (storage.root / MODEL / "LATEST").write_text("garbage\n")
+    put_raw(storage, f"{MODEL}/LATEST", b"garbage\n")
     with pytest.raises(StorageError):
         storage.latest(MODEL)
-    assert load_latest(storage.root, MODEL, base).version == 2
+    assert load_latest(storage, MODEL, base).version == 2
     # LATEST names a version that is not there (deleted, or not visible yet to this NFS client)
-    (storage.root / MODEL / "LATEST").write_text("7\n")
-    assert load_latest(storage.root, MODEL, base).version == 2
+    put_raw(storage, f"{MODEL}/LATEST", b"7\n")
+    assert load_latest(storage, MODEL, base).version == 2
     # nothing servable at all
-    (storage.root / MODEL / "LATEST").write_text("3\n")
+    put_raw(storage, f"{MODEL}/LATEST", b"3\n")
     for number in (1, 2):
-        (storage.root / MODEL / "versions" / version_name(number) / PATCHES_FILE).write_bytes(b"x")
+        put_raw(storage, f"{MODEL}/versions/{version_name(number)}/{PATCHES_FILE}", b"x")
+        storage.forget(MODEL, number)  # S3: a verified copy in the local cache would still be served
     with pytest.raises(NoGoodVersion):
-        load_latest(storage.root, MODEL, base)
+        load_latest(storage, MODEL, base)
 
 
-def test_retention_keeps_the_newest_and_never_latest(base: Path, store: Store, tmp_path: Path) -> None:
-    storage = FileStorage(tmp_path / "checkpoints")
+def test_retention_keeps_the_newest_and_never_latest(base: Path, store: Store, storage: Storage) -> None:
     publisher = Publisher(MODEL, store, storage, tiny_info(base), keep=2, grace_s=0)
     for i in range(6):
         add_patches(store, 1, hidden=64, seed=20 + i)
@@ -192,11 +196,10 @@ def test_retention_keeps_the_newest_and_never_latest(base: Path, store: Store, t
     assert storage.versions(MODEL) == [5, 6] and storage.latest(MODEL) == 6
 
 
-def test_watcher_swaps_between_requests(base: Path, store: Store, tmp_path: Path) -> None:
-    storage = FileStorage(tmp_path / "checkpoints")
+def test_watcher_swaps_between_requests(base: Path, store: Store, storage: Storage, tmp_path: Path) -> None:
     publisher = Publisher(MODEL, store, storage, tiny_info(base))
     swaps: list[int | None] = []
-    watcher = CheckpointWatcher(storage.root, MODEL, base, interval=0.05, on_swap=lambda v: swaps.append(v.version))
+    watcher = CheckpointWatcher(storage, MODEL, base, interval=0.05, on_swap=lambda v: swaps.append(v.version))
     assert watcher.version is None  # nothing published: the base
     ids = torch.tensor([[2, 5, 9, 11]])
     base_logits = load_base_model(base)(input_ids=ids).logits
@@ -212,7 +215,15 @@ def test_watcher_swaps_between_requests(base: Path, store: Store, tmp_path: Path
         assert torch.equal(held(input_ids=ids).logits, base_logits)
         from patching.loading import load_patched
 
-        version_dir = storage.root / MODEL / "versions" / version_name(published.number)
+        version_dir = download(storage, published.number, tmp_path / "download")
         expected = load_patched(base, version_dir)(input_ids=ids).logits
         assert torch.allclose(watcher.model(input_ids=ids).logits, expected)
     assert os.environ.get("PATCHD_FAULT_KILL_AT") is None
+
+
+def download(storage: Storage, number: int, out: Path) -> Path:
+    """A version's verified files in a local directory (what load_patched reads)."""
+    out.mkdir(parents=True, exist_ok=True)
+    for name, data in read_verified(storage, MODEL, number).files.items():
+        (out / name).write_bytes(data)
+    return out

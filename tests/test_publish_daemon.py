@@ -1,4 +1,5 @@
-"""Two processes on a real broker: `patchd run` publishing while a downstream CheckpointWatcher serves.
+"""Two processes on a real broker: `patchd run` publishing while a downstream CheckpointWatcher serves,
+on each storage medium (a file system; an S3 bucket on the real S3 server).
 
 The daemon is a child process; this test process is the downstream service. Corrections arrive in
 waves; every version the daemon publishes must be served within 2 x the poll interval, and what
@@ -22,6 +23,7 @@ import torch
 from kafka.admin import NewTopic
 
 from daemon import cli
+from daemon.publisher import storage_of
 from daemon.settings import load_settings
 from memory.fingerprint import fingerprint
 from memory.lifecycle import Status
@@ -30,7 +32,6 @@ from patching.checkpoint import read_verified
 from patching.client import CheckpointWatcher, KafkaReleases, Loaded, load_latest
 from patching.loading import load_patched
 from patching.patchfile import PATCHES_FILE
-from patching.storage import open_storage, version_name
 from tests.tinybase import MODEL, Daemon, prepare, produce, sentence, write_config
 
 POLL_S = 1.0  # the watcher's LATEST poll
@@ -69,9 +70,25 @@ def _predictor(base: Path) -> Callable[[Any, list[str]], list[str]]:
     return lambda model, texts: TaskAdapter(replace(loaded, model=model)).predict(texts)
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory: pytest.TempPathFactory, kafka_bootstrap: str, kafka_admin: Any) -> Iterator[Run]:
-    tmp = tmp_path_factory.mktemp("publish")
+def _storage_toml(request: pytest.FixtureRequest, medium: str, tmp: Path) -> str:
+    """[storage] for the medium: a directory, or a fresh prefix of the test bucket with its
+    endpoint and credentials in the settings (as an operator's environment file would give them)."""
+    if medium == "file":
+        return f'[storage]\nroot = "{tmp / "ck"}"\n'
+    from daemon.tools.s3server import BUCKET, S3ServerScript
+
+    server: S3ServerScript = request.getfixturevalue("s3_server")
+    lines = [f'root = "s3://{BUCKET}/publish-{random.randrange(1 << 30):x}"']
+    lines += [f'{k.removeprefix("PATCHD_STORAGE_").lower()} = "{v}"' for k, v in server.settings_env().items()]
+    lines.append(f'cache_dir = "{tmp / "s3-cache"}"')
+    return "[storage]\n" + "\n".join(lines) + "\n"
+
+
+@pytest.fixture(scope="module", params=["file", "s3"])
+def run(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, kafka_bootstrap: str, kafka_admin: Any
+) -> Iterator[Run]:
+    tmp = tmp_path_factory.mktemp(f"publish-{request.param}")
     base, data = prepare(tmp / "tiny")
     predict = _predictor(base)
     from patching.loading import load_base_model
@@ -89,7 +106,9 @@ def run(tmp_path_factory: pytest.TempPathFactory, kafka_bootstrap: str, kafka_ad
     config = write_config(
         tmp / "patchd.toml", base=base, data=data, bootstrap=kafka_bootstrap, topic=topic, state=tmp / "state"
     )
-    config.write_text(config.read_text() + f'[publish]\ninterval_s = {PUBLISH_S}\n[storage]\nroot = "{tmp / "ck"}"\n')
+    config.write_text(
+        config.read_text() + f"[publish]\ninterval_s = {PUBLISH_S}\n" + _storage_toml(request, request.param, tmp)
+    )
     settings = load_settings(config, {})
     r = Run(config, settings, base, inputs, targets, heldout, base_predictions)
 
@@ -98,10 +117,11 @@ def run(tmp_path_factory: pytest.TempPathFactory, kafka_bootstrap: str, kafka_ad
     def on_swap(loaded: Loaded) -> None:  # on the watcher's thread, as a service's callback would be
         r.swaps.append((loaded, time.time(), predict(loaded.model, fixed)))
 
-    watcher = CheckpointWatcher(settings.storage.root, MODEL, base, interval=POLL_S, on_swap=on_swap).start()
+    # each service has its own client (and, on S3, its own ETags and cache), as separate processes would
+    watcher = CheckpointWatcher(storage_of(settings), MODEL, base, interval=POLL_S, on_swap=on_swap).start()
     # a second service that listens to the release events; its poll is too slow to find anything first
     listener = CheckpointWatcher(
-        settings.storage.root,
+        storage_of(settings),
         MODEL,
         base,
         interval=600,
@@ -182,7 +202,7 @@ def test_watcher_serves_every_version_within_two_polls_and_matches_the_daemon(ru
 
 def test_versions_rollback_revoke_export(run: Run, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     cfg = ["--config", str(run.config)]
-    storage = open_storage(run.settings.storage.root)
+    storage = storage_of(run.settings)
     predict = _predictor(run.base)
 
     capsys.readouterr()
@@ -209,7 +229,10 @@ def test_versions_rollback_revoke_export(run: Run, tmp_path: Path, capsys: pytes
     assert b.patch_ids == a.patch_ids and b.files[PATCHES_FILE] == a.files[PATCHES_FILE]  # bit for bit
     assert b.manifest["rollback_of"] == target and b.manifest["parent"] == last
     fixed = run.inputs + run.heldout
-    target_dir = storage.root / MODEL / "versions" / version_name(target)  # type: ignore[attr-defined]
+    target_dir = tmp_path / "target"
+    target_dir.mkdir()
+    for name, data in a.files.items():  # the version's verified files, wherever they live
+        (target_dir / name).write_bytes(data)
     assert predict(load_latest(storage, MODEL, run.base).model, fixed) == predict(
         load_patched(run.base, target_dir), fixed
     )

@@ -34,7 +34,7 @@ def test_no_file_no_env_gives_resolved_defaults() -> None:
     assert s.kafka.topic == "corrections" and s.kafka.group_id == "patchd-fever-minilm"
     assert s.kafka.dlq_topic == "corrections.dlq" and s.kafka.releases_topic == "corrections.releases"
     assert s.state.dir == Path("/home/svc/.local/state/patchd")
-    assert s.storage.root == Path("/home/svc/.local/state/patchd/checkpoints")
+    assert s.storage.root == "/home/svc/.local/state/patchd/checkpoints"
     assert s.database.url == "sqlite:////home/svc/.local/state/patchd/patchd.db"
     assert s.device == "auto"
     assert s.trainer == TrainConfig() and s.gate == GateConfig()
@@ -74,7 +74,7 @@ casefold = true
     assert s.kafka.bootstrap_servers == ("k1:9092", "k2:9092")
     assert s.kafka.group_id == "patchd-zsre-smollm2"  # follows the model
     assert s.kafka.dlq_topic == "fixes.dlq"
-    assert s.storage.root == Path("/var/lib/patchd/checkpoints")  # follows the state dir
+    assert s.storage.root == "/var/lib/patchd/checkpoints"  # follows the state dir
     assert s.database.url == "sqlite:////var/lib/patchd/patchd.db"
     assert s.trainer == TrainConfig(lr=1.0, activation="gelu", mem_weight=7.5)
     assert isinstance(s.trainer.lr, float)
@@ -111,7 +111,7 @@ def test_environment_overrides_file_and_is_coerced(tmp_path: Path) -> None:
     assert s.kafka.topic == "from-env"
     assert s.kafka.bootstrap_servers == ("a:1", "b:2")
     assert s.model.base == "/srv/base" and s.model.layer is None
-    assert s.state.dir == Path("/data/state") and s.storage.root == Path("/mnt/shared/ckpt")
+    assert s.state.dir == Path("/data/state") and s.storage.root == "/mnt/shared/ckpt"
     assert s.database.url == "postgresql://patchd:pw@db/patchd"
     assert s.policy.quorum == 2 and s.policy.conflict_share == 0.75 and s.policy.casefold is True
     assert s.trainer.max_steps == 64 and s.trainer.mem_weight is None
@@ -230,3 +230,33 @@ def test_mask_url_leaves_passwordless_urls_alone() -> None:
 def test_resolve_device() -> None:
     assert resolve_device("cpu") == "cpu" and resolve_device("cuda:1") == "cuda:1"
     assert resolve_device("auto") in ("cpu", "cuda")
+
+
+def test_an_s3_root_with_its_options_and_the_secret_masked() -> None:
+    env = {
+        **HOME,
+        "PATCHD_STORAGE_ROOT": "s3://team-models/patchd",
+        "PATCHD_STORAGE_ENDPOINT_URL": "https://minio.internal:9000",
+        "PATCHD_STORAGE_ACCESS_KEY_ID": "AKIAEXAMPLE",
+        "PATCHD_STORAGE_SECRET_ACCESS_KEY": "s3cr3t-value",
+    }
+    s = load_settings(None, env)
+    assert s.storage.root == "s3://team-models/patchd"  # a URI is kept as written, not made a path
+    assert s.storage.cache_dir == Path("/home/svc/.local/state/patchd/s3-cache")
+    options = s.storage.s3_options()
+    assert options.endpoint_url == "https://minio.internal:9000" and options.secret_access_key == "s3cr3t-value"
+    assert "s3cr3t-value" not in repr(s) and "s3cr3t-value" not in str(effective_settings(s))
+    assert effective_settings(s)["storage"]["secret_access_key"] == "***"
+
+
+@pytest.mark.parametrize(
+    ("env", "key"),
+    [
+        ({"PATCHD_STORAGE_ROOT": "gs://bucket/x"}, "storage.root"),
+        ({"PATCHD_STORAGE_ROOT": "s3://B/x"}, "storage.root"),
+        ({"PATCHD_STORAGE_ACCESS_KEY_ID": "AKIAEXAMPLE"}, "storage.access_key_id"),
+    ],
+)
+def test_a_bad_storage_setting_names_its_key(env: dict[str, str], key: str) -> None:
+    with pytest.raises(SettingsError, match=key.replace(".", r"\.")):
+        load_settings(None, {**HOME, **env})

@@ -273,8 +273,8 @@ def dlq_unique(records: list) -> list:
 class Daemon:
     """`python -m daemon run ...` as a child process, its JSON log lines collected as they come."""
 
-    def __init__(self, config: Path, *args: str):
-        env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}  # before torch is imported (2 busy cores)
+    def __init__(self, config: Path, *args: str, env: dict[str, str] | None = None):
+        env = {**os.environ, **(env or {}), "OMP_WAIT_POLICY": "PASSIVE"}  # before torch is imported (2 busy cores)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "daemon", "run", "--config", str(config), *args],
             stdout=subprocess.PIPE,
