@@ -142,6 +142,18 @@ def register(sub: Any, bench: Any) -> None:
     )
     e2e.add_argument("--listen", action="store_true", help="the watcher also listens to <topic>.releases")
     e2e.add_argument("--version-patches", type=int, default=1000, help="patches in the size measurement")
+    e2e.add_argument(
+        "--storage",
+        default="file",
+        help="where versions are published, comma-separated for side-by-side runs: file (a local "
+        "directory), s3 (a bucket on a private S3 server from deploy/s3/server.sh) (default: %(default)s)",
+    )
+    e2e.add_argument(
+        "--idle",
+        type=float,
+        default=60.0,
+        help="seconds to count an idle watcher's requests to S3 after the corrections (default: %(default)s)",
+    )
     e2e.add_argument("--json", type=Path, metavar="FILE", help="also write the result to FILE")
     e2e.set_defaults(func=_e2e)
 
@@ -204,6 +216,10 @@ def _e2e(args: argparse.Namespace) -> int:
     if args.corrections < 1 or args.publish_interval <= 0 or args.poll_interval <= 0:
         print("--corrections, --publish-interval and --poll-interval must be positive", file=sys.stderr)
         return 2
+    storages = tuple(s.strip() for s in args.storage.split(",") if s.strip())
+    if not storages or set(storages) - {"file", "s3"} or len(set(storages)) != len(storages):
+        print(f"--storage {args.storage!r}: expected file, s3 or file,s3", file=sys.stderr)
+        return 2
     _quiet_logs()
     r = run_e2e_bench(
         args.corrections,
@@ -214,19 +230,25 @@ def _e2e(args: argparse.Namespace) -> int:
         args.gap,
         args.listen,
         args.version_patches,
+        storages,
+        args.idle,
     )
-    print(
-        f"e2e: {r['served']} of {r['corrections']} corrections served downstream; p50 {r['p50_s']}s, "
-        f"p95 {r['p95_s']}s (produce -> publish began p50 {r['to_publish_p50_s']}s, publish -> served p50 "
-        f"{r['publish_to_served_p50_s']}s); outcomes {r['outcomes']}"
-    )
-    size = r["version_with_patches"]
-    print(
-        f"a version with {size['patches']} patches: {size['total_bytes'] / 1024:.0f} KiB ({size['bytes']}); "
-        f"published in {size['publish_s']}s, loaded downstream in {size['load_latest_s']}s"
-    )
+    for medium, m in r["storage"].items():
+        print(
+            f"e2e on {medium}: {m['served']} of {m['corrections']} corrections served downstream; p50 {m['p50_s']}s, "
+            f"p95 {m['p95_s']}s (produce -> publish began p50 {m['to_publish_p50_s']}s, publish -> served p50 "
+            f"{m['publish_to_served_p50_s']}s); outcomes {m['outcomes']}"
+        )
+        size = m["version_with_patches"]
+        print(
+            f"  a version with {size['patches']} patches: {size['total_bytes'] / 1024:.0f} KiB ({size['bytes']}); "
+            f"published in {size['publish_s']}s, loaded downstream in {size['load_latest_s']}s"
+        )
+        if m.get("idle_watcher"):
+            idle = m["idle_watcher"]
+            print(f"  an idle watcher sends {idle['per_minute']} requests a minute ({idle['requests']})")
     _write(args.json, r)
-    return 0 if r["served"] else 1
+    return 0 if all(m["served"] for m in r["storage"].values()) else 1
 
 
 def _bench_edit(args: argparse.Namespace) -> int:

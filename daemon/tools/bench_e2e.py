@@ -2,6 +2,10 @@
 
 Two processes, as deployed: `patchd run` (a child process) consumes, patches and publishes; this
 process is the downstream service, a CheckpointWatcher polling LATEST on the same storage root.
+Each storage medium asked for (`file`: a local directory; `s3`: a bucket on the real S3 server
+that deploy/s3/server.sh starts) gets its own daemon and watcher, one after the other, on one
+broker, so the figures of both sit side by side from one run. On S3 the watcher's requests while
+idle are counted too.
 Corrections are real FEVER claims the base gets wrong, sent one at a time: each is produced
 (acks=all), then the clock runs until the watcher has swapped in a version whose model gives the
 corrected label. The next one goes out `gap` seconds after that (default: publish.interval_s),
@@ -24,6 +28,7 @@ import tempfile
 import threading
 import time
 import uuid
+from contextlib import ExitStack
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, cast
@@ -54,7 +59,10 @@ def run_e2e_bench(
     gap: float | None = None,
     listen: bool = False,
     version_patches: int = 1000,
+    storages: tuple[str, ...] = ("file",),
+    idle_s: float = 60.0,
 ) -> dict[str, Any]:
+    from daemon.tools.s3server import BUCKET, s3_server
     from patching.bases.datasets import load_task
     from patching.bases.load import load_base
     from patching.bases.tasks import TaskAdapter
@@ -63,34 +71,51 @@ def run_e2e_bench(
     wrong = TaskAdapter(lb).mistakes(load_task("fever").edit, limit=corrections + 1 + SPARE, progress=False)
     print(f"{len(wrong)} fever claims {base} gets wrong", flush=True)
     gap = publish_interval if gap is None else gap
-    with broker(bootstrap) as address, tempfile.TemporaryDirectory(prefix="patchd-bench-e2e-") as tmp:
-        state = Path(tmp)
-        topic = f"bench-e2e-{uuid.uuid4().hex[:8]}"
-        create_topics(address, topic)
-        env = _daemon_env(address, topic, state, base, publish_interval)
-        with (state / "daemon.log").open("w") as daemon_log:
-            daemon = subprocess.Popen(
-                [sys.executable, "-m", "daemon", "run"], env=env, stdout=daemon_log, stderr=subprocess.STDOUT
-            )
-            try:
-                result = _measure(lb, wrong, corrections, address, topic, env, state, poll_interval, gap, listen)
-            finally:
-                daemon.send_signal(signal.SIGTERM)
-                try:
-                    daemon.wait(timeout=120)
-                except subprocess.TimeoutExpired:
-                    daemon.kill()
-        result["final_version"] = _final_version(state, base)
-    result["version_with_patches"] = measure_version_size(version_patches, lb)
-    result.update(
-        base=base,
-        publish_interval_s=publish_interval,
-        poll_interval_s=poll_interval,
-        gap_s=gap,
-        watcher="kafka releases + LATEST poll" if listen else "LATEST poll",
-        machine=machine_facts(),
-    )
-    return result
+    runs: dict[str, dict[str, Any]] = {}
+    with broker(bootstrap) as address, ExitStack() as stack:
+        server = stack.enter_context(s3_server()) if "s3" in storages else None
+        for medium in storages:
+            with tempfile.TemporaryDirectory(prefix="patchd-bench-e2e-") as tmp:
+                state = Path(tmp)
+                if medium == "file" or server is None:
+                    storage_env = {"PATCHD_STORAGE_ROOT": str(state / "checkpoints")}
+                else:
+                    storage_env = {
+                        "PATCHD_STORAGE_ROOT": f"s3://{BUCKET}/bench-e2e-{uuid.uuid4().hex[:8]}",
+                        "PATCHD_STORAGE_CACHE_DIR": str(state / "s3-cache"),
+                        **server.settings_env(),
+                    }
+                print(f"--- storage {medium}: {storage_env['PATCHD_STORAGE_ROOT']}", flush=True)
+                topic = f"bench-e2e-{uuid.uuid4().hex[:8]}"
+                create_topics(address, topic)
+                env = {**_daemon_env(address, topic, state, base, publish_interval), **storage_env}
+                with (state / "daemon.log").open("w") as daemon_log:
+                    daemon = subprocess.Popen(
+                        [sys.executable, "-m", "daemon", "run"], env=env, stdout=daemon_log, stderr=subprocess.STDOUT
+                    )
+                    try:
+                        result = _measure(
+                            lb, wrong, corrections, address, topic, env, poll_interval, gap, listen, idle_s
+                        )
+                    finally:
+                        daemon.send_signal(signal.SIGTERM)
+                        try:
+                            daemon.wait(timeout=120)
+                        except subprocess.TimeoutExpired:
+                            daemon.kill()
+                result["final_version"] = _final_version(env, base)
+                result["version_with_patches"] = measure_version_size(version_patches, lb, env)
+                runs[medium] = result
+    return {
+        "storage": runs,
+        "base": base,
+        "publish_interval_s": publish_interval,
+        "poll_interval_s": poll_interval,
+        "gap_s": gap,
+        "watcher": "kafka releases + LATEST poll" if listen else "LATEST poll",
+        "s3_server": "s3proxy 2.6.0 (filesystem-nio2) on 127.0.0.1, deploy/s3/server.sh" if "s3" in storages else None,
+        "machine": machine_facts(),
+    }
 
 
 def _daemon_env(address: str, topic: str, state: Path, base: str, publish_interval: float) -> dict[str, str]:
@@ -99,7 +124,6 @@ def _daemon_env(address: str, topic: str, state: Path, base: str, publish_interv
         "OMP_WAIT_POLICY": "PASSIVE",
         "HOME": os.environ.get("HOME", str(state)),
         "PATCHD_STATE_DIR": str(state / "state"),
-        "PATCHD_STORAGE_ROOT": str(state / "checkpoints"),
         "PATCHD_MODEL_NAME": base,
         "PATCHD_KAFKA_BOOTSTRAP_SERVERS": address,
         "PATCHD_KAFKA_TOPIC": topic,
@@ -117,13 +141,14 @@ def _measure(
     address: str,
     topic: str,
     env: dict[str, str],
-    state: Path,
     poll_interval: float,
     gap: float,
     listen: bool,
+    idle_s: float,
 ) -> dict[str, Any]:
     from kafka import KafkaProducer
 
+    from daemon.publisher import storage_of
     from daemon.settings import load_settings
     from memory.fingerprint import fingerprint
     from memory.store import Store
@@ -134,7 +159,7 @@ def _measure(
     assert settings.storage.root is not None  # resolved by load_settings
     swapped = threading.Event()
     watcher = CheckpointWatcher(
-        settings.storage.root,
+        storage_of(settings),
         lb.name,
         lb.directory,
         interval=poll_interval,
@@ -193,6 +218,7 @@ def _measure(
             else:
                 print(f"{len(rows):3d}: {outcome}", flush=True)
             rows.append(row)
+        idle = _idle_requests(watcher, idle_s)
     finally:
         producer.close()
         watcher.stop()
@@ -216,7 +242,26 @@ def _measure(
         "daemon_startup_s": round(startup_s or 0.0, 1),
         "watcher_swaps": watcher.swaps,
         "watcher_errors": watcher.errors,
+        "idle_watcher": idle,
         "rows": rows,
+    }
+
+
+def _idle_requests(watcher: Any, idle_s: float) -> dict[str, Any] | None:
+    """Requests the watcher sends to an object store in `idle_s` seconds without a publish (per minute)."""
+    requests = getattr(watcher.storage, "requests", None)
+    if requests is None or idle_s <= 0:
+        return None
+    print(f"counting an idle watcher's requests for {idle_s:.0f}s ...", flush=True)
+    requests.clear()
+    swaps = watcher.swaps
+    time.sleep(idle_s)
+    counted = dict(requests)
+    return {
+        "seconds": idle_s,
+        "requests": counted,
+        "per_minute": round(sum(counted.values()) * 60.0 / idle_s, 1),
+        "swaps": watcher.swaps - swaps,
     }
 
 
@@ -262,11 +307,12 @@ def _status(settings: Any, key: str, store_cls: Any) -> str | None:
     return None if mistake is None else str(mistake.status)
 
 
-def _final_version(state: Path, model: str) -> dict[str, Any] | None:
+def _final_version(env: dict[str, str], model: str) -> dict[str, Any] | None:
+    from daemon.publisher import storage_of
+    from daemon.settings import load_settings
     from patching.checkpoint import read_verified
-    from patching.storage import open_storage
 
-    storage = open_storage(state / "checkpoints")
+    storage = storage_of(load_settings(None, env))
     number = storage.latest(model)
     if number is None:
         return None
@@ -277,9 +323,11 @@ def _final_version(state: Path, model: str) -> dict[str, Any] | None:
 # ---------------------------------------------------------------------------- size of a version
 
 
-def measure_version_size(patches: int, lb: Any) -> dict[str, Any]:
+def measure_version_size(patches: int, lb: Any, env: dict[str, str] | None = None) -> dict[str, Any]:
     """Publish `patches` one-neuron patches of the base's width (random weights: the size depends only
-    on the shapes) into a scratch store and storage; sizes per file, publish and load times."""
+    on the shapes) into a scratch store and storage (a scratch directory, or the storage the
+    PATCHD_STORAGE_* variables in `env` name, under its own model name); sizes per file, publish
+    and load times."""
     import torch
 
     from daemon.publisher import BaseInfo, Publisher
@@ -290,7 +338,7 @@ def measure_version_size(patches: int, lb: Any) -> dict[str, Any]:
     from patching.checkpoint import MANIFEST_FILE, read_verified
     from patching.client import load_latest
     from patching.loading import base_identity
-    from patching.storage import FileStorage
+    from patching.storage import FileStorage, Storage
 
     site = locate(lb.model)
     d = int(site.hidden_size)
@@ -308,7 +356,13 @@ def measure_version_size(patches: int, lb: Any) -> dict[str, Any]:
             keys, biases, values = (torch.randn(shape, generator=rng) for shape in ((1, d), (1,), (1, d)))
             blob = patchfile.encode(keys, biases, values, [str(mistake.id)])
             store.add_patch(mistake.id, PatchIn(blob, 1, site.layer_index, "relu", 10, 0.05, dict(gate), True))
-        storage = FileStorage(Path(tmp) / "checkpoints")
+        if env is not None and "://" in env.get("PATCHD_STORAGE_ROOT", ""):
+            from daemon.publisher import storage_of
+            from daemon.settings import load_settings
+
+            storage: Storage = storage_of(load_settings(None, env))
+        else:
+            storage = FileStorage(Path(tmp) / "checkpoints")
         info = BaseInfo(
             base_identity(lb.directory), lb.name, str(lb.model.config.model_type), d, site.layer_index, "relu"
         )
