@@ -1,6 +1,6 @@
 """Where published checkpoints live: one small interface, and its local / NFS file-system implementation.
 
-    storage = open_storage("/mnt/shared/patchd")        # or "file:///mnt/shared/patchd"
+    storage = open_storage("/mnt/shared/patchd")        # patching/storage_uri.py; or file://, s3://
     storage.put_version(model, 42, [(name, data), ..., ("manifest.json", data)])   # manifest last
     storage.set_latest(model, 42)
     storage.latest(model) -> 42 | None
@@ -37,10 +37,6 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from patching.s3storage import S3Options
 
 LATEST_FILE = "LATEST"
 VERSIONS_DIR = "versions"
@@ -261,27 +257,6 @@ class FileStorage(Storage):
                 path.unlink(missing_ok=True)
             removed.append(path.name)
         return removed
-
-
-def open_storage(root: str | Path | Storage, s3: S3Options | None = None) -> Storage:
-    """A Storage for a path or URI: a plain path or file:// is a (local or NFS) file system,
-    s3://bucket/prefix an object store (patching/s3storage.py; `s3` says how to reach it, else
-    the AWS SDK's own configuration: AWS_* variables, ~/.aws, an instance role)."""
-    if isinstance(root, Storage):
-        return root
-    text = str(root)
-    if text.startswith("file://"):
-        return FileStorage(text[len("file://") :])
-    if text.startswith("s3://"):
-        from patching.s3storage import S3Storage
-
-        return S3Storage(text, s3)
-    scheme = re.match(r"([a-z][a-z0-9+.-]*)://", text)
-    if scheme:
-        raise StorageSetupError(
-            "root", f"{text!r}: the {scheme.group(1)}:// scheme is not supported; use a path, file:// or s3://"
-        )
-    return FileStorage(text)
 
 
 # ---------------------------------------------------------------------------- helpers

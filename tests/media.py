@@ -33,6 +33,7 @@ def storage(medium: str, tmp_path: Path, request: pytest.FixtureRequest) -> Stor
 
 def put_raw(storage: Storage, relative: str, data: bytes) -> None:
     if isinstance(storage, FileStorage):
+        (storage.root / relative).parent.mkdir(parents=True, exist_ok=True)
         (storage.root / relative).write_bytes(data)
     else:
         assert isinstance(storage, S3Storage)
@@ -68,7 +69,7 @@ def storage_spec(storage: Storage) -> dict[str, Any]:
 
 def open_spec(spec: dict[str, Any]) -> Storage:
     from patching.s3storage import S3Options
-    from patching.storage import open_storage
+    from patching.storage_uri import open_storage
 
     options = spec.get("s3")
     if not options:

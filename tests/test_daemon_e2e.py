@@ -105,7 +105,7 @@ def test_run_once_end_to_end(
     assert report["mistakes"]["conflicting"] == 20
     # the run published what it patched: LATEST's version holds exactly the kept patches
     from patching.checkpoint import read_verified
-    from patching.storage import open_storage
+    from patching.storage_uri import open_storage
 
     storage = open_storage(settings.storage.root)
     assert report["last_version"] == storage.latest("tiny") is not None

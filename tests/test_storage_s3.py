@@ -231,7 +231,7 @@ def test_a_good_bucket_passes_the_check_and_an_empty_prefix_lists_nothing(s3_sto
 def test_the_standard_aws_variables_are_enough(
     s3_server: S3ServerScript, s3_root: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    from patching.storage import open_storage
+    from patching.storage_uri import open_storage
 
     for key, value in s3_server.env().items():  # AWS_ENDPOINT_URL_S3, AWS_ACCESS_KEY_ID, ...
         monkeypatch.setenv(key, value)
