@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from daemon.logs import get_logger
-from daemon.publisher import BaseInfo, Published, Publisher, storage_of
+from daemon.publisher import BaseInfo, Published, Publisher, signer_of, storage_of, unsigned_after_signed
 from daemon.releases import ReleaseSender
 from daemon.settings import Settings
 from memory.store import Store
@@ -67,13 +67,24 @@ def _exclusive(settings: Settings) -> Iterator[Store]:
 
 
 def _publisher(settings: Settings, store: Store, base: BaseInfo) -> Publisher:
+    from patching.signing import SigningError
+
+    storage = storage_of(settings)
+    try:
+        signer = signer_of(settings)  # rollback and revoke sign what they publish, as the daemon does
+    except SigningError as exc:
+        raise HistoryError(f"publish.signing_key: {exc}") from None
+    refusal = unsigned_after_signed(storage, settings.model.name, signer)
+    if refusal:
+        raise HistoryError(refusal)
     return Publisher(
         settings.model.name,
         store,
-        storage_of(settings),
+        storage,
         base,
         releases=ReleaseSender(settings.kafka),
         keep=settings.publish.keep_versions,
+        signer=signer,
     )
 
 
@@ -216,6 +227,8 @@ def version_rows(settings: Settings) -> list[dict[str, Any]]:
                 row["size"] = sum(int(f["size"]) for f in manifest["files"].values()) + len(raw)
                 row["reason"] = manifest.get("reason")
                 row["rollback_of"] = manifest.get("rollback_of")
+                # the key id the manifest names (checked by readers that hold trusted keys, not here)
+                row["signed_by"] = (manifest.get("signature") or {}).get("key_id")
             except (CheckpointError, OSError) as exc:
                 row["error"] = str(exc)
         rows.append(row)

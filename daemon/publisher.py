@@ -33,6 +33,7 @@ publish that died after it (the row, and the event again: releases are at least 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import signal
 import threading
@@ -54,6 +55,7 @@ from patching.storage import Storage, StorageError, VersionExists
 if TYPE_CHECKING:
     from daemon.model import PatchedModel
     from daemon.settings import Settings
+    from patching.signing import Signer
 
 log = get_logger(__name__)
 
@@ -153,6 +155,7 @@ class Publisher:
         releases: ReleaseSender | None = None,
         keep: int = 50,
         grace_s: float = RETENTION_GRACE_S,
+        signer: Signer | None = None,
     ):
         if keep < 1:
             raise ValueError("keep must be >= 1: LATEST's version is always kept")
@@ -163,6 +166,7 @@ class Publisher:
         self.releases = releases
         self.keep = keep
         self.grace_s = grace_s
+        self.signer = signer  # every manifest is signed with it (patching/signing.py); None: unsigned
         self.last_started = 0.0  # epoch seconds a publish last began (the rate limit counts from it)
         self.last_published_at: float | None = None
         self._lock = threading.Lock()  # one publish / prune at a time (scheduler jobs, the final publish)
@@ -269,7 +273,7 @@ class Publisher:
         t0 = time.perf_counter()
         parent = self._latest
         files, body = self._build(patches, number, parent, reason, extra)
-        manifest = encode_manifest(body)
+        manifest = encode_manifest(body, self.signer)
         fault_point("publish.start")
         uri = self.storage.put_version(self.model, number, [*files, (MANIFEST_FILE, manifest)], step=fault_point)
         self.storage.set_latest(self.model, number, step=fault_point)
@@ -414,14 +418,43 @@ class Publisher:
 
 def storage_of(settings: Settings) -> Storage:
     """The configured storage: a file system path, or an S3 bucket with the [storage] options."""
-    from patching.storage import open_storage
+    from patching.storage_uri import open_storage
 
     assert settings.storage.root is not None  # resolved by load_settings
     return open_storage(settings.storage.root, settings.storage.s3_options())
 
 
+def signer_of(settings: Settings) -> Signer | None:
+    """The publisher's signing key ([publish] signing_key, or the systemd credential signing.key);
+    None publishes unsigned versions. SigningError names an unusable key file."""
+    if settings.publish.signing_key is None:
+        return None
+    from patching.signing import load_signer
+
+    return load_signer(settings.publish.signing_key)
+
+
+def unsigned_after_signed(storage: Storage, model: str, signer: Signer | None) -> str | None:
+    """Why publishing without a key would be wrong here (LATEST's version is signed, so services
+    that trust its key would refuse everything published next), or None."""
+    if signer is not None:
+        return None
+    try:
+        pointer = storage.latest(model)
+        raw = storage.read(model, pointer, MANIFEST_FILE) if pointer is not None else None
+    except OSError:
+        return None  # nothing readable to compare with: recovery deals with it
+    signature = json.loads(raw).get("signature") if raw else None
+    if not isinstance(signature, dict):
+        return None
+    return (
+        f"LATEST (version {pointer}) is signed by key {signature.get('key_id')}, but no signing key is set: "
+        "services that trust that key would refuse every new version (set publish.signing_key)"
+    )
+
+
 def daemon_publisher(settings: Settings, store: Store, model: PatchedModel) -> Publisher:
-    """The running daemon's publisher: its storage root, release topic and retention from settings."""
+    """The running daemon's publisher: its storage root, release topic, retention and key from settings."""
     return Publisher(
         settings.model.name,
         store,
@@ -429,6 +462,7 @@ def daemon_publisher(settings: Settings, store: Store, model: PatchedModel) -> P
         BaseInfo.of_model(model),
         releases=ReleaseSender(settings.kafka),
         keep=settings.publish.keep_versions,
+        signer=signer_of(settings),
     )
 
 

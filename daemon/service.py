@@ -42,7 +42,7 @@ from daemon.health import HealthServer
 from daemon.logs import bind, clear_context, get_logger
 from daemon.model import PatchedModel, Rebuilt
 from daemon.notify import Notifier
-from daemon.publisher import daemon_publisher, storage_of
+from daemon.publisher import daemon_publisher, signer_of, storage_of, unsigned_after_signed
 from daemon.scheduler import Jobs
 from daemon.settings import Settings, SettingsError, effective_settings, mask_url
 from daemon.worker import Worker
@@ -157,7 +157,9 @@ class Service:
 
     def _check_storage(self) -> None:
         """Stop start-up at once on storage that cannot work (a missing bucket, bad credentials, an
-        unwritable directory), naming the setting, rather than after a long load at the first publish."""
+        unwritable directory) or a signing key that cannot be read, naming the setting, rather
+        than after a long load at the first publish."""
+        from patching.signing import SigningError
         from patching.storage import StorageSetupError
 
         try:
@@ -166,6 +168,14 @@ class Service:
             value = self.settings.storage.root if exc.setting == "root" else None
             shown = f" = {value!r}" if value is not None else ""
             raise SettingsError(f"storage.{exc.setting}{shown}: {exc}") from None
+        try:
+            signer = signer_of(self.settings)
+        except SigningError as exc:
+            raise SettingsError(f"publish.signing_key = '{self.settings.publish.signing_key}': {exc}") from None
+        refusal = unsigned_after_signed(storage_of(self.settings), self.settings.model.name, signer)
+        if refusal:
+            raise SettingsError(f"publish.signing_key: {refusal}")
+        log.info("versions are signed" if signer else "versions are NOT signed", key_id=signer and signer.key_id)
 
     def _run(self, t0: float) -> int:
         assert self.store is not None

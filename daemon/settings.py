@@ -180,6 +180,9 @@ class PublishSettings:
     interval_s: float = 5.0
     # versions kept on storage (each costs kilobytes); older ones are pruned, LATEST never
     keep_versions: int = 50
+    # Ed25519 private key (`patchd keys generate`) that signs every manifest; None = the systemd
+    # credential signing.key when there is one ($CREDENTIALS_DIRECTORY), else versions are unsigned
+    signing_key: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -464,8 +467,13 @@ def _resolve(s: Settings, env: Mapping[str, str]) -> Settings:
     if "://" not in root:
         root = str(Path(root).expanduser())
     url = s.database.url or f"sqlite:///{state_dir / 'patchd.db'}"
+    signing_key = s.publish.signing_key
+    credentials = env.get("CREDENTIALS_DIRECTORY")  # systemd's LoadCredential= puts files here
+    if signing_key is None and credentials and (Path(credentials) / "signing.key").is_file():
+        signing_key = Path(credentials) / "signing.key"
     return replace(
         s,
+        publish=replace(s.publish, signing_key=signing_key.expanduser() if signing_key else None),
         state=replace(s.state, dir=state_dir),
         storage=replace(s.storage, root=root, cache_dir=(s.storage.cache_dir or state_dir / "s3-cache").expanduser()),
         database=replace(s.database, url=url),

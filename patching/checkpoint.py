@@ -9,11 +9,14 @@ format of patching/patchfile.py) and manifest.json, written last:
      "added": [...], "removed": [...],   # edit ids relative to the parent
      "reason": "patched" | "rollback" | "revoke", "gate": {...},
      "files": {"patches.safetensors": {"sha256", "size"}, "patch_config.json": {...}},
+     "signature": {"alg": "ed25519", "key_id", "value"},   # when the publisher has a key
      "checksum": sha256 of the manifest without this field}
 
 The manifest is canonical JSON (sorted keys, fixed indent) and carries its own checksum, so a
 flipped byte anywhere in it is caught too: the bytes on storage must be exactly the canonical
-encoding of what they decode to. torch-free: the publisher uses this module without it.
+encoding of what they decode to. The signature (patching/signing.py) covers the canonical JSON
+without "signature" and "checksum", and so every file through its sha256: a reader given trusted
+keys refuses a version nobody it trusts signed. torch-free: the publisher uses this module without it.
 """
 
 from __future__ import annotations
@@ -21,10 +24,13 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from patching.patchfile import CONFIG_FILE, PATCHES_FILE, PatchConfig, PatchStateError, parse_config
 from patching.storage import Storage
+
+if TYPE_CHECKING:
+    from patching.signing import Signer, TrustedKeys
 
 MANIFEST_FILE = "manifest.json"
 FORMAT = "patchd-checkpoint/1"
@@ -33,6 +39,10 @@ REQUIRED_FILES = (PATCHES_FILE, CONFIG_FILE)
 
 class CheckpointError(ValueError):
     """A version that must not be served: incomplete, corrupt, or made for another base."""
+
+
+class UntrustedVersion(CheckpointError):
+    """Intact, but not signed by a trusted key (unsigned, a bad signature, an unknown key)."""
 
 
 class VersionMissing(CheckpointError):
@@ -48,9 +58,16 @@ def _canonical(body: dict[str, Any]) -> bytes:
     return json.dumps(body, sort_keys=True, indent=1, ensure_ascii=True, allow_nan=False).encode() + b"\n"
 
 
-def encode_manifest(body: dict[str, Any]) -> bytes:
-    """Canonical manifest bytes with the self-checksum added."""
+def signed_bytes(body: dict[str, Any]) -> bytes:
+    """What a manifest's signature signs: its canonical JSON without "signature" and "checksum"."""
+    return _canonical({k: v for k, v in body.items() if k not in ("checksum", "signature")})
+
+
+def encode_manifest(body: dict[str, Any], signer: Signer | None = None) -> bytes:
+    """Canonical manifest bytes with the self-checksum added (and the signature, given a signer)."""
     plain = {k: v for k, v in body.items() if k != "checksum"}
+    if signer is not None:
+        plain = {**plain, "signature": signer.sign(signed_bytes(plain))}
     return _canonical({**plain, "checksum": hashlib.sha256(_canonical(plain)).hexdigest()})
 
 
@@ -85,6 +102,7 @@ class VerifiedVersion:
     manifest_sha256: str
     files: dict[str, bytes]  # file name -> bytes, every file the manifest lists
     manifest_size: int
+    signed_by: str | None = None  # the trusted key's id, when the reader asked for a signature
 
     @property
     def config(self) -> PatchConfig:
@@ -104,7 +122,7 @@ class VerifiedVersion:
         return sum(len(b) for b in self.files.values()) + self.manifest_size
 
 
-def read_verified(storage: Storage, model: str, number: int) -> VerifiedVersion:
+def read_verified(storage: Storage, model: str, number: int, trusted: TrustedKeys | None = None) -> VerifiedVersion:
     """Read version `number` once into memory and check every byte of it.
 
     CheckpointError: the version is there but must not be used (missing manifest or file, a
@@ -112,23 +130,32 @@ def read_verified(storage: Storage, model: str, number: int) -> VerifiedVersion:
     (a file vanishing while read, an NFS hiccup) propagates: it may pass on a later try.
     A medium that serves files from a local cache (S3) is read once more without it when the
     first read fails its checks: a corrupt cached copy must not condemn a good version.
+    With `trusted` keys, a version not signed by one of them is UntrustedVersion.
     """
     try:
-        return _read_verified(storage, model, number)
-    except VersionMissing:
+        return _read_verified(storage, model, number, trusted)
+    except (VersionMissing, UntrustedVersion):
         raise
     except CheckpointError:
         if not storage.forget(model, number):
             raise
-        return _read_verified(storage, model, number)
+        return _read_verified(storage, model, number, trusted)
 
 
-def _read_verified(storage: Storage, model: str, number: int) -> VerifiedVersion:
+def _read_verified(storage: Storage, model: str, number: int, trusted: TrustedKeys | None) -> VerifiedVersion:
     try:
         raw = storage.read(model, number, MANIFEST_FILE)
     except FileNotFoundError:
         raise VersionMissing(f"version {number} has no {MANIFEST_FILE}: it is not a version") from None
     manifest = decode_manifest(raw, model, number)
+    signed_by = None
+    if trusted is not None:  # before any file is fetched: an untrusted version costs one request
+        from patching.signing import SigningError
+
+        try:
+            signed_by = trusted.verify(signed_bytes(manifest), manifest.get("signature"))
+        except SigningError as exc:
+            raise UntrustedVersion(f"version {number}: {exc}") from None
     files: dict[str, bytes] = {}
     for name, entry in sorted(manifest["files"].items()):
         try:
@@ -142,4 +169,4 @@ def _read_verified(storage: Storage, model: str, number: int) -> VerifiedVersion
         parse_config(files[CONFIG_FILE])
     except PatchStateError as exc:
         raise CheckpointError(f"version {number}: {exc}") from None
-    return VerifiedVersion(model, number, manifest, hashlib.sha256(raw).hexdigest(), files, len(raw))
+    return VerifiedVersion(model, number, manifest, hashlib.sha256(raw).hexdigest(), files, len(raw), signed_by)

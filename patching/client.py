@@ -8,8 +8,10 @@
     watcher = CheckpointWatcher("/mnt/shared/patchd", "fever-minilm", base_dir, interval=1.0).start()
     model = watcher.model          # at the start of each request: a whole model, never half-swapped
 
-Every version is verified before it is served: the manifest's own checksum, then every file's size
-and sha256, then the base identity recorded in patch_config.json against the weights in `base_dir`.
+Every version is verified before it is served: the manifest's own checksum, its signature when
+`trusted_keys` are given (patching/signing.py: unsigned, forged or signed by an unknown key is
+refused), then every file's size and sha256, then the base identity recorded in patch_config.json
+against the weights in `base_dir`.
 A version that fails is refused (and never retried: versions are immutable) and the newest good
 one at or below LATEST is served instead, with one warning line naming both and the reason.
 
@@ -26,7 +28,7 @@ import copy
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,7 +36,9 @@ from typing import Any
 from patching.checkpoint import CheckpointError, VerifiedVersion, VersionMissing, read_verified
 from patching.loading import attach_patches, base_identity
 from patching.patchfile import CONFIG_FILE, PATCHES_FILE, PatchStateError, parse_patch_set
-from patching.storage import Storage, StorageError, open_storage
+from patching.signing import TrustedKeys, load_trusted
+from patching.storage import Storage, StorageError
+from patching.storage_uri import open_storage
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +97,7 @@ def _newest_good(
     refused: dict[int, str],
     fresh: bool = True,
     serving: int | None = None,
+    trusted: TrustedKeys | None = None,
 ) -> tuple[VerifiedVersion | None, Any, str | None]:
     """(version, its model, a warning or None) for the newest servable version at or below LATEST.
 
@@ -119,7 +124,7 @@ def _newest_good(
         if number == serving:
             return None, None, _fallback_warning(model, number, pointer, {**refused, **missing}, unreadable)
         try:
-            v = read_verified(storage, model, number)
+            v = read_verified(storage, model, number, trusted)
             built = base.build(v, fresh)
         except VersionMissing as exc:
             missing[number] = str(exc)
@@ -145,16 +150,24 @@ def _fallback_warning(
 
 
 def load_latest(
-    root: str | Path | Storage, model: str, base_dir: str | Path, *, arch: dict[str, Any] | None = None
+    root: str | Path | Storage,
+    model: str,
+    base_dir: str | Path,
+    *,
+    arch: dict[str, Any] | None = None,
+    trusted_keys: Sequence[str | Path] | None = None,
 ) -> Loaded:
     """The newest good version of `model` on `root`, attached to the base in `base_dir`, ready to run.
 
     Falls back from a refused LATEST to the newest good version below it (logged); with nothing
     published yet it returns the plain base (version None); NoGoodVersion when nothing is servable.
+    With `trusted_keys` (public key files, patching/signing.py) only versions signed by one of them
+    are good; SigningError when a key file cannot be used.
     """
+    trusted = load_trusted(trusted_keys) if trusted_keys is not None else None
     storage = open_storage(root)
     base = _Base(base_dir, arch)
-    v, built, warning = _newest_good(storage, model, base, {}, fresh=False)
+    v, built, warning = _newest_good(storage, model, base, {}, fresh=False, trusted=trusted)
     if warning:
         log.warning(warning)
     if v is None:
@@ -180,9 +193,11 @@ class CheckpointWatcher:
         on_swap: Callable[[Loaded], None] | None = None,
         releases: KafkaReleases | None = None,
         arch: dict[str, Any] | None = None,
+        trusted_keys: Sequence[str | Path] | None = None,
     ):
         if interval <= 0:
             raise ValueError("interval must be > 0 seconds")
+        self.trusted = load_trusted(trusted_keys) if trusted_keys is not None else None
         self.storage = open_storage(root)
         self.name = model
         self.interval = interval
@@ -233,7 +248,9 @@ class CheckpointWatcher:
         current = self.current()
         if pointer is None or pointer == current.version or pointer in self._refused:
             return False
-        v, built, warning = _newest_good(self.storage, self.name, self._base, self._refused, serving=current.version)
+        v, built, warning = _newest_good(
+            self.storage, self.name, self._base, self._refused, serving=current.version, trusted=self.trusted
+        )
         if warning and warning != self._warned:
             log.warning(warning)
         self._warned = warning

@@ -60,6 +60,7 @@ class Run:
     swaps: list[tuple[Loaded, float, list[str]]] = field(default_factory=list)  # (loaded, when, predictions)
     heard: list[tuple[int | None, float]] = field(default_factory=list)  # the release listener's swaps
     final: Loaded | None = None
+    public_key: Path | None = None  # the daemon signs every version with its private twin
 
 
 def _predictor(base: Path) -> Callable[[Any, list[str]], list[str]]:
@@ -106,11 +107,16 @@ def run(
     config = write_config(
         tmp / "patchd.toml", base=base, data=data, bootstrap=kafka_bootstrap, topic=topic, state=tmp / "state"
     )
+    from patching.signing import generate
+
+    private_key, public_key, _ = generate(tmp / "keys")
     config.write_text(
-        config.read_text() + f"[publish]\ninterval_s = {PUBLISH_S}\n" + _storage_toml(request, request.param, tmp)
+        config.read_text()
+        + f'[publish]\ninterval_s = {PUBLISH_S}\nsigning_key = "{private_key}"\n'
+        + _storage_toml(request, request.param, tmp)
     )
     settings = load_settings(config, {})
-    r = Run(config, settings, base, inputs, targets, heldout, base_predictions)
+    r = Run(config, settings, base, inputs, targets, heldout, base_predictions, public_key=public_key)
 
     fixed = inputs + heldout
 
@@ -118,7 +124,10 @@ def run(
         r.swaps.append((loaded, time.time(), predict(loaded.model, fixed)))
 
     # each service has its own client (and, on S3, its own ETags and cache), as separate processes would
-    watcher = CheckpointWatcher(storage_of(settings), MODEL, base, interval=POLL_S, on_swap=on_swap).start()
+    # it trusts only the daemon's key: every version it serves was signed by the daemon
+    watcher = CheckpointWatcher(
+        storage_of(settings), MODEL, base, interval=POLL_S, on_swap=on_swap, trusted_keys=[public_key]
+    ).start()
     # a second service that listens to the release events; its poll is too slow to find anything first
     listener = CheckpointWatcher(
         storage_of(settings),
@@ -258,7 +267,12 @@ def test_versions_rollback_revoke_export(run: Run, tmp_path: Path, capsys: pytes
     assert torch.equal(after["keys"], before["keys"][keep]) and torch.equal(after["values"], before["values"][keep])
     with Store.open(run.settings.database.url, upgrade=False) as store:
         text_of = {store.find_mistake(MODEL, fingerprint(MODEL, t)).id: t for t in run.inputs}  # type: ignore[union-attr]
-    served = load_latest(storage, MODEL, run.base).model
+    served = load_latest(storage, MODEL, run.base, trusted_keys=[run.public_key]).model
+    # rollback and revoke signed what they published, with the daemon's key
+    from patching.signing import load_trusted
+
+    trusted = load_trusted([run.public_key])
+    assert all(read_verified(storage, MODEL, n, trusted).signed_by for n in storage.versions(MODEL))
     texts = [text_of[e] for e in revoked.edits]
     assert predict(served, texts) == [run.targets[t] for t in texts]
     assert predict(served, [text_of[edit]]) != [run.targets[text_of[edit]]]  # the fix is gone

@@ -15,7 +15,7 @@ from types import ModuleType
 
 # imported, not looked up by name: a command module that fails to import is a packaging error,
 # and `patchd` must fail with it rather than run without those commands
-from daemon.cli import bench, config, db, demo, evaluate, mend, prepare, run, versions
+from daemon.cli import bench, config, db, demo, evaluate, keys, mend, prepare, run, versions
 
 # Modules that add commands, in help order; each owns its commands' arguments and handlers.
 COMMAND_MODULES: tuple[ModuleType, ...] = (
@@ -27,6 +27,7 @@ COMMAND_MODULES: tuple[ModuleType, ...] = (
     run,  # run, status, check, replay
     versions,  # versions, rollback, revoke, export
     config,  # config check
+    keys,  # keys generate
     demo,  # demo
 )
 
