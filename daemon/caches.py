@@ -42,8 +42,10 @@ def build_caches(
     """
     assert settings.state.dir is not None  # resolved by load_settings
     digest = hashlib.sha256(json.dumps([memory, heldout]).encode()).hexdigest()[:12]
+    # a bfloat16 model's activations are other numbers: their own key (float32 keeps the old name)
+    dtype = str(base.model.dtype).removeprefix("torch.")
     key = ActivationKey(
-        f"{base.name}-inputs-{digest}",
+        f"{base.name}-inputs-{digest}" + ("" if dtype == "float32" else f"-{dtype}"),
         base_identity(base.directory),
         str(base.model.config.model_type),
         int(patcher.site.layer_index),

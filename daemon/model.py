@@ -29,7 +29,7 @@ from daemon.settings import Settings, resolve_device
 from memory.records import InputValue, MistakeRecord, PatchIn, PatchRecord
 from memory.store import Store
 from patching import patchfile
-from patching.bases.load import LoadedBase, load_base
+from patching.bases.load import LoadedBase, load_base, resolve_dtype
 from patching.bases.tasks import TaskAdapter
 from patching.encode import Encoded
 from patching.engine import Patcher, Proposal
@@ -74,8 +74,8 @@ class PatchedModel:
         """Load the base, attach the patch layer and build M and the held-out cache (the slow part)."""
         t0 = time.perf_counter()
         assert settings.model.base is not None  # load_settings resolves it to model.name
-        base = load_base(settings.model.base)
         device = resolve_device(settings.device)
+        base = load_base(settings.model.base, dtype=resolve_dtype(settings.model.dtype, device))
         base.model.to(device)
         patcher = Patcher(base.model, train=settings.trainer, gate=settings.gate)
         if settings.model.layer is not None and settings.model.layer != patcher.site.layer_index:
@@ -91,6 +91,7 @@ class PatchedModel:
             heldout_inputs=len(heldout),
             base=base.name,
             device=device,
+            dtype=str(base.model.dtype).removeprefix("torch."),
         )
         cached = build_caches(settings, base, patcher, memory, heldout)
         # state the engine derives lazily from M (the fisher init's whitening) must come from the base

@@ -59,6 +59,9 @@ class ModelSettings:
     base: str | None = None
     # None = the architecture table's last FFN (patching/arch.py); set only to patch another layer
     layer: int | None = None
+    # the frozen model's weights: "auto" = bfloat16 on a GPU (half the memory, the GPU's fast path),
+    # float32 on a CPU (bfloat16 matmuls are slow there); patch neurons are float32 either way
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     # JSONL files ({"input": ...} per line) of unrelated inputs for the memory M and the locality
     # gate's held-out set; None = the prepared base's built-in task splits (fever-minilm -> fever)
     memory_file: Path | None = None

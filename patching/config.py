@@ -11,6 +11,9 @@ from typing import Literal, get_args
 
 Activation = Literal["relu", "gelu", "relu-cap"]
 ACTIVATIONS: tuple[str, ...] = get_args(Activation)  # the one list: settings check, CLI choices
+# the frozen model's dtype ([model] dtype, --dtype): "auto" is bfloat16 on CUDA and float32 elsewhere;
+# the patch neurons are float32 whatever this is (patching/layer.py)
+DTYPES: tuple[str, ...] = ("auto", "float32", "bfloat16", "float16")
 TrainerMode = Literal["cached", "reference"]
 
 
@@ -31,6 +34,11 @@ class TrainConfig:
     lr: float = 1e-2
     # hard cap; the stop rule usually ends training after tens of steps
     max_steps: int = 500
+    # steps between two checks of the stop and stall rules; each check copies a few numbers to the
+    # host (a sync on a GPU); 1 checks every step (a CPU pays nothing for it)
+    check_every: int = 1
+    # benchmarks: run exactly max_steps steps with no check before the last (fixed work per edit)
+    fixed_steps: bool = False
     # k_a: the activation loss averages the top-k of exp(margin_a - a) over edit positions
     act_topk: int = 5
     # pre-activation the edit should reach (the init puts it at exactly 1)
@@ -91,7 +99,7 @@ class TrainConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _check_positive(self, "lr", "max_steps", "act_topk", "mem_topk", "max_neurons")
+        _check_positive(self, "lr", "max_steps", "act_topk", "mem_topk", "max_neurons", "check_every")
         if self.activation not in ACTIVATIONS:
             names = ", ".join(repr(a) for a in ACTIVATIONS)
             raise ValueError(f"trainer.activation must be one of {names}, got {self.activation!r}")

@@ -76,7 +76,10 @@ class Patcher:
         self.wrapper: PatchedFFN = attach(self.site, self.train_cfg.activation)
         self.fast_tail: LinearTail | None = linear_tail(self.site)  # None: not an LM head of known form
         ref = next(model.parameters())
-        self.memory = MemoryBank(self.site.hidden_size, ref.dtype, ref.device)
+        # the frozen model runs in its own dtype (bfloat16 on a GPU); every cached tensor is cast up
+        # to float32 and the neurons are trained, gated and kept in float32 (layer.py)
+        self.dtype = ref.dtype
+        self.memory = MemoryBank(self.site.hidden_size, torch.float32, ref.device)
         self.heldout: gating.HeldoutTensors | None = None
         self.retention: EditTensors | None = None  # rows of every accepted edit, group = edit number
         self._edits: list[str] = []
@@ -85,7 +88,9 @@ class Patcher:
 
     # ------------------------------------------------------------------ caching
     def tail(self, ffn: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        return tail_logits(self.site, ffn, residual)
+        """Logits [R, C] (float32) of the rows ffn, residual [R, d] (float32): the model's own tail
+        modules run in its dtype, as the deployed model runs them (a no-op cast for float32)."""
+        return tail_logits(self.site, ffn.to(self.dtype), residual.to(self.dtype)).float()
 
     def cache(self, enc: Encoded) -> EditTensors:
         """One frozen forward of the current model; the rows of `enc` at the patched layer."""
@@ -93,7 +98,7 @@ class Patcher:
         cap, _ = frozen_forward(self.site, batch)
         q, ffn, res = cap.require()
         b, t = enc.rows_b.to(q.device), enc.rows_t.to(q.device)
-        return EditTensors(q[b, t], ffn[b, t], res[b, t], enc.targets.to(q.device), group=b)
+        return EditTensors(q[b, t].float(), ffn[b, t].float(), res[b, t].float(), enc.targets.to(q.device), group=b)
 
     def build_memory(self, batches: Iterable[Encoded]) -> int:
         """Append the FFN inputs of every row of every batch to M. Returns the memory size."""

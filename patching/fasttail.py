@@ -95,11 +95,13 @@ def linear_tail(site: FFNSite) -> LinearTail | None:
     scale = 1.0
     if head == "t5_lm" and getattr(model.config, "scale_decoder_outputs", model.config.tie_word_embeddings):
         scale = float(model.model_dim) ** -0.5
-    const = linear.bias.detach() if linear.bias is not None else None
+    # float32 like the neurons it serves (a copy only for a bfloat16 / float16 model: [vocab, d])
+    weight = linear.weight.detach().float()
+    const = linear.bias.detach().float() if linear.bias is not None else None
     if head == "bart_lm":
-        bias = model.final_logits_bias[0].detach()
+        bias = model.final_logits_bias[0].detach().float()
         const = bias if const is None else const + bias
     if shift is not None:
-        moved = scale * (shift.detach() @ linear.weight.detach().T)
+        moved = scale * (shift.detach().float() @ weight.T)
         const = moved if const is None else const + moved
-    return LinearTail(centre, eps, gain.detach(), linear.weight.detach(), scale, const)
+    return LinearTail(centre, eps, gain.detach().float(), weight, scale, const)

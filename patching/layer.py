@@ -7,6 +7,10 @@ the FFN input at that position. The base module stays intact as `base` and is ne
 Neurons are buffers, not parameters: they are trained elsewhere (trainer.py, on cached tensors),
 then added here already final. Each neuron carries the edit id it belongs to, so an edit (one or
 several neurons) can be removed again.
+
+Neurons are float32 whatever the model's dtype: a bfloat16 model's q is cast up, the neurons'
+output is computed in float32 and cast to the model's dtype before it is added, so a neuron
+behaves as it was trained and gated (in float32, on cached tensors cast up) up to one rounding.
 """
 
 from __future__ import annotations
@@ -63,7 +67,7 @@ class PatchedFFN(nn.Module):
         self.q_from_input = q_from_input
         self._q: torch.Tensor | None = None
         ref = next(base.parameters())
-        kw: dict[str, Any] = {"dtype": ref.dtype, "device": ref.device}
+        kw: dict[str, Any] = {"dtype": torch.float32, "device": ref.device}  # see the module docstring
         self.register_buffer("keys", torch.zeros(0, hidden_size, **kw))  # [n, d]
         self.register_buffer("biases", torch.zeros(0, **kw))  # [n]
         self.register_buffer("values", torch.zeros(0, hidden_size, **kw))  # [n, d]
@@ -82,10 +86,10 @@ class PatchedFFN(nn.Module):
         if q is None:
             raise RuntimeError("PatchedFFN ran without its input q: the ffn_in hook did not fire")
         if self.n:
-            out = out + neuron_output(q, self.keys, self.biases, self.values, self.activation)
+            out = out + neuron_output(q.float(), self.keys, self.biases, self.values, self.activation).to(out.dtype)
         if self.candidate is not None:
             k, b, v = self.candidate  # trained as its activation trains (a relu-cap neuron is capped after)
-            out = out + neuron_output(q, k, b, v, trained_as(self.activation))
+            out = out + neuron_output(q.float(), k, b, v, trained_as(self.activation)).to(out.dtype)
         return out
 
     def add(self, keys: torch.Tensor, biases: torch.Tensor, values: torch.Tensor, edit_id: str) -> None:

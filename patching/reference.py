@@ -19,7 +19,16 @@ from patching.config import TrainConfig
 from patching.encode import Encoded
 from patching.layer import PatchedFFN, trained_as
 from patching.memory_bank import MemoryBank
-from patching.trainer import EditTensors, Neurons, Objective, TrainResult, init_neurons, stop_met, total_loss
+from patching.trainer import (
+    EditTensors,
+    Neurons,
+    Objective,
+    TrainResult,
+    init_neurons,
+    losses_of,
+    stop_met,
+    total_loss,
+)
 
 
 class ReferenceHost(Protocol):
@@ -52,8 +61,8 @@ def train_reference(
     cols = torch.arange(anchors.numel(), device=device)
     patcher.wrapper.candidate = (nr.keys, nr.biases, nr.values)
     success, step = False, 0
-    info: dict[str, float] = {}
-    a_edit = torch.zeros(anchors.numel())
+    info: dict[str, torch.Tensor] = {}
+    a_edit = torch.zeros(anchors.numel(), device=device)
     m_max = float("inf")
     try:
         for step in range(cfg.max_steps + 1):
@@ -61,17 +70,19 @@ def train_reference(
                 logits = patcher.model(**batch).logits  # the whole model, every step
             q = cap.q
             assert q is not None
-            logits = logits[rb] if logits.ndim == 2 else logits[rb, rt]
-            # the capture hook detaches q; the pre-activation is a function of the keys only
-            pre = q[rb, rt] @ nr.keys.T + nr.biases  # [R, n]
+            logits = (logits[rb] if logits.ndim == 2 else logits[rb, rt]).float()  # [R, C] (any model dtype)
+            # the capture hook detaches q; the pre-activation is a function of the keys only (float32)
+            pre = q[rb, rt].float() @ nr.keys.T + nr.biases  # [R, n]
             a_edit = pre[anchors, cols]
             m = memory @ nr.keys.T + nr.biases  # [N, n]
-            check_now = step >= cfg.reference_min_steps and step % cfg.reference_check_every == 0
+            check_now = (
+                not cfg.fixed_steps and step >= cfg.reference_min_steps and step % cfg.reference_check_every == 0
+            )
             if check_now or step == cfg.max_steps:
                 with torch.no_grad():
                     edit_ok = bool((logits.argmax(-1) == et.targets).all())
                     m_max = float(m.max()) if m.numel() else float("-inf")
-                    if stop_met(edit_ok, a_edit, m_max, obj):
+                    if stop_met(edit_ok, float(a_edit.min()), m_max, obj):
                         success = True
                         break
             if step == cfg.max_steps:
@@ -83,4 +94,6 @@ def train_reference(
     finally:
         patcher.wrapper.candidate = None
     final = Neurons(nr.keys.detach(), nr.biases.detach(), nr.values.detach())
-    return TrainResult(final, success, step, time.perf_counter() - t0, float(a_edit.detach().min()), m_max, info)
+    return TrainResult(
+        final, success, step, time.perf_counter() - t0, float(a_edit.detach().min()), m_max, losses_of(info)
+    )

@@ -131,6 +131,7 @@ class S3Storage(Storage):
         self._lock = threading.Lock()
         self._latest: dict[str, tuple[str, int]] = {}  # model -> (LATEST's ETag, its number)
         self._manifest_etag: dict[tuple[str, int], str] = {}
+        self._conditional_put = True  # until the server answers 501 to If-None-Match on a PUT
 
     def _count(self, event_name: str = "", **_: Any) -> None:
         self.requests[event_name.rsplit(".", 1)[-1]] += 1
@@ -185,11 +186,11 @@ class S3Storage(Storage):
             raise VersionExists(f"version {number} of {model} already exists at {self.version_uri(model, number)}")
         for name, data in files:
             key = self._version_key(model, number, name)
-            extra = {"IfNoneMatch": "*"} if name == MANIFEST else {}
             try:
-                # the manifest PUT is conditional where the server supports it (AWS, MinIO): two
-                # publishers can never both commit one number; others rely on the model lock
-                self._call("put_object", Bucket=self.bucket, Key=key, Body=data, **extra)
+                if name == MANIFEST:
+                    self._put_new(key, data)
+                else:
+                    self._call("put_object", Bucket=self.bucket, Key=key, Body=data)
             except FileExistsError:
                 raise VersionExists(f"version {number} of {model} was committed by another publisher") from None
             step(f"version.file:{name}")
@@ -308,9 +309,23 @@ class S3Storage(Storage):
                 raise FileNotFoundError(f"{where}: no such object") from None
             if status == 412 and operation == "put_object":
                 raise FileExistsError(f"{where}: already exists") from None
+            if status == 501:
+                raise _NotImplemented(f"{operation} {where}: {code}") from None
             raise StorageError(f"{operation} {where}: HTTP {status} {code}: {exc}") from None
         except BotoCoreError as exc:
             raise StorageError(f"{operation} {self.uri} at {self._where()}: {exc}") from None
+
+    def _put_new(self, key: str, data: bytes) -> None:
+        """PUT that fails (FileExistsError) when the key exists, where the server can say so: AWS
+        and MinIO honour If-None-Match: *, so two publishers can never both commit one number.
+        A server that answers 501 to it gets plain PUTs from then on (the model lock still holds)."""
+        if self._conditional_put:
+            try:
+                self._call("put_object", Bucket=self.bucket, Key=key, Body=data, IfNoneMatch="*")
+                return
+            except _NotImplemented:
+                self._conditional_put = False
+        self._call("put_object", Bucket=self.bucket, Key=key, Body=data)
 
     def _exists(self, key: str) -> bool:
         try:
@@ -352,6 +367,10 @@ class S3Storage(Storage):
 
 class _NotModified(Exception):
     """A conditional GET answered 304: the object still has the ETag we sent."""
+
+
+class _NotImplemented(StorageError):
+    """The server does not implement what the request asked (HTTP 501)."""
 
 
 def _write_atomic(path: Path, data: bytes) -> None:

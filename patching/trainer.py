@@ -122,8 +122,9 @@ def augmented_q(q: torch.Tensor, cfg: TrainConfig, gen: torch.Generator) -> torc
     return torch.cat([q, copies * keep / (1.0 - cfg.augment_dropout)])
 
 
-def stop_met(edit_ok: bool, a_edit: torch.Tensor, m_max: float, obj: Objective) -> bool:
-    return edit_ok and m_max < obj.stop_mem_margin and float(a_edit.min()) - m_max >= obj.stop_rel_margin
+def stop_met(edit_ok: bool, a_min: float, m_max: float, obj: Objective) -> bool:
+    """The stop rule: the edit right, memory silent, and the edit's weakest anchor well above it."""
+    return edit_ok and m_max < obj.stop_mem_margin and a_min - m_max >= obj.stop_rel_margin
 
 
 def total_loss(
@@ -134,15 +135,24 @@ def total_loss(
     m: torch.Tensor,
     obj: Objective,
     cfg: TrainConfig,
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """l_e + l_a + c_m (l_abs + l_rel). a_rows [C, n] activations at each neuron's anchor (all copies)."""
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """l_e + l_a + c_m (l_abs + l_rel). a_rows [C, n] activations at each neuron's anchor (all copies).
+    The parts stay tensors (detached): read them once after the loop (losses_of), not every step."""
     le = losses.edit_loss(logits, targets)
     la = losses.activation_loss(a_rows, obj.act_margin, cfg.act_topk)
     lm_abs = losses.memory_abs_loss(m, obj.mem_margin, cfg.mem_topk)
     lm_rel = losses.memory_rel_loss(m, a_edit, obj.rel_margin, cfg.mem_topk)
     total = le + la + obj.mem_weight * (lm_abs + lm_rel)
     parts = {"edit": le, "act": la, "mem_abs": lm_abs, "mem_rel": lm_rel}
-    return total, {k: float(v.detach()) for k, v in parts.items()}
+    return total, {k: v.detach() for k, v in parts.items()}
+
+
+def losses_of(parts: dict[str, torch.Tensor]) -> dict[str, float]:
+    """The last step's loss parts as numbers (one host copy, after the loop)."""
+    if not parts:
+        return {}
+    values = torch.stack([v.float() for v in parts.values()]).tolist()
+    return dict(zip(parts, values, strict=True))
 
 
 class MemoryScorer:
@@ -220,17 +230,18 @@ def train_cached(
         q_all, targets_all = torch.cat([q_all, extra.q]), torch.cat([targets_all, extra.targets])
         ffn_all, res_all = torch.cat([ffn_all, extra.ffn]), torch.cat([res_all, extra.residual])
     # anchor row of neuron i in copy c (dropout copies, then equivalents) is c * R + anchors[i]
-    anchor_rows = (torch.arange(copies + K)[:, None] * R + anchors[None, :].cpu()).to(edit.q.device)  # [C+K, n]
-    eq_ok = torch.zeros(K, dtype=torch.bool)  # [K] per train equivalent: all its rows right (none before step 0)
-    cols = torch.arange(n, device=edit.q.device)
-    info: dict[str, float] = {}
+    device = edit.q.device
+    anchor_rows = torch.arange(copies + K, device=device)[:, None] * R + anchors[None, :].to(device)  # [C+K, n]
+    eq_ok = torch.zeros(K, dtype=torch.bool, device=edit.q.device)  # [K] per equivalent: all its rows right
+    cols = torch.arange(n, device=device)
+    info: dict[str, torch.Tensor] = {}
     success = False
     step = 0
-    a_edit = torch.zeros(n)
+    a_edit = torch.zeros(n, device=edit.q.device)
     m_max = float("inf")
     fewest_wrong, progress_step = R + 1, 0  # stall rule: when the edit last had fewer wrong rows
-    unanchored = torch.ones(R, dtype=torch.bool, device=edit.q.device)
-    unanchored[anchors.to(edit.q.device)] = False  # [R] rows no neuron is anchored at
+    unanchored = torch.ones(R, dtype=torch.bool, device=device)
+    unanchored[anchors.to(device)] = False  # [R] rows no neuron is anchored at
     bound = fast.bind(ffn_all, res_all) if fast is not None else None
     for step in range(cfg.max_steps + 1):
         due = step > 0 and step % cfg.equivalent_steps == 0 if cfg.equivalent_steps else step == 0
@@ -239,12 +250,14 @@ def train_cached(
             # train on, so an equivalent that cannot be fitted within the memory margins never costs
             # max_steps, nor takes away the help of the others; when none is wrong, the margins are
             # what the equivalents pull against, and all of them go (all at step 0 with budget 0)
-            kept = eq_ok.cpu().nonzero().flatten() if not bool(eq_ok.all()) else torch.zeros(0, dtype=torch.long)
-            K, base = int(kept.numel()), copies * R  # kept [K'] on the CPU, like the row index built from it
-            rows = torch.cat([torch.arange(base), (base + kept[:, None] * R + torch.arange(R)[None, :]).flatten()])
-            rows = rows.to(q_all.device)
+            kept = eq_ok.nonzero().flatten()  # [K'] the right ones (one sync, every equivalent_steps steps)
+            if kept.numel() == K:
+                kept = kept[:0]  # all right (or none left): all go, as the comment above says
+            K, base = int(kept.numel()), copies * R
+            span = torch.arange(R, device=device)
+            rows = torch.cat([torch.arange(base, device=device), (base + kept[:, None] * R + span[None, :]).flatten()])
             q_all, targets_all, ffn_all, res_all = q_all[rows], targets_all[rows], ffn_all[rows], res_all[rows]
-            anchor_rows = (torch.arange(copies + K)[:, None] * R + anchors[None, :].cpu()).to(edit.q.device)
+            anchor_rows = torch.arange(copies + K, device=device)[:, None] * R + anchors[None, :].to(device)
             bound = bound.select(rows) if bound is not None else None
         pre = q_all @ nr.keys.T + nr.biases  # [C*R, n]
         act = activate(pre, activation)  # type: ignore[arg-type]
@@ -255,22 +268,36 @@ def train_cached(
         a_rows = pre[anchor_rows, cols[None, :]]  # [C, n]
         a_edit = a_rows[0]
         m = scorer(nr, step)
-        with torch.no_grad():
-            wrong_rows = logits[:R].argmax(-1) != edit.targets  # [R]
-            wrong = int(wrong_rows.sum())
-            edit_ok = wrong == 0
-            # progress: fewer wrong rows, or none wrong without an anchor (those train on as before)
-            if wrong < fewest_wrong or not bool((wrong_rows & unanchored).any()):
-                fewest_wrong, progress_step = min(wrong, fewest_wrong), step
-            eq_ok = (logits[copies * R :].argmax(-1) == targets_all[copies * R :]).reshape(K, R).all(1)
-            extra_ok = bool(eq_ok.all())
-            m_max = float(m.max()) if m.numel() else float("-inf")
-            if stop_met(edit_ok, a_edit, m_max, obj) and scorer.partial:
-                m_max = float(scorer.full(nr).max())  # mined rows passed: confirm on the whole memory
-            if stop_met(edit_ok and extra_ok, a_edit, m_max, obj):
-                success = True
-                break
-        if step == cfg.max_steps or (cfg.stall_steps and step - progress_step >= cfg.stall_steps):
+        last = step == cfg.max_steps
+        # the stop and stall rules read a few numbers off the device: a check is one copy to the host
+        # (a GPU sync), made every check_every steps; fixed_steps runs without any until the end
+        if last or (not cfg.fixed_steps and step % cfg.check_every == 0):
+            with torch.no_grad():
+                wrong_rows = logits[:R].argmax(-1) != edit.targets  # [R]
+                eq_ok = (logits[copies * R :].argmax(-1) == targets_all[copies * R :]).reshape(K, R).all(1)
+                m_top = m.max() if m.numel() else m.new_full((), float("-inf"))
+                numbers = torch.stack(
+                    [
+                        wrong_rows.sum(),
+                        (wrong_rows & unanchored).any(),  # a wrong row without a neuron anchored at it
+                        eq_ok.all(),
+                        m_top,
+                        a_edit.min() if a_edit.numel() else a_edit.new_full((), float("inf")),
+                    ]
+                ).float()
+                wrong_f, stray, extra_all, m_max, a_min = numbers.tolist()
+                wrong = int(wrong_f)
+                edit_ok = wrong == 0
+                # progress: fewer wrong rows, or none wrong without an anchor (those train on as before)
+                if wrong < fewest_wrong or not stray:
+                    fewest_wrong, progress_step = min(wrong, fewest_wrong), step
+                if stop_met(edit_ok, a_min, m_max, obj) and scorer.partial:
+                    m_max = float(scorer.full(nr).max())  # mined rows passed: confirm on the whole memory
+                if stop_met(edit_ok and bool(extra_all), a_min, m_max, obj):
+                    success = True
+                    if not cfg.fixed_steps:
+                        break
+        if last or (cfg.stall_steps and not cfg.fixed_steps and step - progress_step >= cfg.stall_steps):
             break
         loss, info = total_loss(logits, targets_all, a_rows, a_edit, m, obj, cfg)
         opt.zero_grad(set_to_none=True)
@@ -284,6 +311,6 @@ def train_cached(
         seconds=time.perf_counter() - t0,
         edit_activation=float(a_edit.detach().min()),
         memory_max=m_max,
-        losses=info,
+        losses=losses_of(info),
         equivalents=K,
     )

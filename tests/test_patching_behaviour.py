@@ -235,3 +235,46 @@ def test_a_long_answer_past_the_neuron_cap_stalls_into_the_retry_that_grows_the_
     assert outcome.status == "accepted", outcome.reasons
     assert len(steps) == 3 and outcome.proposal is not None and outcome.proposal.neurons.n == 3
     assert max(steps[:2]) <= 50 + 50  # stalled, not max_steps (the 1 anchored token may flip first)
+
+
+def test_edits_accepted_in_bfloat16_hold_after_a_save_a_load_and_a_fresh_forward(tmp_path) -> None:
+    """The frozen model in bfloat16, the neurons in float32: what the gate accepted on cached tensors
+    is what a fresh bfloat16 model with the saved patch set computes."""
+    from patching.arch import locate
+    from patching.layer import patched
+    from patching.loading import attach_patches, base_identity, load_base_model, read_patches, save_patches
+    from patching.patchfile import PatchConfig
+
+    ids = inputs(0)
+    memory, heldout, edits = ids[:300], ids[300:500], ids[500:510]
+    model = tiny_classifier().to(torch.bfloat16)
+    base_dir = tmp_path / "base"
+    model.save_pretrained(base_dir)  # the base as a service loads it, before any patch
+    patcher = Patcher(model, train=TrainConfig(max_steps=300), gate=GateConfig())
+    patcher.build_memory([batch(memory[i : i + 100]) for i in range(0, 300, 100)])
+    patcher.build_heldout([batch(heldout)])
+    held_before = predict(model, heldout)
+    targets = 1 - predict(model, edits)
+    accepted = []
+    for i in range(len(edits)):
+        outcome = patcher.edit(batch(edits[i : i + 1], targets[i : i + 1]), edit_id=f"e{i}")
+        if outcome.status == "accepted":
+            accepted.append(i)
+    assert len(accepted) >= 8, f"only {len(accepted)} of 10 bfloat16 edits accepted"
+    assert patcher.wrapper.keys.dtype == torch.float32
+
+    site, wrapper = patcher.site, patcher.wrapper
+    config = PatchConfig(
+        base_identity(base_dir), "bert", site.layer_index, "relu-cap", site.hidden_size, wrapper.n, wrapper.edit_ids
+    )
+    save_patches(wrapper, tmp_path / "patches", config)
+    saved_config, saved = read_patches(tmp_path / "patches")
+    assert saved.keys.dtype == torch.float32  # the patch file keeps float32 neurons
+    fresh = attach_patches(
+        load_base_model(base_dir, dtype=torch.bfloat16), saved_config, saved, base_identity(base_dir)
+    )
+    fresh_wrapper = patched(locate(fresh))
+    assert fresh_wrapper is not None and torch.equal(fresh_wrapper.keys, wrapper.keys)
+    kept = torch.tensor(accepted)
+    assert torch.equal(predict(fresh, edits[kept]), targets[kept])  # every accepted edit, in a fresh forward
+    assert torch.equal(predict(fresh, heldout), held_before)  # locality held in bfloat16 too

@@ -9,7 +9,7 @@ from patching.arch import tail_logits
 from patching.config import TrainConfig
 from patching.encode import Encoded, generation_ids
 from patching.engine import Patcher
-from patching.layer import neuron_output
+from patching.layer import activate, neuron_output
 from tests.fixtures_models import VOCAB, tiny_model
 
 
@@ -122,3 +122,38 @@ def test_factored_tail_equals_the_plain_tail(arch_name: str) -> None:
     assert torch.allclose(bound(act, values), want, atol=1e-4, rtol=1e-4)
     assert torch.allclose(bound.select(torch.tensor([2, 0]))(act[[2, 0]], values), want[[2, 0]], atol=1e-4, rtol=1e-4)
     assert not torch.allclose(bound(act * 0, values), want, atol=1e-3)  # the neurons' term counts
+
+
+def _close_bf16(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal up to bfloat16 rounding: 8 bits of mantissa (relative 2^-8 ~ 0.4 %) at each of the
+    few operations after the patched layer, scaled by the logits' own size."""
+    scale = float(b.abs().max()) + 1e-6
+    return bool(((a.float() - b.float()).abs() <= 0.04 * scale).all())
+
+
+@pytest.mark.parametrize("activation", ["relu", "relu-cap"])
+def test_cached_path_equals_full_forward_in_bfloat16(arch_name: str, activation: str) -> None:
+    """A bfloat16 model: the cached path (tensors cast up to float32, float32 neurons, the model's
+    own tail in bfloat16) equals the full bfloat16 forward within bfloat16 rounding."""
+    model = tiny_model(arch_name).to(torch.bfloat16)
+    patcher = Patcher(model, train=TrainConfig(activation=activation))
+    d = patcher.site.hidden_size
+    for i in range(3):
+        k, b, v = random_neurons(1, d, seed=100 + i)
+        patcher.wrapper.add(k, b, v, edit_id=f"e{i}")
+    assert patcher.wrapper.keys.dtype == torch.float32  # neurons stay float32 in a bfloat16 model
+    enc = tiny_batch(model)
+    cached = patcher.cache(enc)
+    assert cached.q.dtype == cached.ffn.dtype == cached.residual.dtype == torch.float32
+    assert _close_bf16(patcher.tail(cached.ffn, cached.residual), full_logits(model, enc))
+    k, b, v = random_neurons(2, d, seed=7)
+    cached_logits = patcher.tail(cached.ffn + neuron_output(cached.q, k, b, v, activation), cached.residual)
+    patcher.wrapper.add(k, b, v, edit_id="new")
+    full = full_logits(model, enc)
+    assert full.dtype == torch.bfloat16 and _close_bf16(cached_logits, full)
+    patcher.wrapper.remove(["new"])
+    assert not _close_bf16(cached_logits, full_logits(model, enc))  # the new neurons count
+    # the factored tail of the training loop (float32 parameters) agrees too
+    if patcher.fast_tail is not None:
+        act = activate(cached.q @ k.T + b, activation)
+        assert _close_bf16(patcher.fast_tail.bind(cached.ffn, cached.residual)(act, v), cached_logits)

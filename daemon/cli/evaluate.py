@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from patching.config import ACTIVATIONS, GateConfig, TrainConfig
+from patching.config import ACTIVATIONS, DTYPES, GateConfig, TrainConfig
 
 FORMAT_HELP = """\
 DATA is a built-in task (fever, zsre, counterfact; read from --data-dir, default ../shared/data)
@@ -41,6 +41,12 @@ def register(sub: Any, bench: Any) -> None:
     p.add_argument("--data-dir", type=Path, default=None, help="where the built-in tasks' files are")
     p.add_argument("--edits", type=int, default=None, help="edit at most N mistakes (default: all)")
     p.add_argument("--seed", type=int, default=0, help="split and training seed (default: 0)")
+    p.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default="auto",
+        help="the frozen model's weights; patch neurons stay float32 (default: auto = bfloat16 on CUDA, else float32)",
+    )
     p.add_argument(
         "--editor",
         choices=["tpatcher", "ft-last", "ft-all", "mend"],
@@ -173,6 +179,7 @@ def _evaluate(args: argparse.Namespace) -> int:
                 train_equivalents=args.train_equivalents,
                 resume=resume,
                 patches=patches_path(args.out) if args.out else None,
+                dtype=args.dtype,
             )
     except ResumeError as exc:  # a stopped run that does not fit this command line
         print(f"error: {exc}")

@@ -13,9 +13,13 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    import torch
 
 from patching.bases.qa import DEFAULT_PROMPT_FORMAT
+from patching.config import DTYPES
 
 BASES: tuple[str, ...] = ("fever-minilm", "zsre-smollm2", "zsre-smollm2-qa")
 # each prepared base's built-in task: the daemon's default memory / held-out splits, bench's edits
@@ -23,6 +27,7 @@ TASK_OF_BASE: dict[str, str] = {"fever-minilm": "fever", "zsre-smollm2": "zsre",
 META_FILE = "patchd_base.json"
 SMOL_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 Kind = Literal["classification", "generation"]
+
 # what both zsRE bases record about how they are asked and scored
 ZSRE_META: dict[str, Any] = {
     "kind": "generation",
@@ -74,8 +79,21 @@ def _package_dir(package: str) -> Path:
 # ------------------------------------------------------------------------------------- loading
 
 
-def load_base(name_or_dir: str) -> LoadedBase:
-    """A prepared base by name (`fever-minilm`), or any local Hugging Face model directory."""
+def resolve_dtype(name: str, device: str) -> torch.dtype:
+    """The torch dtype of a DTYPES name for a model on `device` ("cuda", "cuda:1", "cpu", ...)."""
+    import torch
+
+    if name not in DTYPES:
+        raise ValueError(f"dtype {name!r}: expected one of {', '.join(DTYPES)}")
+    if name == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    dtype: torch.dtype = getattr(torch, name)
+    return dtype
+
+
+def load_base(name_or_dir: str, dtype: torch.dtype | None = None) -> LoadedBase:
+    """A prepared base by name (`fever-minilm`), or any local Hugging Face model directory, with
+    its weights in `dtype` (default float32)."""
     import torch
     from transformers import (
         AutoConfig,
@@ -111,7 +129,7 @@ def load_base(name_or_dir: str) -> LoadedBase:
             f"{path}: architecture {arch!r} is none of a sequence classifier (*ForSequenceClassification), "
             "a causal LM (*ForCausalLM, *LMHeadModel) or an encoder-decoder (*ForConditionalGeneration)"
         )
-    model = auto.from_pretrained(path, dtype=torch.float32, local_files_only=True).eval()
+    model = auto.from_pretrained(path, dtype=dtype or torch.float32, local_files_only=True).eval()
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     if kind == "generation" and tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token  # batched generation pads; eos is never attended

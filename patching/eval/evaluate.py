@@ -16,9 +16,10 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import torch
 from tqdm import tqdm
 
-from patching.bases.load import load_base
+from patching.bases.load import load_base, resolve_dtype
 from patching.bases.tasks import TaskAdapter
 from patching.config import GateConfig, TrainConfig
 from patching.engine import Patcher
@@ -67,6 +68,7 @@ def run_evaluate(
     train_equivalents: bool = False,
     resume: Resume | None = None,
     patches: Path | None = None,
+    dtype: str = "auto",
 ) -> dict[str, Any]:
     """`sequential=False`: every edit on the unedited model (T = 1; the editor must have `reset()`);
     ER, TrainR, TestR, locality and the curve then do not apply and are None.
@@ -75,7 +77,8 @@ def run_evaluate(
     `patches` (tpatcher, sequential): write every accepted edit's neurons there at the end, also
     when interrupted; `resume`: a stopped run of the same settings, continued (patching/eval/resume.py)."""
     t_start = time.perf_counter()
-    lb = load_base(base)
+    torch_dtype = resolve_dtype(dtype, str(torch.get_default_device()))  # evaluate runs where torch's default is
+    lb = load_base(base, dtype=torch_dtype)
     adapter = TaskAdapter(lb)
     rng = random.Random(seed)
     train = train or TrainConfig(seed=seed)
@@ -86,6 +89,8 @@ def run_evaluate(
         "data": data.name,
         "seed": seed,
         "train_equivalents": train_equivalents,
+        # named only when not float32, so reports written before the setting existed still resume
+        **({"dtype": str(torch_dtype).removeprefix("torch.")} if torch_dtype != torch.float32 else {}),
         "train_config": asdict(train.for_task(adapter.generation)) if editor == "tpatcher" else None,
         "gate_config": asdict(gate) if editor == "tpatcher" else None,
     }
