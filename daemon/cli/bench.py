@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from patching.config import ACTIVATIONS
+from patching.config import ACTIVATIONS, DTYPES
 
 # the size: long enough that start-up and the first group join are noise
 INGEST_EVENTS = 20_000
@@ -36,7 +36,10 @@ def register(sub: Any, bench: Any) -> None:
         "on the held-out set; print a table and optionally write JSON.",
     )
     p.add_argument(
-        "--base", default="fever-minilm", help="prepared base name or local model directory (default: fever-minilm)"
+        "--base",
+        default="fever-minilm",
+        help="prepared base name, local model directory, or config:NAME for a real-size architecture with "
+        "RANDOM weights and synthetic edits (llama-3.2-1b, llama-3.1-8b, qwen2.5-7b) (default: fever-minilm)",
     )
     p.add_argument("--edits", type=int, default=50, help="number of sequential edits (default: 50)")
     p.add_argument("--data-dir", type=Path, default=None, help="data directory (default: ../shared/data)")
@@ -57,6 +60,19 @@ def register(sub: Any, bench: Any) -> None:
         help="hard-negative mining: full M@k every N steps (0 = every step)",
     )
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument(
+        "--dtype", choices=DTYPES, default="auto", help="the frozen model's weights (default: auto = bfloat16 on CUDA)"
+    )
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: auto = cuda when there is one)")
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="train every edit for exactly this many steps, no stop rule (default: the stop rule; config:NAME: 100)",
+    )
+    p.add_argument(
+        "--memory-rows", type=int, default=10_000, help="config:NAME only: rows of the memory M (default: %(default)s)"
+    )
     p.set_defaults(func=_bench_edit)
 
     store = bench.add_parser(
@@ -254,25 +270,59 @@ def _e2e(args: argparse.Namespace) -> int:
 def _bench_edit(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
+    import torch
+
+    from daemon.settings import resolve_device
+    from patching.bases.load import resolve_dtype
     from patching.config import TrainConfig
     from patching.eval.bench import print_table, run_edit_bench
 
-    train = TrainConfig()
-    if args.activation:
-        train = replace(train, activation=args.activation)
-    if args.mining_interval is not None:
-        train = replace(train, mining_interval=args.mining_interval)
-    report = run_edit_bench(
-        args.base,
-        edits=args.edits,
-        data_dir=args.data_dir,
-        seed=args.seed,
-        reference=not args.no_reference,
-        reference_edits=args.reference_edits,
-        train=train,
-        threads=args.threads,
-    )
-    print_table(report)
+    if args.steps is not None and args.steps < 1:
+        print("--steps must be positive", file=sys.stderr)
+        return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    if args.base.startswith("config:"):
+        from patching.eval.synthetic import PRESETS, print_report, run_synthetic_bench
+
+        name = args.base.removeprefix("config:")
+        if name not in PRESETS:
+            print(f"--base {args.base}: known configs are {', '.join(PRESETS)}", file=sys.stderr)
+            return 2
+        report = run_synthetic_bench(
+            name,
+            steps=args.steps or 100,
+            edits=args.edits,
+            memory_rows=args.memory_rows,
+            reference_edits=0 if args.no_reference else (args.reference_edits or 3),
+            dtype=dtype,
+            device=device,
+            seed=args.seed,
+        )
+        print_report(report)
+    else:
+        train = TrainConfig()
+        if args.activation:
+            train = replace(train, activation=args.activation)
+        if args.mining_interval is not None:
+            train = replace(train, mining_interval=args.mining_interval)
+        if args.steps is not None:
+            train = replace(train, max_steps=args.steps, fixed_steps=True)
+        report = run_edit_bench(
+            args.base,
+            edits=args.edits,
+            data_dir=args.data_dir,
+            seed=args.seed,
+            reference=not args.no_reference,
+            reference_edits=args.reference_edits,
+            train=train,
+            threads=args.threads,
+            dtype=dtype,
+            device=device,
+        )
+        print_table(report)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2) + "\n")

@@ -76,11 +76,14 @@ def run_edit_bench(
     train: TrainConfig | None = None,
     gate: GateConfig | None = None,
     threads: int | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
 ) -> dict[str, Any]:
     if threads:
         torch.set_num_threads(threads)
     t_start = time.perf_counter()
-    lb = load_base(base)
+    lb = load_base(base, dtype=dtype)
+    lb.model.to(device)
     task = TASK_OF_BASE.get(lb.name) or ("fever" if lb.kind == "classification" else "zsre")
     splits = load_task(task, data_dir, seed=seed)
     adapter = TaskAdapter(lb)
@@ -104,6 +107,8 @@ def run_edit_bench(
         "heldout_inputs": len(splits.heldout),
         "setup_seconds": round(setup_s, 1),
         "threads": torch.get_num_threads(),
+        "dtype": str(dtype).removeprefix("torch."),
+        "device": device,
         "machine": platform.processor() or platform.machine(),
         "train_config": asdict(train),
         "gate_config": asdict(patcher.gate_cfg),
