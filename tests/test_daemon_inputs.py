@@ -175,3 +175,43 @@ def test_seq2seq_generator_end_to_end(
     assert rebuilt.replayed == len(patched) and rebuilt.mismatches == []
     target = {e["input"]: e["target"] for e in events}
     assert model.adapter.predict(patched) == [target[q] for q in patched]
+
+
+def test_a_bfloat16_base_through_the_daemon_and_a_restart(
+    tmp_path: Path, kafka_bootstrap: str, kafka_topic_factory: Callable[..., str]
+) -> None:
+    """[model] dtype = "bfloat16": the daemon patches a bfloat16 base, stores float32 neurons, and a
+    restart replays them into a bfloat16 model that answers every patched mistake."""
+    from patching import patchfile
+
+    base, data = prepare(tmp_path / "tiny")
+    rng = random.Random(11)
+    topic = kafka_topic_factory()
+    kafka_topic_factory(f"{topic}.dlq")
+    inputs = [sentence(rng, i) for i in range(20)]
+    events = [
+        {"id": f"bf16-{i}", "model": "tiny", "input": text, "target": rng.choice(LABELS), "reporter": "r"}
+        for i, text in enumerate(inputs)
+    ]
+    produce(kafka_bootstrap, topic, [json.dumps(e).encode() for e in events])
+    config = write_config(
+        tmp_path / "bf16.toml", base=base, data=data, bootstrap=kafka_bootstrap, topic=topic, state=tmp_path / "state"
+    )
+    config.write_text(config.read_text().replace("[model]\n", '[model]\ndtype = "bfloat16"\n', 1))
+    counts, _ = _run(config, "tiny")
+    assert counts[Status.FAILED] == 0 and sum(counts[s] for s in DONE) == len(events)
+    assert counts[Status.PATCHED] > 0, "a random classifier gets about half of random targets wrong"
+
+    settings = load_settings(config, {})
+    targets = {e["input"]: e["target"] for e in events}
+    with Store.open(settings.database.url) as store:
+        final = _final(store, "tiny", inputs)
+        stored = [p for p in store.accepted_patches("tiny")]
+        assert stored and all(patchfile.decode(p.neurons).keys.dtype == torch.float32 for p in stored)
+        model = PatchedModel.load(settings)
+        rebuilt = model.rebuild(store)
+    assert next(model.patcher.model.parameters()).dtype == torch.bfloat16
+    assert model.patcher.wrapper.keys.dtype == torch.float32
+    patched = [value for value, status in final.values() if status == Status.PATCHED]
+    assert rebuilt.replayed == len(patched) and rebuilt.mismatches == []
+    assert model.adapter.predict(patched) == [targets[t] for t in patched]

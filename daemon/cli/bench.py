@@ -133,6 +133,9 @@ def register(sub: Any, bench: Any) -> None:
     )
     daemon.add_argument("--base", default="fever-minilm", help="prepared base (default: %(default)s)")
     daemon.add_argument("--bootstrap", help=BROKER_HELP)
+    daemon.add_argument(
+        "--dtype", choices=DTYPES, default=None, help="the daemon's [model] dtype for this run (default: its setting)"
+    )
     daemon.add_argument("--json", type=Path, metavar="FILE", help="also write the result to FILE")
     daemon.set_defaults(func=_daemon)
 
@@ -169,6 +172,9 @@ def register(sub: Any, bench: Any) -> None:
         type=float,
         default=60.0,
         help="seconds to count an idle watcher's requests to S3 after the corrections (default: %(default)s)",
+    )
+    e2e.add_argument(
+        "--dtype", choices=DTYPES, default=None, help="the daemon's [model] dtype for this run (default: its setting)"
     )
     e2e.add_argument("--json", type=Path, metavar="FILE", help="also write the result to FILE")
     e2e.set_defaults(func=_e2e)
@@ -207,6 +213,8 @@ def _ingest(args: argparse.Namespace) -> int:
 def _daemon(args: argparse.Namespace) -> int:
     from daemon.tools.bench_daemon import run_daemon_bench
 
+    if args.dtype:
+        os.environ["PATCHD_MODEL_DTYPE"] = args.dtype  # the daemon's settings read it
     _quiet_logs()
     r = run_daemon_bench(args.corrections, args.base, args.bootstrap)
     e, t = r["per_edit_ms"], r["per_trained_edit_ms"]
@@ -229,6 +237,8 @@ def _daemon(args: argparse.Namespace) -> int:
 def _e2e(args: argparse.Namespace) -> int:
     from daemon.tools.bench_e2e import run_e2e_bench
 
+    if args.dtype:
+        os.environ["PATCHD_MODEL_DTYPE"] = args.dtype  # passed on to the daemon process
     if args.corrections < 1 or args.publish_interval <= 0 or args.poll_interval <= 0:
         print("--corrections, --publish-interval and --poll-interval must be positive", file=sys.stderr)
         return 2

@@ -51,6 +51,7 @@ def _settings(bootstrap: str, topic: str, state: Path, model: str, **kafka: Any)
         "PATCHD_KAFKA_BOOTSTRAP_SERVERS": bootstrap,
         "PATCHD_KAFKA_TOPIC": topic,
         "PATCHD_DEVICE": os.environ.get("PATCHD_DEVICE", "auto"),
+        "PATCHD_MODEL_DTYPE": os.environ.get("PATCHD_MODEL_DTYPE", "auto"),
         "PATCHD_HEALTH_PORT": "0",  # no probes in a benchmark, and no clash with a daemon on the port
     }
     settings = load_settings(None, env)
