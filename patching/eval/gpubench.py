@@ -126,7 +126,10 @@ def run(
     memory_rows: int,
     reference_edits: int,
     minilm_edits: int,
+    out: Path | None = None,
 ) -> dict[str, Any]:
+    """Every part in turn; with `out`, the report so far is written after each part, so a run cut
+    short by its time limit still leaves the parts it finished."""
     from patching.bases.load import resolve_dtype
     from patching.eval.synthetic import run_synthetic_bench
 
@@ -140,10 +143,19 @@ def run(
         "minilm": None,
         "configs": {},
     }
+
+    def save() -> None:
+        report["targets"] = check_targets(report)
+        report["wall_seconds"] = round(time.perf_counter() - t0, 1)
+        if out is not None:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(report, indent=2) + "\n")
+
     if carry is not None:
         print(f"--- {MINILM} (bfloat16, real FEVER claims) on {device}", flush=True)
         report["minilm"] = minilm_part(carry, device, minilm_edits, reference_edits)
         _free(device)
+        save()
     for name in configs:
         print(f"--- config:{name} on {device}", flush=True)
         report["configs"][name] = run_synthetic_bench(
@@ -156,8 +168,8 @@ def run(
             device=device,
         )
         _free(device)
-    report["targets"] = check_targets(report)
-    report["wall_seconds"] = round(time.perf_counter() - t0, 1)
+        save()
+    save()
     return report
 
 
@@ -221,9 +233,8 @@ def main(argv: list[str] | None = None) -> int:
         args.memory_rows,
         args.reference_edits,
         args.minilm_edits,
+        out=args.out,
     )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
     summary = {k: v["measured"] for k, v in report["targets"].items()}
     met = all(v["met"] for v in report["targets"].values())
     print(f"wrote {args.out} in {report['wall_seconds']} s; targets {summary}: {'all met' if met else 'NOT all met'}")

@@ -149,7 +149,9 @@ def run_synthetic_bench(
         f"{name}: {params / 1e9:.2f}B parameters, {str(dtype).removeprefix('torch.')} on {device}; {RANDOM_WEIGHTS}"
     )
     train = TrainConfig(max_steps=steps, fixed_steps=True, seed=seed)
-    patcher = Patcher(model, train=train, gate=GateConfig())
+    # one attempt per edit: with random weights a retry measures nothing new, and the unit of cost is
+    # one training run of `steps` steps plus its gate
+    patcher = Patcher(model, train=train, gate=GateConfig(retries=0))
 
     # M: every position of random prompts of 256 tokens, 8 at a time
     t0 = time.perf_counter()
