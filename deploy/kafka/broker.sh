@@ -35,55 +35,24 @@ KAFKA_JVM_PERFORMANCE_OPTS=${KAFKA_JVM_PERFORMANCE_OPTS:--XX:TieredStopAtLevel=1
 KAFKA_START_TIMEOUT=${KAFKA_START_TIMEOUT:-120}
 KAFKA_STOP_TIMEOUT=${KAFKA_STOP_TIMEOUT:-60}
 
-LIB="$KAFKA_CACHE_DIR/lib"
 PID_FILE="$KAFKA_STATE_DIR/broker.pid"
 LOG_FILE="$KAFKA_STATE_DIR/broker.log"
 PROPS="$KAFKA_STATE_DIR/server.properties"
 DATA="$KAFKA_STATE_DIR/kafka-data"
 BOOTSTRAP="127.0.0.1:$KAFKA_PORT"
-JAVA=${JAVA_HOME:+$JAVA_HOME/bin/}java
 
-die() { echo "broker.sh: $*" >&2; exit 1; }
-
-need_java() {
-  command -v "$JAVA" >/dev/null 2>&1 || die "java not found (Kafka $KAFKA_VERSION needs Java 17+); run deploy/system-deps.sh"
-  local major
-  major=$("$JAVA" -XshowSettings:properties -version 2>&1 | sed -n 's/^ *java.specification.version = \([0-9]*\).*/\1/p')
-  [ -n "$major" ] && [ "$major" -ge 17 ] || die "Kafka $KAFKA_VERSION needs Java 17+, $JAVA is ${major:-unknown}"
-}
+SERVICE=broker.sh
+PRODUCT="Apache Kafka $KAFKA_VERSION"
+CACHE_DIR=$KAFKA_CACHE_DIR
+PROCESS_MATCH="*kafka.Kafka*$PROPS*"
+START_TIMEOUT=$KAFKA_START_TIMEOUT
+STOP_TIMEOUT=$KAFKA_STOP_TIMEOUT
+# die, need_java, fetch_jars, service_pid, wait_ready, stop_service, service_status
+# shellcheck source=../lib/jvm-service.sh
+. "$HERE/../lib/jvm-service.sh"
 
 fetch() {
-  [ -f "$LIB/.complete" ] && return 0
-  command -v mvn >/dev/null 2>&1 || die "mvn not found (needed once to fetch the Kafka jars); run deploy/system-deps.sh"
-  mkdir -p "$(dirname "$KAFKA_CACHE_DIR")"
-  # Two test sessions may fetch at once: serialise them (the lock lives in a subshell so that the
-  # broker started later does not inherit it), and publish the jars with one rename.
-  (
-    command -v flock >/dev/null 2>&1 && flock 9
-    [ -f "$LIB/.complete" ] && exit 0
-    work=$(mktemp -d "$KAFKA_CACHE_DIR.tmp.XXXXXX")
-    trap 'rm -rf "$work"' EXIT
-    cp "$HERE/pom.xml" "$work/pom.xml"
-    echo "broker.sh: fetching Apache Kafka $KAFKA_VERSION jars from Maven Central into $LIB" >&2
-    (cd "$work" && mvn -q -B -Dstyle.color=never dependency:copy-dependencies -DincludeScope=runtime \
-        -DoutputDirectory="$work/lib" -Dkafka.version="$KAFKA_VERSION" -Dlog4j.version="$LOG4J_VERSION" >&2) \
-      || die "mvn could not fetch org.apache.kafka:kafka_2.13:$KAFKA_VERSION (see the output above)"
-    ls "$work/lib"/kafka_2.13-*.jar >/dev/null 2>&1 || die "the fetch produced no kafka_2.13 jar"
-    touch "$work/lib/.complete"
-    mkdir -p "$KAFKA_CACHE_DIR"
-    rm -rf "$LIB"
-    mv "$work/lib" "$LIB"
-  ) 9>"$KAFKA_CACHE_DIR.lock"
-}
-
-# The pid in the pid file, if that process is alive and is this state dir's broker (pids get reused).
-broker_pid() {
-  [ -f "$PID_FILE" ] || return 1
-  local pid args
-  pid=$(cat "$PID_FILE")
-  [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null || return 1
-  if [ -r "/proc/$pid/cmdline" ]; then args=$(tr '\0' ' ' <"/proc/$pid/cmdline"); else args=$(ps -o args= -p "$pid" || true); fi
-  case "$args" in *kafka.Kafka*"$PROPS"*) echo "$pid" ;; *) return 1 ;; esac
+  fetch_jars "$HERE/pom.xml" "kafka_2.13-*.jar" -Dkafka.version="$KAFKA_VERSION" -Dlog4j.version="$LOG4J_VERSION"
 }
 
 # Does a Kafka broker answer on the port? Sends ApiVersions v0 and wants error_code 0 back:
@@ -138,8 +107,8 @@ EOF
 
 start() {
   local pid
-  if pid=$(broker_pid); then
-    wait_ready "$pid"
+  if pid=$(service_pid); then
+    wait_ready "$pid" "$BOOTSTRAP"
     echo "$BOOTSTRAP"
     return 0
   fi
@@ -171,66 +140,18 @@ while True:
     kafka.Kafka "$PROPS" </dev/null >>"$LOG_FILE" 2>&1 &
   pid=$!
   echo "$pid" >"$PID_FILE"
-  wait_ready "$pid"
+  wait_ready "$pid" "$BOOTSTRAP"
   echo "$BOOTSTRAP"
 }
 
-wait_ready() {
-  local pid=$1 deadline=$((SECONDS + KAFKA_START_TIMEOUT))
-  until answers; do
-    if ! kill -0 "$pid" 2>/dev/null; then
-      rm -f "$PID_FILE"
-      tail -n 40 "$LOG_FILE" >&2
-      die "the broker exited during start-up (log: $LOG_FILE)"
-    fi
-    if [ "$SECONDS" -ge "$deadline" ]; then
-      tail -n 40 "$LOG_FILE" >&2
-      stop >&2 || true
-      die "the broker did not answer on $BOOTSTRAP within ${KAFKA_START_TIMEOUT}s (log: $LOG_FILE)"
-    fi
-    sleep 0.3
-  done
-}
-
-stop() {
-  local pid deadline
-  if ! pid=$(broker_pid); then
-    rm -f "$PID_FILE"
-    echo "stopped"
-    return 0
-  fi
-  kill -TERM "$pid"
-  deadline=$((SECONDS + KAFKA_STOP_TIMEOUT))
-  while kill -0 "$pid" 2>/dev/null; do
-    if [ "$SECONDS" -ge "$deadline" ]; then
-      kill -KILL "$pid" 2>/dev/null || true
-      rm -f "$PID_FILE"
-      die "the broker (pid $pid) ignored SIGTERM for ${KAFKA_STOP_TIMEOUT}s and was killed (log: $LOG_FILE)"
-    fi
-    sleep 0.2
-  done
-  rm -f "$PID_FILE"
-  echo "stopped"
-}
-
 status() {
-  local pid
-  if ! pid=$(broker_pid); then
-    echo "stopped"
-    return 3
-  fi
-  if answers; then
-    echo "running pid=$pid bootstrap=$BOOTSTRAP state=$KAFKA_STATE_DIR"
-    return 0
-  fi
-  echo "not answering pid=$pid bootstrap=$BOOTSTRAP state=$KAFKA_STATE_DIR (log: $LOG_FILE)"
-  return 1
+  service_status "bootstrap=$BOOTSTRAP state=$KAFKA_STATE_DIR"
 }
 
 case "${1:-}" in
   fetch) fetch ;;
   start) start ;;
-  stop) stop ;;
+  stop) stop_service ;;
   status) status ;;
   *) echo "usage: $0 fetch|start|stop|status" >&2; exit 2 ;;
 esac

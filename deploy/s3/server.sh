@@ -36,45 +36,25 @@ S3_JVM_OPTS=${S3_JVM_OPTS:--XX:TieredStopAtLevel=1 -XX:+UseSerialGC -Djava.awt.h
 S3_START_TIMEOUT=${S3_START_TIMEOUT:-60}
 S3_STOP_TIMEOUT=${S3_STOP_TIMEOUT:-30}
 
-LIB="$S3_CACHE_DIR/lib"
 PID_FILE="$S3_STATE_DIR/server.pid"
 LOG_FILE="$S3_STATE_DIR/server.log"
 CONF="$S3_STATE_DIR/s3proxy.conf"
 SECRET_FILE="$S3_STATE_DIR/secret-key"
 DATA="$S3_STATE_DIR/data"
 ENDPOINT="http://127.0.0.1:$S3_PORT"
-JAVA=${JAVA_HOME:+$JAVA_HOME/bin/}java
 
-die() { echo "server.sh: $*" >&2; exit 1; }
-
-need_java() {
-  command -v "$JAVA" >/dev/null 2>&1 || die "java not found (s3proxy $S3PROXY_VERSION needs Java 17+); run deploy/system-deps.sh"
-  local major
-  major=$("$JAVA" -XshowSettings:properties -version 2>&1 | sed -n 's/^ *java.specification.version = \([0-9]*\).*/\1/p')
-  [ -n "$major" ] && [ "$major" -ge 17 ] || die "s3proxy $S3PROXY_VERSION needs Java 17+, $JAVA is ${major:-unknown}"
-}
+SERVICE=server.sh
+PRODUCT="s3proxy $S3PROXY_VERSION"
+CACHE_DIR=$S3_CACHE_DIR
+PROCESS_MATCH="*org.gaul.s3proxy.Main*$CONF*"
+START_TIMEOUT=$S3_START_TIMEOUT
+STOP_TIMEOUT=$S3_STOP_TIMEOUT
+# die, need_java, fetch_jars, service_pid, wait_ready, stop_service, service_status
+# shellcheck source=../lib/jvm-service.sh
+. "$HERE/../lib/jvm-service.sh"
 
 fetch() {
-  [ -f "$LIB/.complete" ] && return 0
-  command -v mvn >/dev/null 2>&1 || die "mvn not found (needed once to fetch the s3proxy jars); run deploy/system-deps.sh"
-  mkdir -p "$(dirname "$S3_CACHE_DIR")"
-  # concurrent fetches are serialised and the jars published with one rename (as broker.sh does)
-  (
-    command -v flock >/dev/null 2>&1 && flock 9
-    [ -f "$LIB/.complete" ] && exit 0
-    work=$(mktemp -d "$S3_CACHE_DIR.tmp.XXXXXX")
-    trap 'rm -rf "$work"' EXIT
-    cp "$HERE/pom.xml" "$work/pom.xml"
-    echo "server.sh: fetching s3proxy $S3PROXY_VERSION jars from Maven Central into $LIB" >&2
-    (cd "$work" && mvn -q -B -Dstyle.color=never dependency:copy-dependencies -DincludeScope=runtime \
-        -DoutputDirectory="$work/lib" -Ds3proxy.version="$S3PROXY_VERSION" >&2) \
-      || die "mvn could not fetch org.gaul:s3proxy:$S3PROXY_VERSION (see the output above)"
-    ls "$work/lib"/s3proxy-*.jar >/dev/null 2>&1 || die "the fetch produced no s3proxy jar"
-    touch "$work/lib/.complete"
-    mkdir -p "$S3_CACHE_DIR"
-    rm -rf "$LIB"
-    mv "$work/lib" "$LIB"
-  ) 9>"$S3_CACHE_DIR.lock"
+  fetch_jars "$HERE/pom.xml" "s3proxy-*.jar" -Ds3proxy.version="$S3PROXY_VERSION"
 }
 
 secret_key() {
@@ -84,16 +64,6 @@ secret_key() {
     (umask 077 && python3 -c 'import secrets; print(secrets.token_urlsafe(30))' >"$SECRET_FILE")
   fi
   cat "$SECRET_FILE"
-}
-
-# The pid in the pid file, if that process is alive and is this state dir's server (pids get reused).
-server_pid() {
-  [ -f "$PID_FILE" ] || return 1
-  local pid args
-  pid=$(cat "$PID_FILE")
-  [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null || return 1
-  if [ -r "/proc/$pid/cmdline" ]; then args=$(tr '\0' ' ' <"/proc/$pid/cmdline"); else args=$(ps -o args= -p "$pid" || true); fi
-  case "$args" in *org.gaul.s3proxy.Main*"$CONF"*) echo "$pid" ;; *) return 1 ;; esac
 }
 
 # Does an S3 server answer a signed ListBuckets with 200 for our credentials? An open port alone
@@ -147,8 +117,8 @@ print_env() {
 
 start() {
   local pid
-  if pid=$(server_pid); then
-    wait_ready "$pid"
+  if pid=$(service_pid); then
+    wait_ready "$pid" "$ENDPOINT"
     print_env
     return 0
   fi
@@ -165,66 +135,18 @@ start() {
     org.gaul.s3proxy.Main --properties "$CONF" </dev/null >>"$LOG_FILE" 2>&1 &
   pid=$!
   echo "$pid" >"$PID_FILE"
-  wait_ready "$pid"
+  wait_ready "$pid" "$ENDPOINT"
   print_env
 }
 
-wait_ready() {
-  local pid=$1 deadline=$((SECONDS + S3_START_TIMEOUT))
-  until answers; do
-    if ! kill -0 "$pid" 2>/dev/null; then
-      rm -f "$PID_FILE"
-      tail -n 40 "$LOG_FILE" >&2
-      die "the server exited during start-up (log: $LOG_FILE)"
-    fi
-    if [ "$SECONDS" -ge "$deadline" ]; then
-      tail -n 40 "$LOG_FILE" >&2
-      stop >&2 || true
-      die "the server did not answer on $ENDPOINT within ${S3_START_TIMEOUT}s (log: $LOG_FILE)"
-    fi
-    sleep 0.2
-  done
-}
-
-stop() {
-  local pid deadline
-  if ! pid=$(server_pid); then
-    rm -f "$PID_FILE"
-    echo "stopped"
-    return 0
-  fi
-  kill -TERM "$pid"
-  deadline=$((SECONDS + S3_STOP_TIMEOUT))
-  while kill -0 "$pid" 2>/dev/null; do
-    if [ "$SECONDS" -ge "$deadline" ]; then
-      kill -KILL "$pid" 2>/dev/null || true
-      rm -f "$PID_FILE"
-      die "the server (pid $pid) ignored SIGTERM for ${S3_STOP_TIMEOUT}s and was killed (log: $LOG_FILE)"
-    fi
-    sleep 0.1
-  done
-  rm -f "$PID_FILE"
-  echo "stopped"
-}
-
 status() {
-  local pid
-  if ! pid=$(server_pid); then
-    echo "stopped"
-    return 3
-  fi
-  if answers; then
-    echo "running pid=$pid endpoint=$ENDPOINT state=$S3_STATE_DIR"
-    return 0
-  fi
-  echo "not answering pid=$pid endpoint=$ENDPOINT state=$S3_STATE_DIR (log: $LOG_FILE)"
-  return 1
+  service_status "endpoint=$ENDPOINT state=$S3_STATE_DIR"
 }
 
 case "${1:-}" in
   fetch) fetch ;;
   start) start ;;
-  stop) stop ;;
+  stop) stop_service ;;
   status) status ;;
   env) print_env ;;
   *) echo "usage: $0 fetch|start|stop|status|env" >&2; exit 2 ;;
