@@ -8,9 +8,12 @@ Neurons are buffers, not parameters: they are trained elsewhere (trainer.py, on 
 then added here already final. Each neuron carries the edit id it belongs to, so an edit (one or
 several neurons) can be removed again.
 
-Neurons are float32 whatever the model's dtype: a bfloat16 model's q is cast up, the neurons'
-output is computed in float32 and cast to the model's dtype before it is added, so a neuron
-behaves as it was trained and gated (in float32, on cached tensors cast up) up to one rounding.
+Neurons are kept in float32 whatever the model's dtype: they are trained and gated in float32
+on cached tensors cast up, and saved in float32. A bfloat16 model runs them in its own dtype, from
+a copy made once per change of the neuron set: on a GPU a float32 product beside bfloat16 tensor
+cores would cost more than the whole patch is worth (10,000 neurons of an 8B-size model are about
+1 % of its work in bfloat16, several times that in float32). The difference is one bfloat16
+rounding of the neurons (tests/test_patching_parity.py bounds it).
 """
 
 from __future__ import annotations
@@ -72,6 +75,8 @@ class PatchedFFN(nn.Module):
         self.register_buffer("biases", torch.zeros(0, **kw))  # [n]
         self.register_buffer("values", torch.zeros(0, hidden_size, **kw))  # [n, d]
         self.edit_ids: list[str] = []  # one entry per neuron
+        # (dtype, keys, biases, values): the neurons in the model's dtype, made when first needed
+        self._cast: tuple[torch.dtype, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         # a neuron being trained by the reference trainer (full forward every step); never saved
         self.candidate: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
@@ -86,11 +91,20 @@ class PatchedFFN(nn.Module):
         if q is None:
             raise RuntimeError("PatchedFFN ran without its input q: the ffn_in hook did not fire")
         if self.n:
-            out = out + neuron_output(q.float(), self.keys, self.biases, self.values, self.activation).to(out.dtype)
+            keys, biases, values = self._neurons(q.dtype)
+            out = out + neuron_output(q, keys, biases, values, self.activation).to(out.dtype)
         if self.candidate is not None:
             k, b, v = self.candidate  # trained as its activation trains (a relu-cap neuron is capped after)
             out = out + neuron_output(q.float(), k, b, v, trained_as(self.activation)).to(out.dtype)
         return out
+
+    def _neurons(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The neurons in `dtype` (the float32 buffers themselves for a float32 model)."""
+        if dtype == self.keys.dtype:
+            return self.keys, self.biases, self.values
+        if self._cast is None or self._cast[0] != dtype or self._cast[1].device != self.keys.device:
+            self._cast = (dtype, self.keys.to(dtype), self.biases.to(dtype), self.values.to(dtype))
+        return self._cast[1], self._cast[2], self._cast[3]
 
     def add(self, keys: torch.Tensor, biases: torch.Tensor, values: torch.Tensor, edit_id: str) -> None:
         """Append neurons keys [m, d], biases [m], values [m, d], all belonging to `edit_id`."""
@@ -101,6 +115,7 @@ class PatchedFFN(nn.Module):
         self.biases = torch.cat([self.biases, biases.detach().to(ref)])
         self.values = torch.cat([self.values, values.detach().to(ref)])
         self.edit_ids.extend([edit_id] * keys.shape[0])
+        self._cast = None
 
     def remove(self, edit_ids: Sequence[str]) -> int:
         """Remove every neuron of the given edits; returns how many were removed."""
@@ -112,6 +127,7 @@ class PatchedFFN(nn.Module):
         self.biases = self.biases.index_select(0, idx)
         self.values = self.values.index_select(0, idx)
         self.edit_ids = [self.edit_ids[i] for i in keep]
+        self._cast = None
         return removed
 
     def clear(self) -> None:

@@ -237,7 +237,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     summary = {k: v["measured"] for k, v in report["targets"].items()}
     met = all(v["met"] for v in report["targets"].values())
-    print(f"wrote {args.out} in {report['wall_seconds']} s; targets {summary}: {'all met' if met else 'NOT all met'}")
+    verdict = "all met" if met else "NOT all met"
+    print(f"wrote {args.out} in {report['wall_seconds']} s; the targets (for one H200) {summary}: {verdict}")
     for name, r in report["configs"].items():
         print(f"config:{name}: median {r['cached']['median_ms']} ms per edit, speedup {r.get('speedup')}x")
     return 0
