@@ -161,7 +161,9 @@ class TaskAdapter:
         except (OSError, ValueError):
             return None
         h = hashlib.sha256()
-        for part in (identity, *parts):
+        # a bfloat16 model computes other numbers from the same weights (float32 keeps its old keys)
+        dtype = str(next(self.base.model.parameters()).dtype).removeprefix("torch.")
+        for part in (identity, *parts, *((dtype,) if dtype != "float32" else ())):
             h.update(part.encode() + b"\x02")
         return cache_root() / folder / f"{self.base.name}-{h.hexdigest()[:24]}{suffix}"
 
