@@ -106,7 +106,10 @@ def build_model(name: str, dtype: torch.dtype, device: str, seed: int = 0) -> An
     config = transformers.AutoConfig.for_model(model_type, max_position_embeddings=4096, **sizes)
     torch.manual_seed(seed)
     with torch.device(device):  # weights made where they live: an 8B model never passes through the CPU
-        model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+        try:
+            model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+        except TypeError:  # transformers before 4.56 names it torch_dtype (a GPU machine may have one)
+            model = transformers.AutoModelForCausalLM.from_config(config, torch_dtype=dtype)
     return model.eval()
 
 
