@@ -33,7 +33,6 @@ publish that died after it (the row, and the event again: releases are at least 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import signal
 import threading
@@ -48,7 +47,15 @@ from daemon.releases import ReleaseSender, release_event
 from memory.records import PatchRecord
 from memory.store import Store
 from patching import patchfile
-from patching.checkpoint import FORMAT, MANIFEST_FILE, CheckpointError, encode_manifest, file_entry, read_verified
+from patching.checkpoint import (
+    FORMAT,
+    MANIFEST_FILE,
+    CheckpointError,
+    decode_manifest,
+    encode_manifest,
+    file_entry,
+    read_verified,
+)
 from patching.patchfile import CODE_VERSION, CONFIG_FILE, PATCHES_FILE, PatchConfig, config_bytes
 from patching.storage import Storage, StorageError, VersionExists
 
@@ -441,10 +448,12 @@ def unsigned_after_signed(storage: Storage, model: str, signer: Signer | None) -
         return None
     try:
         pointer = storage.latest(model)
-        raw = storage.read(model, pointer, MANIFEST_FILE) if pointer is not None else None
-    except OSError:
-        return None  # nothing readable to compare with: recovery deals with it
-    signature = json.loads(raw).get("signature") if raw else None
+        if pointer is None:
+            return None
+        manifest = decode_manifest(storage.read(model, pointer, MANIFEST_FILE), model, pointer)
+    except (OSError, CheckpointError):
+        return None  # nothing usable to compare with: recovery deals with it
+    signature = manifest.get("signature")
     if not isinstance(signature, dict):
         return None
     return (

@@ -163,7 +163,8 @@ class Service:
         from patching.storage import StorageSetupError
 
         try:
-            storage_of(self.settings).check()
+            storage = storage_of(self.settings)
+            storage.check()
         except StorageSetupError as exc:
             value = self.settings.storage.root if exc.setting == "root" else None
             shown = f" = {value!r}" if value is not None else ""
@@ -172,7 +173,7 @@ class Service:
             signer = signer_of(self.settings)
         except SigningError as exc:
             raise SettingsError(f"publish.signing_key = '{self.settings.publish.signing_key}': {exc}") from None
-        refusal = unsigned_after_signed(storage_of(self.settings), self.settings.model.name, signer)
+        refusal = unsigned_after_signed(storage, self.settings.model.name, signer)
         if refusal:
             raise SettingsError(f"publish.signing_key: {refusal}")
         log.info("versions are signed" if signer else "versions are NOT signed", key_id=signer and signer.key_id)

@@ -143,8 +143,11 @@ class S3Storage(Storage):
             raise StorageError(f"model name {model!r} cannot be a key segment")
         return f"{self.prefix}/{model}" if self.prefix else model
 
+    def _versions_prefix(self, model: str) -> str:
+        return f"{self._model_key(model)}/{VERSIONS_DIR}/"
+
     def _version_key(self, model: str, number: int, name: str = "") -> str:
-        return f"{self._model_key(model)}/{VERSIONS_DIR}/{version_name(number)}/{name}"
+        return f"{self._versions_prefix(model)}{version_name(number)}/{name}"
 
     # ------------------------------------------------------------------ the contract
 
@@ -223,7 +226,7 @@ class S3Storage(Storage):
         return number
 
     def versions(self, model: str) -> list[int]:
-        prefix = self._version_key(model, 0).rsplit("/", 2)[0] + "/"  # <model>/versions/
+        prefix = self._versions_prefix(model)
         numbers = set()
         for obj in self._list(prefix):
             found = _VERSION_KEY.fullmatch(obj["Key"][len(prefix) :])
@@ -272,7 +275,7 @@ class S3Storage(Storage):
     def cleanup(self, model: str, stale_s: float = STALE_S) -> list[str]:
         """Prefixes of versions without a manifest whose newest object is older than `stale_s` (a
         publish that died; a live one writes its few files within seconds)."""
-        prefix = self._version_key(model, 0).rsplit("/", 2)[0] + "/"
+        prefix = self._versions_prefix(model)
         newest: dict[str, float] = {}
         committed: set[str] = set()
         for obj in self._list(prefix):

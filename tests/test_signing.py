@@ -190,3 +190,8 @@ def test_nothing_unsigned_is_published_over_a_signed_latest(
     monkeypatch.setenv("PATCHD_MODEL_NAME", MODEL)
     assert cli.main(["run", "--once", "--config", str(config)]) == 2
     assert "publish.signing_key" in capsys.readouterr().err
+    # a LATEST whose manifest is unreadable is recovery's business, not a reason to refuse start-up
+    latest = storage.latest(MODEL)
+    assert latest is not None
+    (storage.root / MODEL / "versions" / version_name(latest) / MANIFEST_FILE).write_bytes(b"{not json")
+    assert unsigned_after_signed(storage, MODEL, None) is None
