@@ -25,7 +25,9 @@ from patching.engine import Patcher
 from patching.eval.metrics import percentile
 
 
-def _run(patcher: Patcher, adapter: TaskAdapter, edits: list[Any], label: str) -> dict[str, Any]:
+def edit_stream(patcher: Patcher, adapter: TaskAdapter, edits: list[Any], label: str) -> dict[str, Any]:
+    """Edit `edits` one after another with the gate, time each, measure retention, then undo them all
+    (shared with patching/eval/gpubench.py)."""
     cp = patcher.checkpoint()
     rows: list[dict[str, Any]] = []
     bar = tqdm(edits, desc=f"{label} edits", unit="edit")
@@ -113,11 +115,11 @@ def run_edit_bench(
         "train_config": asdict(train),
         "gate_config": asdict(patcher.gate_cfg),
     }
-    report["cached"] = _run(patcher, adapter, mistakes, "cached")
+    report["cached"] = edit_stream(patcher, adapter, mistakes, "cached")
     if reference:
         patcher.train_cfg = replace(train, mode="reference", init="reference")
         ref_edits = mistakes[: reference_edits or len(mistakes)]
-        report["reference"] = _run(patcher, adapter, ref_edits, "reference")
+        report["reference"] = edit_stream(patcher, adapter, ref_edits, "reference")
         report["reference"]["edits"] = len(ref_edits)
         report["speedup"] = round(report["reference"]["median_ms"] / report["cached"]["median_ms"], 1)
         patcher.train_cfg = train

@@ -80,8 +80,8 @@ def minilm_part(carry: Path, device: str, edits: int, reference_edits: int) -> d
     from patching.bases.tasks import TaskAdapter
     from patching.config import GateConfig, TrainConfig
     from patching.engine import Patcher
-    from patching.eval.bench import _run
-    from patching.eval.synthetic import _overhead
+    from patching.eval.bench import edit_stream
+    from patching.eval.synthetic import inference_overhead
 
     claims = json.loads((carry / CLAIMS).read_text())
     lb = load_base(str(carry / MINILM), dtype=torch.bfloat16)
@@ -103,15 +103,15 @@ def minilm_part(carry: Path, device: str, edits: int, reference_edits: int) -> d
         "memory_rows": len(patcher.memory),
         "heldout_inputs": len(claims["heldout"]),
         "setup_seconds": round(setup_s, 1),
-        "cached": _run(patcher, adapter, mistakes, "cached"),
+        "cached": edit_stream(patcher, adapter, mistakes, "cached"),
     }
     report["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.startswith("cuda") else None
     patcher.train_cfg = replace(train, mode="reference", init="reference")
-    report["reference"] = _run(patcher, adapter, mistakes[:reference_edits], "reference")
+    report["reference"] = edit_stream(patcher, adapter, mistakes[:reference_edits], "reference")
     patcher.train_cfg = train.for_task(False)
     report["speedup"] = round(report["reference"]["median_ms"] / report["cached"]["median_ms"], 1)
     vocab = int(lb.model.config.vocab_size)
-    report["inference_overhead"] = _overhead(patcher, (1_000, 10_000), vocab, 32, device, torch.Generator())
+    report["inference_overhead"] = inference_overhead(patcher, (1_000, 10_000), vocab, 32, device, torch.Generator())
     for part in ("cached", "reference"):
         report[part]["edits"] = len(report[part].pop("rows", []))  # the medians are the point, not the rows
     return report

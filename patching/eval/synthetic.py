@@ -207,7 +207,7 @@ def run_synthetic_bench(
         patcher.train_cfg = train.for_task(True)
         report["reference"] = ref
         report["speedup"] = round(ref["median_ms"] / cached["median_ms"], 1)
-    report["inference_overhead"] = _overhead(patcher, overhead_neurons, vocab, prompt_len, device, gen)
+    report["inference_overhead"] = inference_overhead(patcher, overhead_neurons, vocab, prompt_len, device, gen)
     report["wall_seconds"] = round(time.perf_counter() - t_start, 1)
     return report
 
@@ -256,7 +256,7 @@ def _edits(
     }
 
 
-def _overhead(
+def inference_overhead(
     patcher: Patcher, counts: tuple[int, ...], vocab: int, prompt_len: int, device: str, gen: torch.Generator
 ) -> list[dict[str, Any]]:
     """Forward time with n random relu-cap neurons against none, on fixed batches of 1 and 16."""
