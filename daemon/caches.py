@@ -41,16 +41,7 @@ def build_caches(
     accepted edits add to M are not stored: the replay of the stored patches adds them again.
     """
     assert settings.state.dir is not None  # resolved by load_settings
-    digest = hashlib.sha256(json.dumps([memory, heldout]).encode()).hexdigest()[:12]
-    # a bfloat16 model's activations are other numbers: their own key (float32 keeps the old name)
-    dtype = str(base.model.dtype).removeprefix("torch.")
-    key = ActivationKey(
-        f"{base.name}-inputs-{digest}" + ("" if dtype == "float32" else f"-{dtype}"),
-        base_identity(base.directory),
-        str(base.model.config.model_type),
-        int(patcher.site.layer_index),
-    )
-    stored = ActivationStore.open(Path(settings.state.dir) / "activations", key)
+    stored = ActivationStore.open(Path(settings.state.dir) / "activations", cache_key(base, patcher, memory, heldout))
     device = patcher.memory.device
     if stored.rows("memory") and stored.rows("heldout"):
         patcher.add_memory(stored.load("memory", device)["q"])
@@ -66,6 +57,21 @@ def build_caches(
     if not stored.rows("memory"):
         stored.append("memory", {"q": patcher.memory.view()})
     return False
+
+
+def cache_key(
+    base: LoadedBase, patcher: Patcher, memory: Sequence[ModelInput], heldout: Sequence[ModelInput]
+) -> ActivationKey:
+    """What the cached rows depend on: the base's weights, its layer, the inputs and the dtype."""
+    digest = hashlib.sha256(json.dumps([memory, heldout]).encode()).hexdigest()[:12]
+    # a bfloat16 model's activations are other numbers: their own key (float32 keeps the old name)
+    dtype = str(base.model.dtype).removeprefix("torch.")
+    return ActivationKey(
+        f"{base.name}-inputs-{digest}" + ("" if dtype == "float32" else f"-{dtype}"),
+        base_identity(base.directory),
+        str(base.model.config.model_type),
+        int(patcher.site.layer_index),
+    )
 
 
 # ---------------------------------------------------------------------------- inputs

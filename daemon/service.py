@@ -218,6 +218,9 @@ class Service:
             self.consumer.close()
             self.timings["ingest_s"] = time.perf_counter() - t0
         self._finish_worker()
+        if self.worker.error is None:  # after an error the model may not match the store: no snapshot
+            with self.notifier.extending():
+                self.model.save_snapshot()  # the next start restores it instead of replaying
         self.jobs.shutdown()
         self.timings["total_s"] = time.perf_counter() - t0
         error = self.worker.error or self.failure
@@ -303,5 +306,6 @@ class Service:
             "worker_busy_since": w.stats.busy_since if w else None,
             "outcomes": dict(w.stats.outcomes) if w else {},
             "replayed": self.rebuilt.replayed if self.rebuilt else 0,
+            "restored": self.rebuilt.restored if self.rebuilt else 0,
             "replay_mismatches": len(self.rebuilt.mismatches) if self.rebuilt else 0,
         }

@@ -130,6 +130,9 @@ class DatabaseSettings:
 class StateSettings:
     # None = ~/.local/state/patchd (resolved at load): the XDG place for a service's own state
     dir: Path | None = None
+    # the engine snapshot (<state.dir>/engine/...) is written after this many accepted patches and
+    # at every stop, so a restart restores it instead of replaying every patch; 0 = only at stops
+    snapshot_every: int = 100
 
 
 @dataclass(frozen=True)
@@ -452,6 +455,7 @@ def _check(s: Settings) -> None:
             "storage.access_key_id",
             "and storage.secret_access_key are set together (or both left to the AWS SDK's chain)",
         ),
+        (s.state.snapshot_every >= 0, "state.snapshot_every", "must be >= 0 (0: only at stops)"),
         (s.publish.interval_s > 0, "publish.interval_s", "must be > 0"),
         (s.publish.keep_versions >= 1, "publish.keep_versions", "must be >= 1 (LATEST is always kept)"),
         (0 <= s.health.port <= 65535, "health.port", "must be in 0..65535 (0 disables)"),

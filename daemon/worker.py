@@ -170,7 +170,7 @@ class Worker(threading.Thread):
         if proposal.accepted:
             # a failure here would leave the database ahead of the model: let it stop the service,
             # the restart rebuilds the model from the stored patches
-            self.model.commit(proposal)
+            self.model.commit(proposal, patch_id, row)
             log.info(
                 "patch kept",
                 patch_id=patch_id,

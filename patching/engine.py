@@ -57,6 +57,24 @@ class EditOutcome:
     reasons: list[str] = field(default_factory=list)
 
 
+@dataclass
+class EditState:
+    """Everything accepted edits changed in a Patcher, as tensors (all float32, on the CPU when
+    saved). A fresh Patcher with the same base caches that restores it IS the uninterrupted run,
+    bit for bit: the caches were updated incrementally (ffn + delta_1 + delta_2 ...), and only these
+    stored sums, not a recomputation, reproduce them exactly. patching/snapshot.py writes it."""
+
+    edits: list[str]  # accepted edit ids, in order
+    neuron_edits: list[str]  # the edit id of each neuron (an edit may own several)
+    keys: torch.Tensor  # [n, d]
+    biases: torch.Tensor  # [n]
+    values: torch.Tensor  # [n, d]
+    memory_rows: torch.Tensor  # [m, d] the edits' own rows appended to M after the base rows
+    heldout_ffn: torch.Tensor | None  # [H, d] held-out FFN outputs with every neuron in place
+    heldout_pred: torch.Tensor | None  # [H] held-out predictions with every neuron in place
+    retention: EditTensors | None  # rows of every accepted edit, group = edit number
+
+
 class Patcher:
     def __init__(
         self,
@@ -349,6 +367,56 @@ class Patcher:
         self.wrapper.remove([e for e in self._edits if e not in set(edits)])
         self.memory.truncate(n_mem)
         self.heldout, self.retention, self._edits = held, retention, edits
+
+    def export_state(self) -> EditState:
+        """The edits' whole effect on this Patcher (see EditState); views, no copies."""
+        h = self.heldout
+        w = self.wrapper
+        return EditState(
+            list(self._edits),
+            list(w.edit_ids),
+            w.keys,
+            w.biases,
+            w.values,
+            self.memory.view()[self._memory_base :],
+            h.ffn if h is not None else None,
+            h.pred if h is not None else None,
+            self.retention,
+        )
+
+    def restore_state(self, state: EditState) -> None:
+        """Make a fresh Patcher (base M and held-out cache built, no edit yet) the one that
+        exported `state`. Shapes are checked against this Patcher's own caches: a state from
+        other memory or held-out inputs is refused, not half applied."""
+        if self._edits or self.wrapper.n or len(self.memory) != self._memory_base:
+            raise ValueError("restore_state needs a fresh Patcher: edits were already applied")
+        h = self.heldout
+        if (h is None) != (state.heldout_ffn is None) or (
+            h is not None and state.heldout_ffn is not None and state.heldout_ffn.shape != h.ffn.shape
+        ):
+            raise ValueError("the state's held-out rows do not match this Patcher's held-out cache")
+        if state.memory_rows.ndim != 2 or state.memory_rows.shape[1] != self.site.hidden_size:
+            raise ValueError(f"memory rows {tuple(state.memory_rows.shape)} do not fit width {self.site.hidden_size}")
+        device = self.memory.device
+        self.wrapper.restore(
+            state.keys.to(device), state.biases.to(device), state.values.to(device), state.neuron_edits
+        )
+        self.memory.append(state.memory_rows.to(device))  # M's base rows stay first (whitening reads those)
+        if h is not None and state.heldout_ffn is not None and state.heldout_pred is not None:
+            self.heldout = replace(h, ffn=state.heldout_ffn.to(device), pred=state.heldout_pred.to(device))
+        r = state.retention
+        self.retention = (
+            None
+            if r is None
+            else EditTensors(
+                r.q.to(device),
+                r.ffn.to(device),
+                r.residual.to(device),
+                r.targets.to(device),
+                None if r.group is None else r.group.to(device),
+            )
+        )
+        self._edits = list(state.edits)
 
     def detach(self) -> None:
         """Remove the wrapper: the model is the untouched base again."""

@@ -117,6 +117,22 @@ class PatchedFFN(nn.Module):
         self.edit_ids.extend([edit_id] * keys.shape[0])
         self._cast = None
 
+    def restore(self, keys: torch.Tensor, biases: torch.Tensor, values: torch.Tensor, edit_ids: Sequence[str]) -> None:
+        """Put back a whole neuron set at once (a restart from a snapshot, patching/snapshot.py):
+        keys [n, d], biases [n], values [n, d] and the edit id of each neuron, into an empty layer."""
+        if self.n:
+            raise ValueError(f"restore needs an empty layer; this one holds {self.n} neurons")
+        if keys.ndim != 2 or keys.shape != values.shape or biases.shape != (keys.shape[0],):
+            raise ValueError(f"bad neuron shapes {tuple(keys.shape)} {tuple(biases.shape)} {tuple(values.shape)}")
+        if len(edit_ids) != keys.shape[0] or keys.shape[1] != self.keys.shape[1]:
+            raise ValueError(
+                f"{len(edit_ids)} edit ids for neurons {tuple(keys.shape)} in a layer of width {self.keys.shape[1]}"
+            )
+        ref = self.keys
+        self.keys, self.biases, self.values = keys.to(ref), biases.to(ref), values.to(ref)
+        self.edit_ids = list(edit_ids)
+        self._cast = None
+
     def remove(self, edit_ids: Sequence[str]) -> int:
         """Remove every neuron of the given edits; returns how many were removed."""
         drop = set(edit_ids)

@@ -18,6 +18,7 @@ from daemon.model import ModelSetupError, PatchedModel
 from daemon.settings import load_settings
 from memory.lifecycle import Status
 from memory.store import Store
+from tests.test_engine_snapshot import assert_same_engine
 from tests.tinybase import (
     assert_final_state,
     committed,
@@ -88,7 +89,16 @@ def test_run_once_end_to_end(
         # restart path: a fresh model rebuilt from the stored patches answers every patched input
         model = PatchedModel.load(settings)
         rebuilt = model.rebuild(store)
-        assert rebuilt.replayed == len(patched) and rebuilt.mismatches == []
+        # the warm stop wrote the engine snapshot: restored at once, nothing replayed
+        assert rebuilt.restored == len(patched) and rebuilt.replayed == 0
+        # without it every patch is replayed (gates re-checked), to the same model bit for bit
+        assert model.snapshot_path is not None and model.snapshot_path.exists()
+        model.snapshot_path.unlink()
+        replayed = PatchedModel.load(settings)
+        again = replayed.rebuild(store)
+        assert again.replayed == len(patched) and again.restored == 0 and again.mismatches == []
+        assert_same_engine(model.patcher, replayed.patcher)
+        replayed.patcher.detach()
         predictions = model.adapter.predict(patched)
         assert predictions == [stream.inputs[t] for t in patched]
         fixed = [t for t, s in final.items() if s == Status.ALREADY_FIXED]

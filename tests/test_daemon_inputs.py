@@ -78,7 +78,7 @@ def test_text_pair_classifier_end_to_end(
         model = PatchedModel.load(settings)
         rebuilt = model.rebuild(store)
     patched = [value for value, status in final.values() if status == Status.PATCHED]
-    assert rebuilt.replayed == len(patched) and rebuilt.mismatches == []
+    assert rebuilt.replayed + rebuilt.restored == len(patched) and rebuilt.mismatches == []
     expected = [targets[json.dumps({"text": t, "text_pair": p}, sort_keys=True)] for t, p in patched]
     assert model.adapter.predict(patched) == expected
 
@@ -172,7 +172,7 @@ def test_seq2seq_generator_end_to_end(
         assert model.adapter.seq2seq and model.base.kind == "generation"
         rebuilt = model.rebuild(store)
     patched = [value for value, status in final.values() if status == Status.PATCHED]
-    assert rebuilt.replayed == len(patched) and rebuilt.mismatches == []
+    assert rebuilt.replayed + rebuilt.restored == len(patched) and rebuilt.mismatches == []
     target = {e["input"]: e["target"] for e in events}
     assert model.adapter.predict(patched) == [target[q] for q in patched]
 
@@ -213,5 +213,5 @@ def test_a_bfloat16_base_through_the_daemon_and_a_restart(
     assert next(model.patcher.model.parameters()).dtype == torch.bfloat16
     assert model.patcher.wrapper.keys.dtype == torch.float32
     patched = [value for value, status in final.values() if status == Status.PATCHED]
-    assert rebuilt.replayed == len(patched) and rebuilt.mismatches == []
+    assert rebuilt.replayed + rebuilt.restored == len(patched) and rebuilt.mismatches == []
     assert model.adapter.predict(patched) == [targets[t] for t in patched]
