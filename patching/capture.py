@@ -56,11 +56,20 @@ def capture(site: FFNSite) -> Iterator[Captured]:
     if site.residual_in is not None:
         handles.append(site.residual_in.register_forward_pre_hook(on_residual))
     handles.append(site.ffn_out.register_forward_hook(on_ffn))
+    # the caches need the patched output at every position, not only where the head reads
+    from patching.layer import PatchedFFN  # layer.py imports nothing from here: no cycle
+
+    wrapper = site.ffn_out if isinstance(site.ffn_out, PatchedFFN) else None
+    dense_before = wrapper.dense if wrapper is not None else False
+    if wrapper is not None:
+        wrapper.dense = True
     try:
         yield cap
     finally:
         for h in handles:
             h.remove()
+        if wrapper is not None:
+            wrapper.dense = dense_before
 
 
 @torch.no_grad()

@@ -14,6 +14,21 @@ a copy made once per change of the neuron set: on a GPU a float32 product beside
 cores would cost more than the whole patch is worth (10,000 neurons of an 8B-size model are about
 1 % of its work in bfloat16, several times that in float32). The difference is one bfloat16
 rounding of the neurons (tests/test_patching_parity.py bounds it).
+
+Inference cost (issue 20: 10,000 neurons must cost a few percent, not +60 %). Three exact savings:
+- Positions. The patched FFN is the last one, and everything after it is per position, so its
+  output at a position reaches only that position's logits. A hook on the model's forward says
+  which positions the current call reads: position 0 for a classifier (its head pools there), the
+  last `logits_to_keep` for a causal LM (generate() asks for 1 in prefill), every position when
+  hidden states are requested or the model is called in any other way. Only those positions get
+  the patch. The last layer's keys and values for attention come from its input, not from the
+  FFN, so a KV cache is unaffected.
+- One product for all keys: q [R, d] @ keys.T [d, n], the keys of every patch in one matrix.
+- The value product only over neurons that fire on some row: a relu or relu-cap neuron is exactly
+  0 elsewhere, and adding exact zeros changes no bit.
+A bound that skips blocks of keys (Cauchy-Schwarz) is not used: after the position cut the key
+product is a small share of a forward (docs/results/scale-20/), and a bound loose enough to be
+exact prunes little for keys trained to sit near the memory's inputs.
 """
 
 from __future__ import annotations
@@ -53,6 +68,60 @@ def neuron_output(
     return activate(q @ keys.T + biases, activation) @ values
 
 
+# a value product over the firing neurons pays for its gather only when few fire
+_SPARSE_SHARE = 0.25
+# CPU BLAS computes a product of 1-3 rows with other kernels than a larger one (gemv and small-M
+# paths), whose sums differ in the last bit; from 4 rows on, each row's result is the same as in
+# any larger product. So fewer rows are padded with zero rows: the position cut then gives the
+# same pre-activations, bit for bit, as the product over every position.
+_MIN_ROWS = 4
+
+
+def sparse_neuron_output(
+    q: torch.Tensor, keys: torch.Tensor, biases: torch.Tensor, values: torch.Tensor, activation: Activation
+) -> torch.Tensor:
+    """neuron_output for q [R, d_in], with the value product over only the neurons that fire on
+    some row: for relu and relu-cap every other activation is exactly 0, so the sum is the same."""
+    rows = q.shape[0]
+    act = activate((_padded(q) @ keys.T)[:rows] + biases, activation)  # [R, n]
+    if activation == "gelu":  # never exactly 0
+        return (_padded(act) @ values)[:rows]
+    live = act.any(0).nonzero().flatten()  # [f] neurons non-zero on some row
+    if live.numel() > _SPARSE_SHARE * act.shape[1]:
+        return (_padded(act) @ values)[:rows]
+    return (_padded(act.index_select(1, live)) @ values.index_select(0, live))[:rows]  # [R, f] @ [f, d_out]
+
+
+def _padded(x: torch.Tensor) -> torch.Tensor:
+    """x [R, k] with zero rows appended up to _MIN_ROWS (see there)."""
+    if x.shape[0] >= _MIN_ROWS:
+        return x
+    return torch.cat([x, x.new_zeros(_MIN_ROWS - x.shape[0], x.shape[1])])
+
+
+# positions of [B, T, d] whose outputs a forward reads; None = every position
+Read = slice | torch.Tensor | None
+
+
+def patch_at(
+    out: torch.Tensor,
+    q: torch.Tensor,
+    read: Read,
+    neurons: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    activation: Activation,
+) -> torch.Tensor:
+    """out [B, T, d] + the neurons' output for q [B, T, d], at the `read` positions only."""
+    keys, biases, values = neurons
+    if read is None or q.ndim != 3:
+        flat = q.reshape(-1, q.shape[-1])  # [B*T, d]
+        return out + sparse_neuron_output(flat, keys, biases, values, activation).reshape(out.shape).to(out.dtype)
+    qr = q[:, read]  # [B, k, d]
+    delta = sparse_neuron_output(qr.reshape(-1, q.shape[-1]), keys, biases, values, activation)
+    out = out.clone()  # the base's output stays as it was (autograd may hold it)
+    out[:, read] += delta.reshape(qr.shape[0], qr.shape[1], -1).to(out.dtype)
+    return out
+
+
 class PatchedFFN(nn.Module):
     """Wraps the `ffn_out` module of the patched layer; see the module docstring."""
 
@@ -69,6 +138,10 @@ class PatchedFFN(nn.Module):
         # forward pre-hook on the FFN's input module stores q in `_q` just before we run
         self.q_from_input = q_from_input
         self._q: torch.Tensor | None = None
+        # positions the current top-level forward reads (set by the model's pre-hook, consumed
+        # here, see the module docstring); `dense` makes every position get the patch (capture)
+        self.read: Read = None
+        self.dense = False
         ref = next(base.parameters())
         kw: dict[str, Any] = {"dtype": torch.float32, "device": ref.device}  # see the module docstring
         self.register_buffer("keys", torch.zeros(0, hidden_size, **kw))  # [n, d]
@@ -90,12 +163,12 @@ class PatchedFFN(nn.Module):
         self._q = None
         if q is None:
             raise RuntimeError("PatchedFFN ran without its input q: the ffn_in hook did not fire")
+        read, self.read = (None if self.dense else self.read), None
         if self.n:
-            keys, biases, values = self._neurons(q.dtype)
-            out = out + neuron_output(q, keys, biases, values, self.activation).to(out.dtype)
+            out = patch_at(out, q, read, self._neurons(q.dtype), self.activation)
         if self.candidate is not None:
-            k, b, v = self.candidate  # trained as its activation trains (a relu-cap neuron is capped after)
-            out = out + neuron_output(q.float(), k, b, v, trained_as(self.activation)).to(out.dtype)
+            # trained as its activation trains (a relu-cap neuron is capped after)
+            out = patch_at(out, q.float(), read, self.candidate, trained_as(self.activation))
         return out
 
     def _neurons(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -150,7 +223,21 @@ class PatchedFFN(nn.Module):
         self.remove(list(set(self.edit_ids)))
 
 
-_HOOKS: dict[int, RemovableHandle] = {}  # id(PatchedFFN) -> the pre-hook on its ffn_in module
+_HOOKS: dict[int, list[RemovableHandle]] = {}  # id(PatchedFFN) -> its hooks (ffn_in, the model)
+
+
+def read_positions(kind: str, kwargs: dict[str, Any], config: Any) -> Read:
+    """The positions of the last FFN's output that a top-level forward with `kwargs` reads."""
+    if kwargs.get("output_hidden_states") or getattr(config, "output_hidden_states", False):
+        return None  # the caller sees the last hidden state at every position
+    if kind == "classification":
+        return slice(0, 1)  # the head pools position 0 (arch.py: read_first)
+    keep = kwargs.get("logits_to_keep", kwargs.get("num_logits_to_keep", 0))
+    if isinstance(keep, torch.Tensor):
+        return keep if keep.ndim == 1 else None
+    if isinstance(keep, int) and keep > 0:
+        return slice(-keep, None)
+    return None
 
 
 def attach(site: FFNSite, activation: Activation) -> PatchedFFN:
@@ -162,12 +249,22 @@ def attach(site: FFNSite, activation: Activation) -> PatchedFFN:
         return current
     q_from_input = site.ffn_in is current
     wrapper = PatchedFFN(current, site.hidden_size, activation, q_from_input)
+    hooks = _HOOKS[id(wrapper)] = []
     if not q_from_input:
 
         def store_q(_module: nn.Module, args: tuple[Any, ...]) -> None:
             wrapper._q = args[0]
 
-        _HOOKS[id(wrapper)] = site.ffn_in.register_forward_pre_hook(store_q)
+        hooks.append(site.ffn_in.register_forward_pre_hook(store_q))
+
+    def set_read(module: nn.Module, _args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        wrapper.read = read_positions(site.spec.kind, kwargs, getattr(module, "config", None))
+
+    def clear_read(_module: nn.Module, _args: tuple[Any, ...], _out: Any) -> None:
+        wrapper.read = None  # never left for a later call that bypasses the model's forward
+
+    hooks.append(site.model.register_forward_pre_hook(set_read, with_kwargs=True))
+    hooks.append(site.model.register_forward_hook(clear_read))
     setattr(site.ffn_out_parent, site.ffn_out_name, wrapper)
     return wrapper
 
@@ -182,7 +279,6 @@ def detach(site: FFNSite) -> None:
     wrapper = patched(site)
     if wrapper is None:
         return
-    handle = _HOOKS.pop(id(wrapper), None)
-    if handle is not None:
+    for handle in _HOOKS.pop(id(wrapper), []):
         handle.remove()
     setattr(site.ffn_out_parent, site.ffn_out_name, wrapper.base)

@@ -1,0 +1,108 @@
+"""The patched layer computes only what is read: the patch at the positions whose outputs reach
+the logits, the value product over the neurons that fire. Its outputs equal the dense layer's
+(every position, every neuron) bit for bit, on random and on real inputs and patches."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from patching import layer
+from patching.arch import locate
+from patching.config import TrainConfig
+from patching.engine import Patcher
+from tests.fixtures_models import tiny_model
+from tests.test_patching_behaviour import batch, predict, setup
+from tests.test_patching_parity import random_neurons, tiny_batch
+
+
+def dense_and_cut(
+    model: torch.nn.Module, wrapper: layer.PatchedFFN, monkeypatch: pytest.MonkeyPatch, sparse: bool = True, **kw
+):
+    """Logits of the dense layer (every position, the full value product), then of the layer as it
+    runs (the position cut, and the value product over firing neurons unless `sparse` is False)."""
+    with torch.no_grad(), monkeypatch.context() as m:
+        m.setattr(layer, "_SPARSE_SHARE", -1.0)  # never sparse
+        wrapper.dense = True
+        dense = model(**kw).logits
+        wrapper.dense = False
+        if not sparse:
+            return dense, model(**kw).logits
+    with torch.no_grad():
+        return dense, model(**kw).logits
+
+
+@pytest.mark.parametrize("activation", ["relu", "relu-cap", "gelu"])
+def test_random_neurons_on_random_inputs_give_the_dense_layers_logits(
+    arch_name: str, activation: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = tiny_model(arch_name)
+    patcher = Patcher(model, train=TrainConfig(activation=activation))
+    d = patcher.site.hidden_size
+    for i, n in enumerate((1, 5, 200)):
+        k, b, v = random_neurons(n, d, seed=i)
+        patcher.wrapper.add(k, b - 2.0, v, edit_id=f"e{i}")  # mostly silent, as patches are
+    enc = tiny_batch(model)
+    for batch_ in (enc.batch, {k: v[:1] for k, v in enc.batch.items()}):  # batch 1: fewer rows than _MIN_ROWS
+        # the position cut alone is exact to the bit: the same pre-activations, the same sums
+        dense, cut = dense_and_cut(model, patcher.wrapper, monkeypatch, sparse=False, **batch_)
+        assert torch.equal(dense, cut)
+        # the value product over firing neurons adds the same terms; when several neurons are
+        # partly active at one position, BLAS may add them in another order (last-bit differences)
+        _, sparse = dense_and_cut(model, patcher.wrapper, monkeypatch, **batch_)
+        assert torch.allclose(sparse, dense, rtol=1e-5, atol=1e-6) and torch.equal(sparse.argmax(-1), dense.argmax(-1))
+    # a causal LM asked for the last position only (as generate() asks in prefill) patches only there
+    if not model.config.is_encoder_decoder and patcher.generation:
+        dense, cut = dense_and_cut(model, patcher.wrapper, monkeypatch, sparse=False, **enc.batch, logits_to_keep=1)
+        assert cut.shape[1] == 1 and torch.equal(dense, cut)
+    # hidden states requested: every position is patched, as a caller reading them expects
+    dense, _ = dense_and_cut(model, patcher.wrapper, monkeypatch, sparse=False, **enc.batch)
+    with torch.no_grad(), monkeypatch.context() as m:
+        m.setattr(layer, "_SPARSE_SHARE", -1.0)
+        states = model(**enc.batch, output_hidden_states=True)
+    assert torch.equal(states.logits, dense)
+
+
+def test_real_patches_on_real_and_random_inputs_give_the_dense_layers_outputs_bit_for_bit(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    patcher, heldout, edits = setup()
+    model = patcher.model
+    targets = 1 - predict(model, edits)
+    for i in range(12):
+        out = patcher.edit(batch(edits[i : i + 1], targets[i : i + 1]), edit_id=f"e{i}")
+        assert out.status == "accepted", out.reasons
+    g = torch.Generator().manual_seed(7)
+    random_ids = [torch.randint(5, 1000, (b, t), generator=g) for b, t in ((1, 5), (16, 8), (3, 20))]
+    for ids in (edits, edits[:1], heldout, *random_ids):
+        dense, cut = dense_and_cut(
+            model, patcher.wrapper, monkeypatch, input_ids=ids, attention_mask=torch.ones_like(ids)
+        )
+        assert torch.equal(dense, cut)
+    assert torch.equal(cut.argmax(-1), predict(model, random_ids[-1]))
+
+
+def test_only_the_read_positions_are_computed_and_the_value_product_only_for_firing_neurons(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    model = tiny_model("bert")
+    patcher = Patcher(model, train=TrainConfig(activation="relu-cap"))
+    d = patcher.site.hidden_size
+    k, b, v = random_neurons(300, d, seed=3)
+    patcher.wrapper.add(k, b - 3.0, v, edit_id="e")
+    seen: list[tuple[int, int]] = []
+    real = layer.sparse_neuron_output
+
+    def spy(q, keys, biases, values, activation):
+        out = real(q, keys, biases, values, activation)
+        seen.append((q.shape[0], int(layer.activate(q @ keys.T + biases, activation).any(0).sum())))
+        return out
+
+    monkeypatch.setattr(layer, "sparse_neuron_output", spy)
+    enc = tiny_batch(model)
+    with torch.no_grad():
+        model(**enc.batch)
+    rows, firing = seen[-1]
+    assert rows == enc.batch["input_ids"].shape[0]  # one row per input: position 0, not B*T
+    assert 0 < firing < 300 * layer._SPARSE_SHARE
+    assert locate(model).ffn_out is patcher.wrapper and patcher.wrapper.read is None  # consumed
