@@ -44,6 +44,7 @@ class Proposal:
     attempts: int
     seconds: float
     saturation: float | None = None  # relu-cap: the cap the neurons were gated with (None: relu/gelu)
+    train_seconds: float = 0.0  # training time of every attempt (the rest of `seconds` is forward + gate)
 
     @property
     def accepted(self) -> bool:
@@ -184,6 +185,7 @@ class Patcher:
             return None
         proposal: Proposal | None = None
         tries = 0
+        train_s = 0.0
         # equivalents help, never block: when every attempt with them fails (usually the gate: a
         # key wide enough for all the phrasings also fires on a held-out input), the whole retry
         # sequence runs again on the edit alone, as it would have without them
@@ -195,6 +197,7 @@ class Patcher:
                 strength = self.gate_cfg.retry_factor**attempt
                 obj = Objective.from_config(self.train_cfg, self.generation, strength)
                 result = self._train(enc, et, anchors, obj, attempt, eq)
+                train_s += result.seconds
                 tries += 1
                 for neurons, saturation in self._as_run(result.neurons, et):
                     verdict = gating.check(
@@ -221,6 +224,7 @@ class Patcher:
                 break
         assert proposal is not None
         proposal.seconds = time.perf_counter() - t0
+        proposal.train_seconds = train_s
         return proposal
 
     def _as_run(self, nr: Neurons, et: EditTensors) -> list[tuple[Neurons, float | None]]:

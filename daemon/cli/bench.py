@@ -1,6 +1,6 @@
-"""`patchd bench edit | store | ingest | daemon | e2e`: every benchmark's arguments and printing.
+"""`patchd bench edit | store | ingest | daemon | e2e | scale`: every benchmark's arguments and printing.
 
-The work is in patching/eval/bench.py (edit) and daemon/tools/ (store, ingest, daemon, e2e).
+The work is in patching/eval/bench.py (edit) and daemon/tools/ (store, ingest, daemon, e2e, scale).
 """
 
 from __future__ import annotations
@@ -179,6 +179,29 @@ def register(sub: Any, bench: Any) -> None:
     e2e.add_argument("--json", type=Path, metavar="FILE", help="also write the result to FILE")
     e2e.set_defaults(func=_e2e)
 
+    scale = bench.add_parser(
+        "scale",
+        help="a long stream of real edits through the daemon's parts, every cost measured per 1,000 edits",
+        description="Edit N real FEVER claims one after another the daemon's way (store, worker, engine, gate, "
+        "snapshot); at the end of every window measure latency, SR, ER, locality, RSS, inference overhead "
+        "against the base, version / publish / fetch bytes, downstream load time and the restart-to-ready "
+        "time of a real `patchd run`. Ctrl-C or SIGTERM writes a partial report; --resume goes on.",
+    )
+    scale.add_argument("--base", default="fever-minilm", help="prepared base (default: %(default)s)")
+    scale.add_argument("--edits", type=int, default=10_000, help="edits in the stream (default: %(default)s)")
+    scale.add_argument("--window", type=int, default=1000, help="edits per measured window (default: %(default)s)")
+    scale.add_argument(
+        "--memory-size", type=int, default=None, help="claims in the memory M (default: 4,000, leaving 10,000+ to edit)"
+    )
+    scale.add_argument("--json", type=Path, metavar="FILE", help="the report (default: bench-scale-<base>.json)")
+    scale.add_argument("--resume", action="store_true", help="go on with the stopped run of --json FILE")
+    scale.add_argument("--no-restart", action="store_true", help="skip the restart measurement (no Kafka broker)")
+    scale.add_argument("--bootstrap", help=BROKER_HELP)
+    scale.add_argument("--data-dir", type=Path, default=None, help="data directory (default: ../shared/data)")
+    scale.add_argument("--seed", type=int, default=0, help="split seed (default: %(default)s)")
+    scale.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    scale.set_defaults(func=_scale)
+
 
 def _write(path: Path | None, result: dict[str, Any]) -> None:
     if path:
@@ -275,6 +298,37 @@ def _e2e(args: argparse.Namespace) -> int:
             print(f"  an idle watcher sends {idle['per_minute']} requests a minute ({idle['requests']})")
     _write(args.json, r)
     return 0 if all(m["served"] for m in r["storage"].values()) else 1
+
+
+def _scale(args: argparse.Namespace) -> int:
+    from daemon.tools.bench_scale import report_path_default, run_scale_bench
+
+    if args.edits < 1 or args.window < 1 or (args.memory_size is not None and args.memory_size < 1):
+        print("--edits, --window and --memory-size must be positive", file=sys.stderr)
+        return 2
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    path = args.json or report_path_default(args.base)
+    if args.resume and not path.exists():
+        print(f"--resume: no report at {path}", file=sys.stderr)
+        return 2
+    _quiet_logs()
+    r = run_scale_bench(
+        args.base,
+        args.edits,
+        path,
+        resume=args.resume,
+        window=args.window,
+        memory_size=args.memory_size,
+        data_dir=args.data_dir,
+        seed=args.seed,
+        bootstrap=args.bootstrap,
+        restart=not args.no_restart,
+    )
+    print(f"wrote {path}" + (" (partial: --resume to go on)" if r.get("partial") else ""))
+    return 0
 
 
 def _bench_edit(args: argparse.Namespace) -> int:
