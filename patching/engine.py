@@ -25,8 +25,8 @@ from patching.config import GateConfig, TrainConfig
 from patching.encode import Encoded
 from patching.fasttail import LinearTail, linear_tail
 from patching.init import whitening
-from patching.layer import PatchedFFN, attach, detach, neuron_output, trained_as
-from patching.memory_bank import MemoryBank
+from patching.layer import PatchedFFN, activate, attach, detach, neuron_output, trained_as
+from patching.memory_bank import MemoryBank, RowBank
 from patching.reference import train_reference
 from patching.saturation import cap, saturations
 from patching.trainer import EditTensors, Neurons, Objective, TrainResult, train_cached
@@ -76,6 +76,17 @@ class EditState:
     retention: EditTensors | None  # rows of every accepted edit, group = edit number
 
 
+@dataclass(frozen=True)
+class Checkpoint:
+    """Patcher.checkpoint(): what rollback() needs to undo the edits committed after it."""
+
+    memory_rows: int
+    heldout: gating.HeldoutTensors | None
+    retention_rows: int
+    retention_ffn: torch.Tensor | None  # a copy: the bank's ffn rows are updated in place
+    edits: list[str]
+
+
 class Patcher:
     def __init__(
         self,
@@ -100,7 +111,8 @@ class Patcher:
         self.dtype = ref.dtype
         self.memory = MemoryBank(self.site.hidden_size, torch.float32, ref.device)
         self.heldout: gating.HeldoutTensors | None = None
-        self.retention: EditTensors | None = None  # rows of every accepted edit, group = edit number
+        # rows of every accepted edit (q, ffn, residual, targets, group = edit number), grown in place
+        self._retention = RowBank(ref.device)
         self._edits: list[str] = []
         self._whiten: tuple[torch.Tensor, torch.Tensor] | None = None
         self._memory_base = 0  # rows of M that come from unrelated inputs, not from edits
@@ -159,6 +171,15 @@ class Patcher:
     @property
     def edit_ids(self) -> list[str]:
         return list(self._edits)
+
+    @property
+    def retention(self) -> EditTensors | None:
+        """The rows of every accepted edit (views into the bank: read them, do not keep them
+        across a commit); None before the first edit."""
+        if not len(self._retention):
+            return None
+        r = self._retention.view()
+        return EditTensors(r["q"], r["ffn"], r["residual"], r["targets"], r["group"])
 
     # ------------------------------------------------------------------ editing
     def anchors(self, et: EditTensors, attempt: int = 0, extra: EditTensors | None = None) -> torch.Tensor:
@@ -309,14 +330,15 @@ class Patcher:
         self.wrapper.add(nr.keys, nr.biases, nr.values, proposal.edit_id)
         self._add_to_caches(nr)
         et = proposal.edit
-        new_rows = EditTensors(
-            et.q,
-            et.ffn + self._delta(nr, et.q),
-            et.residual,
-            et.targets,
-            group=torch.full_like(et.targets, len(self._edits)),
+        self._retention.append(
+            {
+                "q": et.q,
+                "ffn": et.ffn + self._delta(nr, et.q),
+                "residual": et.residual,
+                "targets": et.targets,
+                "group": torch.full_like(et.targets, len(self._edits)),
+            }
         )
-        self.retention = new_rows if self.retention is None else _concat([self.retention, new_rows])
         self.memory.append(et.q)
         self._edits.append(proposal.edit_id)
 
@@ -357,20 +379,30 @@ class Patcher:
                 nr, self.train_cfg.activation, h.q, h.ffn, h.residual, self.tail, h.pred
             )
             h.ffn = h.ffn + self._delta(nr, h.q)
-        if self.retention is not None:
-            r = self.retention
-            self.retention = replace(r, ffn=r.ffn + self._delta(nr, r.q))
+        if len(self._retention):
+            # in place, and only the rows where a new neuron fires: elsewhere its output is exactly
+            # 0 (relu, relu-cap), so the other rows would not change by a bit; the act @ values
+            # product is what neuron_output computes, on those rows alone
+            r = self._retention.view()
+            act = activate(r["q"] @ nr.keys.T + nr.biases, self.train_cfg.activation)  # [R, m]
+            rows = (act != 0).any(1).nonzero().flatten()
+            if rows.numel():
+                r["ffn"][rows] += act[rows] @ nr.values
 
-    def checkpoint(self) -> tuple[int, gating.HeldoutTensors | None, EditTensors | None, list[str]]:
-        """A cheap snapshot of the editing state (caches are replaced on commit, never mutated)."""
-        return len(self.memory), self.heldout, self.retention, list(self._edits)
+    def checkpoint(self) -> Checkpoint:
+        """A snapshot of the editing state to roll back to (the retention ffn is copied: it changes in place)."""
+        n = len(self._retention)
+        ffn = self._retention.view()["ffn"].clone() if n else None
+        return Checkpoint(len(self.memory), self.heldout, n, ffn, list(self._edits))
 
-    def rollback(self, cp: tuple[int, gating.HeldoutTensors | None, EditTensors | None, list[str]]) -> None:
+    def rollback(self, cp: Checkpoint) -> None:
         """Undo every edit committed after `cp` (neurons, memory rows, caches)."""
-        n_mem, held, retention, edits = cp
-        self.wrapper.remove([e for e in self._edits if e not in set(edits)])
-        self.memory.truncate(n_mem)
-        self.heldout, self.retention, self._edits = held, retention, edits
+        self.wrapper.remove([e for e in self._edits if e not in set(cp.edits)])
+        self.memory.truncate(cp.memory_rows)
+        self._retention.truncate(cp.retention_rows)
+        if cp.retention_ffn is not None:
+            self._retention.view()["ffn"].copy_(cp.retention_ffn)
+        self.heldout, self._edits = cp.heldout, list(cp.edits)
 
     def export_state(self) -> EditState:
         """The edits' whole effect on this Patcher (see EditState); views, no copies."""
@@ -409,17 +441,11 @@ class Patcher:
         if h is not None and state.heldout_ffn is not None and state.heldout_pred is not None:
             self.heldout = replace(h, ffn=state.heldout_ffn.to(device), pred=state.heldout_pred.to(device))
         r = state.retention
-        self.retention = (
-            None
-            if r is None
-            else EditTensors(
-                r.q.to(device),
-                r.ffn.to(device),
-                r.residual.to(device),
-                r.targets.to(device),
-                None if r.group is None else r.group.to(device),
+        if r is not None:
+            assert r.group is not None  # commit numbers every retention row by its edit
+            self._retention.append(
+                {"q": r.q, "ffn": r.ffn, "residual": r.residual, "targets": r.targets, "group": r.group}
             )
-        )
         self._edits = list(state.edits)
 
     def detach(self) -> None:
