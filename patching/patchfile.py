@@ -90,7 +90,19 @@ def encode(
 
     tensors = {name: t.detach().to("cpu").contiguous() for name, t in zip(TENSORS, (keys, biases, values), strict=True)}
     meta = {**(metadata or {}), "edit_ids": json.dumps([str(e) for e in edit_ids])}
-    return bytes(save(tensors, metadata=meta))
+    return _canonical(bytes(save(tensors, metadata=meta)))
+
+
+def _canonical(data: bytes) -> bytes:
+    """The same tensors and metadata always give the same bytes: safetensors writes its metadata
+    in hash-map order, which differs from run to run, so the header is re-written with sorted keys
+    (same length, padded with spaces as safetensors pads it). Segments are named by their sha256,
+    so equal contents then get equal names (a rollback reuses the segments it points back to)."""
+    size = int.from_bytes(data[:8], "little")
+    header = json.dumps(json.loads(data[8 : 8 + size]), sort_keys=True, separators=(",", ":")).encode()
+    if len(header) > size:  # never seen (same JSON, other order); keep what safetensors wrote
+        return data
+    return data[:8] + header + b" " * (size - len(header)) + data[8 + size :]
 
 
 def decode(data: bytes, where: str = PATCHES_FILE, edit_id: str | None = None) -> PatchTensors:
@@ -167,6 +179,20 @@ def read_file(path: Path) -> PatchTensors:
     except OSError as exc:
         raise PatchStateError(f"cannot read {path}: {exc}") from exc
     return decode(data, where=str(path))
+
+
+def header_of(data: bytes) -> tuple[dict[str, list[int]], dict[str, str]]:
+    """A patch file's tensor shapes and metadata from its header alone (no torch, nothing loaded)."""
+    try:
+        size = int.from_bytes(data[:8], "little")
+        if not 0 < size <= len(data) - 8:
+            raise ValueError(f"header length {size} does not fit {len(data)} bytes")
+        header = json.loads(data[8 : 8 + size])
+        shapes = {str(k): [int(x) for x in v["shape"]] for k, v in header.items() if k != "__metadata__"}
+        meta = {str(k): str(v) for k, v in (header.get("__metadata__") or {}).items()}
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise PatchStateError(f"not a safetensors header: {exc}") from exc
+    return shapes, meta
 
 
 def _metadata(data: bytes) -> dict[str, str]:
