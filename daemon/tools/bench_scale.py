@@ -206,12 +206,11 @@ def _run(report: dict[str, Any], work: Path, data_dir: Path | None, address: str
             return proposal
 
         model.propose = spy  # type: ignore[method-assign]
-        publisher = Publisher(
-            base, store, _CountingStorage(Path(settings.storage.root or work / "checkpoints")), BaseInfo.of_model(model)
-        )
+        storage = _CountingStorage(Path(settings.storage.root or work / "checkpoints"))
+        publisher = Publisher(base, store, storage, BaseInfo.of_model(model))
         heldout = [json.loads(line)["input"] for line in (work / "heldout.jsonl").read_text().splitlines()]
         base_labels = _base_predictions(work, model, heldout)
-        downstream = _Downstream(publisher.storage.root, base, model.base.directory)
+        downstream = _Downstream(storage.root, base, model.base.directory)
         i = report["next"]
         while i < total:
             text, target, kind = stream_edits[i]

@@ -92,7 +92,7 @@ def summarize_window(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return {
         "edits": len(rows),
         "latency_ms_median": round(statistics.median(ms), 2),
-        "latency_ms_p95": round(percentile(ms, 95) or 0.0, 2),
+        "latency_ms_p95": round(percentile(ms, 0.95) or 0.0, 2),
         "train_ms_median": round(statistics.median(r["train_ms"] for r in rows), 2),
         "gate_ms_median": round(statistics.median(r["gate_ms"] for r in rows), 2),
         "sr": round(len(done) / len(rows), 4),

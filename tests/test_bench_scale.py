@@ -1,0 +1,40 @@
+"""The scale benchmark's stream is real FEVER claims only, in the order the issue asks, and its
+window figures are what they say (the long run itself is `patchd bench scale`)."""
+
+from __future__ import annotations
+
+from patching.bases.datasets import NEI, load_task, text_key
+from patching.eval.scale import fever_stream, summarize_window
+
+
+def test_the_fever_stream_is_real_claims_outside_memory_heldout_and_test_mistakes_first() -> None:
+    def always(xs: list[str]) -> list[str]:
+        return ["SUPPORTS"] * len(xs)  # a base that says SUPPORTS to everything
+
+    stream = fever_stream(always, 3000, memory_size=4000)
+    splits = load_task("fever")
+    gold = {text_key(e.input): e.target for part in (splits.edit, splits.train, splits.memory) for e in part}
+    used = {text_key(e.input) for e in (*splits.heldout, *splits.test, *splits.memory[:4000])}
+    assert len(stream.edits) == 3000 and stream.memory == [e.input for e in splits.memory[:4000]]
+    assert not any(text_key(e.input) in used for e in stream.edits)
+    assert len({text_key(e.input) for e in stream.edits}) == 3000  # no claim twice
+    kinds = [e.kind for e in stream.edits]
+    first_flip = kinds.index("flip") if "flip" in kinds else len(kinds)
+    assert set(kinds[:first_flip]) == {"mistake"} and "mistake" not in kinds[first_flip:]
+    for e in stream.edits:
+        if e.kind == "mistake":  # the base is wrong: the gold label is the target
+            assert e.target == gold[text_key(e.input)] == "REFUTES"
+        else:  # a flip: the label the base does not predict; NEI claims are flips too
+            assert e.target == "REFUTES" and (gold[text_key(e.input)] == NEI) == (e.kind == "flip_nei")
+    assert stream.facts["edits_by_kind"] == {k: kinds.count(k) for k in set(kinds)}
+    assert stream.facts["memory_claims"] == 4000 and not stream.facts["ran_out"]
+    everything = fever_stream(always, 10**6, memory_size=4000)
+    assert everything.facts["ran_out"] and len(everything.edits) == everything.facts["claims_available"]
+
+
+def test_window_figures() -> None:
+    rows = [{"ms": float(i), "train_ms": 1.0, "gate_ms": 2.0, "outcome": "patched"} for i in range(1, 101)]
+    rows[0]["outcome"] = "gate_rejected"
+    w = summarize_window(rows)
+    assert w["latency_ms_median"] == 50.5 and w["latency_ms_p95"] == 95.0 and w["sr"] == 0.99
+    assert w["outcomes"] == {"patched": 99, "gate_rejected": 1}
