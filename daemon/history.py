@@ -224,7 +224,8 @@ def version_rows(settings: Settings) -> list[dict[str, Any]]:
                 raw = storage.read(model, r.number, MANIFEST_FILE)
                 manifest = decode_manifest(raw, model, r.number)
                 row["neurons"] = manifest["neurons"]
-                row["size"] = sum(int(f["size"]) for f in manifest["files"].values()) + len(raw)
+                parts = [*manifest.get("files", {}).values(), *manifest.get("segments", [])]
+                row["size"] = sum(int(f["size"]) for f in parts) + len(raw)
                 row["reason"] = manifest.get("reason")
                 row["rollback_of"] = manifest.get("rollback_of")
                 # the key id the manifest names (checked by readers that hold trusted keys, not here)
@@ -262,7 +263,9 @@ def export(settings: Settings, number: int | None, out: Path) -> tuple[int, Path
     shutil.rmtree(tmp, ignore_errors=True)
     # the base's own files (weights, config, tokenizer); its identity cache is recomputed where it lands
     shutil.copytree(base, tmp, ignore=shutil.ignore_patterns(".patchd-identity.json", ".*"))
-    for name, data in v.files.items():
+    from patching.client import local_files
+
+    for name, data in local_files(v):
         (tmp / name).write_bytes(data)
     (tmp / MANIFEST_FILE).write_bytes(storage.read(model, number, MANIFEST_FILE))
     if out.exists():

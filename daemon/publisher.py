@@ -14,10 +14,9 @@ The steps of one publish, in order. The process may die after any of them; PATCH
 SIGKILLs it right there (the crash tests do, at every step):
 
     publish.start                       nothing written yet
+    segments.written                    the version's new segments are stored (each whole, under its sha256)
     version.tmpdir                      a hidden temporary directory exists
-    version.file:patches.safetensors    each file written and fsynced inside it ...
-    version.file:patch_config.json
-    version.file:manifest.json          ... the manifest last
+    version.file:manifest.json          the manifest written and fsynced inside it
     version.renamed                     the complete version is visible under its number; LATEST unchanged
     latest.tmp                          the new pointer is written and fsynced beside LATEST
     latest.renamed                      LATEST names the new version: readers get it from now on
@@ -25,14 +24,23 @@ SIGKILLs it right there (the crash tests do, at every step):
     publish.recorded                    the versions table has its row
 
 Readers follow LATEST: before `latest.renamed` they get the previous version, after it the new
-one, never anything in between. A death before it leaves a hidden temp directory (cleanup removes
-it) or a complete version nobody points at (its number is never reused); `recover()` finishes a
-publish that died after it (the row, and the event again: releases are at least once).
+one, never anything in between. Segments (patching/checkpoint.py, format 2) are cut from the
+patches in acceptance order as blocks of SEGMENT_FANOUT**k patches, largest first, aligned, plus a
+tail: adding a patch reuses every block and writes the new tail, or the block it completes. A
+segment the parent (LATEST's version) has for exactly the same patches is reused, never rewritten.
+Retention deletes a segment only when no remaining version lists it and it is older than the grace
+period (a publish in flight writes its segments before its manifest).
+
+A death before `latest.renamed` leaves segments no version lists (retention removes them), a
+hidden temp directory (cleanup removes it) or a complete version nobody points at (its number is
+never reused); `recover()` finishes a publish that died after it (the row, and the event again:
+releases are at least once).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import signal
 import threading
@@ -53,11 +61,10 @@ from patching.checkpoint import (
     CheckpointError,
     decode_manifest,
     encode_manifest,
-    file_entry,
     read_verified,
 )
-from patching.patchfile import CODE_VERSION, CONFIG_FILE, PATCHES_FILE, PatchConfig, config_bytes
-from patching.storage import Storage, StorageError, VersionExists
+from patching.patchfile import CODE_VERSION, PatchConfig
+from patching.storage import Storage, StorageError, VersionExists, segment_name
 
 if TYPE_CHECKING:
     from daemon.model import PatchedModel
@@ -67,12 +74,43 @@ if TYPE_CHECKING:
 log = get_logger(__name__)
 
 FAULT_ENV = "PATCHD_FAULT_KILL_AT"
-VERSION_FILES = (PATCHES_FILE, CONFIG_FILE, MANIFEST_FILE)  # the write order: the manifest last
+VERSION_FILES = (MANIFEST_FILE,)  # a format-2 version is its manifest; the neurons are in segments
+# patches per segment block grow by this factor per level: 16, 256, 4096, 65536 ...
+SEGMENT_FANOUT = 16
 
 
 def publish_steps(storage: Storage) -> tuple[str, ...]:
     """Every fault point of one publish on `storage`, in order (the crash tests kill at each)."""
-    return ("publish.start", *storage.write_steps(VERSION_FILES), "publish.released", "publish.recorded")
+    return (
+        "publish.start",
+        "segments.written",
+        *storage.write_steps(VERSION_FILES),
+        "publish.released",
+        "publish.recorded",
+    )
+
+
+def segment_plan(n: int, fanout: int = SEGMENT_FANOUT) -> list[tuple[int, int]]:
+    """[start, end) ranges of n patches: aligned blocks of fanout**k patches (k >= 1), largest first,
+    then a tail of fewer than `fanout`. n = 10,000 -> 2 x 4096, 7 x 256, 1 x 16: ten segments."""
+    ranges: list[tuple[int, int]] = []
+    size = fanout
+    while size * fanout <= n:
+        size *= fanout
+    start = 0
+    while size >= fanout:
+        while start + size <= n:
+            ranges.append((start, start + size))
+            start += size
+        size //= fanout
+    if start < n:
+        ranges.append((start, n))
+    return ranges
+
+
+def ids_digest(patch_ids: Sequence[int]) -> str:
+    """Which patches a segment holds, as one value (a segment is reused only for exactly these)."""
+    return hashlib.sha256(",".join(map(str, patch_ids)).encode()).hexdigest()
 
 
 # a version is deleted only when it stopped being the newest this long ago: a reader that picked
@@ -137,9 +175,10 @@ class Published:
     removed: list[int]
     manifest_sha256: str
     uri: str
-    size: int  # bytes on storage, manifest included
+    size: int  # bytes of the whole version: its segments and manifest
     seconds: float  # build + write + flip + event + row
     latest_at: float  # epoch seconds when LATEST named it
+    written: int = 0  # bytes this publish wrote: its new segments and the manifest
 
 
 @dataclass
@@ -149,6 +188,7 @@ class _Latest:
     number: int
     patch_ids: list[int]
     edits: list[int] = field(default_factory=list)
+    segments: dict[str, dict[str, Any]] = field(default_factory=dict)  # ids_sha256 -> manifest entry
 
 
 class Publisher:
@@ -204,7 +244,7 @@ class Publisher:
         if pointer is not None:
             try:
                 v = read_verified(self.storage, self.model, pointer)
-                self._latest = _Latest(pointer, v.patch_ids, v.edits)
+                self._latest = _Latest(pointer, v.patch_ids, v.edits, _reusable(v.manifest))
             except (CheckpointError, OSError) as exc:
                 log.error(
                     "LATEST's version cannot be used; the next publish replaces it", version=pointer, error=str(exc)
@@ -279,20 +319,25 @@ class Publisher:
     def _publish(self, patches: Sequence[PatchRecord], number: int, reason: str, extra: dict[str, Any]) -> Published:
         t0 = time.perf_counter()
         parent = self._latest
-        files, body = self._build(patches, number, parent, reason, extra)
+        new_segments, body = self._build(patches, number, parent, reason, extra)
         manifest = encode_manifest(body, self.signer)
+        edits = list(dict.fromkeys(p.mistake_id for p in patches))
+        patch_ids = [p.id for p in patches]
         fault_point("publish.start")
-        uri = self.storage.put_version(self.model, number, [*files, (MANIFEST_FILE, manifest)], step=fault_point)
+        for name, data in new_segments:
+            self.storage.put_segment(self.model, name, data)
+        fault_point("segments.written")
+        uri = self.storage.put_version(self.model, number, [(MANIFEST_FILE, manifest)], step=fault_point)
         self.storage.set_latest(self.model, number, step=fault_point)
         latest_at = time.time()
         sha = hashlib.sha256(manifest).hexdigest()
-        self._latest = _Latest(number, body["patch_ids"], body["edits"])
+        self._latest = _Latest(number, patch_ids, edits, _reusable(body))
         self.last_published_at = latest_at
         self._unsent.append(release_event(body, sha, uri, latest_at))
         self._send_unsent()
         fault_point("publish.released")
         try:
-            self.store.add_version(self.model, number, body["parent"], sha, body["edits"], uri)
+            self.store.add_version(self.model, number, body["parent"], sha, edits, uri)
         except Exception as exc:  # noqa: BLE001 - LATEST already names it; the row is retried
             self._unrecorded = True
             log.error(
@@ -303,15 +348,16 @@ class Publisher:
             number=number,
             parent=body["parent"],
             neurons=body["neurons"],
-            edits=body["edits"],
-            patch_ids=body["patch_ids"],
+            edits=edits,
+            patch_ids=patch_ids,
             added=body["added"],
             removed=body["removed"],
             manifest_sha256=sha,
             uri=uri,
-            size=sum(len(data) for _, data in files) + len(manifest),
+            size=sum(e["size"] for e in body["segments"]) + len(manifest),
             seconds=time.perf_counter() - t0,
             latest_at=latest_at,
+            written=sum(len(data) for _, data in new_segments) + len(manifest),
         )
         log.info(
             "version published",
@@ -323,6 +369,7 @@ class Publisher:
             added=published.added[:20],
             removed=published.removed[:20],
             bytes=published.size,
+            written=published.written,
             ms=round(published.seconds * 1000, 1),
             latest_at=latest_at,
         )
@@ -331,29 +378,42 @@ class Publisher:
     def _build(
         self, patches: Sequence[PatchRecord], number: int, parent: _Latest | None, reason: str, extra: dict[str, Any]
     ) -> tuple[list[tuple[str, bytes]], dict[str, Any]]:
+        """The segments to write (name, bytes: those the parent does not have) and the manifest body."""
         created = datetime.now(UTC).isoformat()
-        blob, neuron_edits = concat_neurons(patches, self.base.hidden_size)
-        b = self.base
-        config = PatchConfig(
-            base_identity=b.identity,
-            model_type=b.model_type,
-            layer=b.layer,
-            activation=b.activation,
-            hidden_size=b.hidden_size,
-            n=len(neuron_edits),
-            edit_ids=neuron_edits,
-            base_name=b.name,
-            extra={
-                "model": self.model,
-                "version": number,
-                "parent": parent.number if parent else None,
-                "created_at": created,
-            },
-        )
-        cfg = config_bytes(config)
+        reuse = parent.segments if parent else {}
+        entries: list[dict[str, Any]] = []
+        new: list[tuple[str, bytes]] = []
+        neurons = 0
+        for start, end in segment_plan(len(patches)):
+            part = patches[start:end]
+            ids = [p.id for p in part]
+            key = ids_digest(ids)
+            entry = reuse.get(key)
+            if entry is None:
+                blob, neuron_edits = concat_neurons(
+                    part,
+                    self.base.hidden_size,
+                    {"patch_ids": json.dumps(ids), "gate": json.dumps(gate_figures(part)["edits"], sort_keys=True)},
+                )
+                sha = hashlib.sha256(blob).hexdigest()
+                entry = {
+                    "sha256": sha,
+                    "size": len(blob),
+                    "neurons": len(neuron_edits),
+                    "patches": len(ids),
+                    "first_patch": ids[0],
+                    "last_patch": ids[-1],
+                    "ids_sha256": key,
+                }
+                new.append((segment_name(sha), blob))
+            entries.append(entry)
+            neurons += int(entry["neurons"])
         edits = list(dict.fromkeys(p.mistake_id for p in patches))
         before = parent.edits if parent else []
         before_set, edits_set = set(before), set(edits)
+        added = [e for e in edits if e not in before_set]
+        gate = gate_figures(patches)
+        b = self.base
         body: dict[str, Any] = {
             "format": FORMAT,
             "model": self.model,
@@ -362,17 +422,23 @@ class Publisher:
             "created_at": created,
             "code_version": CODE_VERSION,
             "base": {"name": b.name, "identity": b.identity},
-            "neurons": config.n,
-            "edits": edits,
-            "patch_ids": [p.id for p in patches],
-            "added": [e for e in edits if e not in before_set],
+            "config": {
+                "model_type": b.model_type,
+                "layer": b.layer,
+                "activation": b.activation,
+                "hidden_size": b.hidden_size,
+            },
+            "neurons": neurons,
+            "patches": len(patches),
+            "added": added,
             "removed": [e for e in before if e not in edits_set],
             "reason": reason,
-            "gate": gate_figures(patches),
-            "files": {PATCHES_FILE: file_entry(blob), CONFIG_FILE: file_entry(cfg)},
+            # totals over every edit; per edit only the added ones (each segment holds its own)
+            "gate": {**gate, "edits": {k: v for k, v in gate["edits"].items() if int(k) in set(added)}},
+            "segments": entries,
             **extra,
         }
-        return [(PATCHES_FILE, blob), (CONFIG_FILE, cfg)], body
+        return new, body
 
     def _send_unsent(self) -> None:
         if self.releases is None:
@@ -416,7 +482,29 @@ class Publisher:
                 deleted.append(number)
             if deleted:
                 log.info("old versions deleted", versions=deleted, kept=len(numbers) - len(deleted), latest=pointer)
+            self._sweep_segments(now)
             return deleted
+
+    def _sweep_segments(self, now: float) -> list[str]:
+        """Delete segments no remaining version lists, once older than the grace period. Any version
+        whose manifest cannot be read stops the sweep: its segments are unknown, so none may go."""
+        try:
+            stored = self.storage.segments(self.model)
+            if not stored:
+                return []
+            used: set[str] = set()
+            for number in self.storage.versions(self.model):
+                manifest = decode_manifest(self.storage.read(self.model, number, MANIFEST_FILE), self.model, number)
+                used.update(segment_name(e["sha256"]) for e in manifest.get("segments", []))
+        except (OSError, CheckpointError) as exc:
+            log.warning("segments not swept: a version's manifest is unreadable", error=str(exc))
+            return []
+        gone = [name for name, at in stored.items() if name not in used and now - at >= self.grace_s]
+        for name in gone:
+            self.storage.delete_segment(self.model, name)
+        if gone:
+            log.info("unused segments deleted", segments=len(gone), kept=len(stored) - len(gone))
+        return gone
 
     def close(self) -> None:
         if self.releases is not None:
@@ -478,14 +566,22 @@ def daemon_publisher(settings: Settings, store: Store, model: PatchedModel) -> P
 # ---------------------------------------------------------------------------- contents
 
 
-def concat_neurons(patches: Sequence[PatchRecord], hidden_size: int) -> tuple[bytes, list[str]]:
+def _reusable(manifest: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """A format-2 manifest's segments by the patches they hold (nothing for format 1)."""
+    return {str(e["ids_sha256"]): e for e in manifest.get("segments", []) if "ids_sha256" in e}
+
+
+def concat_neurons(
+    patches: Sequence[PatchRecord], hidden_size: int, metadata: dict[str, str] | None = None
+) -> tuple[bytes, list[str]]:
     """patches.safetensors for the stored patches' neurons, in order, and the edit id of every neuron.
 
     Each stored row holds one patch in the same format (patching/patchfile.py), so its dtype is
     kept: a version of bfloat16 neurons is bfloat16, bit for bit."""
     parts = [patchfile.decode(p.neurons, where=f"patch {p.id}", edit_id=str(p.mistake_id)) for p in patches]
     merged = patchfile.concat(parts, hidden_size)
-    return patchfile.encode(merged.keys, merged.biases, merged.values, merged.edit_ids), merged.edit_ids
+    blob = patchfile.encode(merged.keys, merged.biases, merged.values, merged.edit_ids, metadata)
+    return blob, merged.edit_ids
 
 
 def gate_figures(patches: Sequence[PatchRecord]) -> dict[str, Any]:

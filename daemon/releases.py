@@ -59,7 +59,7 @@ def release_event(manifest: dict[str, Any], manifest_sha256: str, uri: str, publ
         "model": manifest["model"],
         "version": manifest["version"],
         "parent": manifest.get("parent"),
-        "patches": len(manifest.get("patch_ids", [])),
+        "patches": manifest.get("patches", len(manifest.get("patch_ids", []))),
         "neurons": manifest.get("neurons"),
         "added": manifest.get("added", []),
         "removed": manifest.get("removed", []),

@@ -1,7 +1,24 @@
 """The published version format: manifest.json, and reading a version back with every byte checked.
 
-A version directory holds patches.safetensors and patch_config.json (the patch set, in the
-format of patching/patchfile.py) and manifest.json, written last:
+Format 2 (what the publisher writes). A version is its manifest alone; the neurons live in
+segments, immutable patch files (patching/patchfile.py) named by their sha256 and shared by every
+version that holds the same patches. The manifest lists them in order:
+
+    {"format": "patchd-checkpoint/2", "model", "version", "parent", "created_at", "code_version",
+     "base": {"name", "identity"}, "config": {"model_type", "layer", "activation", "hidden_size"},
+     "neurons": n, "patches": p, "added": [...], "removed": [...],   # edit ids relative to the parent
+     "reason", "gate": {totals, and the figures of the added edits},
+     "segments": [{"sha256", "size", "neurons", "patches", "first_patch", "last_patch", "ids_sha256"}],
+     "signature": {...}, "checksum": ...}
+
+Each segment's metadata holds the edit id of every neuron, the patch ids and the gate figures of
+its patches. How patches are cut into segments is the publisher's business (daemon/publisher.py):
+blocks of 16**k patches, so a publish that adds one patch writes one small segment and a manifest,
+and a reader that holds the parent's segments fetches only the new ones. The manifest names every
+segment's sha256, so the signature and checksum below cover every byte of the version.
+
+Format 1 (versions published before segments, still read): a version directory holds
+patches.safetensors and patch_config.json and manifest.json, written last:
 
     {"format": "patchd-checkpoint/1", "model": ..., "version": 42, "parent": 41,
      "created_at": ISO-8601, "code_version": ..., "base": {"name", "identity"},
@@ -23,18 +40,31 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
-from patching.patchfile import CONFIG_FILE, PATCHES_FILE, PatchConfig, PatchStateError, parse_config
-from patching.storage import Storage
+from patching.patchfile import (
+    CONFIG_FILE,
+    PATCHES_FILE,
+    PatchConfig,
+    PatchStateError,
+    header_of,
+    parse_config,
+)
+from patching.storage import Storage, segment_name
 
 if TYPE_CHECKING:
     from patching.signing import Signer, TrustedKeys
 
 MANIFEST_FILE = "manifest.json"
-FORMAT = "patchd-checkpoint/1"
-REQUIRED_FILES = (PATCHES_FILE, CONFIG_FILE)
+FORMAT_1 = "patchd-checkpoint/1"
+FORMAT = "patchd-checkpoint/2"  # what the publisher writes
+REQUIRED_FILES = (PATCHES_FILE, CONFIG_FILE)  # format 1
+CONFIG_FIELDS = ("model_type", "layer", "activation", "hidden_size")  # format 2's "config"
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 class CheckpointError(ValueError):
@@ -77,8 +107,8 @@ def decode_manifest(raw: bytes, model: str | None = None, number: int | None = N
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{MANIFEST_FILE} is not JSON: {exc}") from None
-    if not isinstance(body, dict) or body.get("format") != FORMAT:
-        raise CheckpointError(f"{MANIFEST_FILE} is not a {FORMAT} manifest")
+    if not isinstance(body, dict) or body.get("format") not in (FORMAT, FORMAT_1):
+        raise CheckpointError(f"{MANIFEST_FILE} is not a {FORMAT} (or {FORMAT_1}) manifest")
     # equal bytes <=> the stored checksum is right AND nothing outside the parsed values changed
     if encode_manifest(body) != raw:
         raise CheckpointError(f"{MANIFEST_FILE} fails its checksum (changed after it was written)")
@@ -86,10 +116,28 @@ def decode_manifest(raw: bytes, model: str | None = None, number: int | None = N
         raise CheckpointError(f"{MANIFEST_FILE} is for model {body.get('model')!r}, not {model!r}")
     if number is not None and body.get("version") != number:
         raise CheckpointError(f"{MANIFEST_FILE} says version {body.get('version')}, its directory is {number}")
-    files = body.get("files")
-    if not isinstance(files, dict) or any(name not in files for name in REQUIRED_FILES):
-        raise CheckpointError(f"{MANIFEST_FILE} does not list {', '.join(REQUIRED_FILES)}")
+    if body["format"] == FORMAT_1:
+        files = body.get("files")
+        if not isinstance(files, dict) or any(name not in files for name in REQUIRED_FILES):
+            raise CheckpointError(f"{MANIFEST_FILE} does not list {', '.join(REQUIRED_FILES)}")
+        return body
+    segments, config = body.get("segments"), body.get("config")
+    if not isinstance(config, dict) or any(k not in config for k in CONFIG_FIELDS):
+        raise CheckpointError(f"{MANIFEST_FILE} has no config with {', '.join(CONFIG_FIELDS)}")
+    if not isinstance(segments, list) or not all(_segment_entry(e) for e in segments):
+        raise CheckpointError(f"{MANIFEST_FILE} lists its segments wrongly")
+    if sum(e["neurons"] for e in segments) != body.get("neurons"):
+        raise CheckpointError(f"{MANIFEST_FILE}: its segments do not add up to {body.get('neurons')} neurons")
     return body
+
+
+def _segment_entry(e: Any) -> bool:
+    return (
+        isinstance(e, dict)
+        and isinstance(e.get("sha256"), str)
+        and bool(_SHA256.fullmatch(e["sha256"]))
+        and all(isinstance(e.get(k), int) and e[k] >= 0 for k in ("size", "neurons", "patches"))
+    )
 
 
 @dataclass(frozen=True)
@@ -100,29 +148,72 @@ class VerifiedVersion:
     number: int
     manifest: dict[str, Any]
     manifest_sha256: str
-    files: dict[str, bytes]  # file name -> bytes, every file the manifest lists
+    files: dict[str, bytes]  # file name -> bytes, every file the manifest lists (format 1)
     manifest_size: int
     signed_by: str | None = None  # the trusted key's id, when the reader asked for a signature
+    segments: dict[str, bytes] = field(default_factory=dict)  # segment name -> bytes, in order (format 2)
 
     @property
+    def segmented(self) -> bool:
+        return bool(self.manifest.get("format") == FORMAT)
+
+    @cached_property
+    def _segment_meta(self) -> list[dict[str, str]]:
+        return [header_of(data)[1] for data in self.segments.values()]
+
+    @cached_property
+    def neuron_edits(self) -> list[str]:
+        """The edit id of every neuron, in order."""
+        if not self.segmented:
+            return list(self.config.edit_ids)
+        return [str(e) for meta in self._segment_meta for e in json.loads(meta["edit_ids"])]
+
+    @cached_property
     def config(self) -> PatchConfig:
-        return parse_config(self.files[CONFIG_FILE])
+        if not self.segmented:
+            return parse_config(self.files[CONFIG_FILE])
+        m, c = self.manifest, self.manifest["config"]
+        return PatchConfig(
+            base_identity=m["base"]["identity"],
+            model_type=c["model_type"],
+            layer=c["layer"],
+            activation=c["activation"],
+            hidden_size=c["hidden_size"],
+            n=m["neurons"],
+            edit_ids=self.neuron_edits,
+            code_version=m.get("code_version", ""),
+            base_name=m["base"].get("name"),
+            extra={k: m.get(k) for k in ("model", "version", "parent", "created_at")},
+        )
 
     @property
     def edits(self) -> list[int]:
-        return [int(e) for e in self.manifest.get("edits", [])]
+        """Mistake ids of the edits in the version, in acceptance order."""
+        if not self.segmented:
+            return [int(e) for e in self.manifest.get("edits", [])]
+        return [int(e) for e in dict.fromkeys(self.neuron_edits)]
 
-    @property
+    @cached_property
     def patch_ids(self) -> list[int]:
-        return [int(p) for p in self.manifest.get("patch_ids", [])]
+        if not self.segmented:
+            return [int(p) for p in self.manifest.get("patch_ids", [])]
+        return [int(p) for meta in self._segment_meta for p in json.loads(meta.get("patch_ids", "[]"))]
 
     @property
     def size(self) -> int:
-        """Bytes on storage: the files and the manifest."""
-        return sum(len(b) for b in self.files.values()) + self.manifest_size
+        """Bytes of the whole version: its files or segments, and the manifest."""
+        return (
+            sum(len(b) for b in self.files.values()) + sum(len(b) for b in self.segments.values()) + self.manifest_size
+        )
 
 
-def read_verified(storage: Storage, model: str, number: int, trusted: TrustedKeys | None = None) -> VerifiedVersion:
+def read_verified(
+    storage: Storage,
+    model: str,
+    number: int,
+    trusted: TrustedKeys | None = None,
+    held: Mapping[str, bytes] | None = None,
+) -> VerifiedVersion:
     """Read version `number` once into memory and check every byte of it.
 
     CheckpointError: the version is there but must not be used (missing manifest or file, a
@@ -131,18 +222,22 @@ def read_verified(storage: Storage, model: str, number: int, trusted: TrustedKey
     A medium that serves files from a local cache (S3) is read once more without it when the
     first read fails its checks: a corrupt cached copy must not condemn a good version.
     With `trusted` keys, a version not signed by one of them is UntrustedVersion.
+    `held`: segments the reader already has (name -> bytes, e.g. those of the version it serves);
+    only the others are read from storage. Every segment is checked against the manifest either way.
     """
     try:
-        return _read_verified(storage, model, number, trusted)
+        return _read_verified(storage, model, number, trusted, held or {})
     except (VersionMissing, UntrustedVersion):
         raise
     except CheckpointError:
         if not storage.forget(model, number):
             raise
-        return _read_verified(storage, model, number, trusted)
+        return _read_verified(storage, model, number, trusted, {})
 
 
-def _read_verified(storage: Storage, model: str, number: int, trusted: TrustedKeys | None) -> VerifiedVersion:
+def _read_verified(
+    storage: Storage, model: str, number: int, trusted: TrustedKeys | None, held: Mapping[str, bytes]
+) -> VerifiedVersion:
     try:
         raw = storage.read(model, number, MANIFEST_FILE)
     except FileNotFoundError:
@@ -156,6 +251,12 @@ def _read_verified(storage: Storage, model: str, number: int, trusted: TrustedKe
             signed_by = trusted.verify(signed_bytes(manifest), manifest.get("signature"))
         except SigningError as exc:
             raise UntrustedVersion(f"version {number}: {exc}") from None
+    if manifest["format"] == FORMAT:
+        segments = _read_segments(storage, model, number, manifest, held)
+        v = VerifiedVersion(model, number, manifest, hashlib.sha256(raw).hexdigest(), {}, len(raw), signed_by, segments)
+        if len(v.neuron_edits) != manifest["neurons"] or len(v.patch_ids) != manifest.get("patches"):
+            raise CheckpointError(f"version {number}: its segments hold other neurons or patches than it lists")
+        return v
     files: dict[str, bytes] = {}
     for name, entry in sorted(manifest["files"].items()):
         try:
@@ -170,3 +271,30 @@ def _read_verified(storage: Storage, model: str, number: int, trusted: TrustedKe
     except PatchStateError as exc:
         raise CheckpointError(f"version {number}: {exc}") from None
     return VerifiedVersion(model, number, manifest, hashlib.sha256(raw).hexdigest(), files, len(raw), signed_by)
+
+
+def _read_segments(
+    storage: Storage, model: str, number: int, manifest: dict[str, Any], held: Mapping[str, bytes]
+) -> dict[str, bytes]:
+    """Every segment the manifest lists, from `held` or storage, each checked (size, sha256, shapes)."""
+    segments: dict[str, bytes] = {}
+    for entry in manifest["segments"]:
+        name = segment_name(entry["sha256"])
+        data = held.get(name)
+        if data is None:
+            try:
+                data = storage.read_segment(model, name)
+            except FileNotFoundError:
+                raise VersionMissing(f"version {number}: segment {name} is missing") from None
+        if len(data) != entry["size"] or hashlib.sha256(data).hexdigest() != entry["sha256"]:
+            raise CheckpointError(f"version {number}: segment {name} does not match its checksum")
+        try:
+            shapes, meta = header_of(data)
+            ids, patches = json.loads(meta["edit_ids"]), json.loads(meta.get("patch_ids", "[]"))
+        except (PatchStateError, KeyError, ValueError) as exc:
+            raise CheckpointError(f"version {number}: segment {name} is not a patch file: {exc}") from None
+        n = entry["neurons"]
+        if shapes.get("keys", [None])[0] != n or len(ids) != n or len(patches) != entry["patches"]:
+            raise CheckpointError(f"version {number}: segment {name} holds other neurons than listed")
+        segments[name] = data
+    return segments

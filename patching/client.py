@@ -17,7 +17,9 @@ one at or below LATEST is served instead, with one warning line naming both and 
 
 The watcher loads the base once and builds each version on a private copy of it, so a request
 that holds the previous model finishes on it undisturbed; the swap is one reference assignment
-under a lock. It polls LATEST (a few bytes) every `interval` seconds; given Kafka settings it also
+under a lock. It keeps the segments of the version it serves, so a new version costs only the
+segments it adds (one small one per new patch, usually) and its manifest. It polls LATEST (a few
+bytes) every `interval` seconds; given Kafka settings it also
 listens to `<topic>.releases` and checks at once when a release for its model arrives (the poll
 stays as the fallback). kafka-python is imported only then: this is patching/'s one Kafka use.
 """
@@ -33,9 +35,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from patching import patchfile
 from patching.checkpoint import CheckpointError, VerifiedVersion, VersionMissing, read_verified
 from patching.loading import attach_patches, base_identity
-from patching.patchfile import CONFIG_FILE, PATCHES_FILE, PatchStateError, parse_patch_set
+from patching.patchfile import CONFIG_FILE, PATCHES_FILE, PatchConfig, PatchStateError, parse_patch_set
 from patching.signing import TrustedKeys, load_trusted
 from patching.storage import Storage, StorageError
 from patching.storage_uri import open_storage
@@ -85,9 +88,32 @@ class _Base:
 
     def build(self, v: VerifiedVersion, fresh: bool = True) -> Any:
         """A patched model for a verified version (PatchStateError for a shape or identity mismatch)."""
-        config, patches = parse_patch_set(v.files[CONFIG_FILE], v.files[PATCHES_FILE], where=f"version {v.number}")
+        config, patches = patch_set(v)
         model = copy.deepcopy(self.pristine) if fresh else self.pristine
         return attach_patches(model, config, patches, self.identity, self.arch)
+
+
+def patch_set(v: VerifiedVersion) -> tuple[PatchConfig, patchfile.PatchTensors]:
+    """A verified version's config and neurons: its segments one after the other (format 2), or its
+    patch_config.json and patches.safetensors (format 1); PatchStateError when they disagree."""
+    where = f"version {v.number}"
+    if not v.segmented:
+        return parse_patch_set(v.files[CONFIG_FILE], v.files[PATCHES_FILE], where=where)
+    config = v.config
+    parts = [patchfile.decode(data, where=f"{where}/{name}") for name, data in v.segments.items()]
+    patches = patchfile.concat(parts, config.hidden_size)
+    if patches.edit_ids != config.edit_ids or int(patches.keys.shape[1]) != config.hidden_size:
+        raise PatchStateError(f"{where}: its segments' neurons are not those its manifest lists")
+    return config, patches
+
+
+def local_files(v: VerifiedVersion) -> list[tuple[str, bytes]]:
+    """A verified version as the two files load_patched reads from a directory (`patchd export`)."""
+    if not v.segmented:
+        return [(CONFIG_FILE, v.files[CONFIG_FILE]), (PATCHES_FILE, v.files[PATCHES_FILE])]
+    config, patches = patch_set(v)
+    blob = patchfile.encode(patches.keys, patches.biases, patches.values, patches.edit_ids)
+    return [(CONFIG_FILE, patchfile.config_bytes(config)), (PATCHES_FILE, blob)]
 
 
 def _newest_good(
@@ -98,6 +124,7 @@ def _newest_good(
     fresh: bool = True,
     serving: int | None = None,
     trusted: TrustedKeys | None = None,
+    held: dict[str, bytes] | None = None,
 ) -> tuple[VerifiedVersion | None, Any, str | None]:
     """(version, its model, a warning or None) for the newest servable version at or below LATEST.
 
@@ -124,7 +151,7 @@ def _newest_good(
         if number == serving:
             return None, None, _fallback_warning(model, number, pointer, {**refused, **missing}, unreadable)
         try:
-            v = read_verified(storage, model, number, trusted)
+            v = read_verified(storage, model, number, trusted, held)
             built = base.build(v, fresh)
         except VersionMissing as exc:
             missing[number] = str(exc)
@@ -214,6 +241,7 @@ class CheckpointWatcher:
         self.errors = 0
         self._warned: str | None = None  # the last fallback warning, logged once, not every poll
         self._current = Loaded(self._base.pristine, None, loaded_at=time.time())
+        self._segments: dict[str, bytes] = {}  # those of the version served (format 2), by name
         try:
             self.check()  # serve the newest good version from the first request on
         except NoGoodVersion as exc:
@@ -249,7 +277,13 @@ class CheckpointWatcher:
         if pointer is None or pointer == current.version or pointer in self._refused:
             return False
         v, built, warning = _newest_good(
-            self.storage, self.name, self._base, self._refused, serving=current.version, trusted=self.trusted
+            self.storage,
+            self.name,
+            self._base,
+            self._refused,
+            serving=current.version,
+            trusted=self.trusted,
+            held=self._segments,
         )
         if warning and warning != self._warned:
             log.warning(warning)
@@ -259,6 +293,8 @@ class CheckpointWatcher:
         loaded = Loaded(built, v.number, tuple(v.edits), v.manifest, time.time())
         with self._lock:
             self._current = loaded
+        self._segments = dict(v.segments)  # the next version fetches only the segments it adds
+        self.storage.keep_cached(self.name, set(v.segments))
         self.swaps += 1
         log.info("serving version %s of %s (%d edits)", v.number, self.name, len(v.edits))
         if self.on_swap is not None:

@@ -3,7 +3,8 @@
     storage = S3Storage("s3://bucket/prefix", S3Options(endpoint_url="http://127.0.0.1:9000"))
 
 The same layout as on a file system (patching/storage.py), as object keys:
-    <prefix>/<model>/versions/000042/patches.safetensors, patch_config.json, manifest.json
+    <prefix>/<model>/versions/000042/manifest.json   (format 1 also patches.safetensors, patch_config.json)
+    <prefix>/<model>/segments/<sha256>.safetensors   content-addressed, shared by versions
     <prefix>/<model>/LATEST                                  "42\\n"
 
 S3 has no rename, so "all at once" comes from the order of single-object PUTs, each of which is
@@ -32,6 +33,7 @@ small objects a minute) does not need, and it is younger.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shutil
@@ -44,7 +46,9 @@ from pathlib import Path
 from typing import Any
 
 from patching.storage import (
+    _SEGMENT_NAME,
     LATEST_FILE,
+    SEGMENTS_DIR,
     STALE_S,
     VERSIONS_DIR,
     Step,
@@ -253,6 +257,47 @@ class S3Storage(Storage):
         if cached is not None:
             _write_atomic(cached, data)
         return data
+
+    def _segment_key(self, model: str, name: str) -> str:
+        if not _SEGMENT_NAME.fullmatch(name):
+            raise StorageError(f"bad segment name {name!r}")
+        return f"{self._model_key(model)}/{SEGMENTS_DIR}/{name}"
+
+    def put_segment(self, model: str, name: str, data: bytes) -> None:
+        key = self._segment_key(model, name)
+        if not self._exists(key):  # content-addressed: one that is there holds these bytes
+            self._call("put_object", Bucket=self.bucket, Key=key, Body=data)
+
+    def read_segment(self, model: str, name: str) -> bytes:
+        """From the local cache when a copy there still hashes to its name, else fetched (and cached):
+        a segment never changes, so a watcher fetches each one once."""
+        cached = self.cache / model / SEGMENTS_DIR / name
+        if cached.is_file():
+            data = cached.read_bytes()
+            if hashlib.sha256(data).hexdigest() == name.split(".", 1)[0]:
+                return data
+        response = self._call("get_object", Bucket=self.bucket, Key=self._segment_key(model, name))
+        data = bytes(response["Body"].read())
+        _write_atomic(cached, data)
+        return data
+
+    def segments(self, model: str) -> dict[str, float]:
+        prefix = f"{self._model_key(model)}/{SEGMENTS_DIR}/"
+        return {
+            obj["Key"][len(prefix) :]: obj["LastModified"].timestamp()
+            for obj in self._list(prefix)
+            if _SEGMENT_NAME.fullmatch(obj["Key"][len(prefix) :])
+        }
+
+    def keep_cached(self, model: str, segments: set[str]) -> None:
+        directory = self.cache / model / SEGMENTS_DIR
+        for path in directory.iterdir() if directory.is_dir() else []:
+            if path.name not in segments:
+                path.unlink(missing_ok=True)
+
+    def delete_segment(self, model: str, name: str) -> None:
+        self._call("delete_object", Bucket=self.bucket, Key=self._segment_key(model, name))
+        (self.cache / model / SEGMENTS_DIR / name).unlink(missing_ok=True)
 
     def forget(self, model: str, number: int) -> bool:
         directory = self.cache / model

@@ -10,14 +10,17 @@
     storage.cleanup(model)                               # leftovers of publishes that died
 
 Layout (DESIGN §5):
-    <root>/<model>/versions/000042/patches.safetensors, patch_config.json, manifest.json
+    <root>/<model>/versions/000042/manifest.json         (format 1 also patches.safetensors, patch_config.json)
+    <root>/<model>/segments/<sha256>.safetensors         immutable, named by their content, shared by versions
     <root>/<model>/LATEST                                "42\\n"
 
 The contract every implementation keeps, whatever the medium:
 - `put_version` makes a version visible all at once or not at all, and refuses a number in use;
   the manifest is the last thing written, so anything without one is not a version;
 - `set_latest` replaces the pointer atomically: a reader gets the old or the new number;
-- versions are immutable; `delete_version` makes one invisible before removing its bytes.
+- versions are immutable; `delete_version` makes one invisible before removing its bytes;
+- a segment is written whole under its sha256 or not at all, and never changes; writing one that
+  is there already is a no-op. Which segments a version uses is its manifest's business.
 
 Checksums are not this module's business: patching/checkpoint.py verifies what is read, so a
 medium that corrupts bytes is caught, whichever medium it is. The object store (S3 and
@@ -40,6 +43,8 @@ from pathlib import Path
 
 LATEST_FILE = "LATEST"
 VERSIONS_DIR = "versions"
+SEGMENTS_DIR = "segments"
+_SEGMENT_NAME = re.compile(r"[0-9a-f]{64}\.safetensors")
 # six digits sort as text and as numbers up to 999,999 versions; longer numbers still parse
 VERSION_DIGITS = 6
 _VERSION_NAME = re.compile(r"\d{6,}")
@@ -75,6 +80,14 @@ def version_name(number: int) -> str:
     return f"{number:0{VERSION_DIGITS}d}"
 
 
+def segment_name(sha256: str) -> str:
+    """A segment's file name: its content's sha256 (hex), so a name says what its bytes must hash to."""
+    name = f"{sha256}.safetensors"
+    if not _SEGMENT_NAME.fullmatch(name):
+        raise StorageError(f"bad segment sha256 {sha256!r}")
+    return name
+
+
 class Storage(ABC):
     """The operations the publisher and the client need, and nothing else (see the module docstring)."""
 
@@ -93,6 +106,10 @@ class Storage(ABC):
     def forget(self, model: str, number: int) -> bool:
         """Drop local copies of a version's files, if this medium keeps any; True when it did."""
         return False
+
+    def keep_cached(self, model: str, segments: set[str]) -> None:
+        """Drop local copies of every segment but these (a reader keeps those of what it serves)."""
+        return None  # this medium keeps no local copies
 
     @abstractmethod
     def put_version(self, model: str, number: int, files: Sequence[tuple[str, bytes]], step: Step = _no_step) -> str:
@@ -125,6 +142,22 @@ class Storage(ABC):
     @abstractmethod
     def cleanup(self, model: str, stale_s: float = STALE_S) -> list[str]:
         """Remove what publishes and deletions that died left behind; returns what was removed."""
+
+    @abstractmethod
+    def put_segment(self, model: str, name: str, data: bytes) -> None:
+        """Store a segment under its name (segment_name of its sha256), whole; a no-op when present."""
+
+    @abstractmethod
+    def read_segment(self, model: str, name: str) -> bytes:
+        """One segment's bytes (FileNotFoundError when it is not there)."""
+
+    @abstractmethod
+    def segments(self, model: str) -> dict[str, float]:
+        """Every segment present: name -> when it was written (epoch seconds)."""
+
+    @abstractmethod
+    def delete_segment(self, model: str, name: str) -> None:
+        """Remove one segment (retention does, once no kept version lists it)."""
 
     def version_uri(self, model: str, number: int) -> str:
         return f"{self.uri.rstrip('/')}/{model}/{VERSIONS_DIR}/{version_name(number)}/"
@@ -236,11 +269,55 @@ class FileStorage(Storage):
         _fsync_dir(versions)
         shutil.rmtree(trash, ignore_errors=True)
 
+    def _segments_dir(self, model: str) -> Path:
+        return self._model_dir(model) / SEGMENTS_DIR
+
+    def put_segment(self, model: str, name: str, data: bytes) -> None:
+        if not _SEGMENT_NAME.fullmatch(name):
+            raise StorageError(f"bad segment name {name!r}")
+        directory = self._segments_dir(model)
+        final = directory / name
+        if final.exists():
+            return  # content-addressed: the same name holds the same bytes
+        directory.mkdir(parents=True, exist_ok=True)
+        tmp = directory / f"{_TMP}seg-{os.getpid()}-{secrets.token_hex(4)}-{socket.gethostname()}"
+        try:
+            _write_synced(tmp, data)
+            os.replace(tmp, final)
+        finally:
+            tmp.unlink(missing_ok=True)
+        _fsync_dir(directory)
+
+    def read_segment(self, model: str, name: str) -> bytes:
+        if not _SEGMENT_NAME.fullmatch(name):
+            raise StorageError(f"bad segment name {name!r}")
+        return (self._segments_dir(model) / name).read_bytes()
+
+    def segments(self, model: str) -> dict[str, float]:
+        try:
+            entries = list(self._segments_dir(model).iterdir())
+        except FileNotFoundError:
+            return {}
+        found: dict[str, float] = {}
+        for path in entries:
+            if _SEGMENT_NAME.fullmatch(path.name):
+                try:
+                    found[path.name] = path.stat().st_mtime
+                except FileNotFoundError:
+                    continue  # deleted meanwhile
+        return found
+
+    def delete_segment(self, model: str, name: str) -> None:
+        if not _SEGMENT_NAME.fullmatch(name):
+            raise StorageError(f"bad segment name {name!r}")
+        (self._segments_dir(model) / name).unlink(missing_ok=True)
+
     def cleanup(self, model: str, stale_s: float = STALE_S) -> list[str]:
         removed: list[str] = []
         candidates: list[Path] = []
         for directory, prefixes in (
             (self._versions_dir(model), (_TMP, _TRASH)),
+            (self._segments_dir(model), (_TMP,)),
             (self._model_dir(model), (_LATEST_TMP,)),
         ):
             try:

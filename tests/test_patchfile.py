@@ -13,7 +13,8 @@ from memory.records import PatchIn, ReportIn
 from memory.store import Store
 from patching import patchfile
 from patching.checkpoint import read_verified
-from patching.patchfile import CONFIG_FILE, PATCHES_FILE, PatchStateError, PatchTensors
+from patching.client import patch_set
+from patching.patchfile import PatchStateError, PatchTensors
 from patching.storage import FileStorage
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -82,7 +83,7 @@ def test_store_rows_to_a_published_version_keep_dtype_and_bits(dtype: torch.dtyp
         published = Publisher("m", store, storage, BaseInfo("id", "b", "bert", d, 1, "relu")).publish_if_changed()
         assert published is not None
     version = read_verified(storage, "m", published.number)
-    config, merged = patchfile.parse_patch_set(version.files[CONFIG_FILE], version.files[PATCHES_FILE])
+    config, merged = patch_set(version)  # its segments, one after the other
     assert merged.keys.dtype == dtype and config.n == merged.n == 6
     assert merged.edit_ids == [str(p.mistake_id) for p in patches for _ in range(p.n_neurons)]
     for name, j in (("keys", 0), ("biases", 1), ("values", 2)):

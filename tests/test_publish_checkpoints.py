@@ -21,7 +21,6 @@ from memory.store import Store
 from patching.checkpoint import MANIFEST_FILE, CheckpointError, read_verified
 from patching.client import CheckpointWatcher, NoGoodVersion, load_latest
 from patching.loading import load_base_model
-from patching.patchfile import CONFIG_FILE, PATCHES_FILE
 from patching.storage import Storage, StorageError, version_name
 from tests.media import get_raw, put_raw, raw_names
 from tests.publishing import MODEL, Zygote, add_patches, tiny_info
@@ -111,6 +110,13 @@ def test_sigkill_at_every_step_never_exposes_an_incomplete_version(base: Path, s
     final = read_verified(storage, MODEL, latest)
     assert final.patch_ids == [p.id for p in store.accepted_patches(MODEL)]
     assert final.manifest["neurons"] == 3 + len(steps)
+    # segments the killed publishes wrote but no version lists go with retention, the rest stay
+    listed = {name for n in storage.versions(MODEL) for name in read_verified(storage, MODEL, n).segments}
+    assert listed <= set(storage.segments(MODEL))
+    Publisher(MODEL, store, storage, tiny_info(base), grace_s=0).prune()
+    assert set(storage.segments(MODEL)) == {
+        name for n in storage.versions(MODEL) for name in read_verified(storage, MODEL, n).segments
+    }
 
 
 def _publish_two(store: Store, storage: Storage, base: Path) -> Publisher:
@@ -123,12 +129,17 @@ def _publish_two(store: Store, storage: Storage, base: Path) -> Publisher:
     return publisher
 
 
-@pytest.mark.parametrize("name", [PATCHES_FILE, CONFIG_FILE, MANIFEST_FILE])
+@pytest.mark.parametrize("name", ["segment", MANIFEST_FILE])
 def test_flipped_byte_is_detected_and_the_loader_falls_back(
     base: Path, store: Store, storage: Storage, name: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     _publish_two(store, storage, base)
-    path = f"{MODEL}/versions/{version_name(2)}/{name}"
+    if name == "segment":  # version 2's own segment (its tail holds 4 patches, version 1's 2)
+        (segment,) = set(read_verified(storage, MODEL, 2).segments) - set(read_verified(storage, MODEL, 1).segments)
+        path = f"{MODEL}/segments/{segment}"
+        forget_segments(storage)
+    else:
+        path = f"{MODEL}/versions/{version_name(2)}/{name}"
     data = bytearray(get_raw(storage, path))
     data[len(data) // 2] ^= 0x01  # one bit, in the middle of the file
     put_raw(storage, path, bytes(data))
@@ -171,8 +182,9 @@ def test_wrong_base_or_bad_latest_falls_back_and_nothing_good_raises(
     # nothing servable at all
     put_raw(storage, f"{MODEL}/LATEST", b"3\n")
     for number in (1, 2):
-        put_raw(storage, f"{MODEL}/versions/{version_name(number)}/{PATCHES_FILE}", b"x")
-        storage.forget(MODEL, number)  # S3: a verified copy in the local cache would still be served
+        for segment in read_verified(storage, MODEL, number).segments:
+            put_raw(storage, f"{MODEL}/segments/{segment}", b"x")
+    forget_segments(storage)  # S3: a verified copy in the local cache would still be served
     with pytest.raises(NoGoodVersion):
         load_latest(storage, MODEL, base)
 
@@ -223,7 +235,18 @@ def test_watcher_swaps_between_requests(base: Path, store: Store, storage: Stora
 
 def download(storage: Storage, number: int, out: Path) -> Path:
     """A version's verified files in a local directory (what load_patched reads)."""
+    from patching.client import local_files
+
     out.mkdir(parents=True, exist_ok=True)
-    for name, data in read_verified(storage, MODEL, number).files.items():
+    for name, data in local_files(read_verified(storage, MODEL, number)):
         (out / name).write_bytes(data)
     return out
+
+
+def forget_segments(storage: Storage) -> None:
+    """Drop local copies of segments (S3's cache): the next read goes to the server."""
+    import shutil
+
+    cache = getattr(storage, "cache", None)
+    if cache is not None:
+        shutil.rmtree(cache / MODEL / "segments", ignore_errors=True)

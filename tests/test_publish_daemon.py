@@ -29,9 +29,8 @@ from memory.fingerprint import fingerprint
 from memory.lifecycle import Status
 from memory.store import Store
 from patching.checkpoint import read_verified
-from patching.client import CheckpointWatcher, KafkaReleases, Loaded, load_latest
+from patching.client import CheckpointWatcher, KafkaReleases, Loaded, load_latest, local_files, patch_set
 from patching.loading import load_patched
-from patching.patchfile import PATCHES_FILE
 from tests.tinybase import MODEL, Daemon, prepare, produce, sentence, write_config
 
 POLL_S = 1.0  # the watcher's LATEST poll
@@ -235,12 +234,12 @@ def test_versions_rollback_revoke_export(run: Run, tmp_path: Path, capsys: pytes
     rolled = storage.latest(MODEL)
     assert rolled == last + 1
     a, b = read_verified(storage, MODEL, target), read_verified(storage, MODEL, rolled)
-    assert b.patch_ids == a.patch_ids and b.files[PATCHES_FILE] == a.files[PATCHES_FILE]  # bit for bit
+    assert b.patch_ids == a.patch_ids and b.segments == a.segments  # the same segments, bit for bit
     assert b.manifest["rollback_of"] == target and b.manifest["parent"] == last
     fixed = run.inputs + run.heldout
     target_dir = tmp_path / "target"
     target_dir.mkdir()
-    for name, data in a.files.items():  # the version's verified files, wherever they live
+    for name, data in local_files(a):  # the version's verified neurons, wherever they live
         (target_dir / name).write_bytes(data)
     assert predict(load_latest(storage, MODEL, run.base).model, fixed) == predict(
         load_patched(run.base, target_dir), fixed
@@ -261,10 +260,8 @@ def test_versions_rollback_revoke_export(run: Run, tmp_path: Path, capsys: pytes
     assert len(revoked.edits) >= 2, "the other edits' retention must be checked on something"
     assert revoked.number == rolled + 1 and revoked.edits == b.edits[1:] and revoked.manifest["removed"] == [edit]
     keep = [i for i, e in enumerate(b.config.edit_ids) if e != str(edit)]
-    from safetensors.torch import load
-
-    before, after = load(b.files[PATCHES_FILE]), load(revoked.files[PATCHES_FILE])
-    assert torch.equal(after["keys"], before["keys"][keep]) and torch.equal(after["values"], before["values"][keep])
+    (_, before), (_, after) = patch_set(b), patch_set(revoked)
+    assert torch.equal(after.keys, before.keys[keep]) and torch.equal(after.values, before.values[keep])
     with Store.open(run.settings.database.url, upgrade=False) as store:
         text_of = {store.find_mistake(MODEL, fingerprint(MODEL, t)).id: t for t in run.inputs}  # type: ignore[union-attr]
     served = load_latest(storage, MODEL, run.base, trusted_keys=[run.public_key]).model

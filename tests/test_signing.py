@@ -7,6 +7,7 @@ manifest's own checksum, and moves LATEST. Only the signature stops it.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -22,11 +23,10 @@ from daemon import cli
 from daemon.publisher import Publisher, signer_of
 from daemon.settings import load_settings
 from memory.store import Store
-from patching.checkpoint import MANIFEST_FILE, CheckpointError, encode_manifest, file_entry, read_verified
+from patching.checkpoint import MANIFEST_FILE, CheckpointError, encode_manifest, read_verified
 from patching.client import CheckpointWatcher, load_latest
-from patching.patchfile import PATCHES_FILE
 from patching.signing import SigningError, generate, load_signer, load_trusted
-from patching.storage import Storage, version_name
+from patching.storage import Storage, segment_name, version_name
 from tests.media import get_raw, put_raw
 from tests.publishing import MODEL, add_patches, tiny_info
 from tests.tinybase import tiny_base
@@ -65,22 +65,20 @@ def _publish(store: Store, storage: Storage, base: Path, private: Path | None, s
 def _forge(storage: Storage, source: int, number: int, keep_signature: bool) -> None:
     """What an attacker with write access does: new patches, every checksum recomputed, LATEST moved."""
     prefix = f"{MODEL}/versions/{version_name(source)}"
-    raw = get_raw(storage, f"{prefix}/{PATCHES_FILE}")
+    body = json.loads(get_raw(storage, f"{prefix}/{MANIFEST_FILE}"))
+    entry = body["segments"][-1]
+    raw = get_raw(storage, f"{MODEL}/segments/{segment_name(entry['sha256'])}")
     header = json.loads(raw[8 : 8 + int.from_bytes(raw[:8], "little")])
     tensors = load_np(raw)
     tensors["values"] = (tensors["values"] * -3.0).astype(np.float32)  # the attacker's own behaviour
     forged = save_np(tensors, metadata=header.get("__metadata__"))
-    body = json.loads(get_raw(storage, f"{prefix}/{MANIFEST_FILE}"))
+    sha = hashlib.sha256(forged).hexdigest()
+    put_raw(storage, f"{MODEL}/segments/{segment_name(sha)}", forged)
     body["version"], body["parent"] = number, source
-    body["files"][PATCHES_FILE] = file_entry(forged)
+    body["segments"][-1] = {**entry, "sha256": sha, "size": len(forged)}
     if not keep_signature:
         body.pop("signature", None)
-    target = f"{MODEL}/versions/{version_name(number)}"
-    from patching.patchfile import CONFIG_FILE
-
-    put_raw(storage, f"{target}/{PATCHES_FILE}", forged)
-    put_raw(storage, f"{target}/{CONFIG_FILE}", get_raw(storage, f"{prefix}/{CONFIG_FILE}"))
-    put_raw(storage, f"{target}/{MANIFEST_FILE}", encode_manifest(body))  # its own checksum recomputed
+    put_raw(storage, f"{MODEL}/versions/{version_name(number)}/{MANIFEST_FILE}", encode_manifest(body))  # own checksum
     storage.set_latest(MODEL, number)
 
 

@@ -21,7 +21,6 @@ from patching.arch import locate
 from patching.checkpoint import read_verified
 from patching.client import CheckpointWatcher, load_latest
 from patching.layer import patched
-from patching.patchfile import PATCHES_FILE
 from patching.s3storage import S3Options, S3Storage
 from patching.storage import version_name
 from tests.media import put_raw, raw_names
@@ -87,31 +86,36 @@ def test_the_cache_serves_verified_copies_and_a_corrupt_copy_is_fetched_again(
     assert published is not None
     cache = tmp_path / "service-cache"
     first = load_latest(_reader(s3_root, s3_options, cache), MODEL, base)
-    cached = list(cache.rglob(PATCHES_FILE))
-    assert first.version == published.number and len(cached) == 1
+    (segments,) = [d for d in cache.rglob("segments") if d.parent.name == MODEL]  # <cache>/<bucket>/<prefix>/<model>
+    cached = list(segments.iterdir())
+    assert first.version == published.number and [c.name for c in cached] == list(
+        read_verified(s3_storage, MODEL, published.number).segments
+    )
 
-    # a restarted service reads the manifest again, the patches from its cache
+    # a restarted service reads LATEST and the manifest again, the segment from its cache
     again = _reader(s3_root, s3_options, cache)
     assert load_latest(again, MODEL, base).version == published.number
-    assert again.requests["GetObject"] == 2  # LATEST and manifest.json; both version files from the cache
+    assert again.requests["GetObject"] == 2  # LATEST and manifest.json; the segment from the cache
 
     # a flipped bit in the cached copy: refetched, and the same version is served (no fallback)
     data = bytearray(cached[0].read_bytes())
     data[len(data) // 2] ^= 0x01
     cached[0].write_bytes(bytes(data))
     third = _reader(s3_root, s3_options, cache)
-    loaded = load_latest(third, MODEL, base)
-    assert loaded.version == published.number and third.requests["GetObject"] == 5  # + manifest and both files again
-    assert cached[0].read_bytes() == read_verified(s3_storage, MODEL, published.number).files[PATCHES_FILE]
-    assert _served_edits(loaded.model) == _served_edits(first.model)
+    watcher = CheckpointWatcher(third, MODEL, base, interval=3600)
+    # LATEST (then a conditional GET of it again while choosing the version), manifest, the segment again
+    assert watcher.version == published.number and third.requests["GetObject"] == 4
+    assert cached[0].read_bytes() == read_verified(s3_storage, MODEL, published.number).segments[cached[0].name]
+    assert _served_edits(watcher.model) == _served_edits(first.model)
 
-    # retention removes a pruned version's cached copy at the next listing
-    publisher.keep, publisher.grace_s = 1, 0
+    # a new version: the watcher fetches its new segment only, and its cache keeps just what it serves
     add_patches(store, 1, hidden=64, seed=7)
-    publisher.publish_if_changed()
-    assert publisher.prune() == [published.number]
-    third.versions(MODEL)
-    assert not list(cache.rglob(f"{version_name(published.number)}-*"))
+    newer = publisher.publish_if_changed()
+    assert newer is not None
+    before = third.requests["GetObject"]
+    assert watcher.check() and watcher.version == newer.number
+    assert third.requests["GetObject"] - before == 4  # LATEST twice, manifest.json, the new tail segment only
+    assert {c.name for c in segments.iterdir()} == set(read_verified(s3_storage, MODEL, newer.number).segments)
 
 
 def test_a_version_deleted_while_read_falls_back_and_is_never_mixed(
@@ -124,13 +128,19 @@ def test_a_version_deleted_while_read_falls_back_and_is_never_mixed(
     v2 = publisher.publish_if_changed()
     assert v1 is not None and v2 is not None
 
+    own = set(read_verified(s3_storage, MODEL, v2.number).segments) - set(
+        read_verified(s3_storage, MODEL, v1.number).segments
+    )
+
     class Racing(S3Storage):
-        """Retention deletes version 2 between the reader's manifest and its patches."""
+        """Retention deletes version 2 and its own segments between the reader's manifest and them."""
 
         def read(self, model: str, number: int, name: str) -> bytes:
             data = super().read(model, number, name)
             if number == v2.number and name == "manifest.json":
                 s3_storage.delete_version(MODEL, v2.number)
+                for segment in own:
+                    s3_storage.delete_segment(MODEL, segment)
             return data
 
     reader = Racing(s3_root, s3_options)
@@ -221,7 +231,7 @@ def test_bad_credentials_or_a_missing_bucket_stop_start_up_naming_the_setting(
 def test_a_good_bucket_passes_the_check_and_an_empty_prefix_lists_nothing(s3_storage: S3Storage) -> None:
     s3_storage.check()
     assert s3_storage.versions(MODEL) == [] and s3_storage.latest(MODEL) is None
-    put_raw(s3_storage, f"{MODEL}/versions/{version_name(4)}/{PATCHES_FILE}", b"half a publish")
+    put_raw(s3_storage, f"{MODEL}/versions/{version_name(4)}/patches.safetensors", b"half a format-1 publish")
     assert s3_storage.versions(MODEL) == []  # no manifest: not a version
     assert s3_storage.cleanup(MODEL) == []  # too recent: its publisher may still be writing
     assert s3_storage.cleanup(MODEL, stale_s=0) == [version_name(4)]
