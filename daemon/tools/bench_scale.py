@@ -36,6 +36,7 @@ import urllib.request
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -97,6 +98,7 @@ def run_scale_bench(
         report = {**asked, "windows": [], "current": [], "next": 0, "device": "cpu", "partial": True}
         work.mkdir(parents=True)
     report["machine"] = machine_facts()
+    report["settings_from_environment"] = _overrides()
     with broker(bootstrap, work / "kafka") if restart else _no_broker() as address, _stop_on_signals():
         try:
             _run(report, work, data_dir, address)
@@ -139,8 +141,15 @@ def _write(path: Path, report: dict[str, Any]) -> None:
 # ---------------------------------------------------------------------------- the run
 
 
+def _overrides() -> dict[str, str]:
+    """PATCHD_* settings from the environment (e.g. PATCHD_GATE_RETRIES=4): the run's daemon parts
+    and its restarted `patchd run` use them, as a deployment would; the report lists them."""
+    return {k: v for k, v in os.environ.items() if k.startswith("PATCHD_") and k != "PATCHD_CACHE_DIR"}
+
+
 def _settings_env(work: Path, base: str, address: str | None, health_port: int) -> dict[str, str]:
     return {
+        **_overrides(),
         "PATCHD_STATE_DIR": str(work / "state"),
         "PATCHD_MODEL_NAME": base,
         "PATCHD_MODEL_MEMORY_FILE": str(work / "memory.jsonl"),
@@ -187,6 +196,12 @@ def _run(report: dict[str, Any], work: Path, data_dir: Path | None, address: str
     env = _settings_env(work, base, address, 0)
     settings = load_settings(None, env)
     assert settings.database.url is not None
+    report["settings"] = {
+        "gate": asdict(settings.gate),
+        "trainer": asdict(settings.trainer),
+        "snapshot_every": settings.state.snapshot_every,
+        "policy_quorum": settings.policy.quorum,
+    }
     t0 = time.perf_counter()
     model = PatchedModel.load(settings)
     with Store.open(settings.database.url) as store:
