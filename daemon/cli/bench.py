@@ -103,6 +103,14 @@ def register(sub: Any, bench: Any) -> None:
         "there); default: start a private server with Debian's PostgreSQL binaries",
     )
     store.add_argument("--scratch-dir", help="directory for the SQLite file (default: the system temp dir)")
+    store.add_argument(
+        "--existing",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also run on a database that first holds N reports (N/10 mistakes), side by side with the empty one, "
+        "and time `patchd status` and the dedupe lookup at that size (the issue's size: 1000000)",
+    )
     store.add_argument("--json", type=Path, metavar="FILE", help="also write the results to FILE as JSON")
     store.set_defaults(func=_bench_store)
 
@@ -400,7 +408,12 @@ def _bench_store(args: argparse.Namespace) -> int:
     if args.events < 1 or args.batch_size < 1:
         print("--events and --batch-size must be positive", file=sys.stderr)
         return 2
-    results = bench_backends(args.backends, args.events, args.batch_size, args.pg_url, args.scratch_dir)
+    if args.existing < 0:
+        print("--existing must be >= 0", file=sys.stderr)
+        return 2
+    results = bench_backends(
+        args.backends, args.events, args.batch_size, args.pg_url, args.scratch_dir, existing=args.existing
+    )
     for backend in args.backends:
         r = results[backend]
         print(
@@ -409,6 +422,14 @@ def _bench_store(args: argparse.Namespace) -> int:
             f"batch {r['batch_size']}, p50 {r['batch_p50_ms']:.1f} ms, p99 {r['batch_p99_ms']:.1f} ms; "
             f"{r['server']})"
         )
+        if "at_size" in r:
+            a, f = r["at_size"], r["prefill"]
+            print(
+                f"{'':<10} {a['events_per_s']:>10,.0f} events/s on {f['reports']:,} existing reports "
+                f"({f['mistakes']:,} mistakes): {100 * r['at_size_vs_empty']:.0f}% of empty; patchd status "
+                f"{a['status_command_s']:.2f} s (query {a['status_query_ms']:.0f} ms); dedupe lookup "
+                f"{a['dedupe_lookup_ms_median']:.2f} ms (p99 {a['dedupe_lookup_ms_p99']:.2f})"
+            )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=2) + "\n")

@@ -114,13 +114,17 @@ def _report(model: str, event_id: str, text: str, target: str, reporter: str | N
     )
 
 
-def run_store_bench(url: str, n_events: int, batch_size: int = DEFAULT_BATCH, seed: int = 0) -> dict[str, Any]:
-    """Record a synthetic stream into the (fresh) database at `url`; return timings and checks."""
+def run_store_bench(
+    url: str, n_events: int, batch_size: int = DEFAULT_BATCH, seed: int = 0, prefix: str = "ev"
+) -> dict[str, Any]:
+    """Record a synthetic stream into the database at `url` (fresh, or prefilled: the counts are
+    checked as differences); return timings and checks."""
     from memory.store import Store  # here, so that importing the stream generator stays light
 
-    stream = synthetic_stream(n_events, seed=seed)
+    stream = synthetic_stream(n_events, seed=seed, prefix=prefix)
     batches = stream.batches(batch_size)
     with Store.open(url) as store:
+        before = store.table_counts()
         latencies: list[float] = []
         start = time.perf_counter()
         for batch in batches:
@@ -129,9 +133,10 @@ def run_store_bench(url: str, n_events: int, batch_size: int = DEFAULT_BATCH, se
             latencies.append(time.perf_counter() - t0)
         elapsed = time.perf_counter() - start
         counts = store.table_counts()
-    if counts["reports"] != stream.expected.reports or counts["mistakes"] != stream.expected.mistakes:
+    added = {k: counts[k] - before.get(k, 0) for k in ("reports", "mistakes")}
+    if added["reports"] != stream.expected.reports or added["mistakes"] != stream.expected.mistakes:
         raise AssertionError(
-            f"store counts {counts} differ from the expected {stream.expected.reports} reports / "
+            f"the store gained {added}, not the expected {stream.expected.reports} reports / "
             f"{stream.expected.mistakes} mistakes"
         )
     latencies.sort()
@@ -147,6 +152,80 @@ def run_store_bench(url: str, n_events: int, batch_size: int = DEFAULT_BATCH, se
     }
 
 
+def prefill(
+    url: str, reports: int, per_mistake: int = 10, batch_size: int = 5000, model: str = "bench"
+) -> dict[str, Any]:
+    """`reports` reports of `reports / per_mistake` distinct mistakes, each reported by
+    `per_mistake` different reporters, spread over the stream as a busy year would spread them."""
+    from memory.store import Store
+
+    mistakes = max(1, reports // per_mistake)
+    t0 = time.perf_counter()
+    with Store.open(url) as store:
+        for start in range(0, reports, batch_size):
+            batch = []
+            for i in range(start, min(reports, start + batch_size)):
+                m, round_ = i % mistakes, i // mistakes
+                text = f"prefilled claim {m}: an earlier year's mistake number {m * 7919 % 1000003}"
+                target = TARGETS[0] if m % 10 else TARGETS[1]
+                batch.append(_report(model, f"pre-{i:09d}", text, target, f"user-{round_}-{m % 97}", offset=i))
+            store.record_batch(batch)
+        counts = store.table_counts()
+    return {"reports": counts["reports"], "mistakes": counts["mistakes"], "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def measure_queries(url: str, model: str = "bench", lookups: int = 500) -> dict[str, Any]:
+    """What grows with the table: `patchd status` (the query, and the whole command in a fresh
+    process) and the dedupe lookup of one input's mistake by fingerprint."""
+    import os
+    import random
+    import statistics
+    import subprocess
+    import sys
+    import tempfile
+
+    from memory.store import Store
+
+    with Store.open(url) as store:
+        status_s = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            store.status_summary(model, 1)
+            status_s.append(time.perf_counter() - t0)
+        rng = random.Random(1)
+        lookup_s = []
+        for _ in range(lookups):
+            m = rng.randrange(10**5)
+            text = f"prefilled claim {m}: an earlier year's mistake number {m * 7919 % 1000003}"
+            fp = fingerprint(model, text)
+            t0 = time.perf_counter()
+            store.find_mistake(model, fp)
+            lookup_s.append(time.perf_counter() - t0)
+    with tempfile.TemporaryDirectory(prefix="patchd-bench-status-") as state:
+        env = {
+            **os.environ,
+            "PATCHD_DATABASE_URL": url,
+            "PATCHD_MODEL_NAME": model,
+            "PATCHD_MODEL_BASE": "fever-minilm",
+            "PATCHD_STATE_DIR": state,
+        }
+        cli_s = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            done = subprocess.run(
+                [sys.executable, "-m", "daemon", "status", "--json"], env=env, capture_output=True, timeout=300
+            )
+            cli_s.append(time.perf_counter() - t0)
+            if done.returncode != 0:
+                raise RuntimeError(f"patchd status failed: {done.stderr.decode()[-500:]}")
+    return {
+        "status_query_ms": round(statistics.median(status_s) * 1000, 1),
+        "status_command_s": round(statistics.median(cli_s), 2),
+        "dedupe_lookup_ms_median": round(statistics.median(lookup_s) * 1000, 3),
+        "dedupe_lookup_ms_p99": round(_quantile(sorted(lookup_s), 0.99) * 1000, 3),
+    }
+
+
 def _quantile(sorted_values: Sequence[float], q: float) -> float:
     return sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))] if sorted_values else 0.0
 
@@ -157,8 +236,11 @@ def bench_backends(
     batch_size: int = DEFAULT_BATCH,
     pg_url: str | None = None,
     scratch_dir: str | None = None,
+    existing: int = 0,
 ) -> dict[str, Any]:
-    """Run the store benchmark on each backend, each on a fresh, empty database.
+    """Run the store benchmark on each backend, each on a fresh, empty database; with `existing`,
+    also on one that first holds that many reports (a tenth as many mistakes), side by side, with
+    the `patchd status` and dedupe lookup times at that size.
 
     SQLite: a file in a temporary directory (under `scratch_dir` when given: put it on the disk
     the state directory uses). PostgreSQL: a scratch database created on `pg_url`'s server and
@@ -174,10 +256,12 @@ def bench_backends(
     for backend in backends:
         if backend == "sqlite":
             with tempfile.TemporaryDirectory(prefix="patchd-bench-", dir=scratch_dir) as tmp:
-                results["sqlite"] = run_store_bench(f"sqlite+pysqlite:///{tmp}/bench.db", n_events, batch_size)
+                results["sqlite"] = _run(f"sqlite+pysqlite:///{tmp}/bench.db", n_events, batch_size, existing)
+                if existing:
+                    results["sqlite"]["database_mb"] = round(os.path.getsize(f"{tmp}/bench.db") / 2**20, 1)
             results["sqlite"]["server"] = f"SQLite {sqlite3.sqlite_version} (WAL, synchronous=FULL)"
         elif backend == "postgresql":
-            results["postgresql"] = _bench_postgres(pg_url, n_events, batch_size)
+            results["postgresql"] = _bench_postgres(pg_url, n_events, batch_size, existing)
         else:
             raise ValueError(f"unknown backend {backend!r}; expected sqlite or postgresql")
     results["machine"] = {
@@ -188,7 +272,23 @@ def bench_backends(
     return results
 
 
-def _bench_postgres(pg_url: str | None, n_events: int, batch_size: int) -> dict[str, Any]:
+def _run(url: str, n_events: int, batch_size: int, existing: int) -> dict[str, Any]:
+    """The stream on the empty database; with `existing`, then the prefill and the same-sized
+    stream again (new events) on top of it, and the queries at that size."""
+    result = run_store_bench(url, n_events, batch_size)
+    if not existing:
+        return result
+    filled = prefill(url, existing)
+    at_size = run_store_bench(url, n_events, batch_size, seed=1, prefix="late")
+    return {
+        **result,
+        "prefill": filled,
+        "at_size": {**at_size, **measure_queries(url)},
+        "at_size_vs_empty": round(at_size["events_per_s"] / result["events_per_s"], 3),
+    }
+
+
+def _bench_postgres(pg_url: str | None, n_events: int, batch_size: int, existing: int = 0) -> dict[str, Any]:
     from sqlalchemy import create_engine, make_url, text
 
     from daemon.tools.pgserver import PostgresServer
@@ -205,7 +305,7 @@ def _bench_postgres(pg_url: str | None, n_events: int, batch_size: int) -> dict[
             conn.execute(text(f'CREATE DATABASE "{name}"'))
         try:
             url = make_url(pg_url).set(database=name).render_as_string(hide_password=False)
-            result = run_store_bench(url, n_events, batch_size)
+            result = _run(url, n_events, batch_size, existing)
         finally:
             with admin.connect() as conn:
                 conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
