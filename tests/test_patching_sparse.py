@@ -106,3 +106,32 @@ def test_only_the_read_positions_are_computed_and_the_value_product_only_for_fir
     assert rows == enc.batch["input_ids"].shape[0]  # one row per input: position 0, not B*T
     assert 0 < firing < 300 * layer._SPARSE_SHARE
     assert locate(model).ffn_out is patcher.wrapper and patcher.wrapper.read is None  # consumed
+
+
+def test_neurons_appended_into_spare_rows_equal_a_plain_concatenation() -> None:
+    """add() writes into buffers with spare rows (no copy of every neuron per edit); removes, a
+    restore and a move in between must leave exactly what concatenating every add would give."""
+    patcher = Patcher(tiny_model("bert"), train=TrainConfig(activation="relu-cap"))
+    w, d = patcher.wrapper, patcher.site.hidden_size
+    g = torch.Generator().manual_seed(0)
+    kept: list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    for i in range(150):
+        m = 1 + i % 3
+        k, b, v = torch.randn(m, d, generator=g), torch.randn(m, generator=g), torch.randn(m, d, generator=g)
+        w.add(k, b, v, f"e{i}")
+        kept.append((f"e{i}", k, b, v))
+        if i == 40:
+            w.remove(["e3", "e7"])
+            kept = [x for x in kept if x[0] not in ("e3", "e7")]
+        if i == 80:  # a restart from a snapshot puts a whole set back
+            keys, biases, values, ids = w.keys.clone(), w.biases.clone(), w.values.clone(), list(w.edit_ids)
+            w.clear()
+            w.restore(keys, biases, values, ids)
+        if i == 100:
+            w.to(torch.float64).to(torch.float32)  # buffers replaced under the layer's feet
+    assert torch.equal(w.keys, torch.cat([x[1] for x in kept])) and torch.equal(
+        w.values, torch.cat([x[3] for x in kept])
+    )
+    assert torch.equal(w.biases, torch.cat([x[2] for x in kept]))
+    assert w.edit_ids == [x[0] for x in kept for _ in range(x[1].shape[0])]
+    assert w.state_dict()["keys"].shape == (w.n, d)  # only the neurons are saved, never the spare rows
