@@ -100,11 +100,15 @@ def _statements(dialect_name: str) -> _Statements:
     watermark = bindparam("watermark", type_=Integer)
     new = REPORTS.c.id > watermark
 
+    # The new reports are a rowid range. Grouped by the bare column, SQLite walks the whole
+    # mistake_id index instead (to skip a sort), which at 1,000,000 reports made every batch five
+    # times slower than on an empty database; "+ 0" keeps it on the range (SQLite's idiom).
+    mistake_id = (REPORTS.c.mistake_id + 0) if dialect_name == "sqlite" else REPORTS.c.mistake_id
     per_target = (
-        select(REPORTS.c.mistake_id, REPORTS.c.target, func.count())
+        select(mistake_id, REPORTS.c.target, func.count())
         .where(new)
-        .group_by(REPORTS.c.mistake_id, REPORTS.c.target)
-        .order_by(REPORTS.c.mistake_id, REPORTS.c.target)
+        .group_by(mistake_id, REPORTS.c.target)
+        .order_by(mistake_id, REPORTS.c.target)
     )
     add_targets = upsert_insert(dialect_name, TARGETS).from_select(["mistake_id", "target", "count"], per_target)
     add_targets = add_targets.on_conflict_do_update(
@@ -112,7 +116,7 @@ def _statements(dialect_name: str) -> _Statements:
     )
 
     reporter = func.coalesce(REPORTS.c.reporter, ANONYMOUS)
-    per_reporter = select(REPORTS.c.mistake_id, reporter).where(new).distinct().order_by(REPORTS.c.mistake_id, reporter)
+    per_reporter = select(mistake_id, reporter).where(new).distinct().order_by(mistake_id, reporter)
     add_reporters = (
         upsert_insert(dialect_name, REPORTERS)
         .from_select(["mistake_id", "reporter"], per_reporter)
