@@ -52,7 +52,7 @@ from typing import TYPE_CHECKING, Any
 
 from daemon.logs import get_logger
 from daemon.releases import ReleaseSender, release_event
-from memory.records import PatchRecord
+from memory.records import PatchMeta, PatchRecord
 from memory.store import Store
 from patching import patchfile
 from patching.checkpoint import (
@@ -301,7 +301,8 @@ class Publisher:
             if self._latest is not None and ids == self._latest.patch_ids:
                 return None
             self.last_started = time.time()
-            patches = self.store.accepted_patches(self.model)  # may have grown since the look: publish that
+            # may have grown since the look: publish that; the neurons are read only for new segments
+            patches = self.store.accepted_patch_meta(self.model)
             for attempt in range(NUMBER_RETRIES):
                 try:
                     return self._publish(patches, self._next_number(), reason, extra or {})
@@ -316,7 +317,7 @@ class Publisher:
         taken = [0, *self.storage.versions(self.model), row.number if row else 0, self.last_version or 0]
         return max(taken) + 1
 
-    def _publish(self, patches: Sequence[PatchRecord], number: int, reason: str, extra: dict[str, Any]) -> Published:
+    def _publish(self, patches: Sequence[PatchMeta], number: int, reason: str, extra: dict[str, Any]) -> Published:
         t0 = time.perf_counter()
         parent = self._latest
         new_segments, body = self._build(patches, number, parent, reason, extra)
@@ -376,7 +377,7 @@ class Publisher:
         return published
 
     def _build(
-        self, patches: Sequence[PatchRecord], number: int, parent: _Latest | None, reason: str, extra: dict[str, Any]
+        self, patches: Sequence[PatchMeta], number: int, parent: _Latest | None, reason: str, extra: dict[str, Any]
     ) -> tuple[list[tuple[str, bytes]], dict[str, Any]]:
         """The segments to write (name, bytes: those the parent does not have) and the manifest body."""
         created = datetime.now(UTC).isoformat()
@@ -390,8 +391,13 @@ class Publisher:
             key = ids_digest(ids)
             entry = reuse.get(key)
             if entry is None:
+                records = self.store.patches_by_id(ids)
+                if [r.id for r in records] != ids:
+                    raise RuntimeError(  # removed meanwhile (a revoke): the next publish plans again
+                        f"patches {sorted(set(ids) - {r.id for r in records})} vanished while publishing"
+                    )
                 blob, neuron_edits = concat_neurons(
-                    part,
+                    records,
                     self.base.hidden_size,
                     {"patch_ids": json.dumps(ids), "gate": json.dumps(gate_figures(part)["edits"], sort_keys=True)},
                 )
@@ -584,7 +590,7 @@ def concat_neurons(
     return blob, merged.edit_ids
 
 
-def gate_figures(patches: Sequence[PatchRecord]) -> dict[str, Any]:
+def gate_figures(patches: Sequence[PatchMeta] | Sequence[PatchRecord]) -> dict[str, Any]:
     """The gate's figures per edit (as stored when it was accepted) and their totals."""
     per_edit = {str(p.mistake_id): {k: p.gate[k] for k in GATE_FIELDS if p.gate.get(k) is not None} for p in patches}
     return {

@@ -117,6 +117,15 @@ class PatchRecord:
 
 
 @dataclass(frozen=True)
+class PatchMeta:
+    """An accepted patch without its neurons: what a publish needs to plan its segments."""
+
+    id: int
+    mistake_id: int
+    gate: dict[str, Any]
+
+
+@dataclass(frozen=True)
 class VersionRecord:
     model: str
     number: int

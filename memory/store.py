@@ -62,6 +62,7 @@ from memory.records import (
     BatchResult,
     MistakeRecord,
     PatchIn,
+    PatchMeta,
     PatchRecord,
     RejectedIn,
     ReportIn,
@@ -69,6 +70,9 @@ from memory.records import (
     VersionRecord,
 )
 from memory.schema import Base, Mistake, Patch, Report, Version
+
+# ids per IN (...) list: well under every backend's bound-parameter limit
+ID_CHUNK = 500
 
 R = TypeVar("R")
 
@@ -275,6 +279,26 @@ class Store:
                 .order_by(Patch.id)
             )
             return [_as(PatchRecord, p) for p in rows]
+
+    def accepted_patch_meta(self, model: str) -> list[PatchMeta]:
+        """accepted_patches(model) without the neuron bytes (a publish reads those only for the
+        segments it writes: at 10,000 patches the blobs are ~31 MB, the rest a few hundred KB)."""
+        with self._reading() as session:
+            rows = session.execute(
+                select(Patch.id, Patch.mistake_id, Patch.gate)
+                .where(Patch.model == model, Patch.accepted.is_(True), Patch.removed_at.is_(None))
+                .order_by(Patch.id)
+            )
+            return [PatchMeta(int(i), int(m), dict(g or {})) for i, m, g in rows]
+
+    def patches_by_id(self, ids: Sequence[int]) -> list[PatchRecord]:
+        """The patches with these ids, in id order (neurons included)."""
+        found: list[PatchRecord] = []
+        with self._reading() as session:
+            for start in range(0, len(ids), ID_CHUNK):
+                chunk = list(ids[start : start + ID_CHUNK])
+                found += [_as(PatchRecord, p) for p in session.scalars(select(Patch).where(Patch.id.in_(chunk)))]
+        return sorted(found, key=lambda p: p.id)
 
     def accepted_patch_ids(self, model: str) -> list[tuple[int, int]]:
         """(patch id, mistake id) of accepted_patches(model), without the tensors: a cheap "changed?" check."""

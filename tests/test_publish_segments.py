@@ -62,9 +62,13 @@ def test_one_more_patch_writes_one_small_segment_and_a_watcher_reads_only_it(
         return real(model, name)
 
     monkeypatch.setattr(storage, "read_segment", counted)
+    fetched: list[list[int]] = []  # the publisher reads neuron bytes of the new segment's patches only
+    by_id = store.patches_by_id
+    monkeypatch.setattr(store, "patches_by_id", lambda ids: fetched.append(list(ids)) or by_id(ids))
     add_patches(store, 1, hidden=64, seed=2)
     second = publisher.publish_if_changed()
     assert second is not None
+    assert fetched == [[p.id for p in store.accepted_patches(MODEL)][32:]]  # the tail: patches 33 to 41
     v1, v2 = read_verified(storage, MODEL, first.number), read_verified(storage, MODEL, second.number)
     new = [name for name in v2.segments if name not in v1.segments]
     assert len(new) == 1 and list(v2.segments)[:2] == list(v1.segments)[:2]  # the blocks are shared
