@@ -11,6 +11,8 @@
 from __future__ import annotations
 
 import ast
+import functools
+import gc
 import subprocess
 import sys
 from collections import defaultdict
@@ -31,8 +33,15 @@ def _modules() -> dict[str, Path]:
     return out
 
 
+@functools.cache
 def _imports() -> dict[str, set[str]]:
-    """module -> the project modules it imports anywhere in its body (resolved to module names)."""
+    """module -> the project modules it imports anywhere in its body (resolved to module names).
+
+    Parsed once per session, with the garbage collector off: CPython 3.11 (before 3.11.9) keeps
+    one AST recursion counter per interpreter, and a finalizer run by a collection in the middle
+    of ast.parse that formats a traceback (which parses too, since 3.11) makes it fail with
+    "AST constructor recursion depth mismatch" (seen once in CI, with a test's threads still
+    winding down)."""
     modules = _modules()
 
     def resolve(name: str) -> str | None:
@@ -41,8 +50,15 @@ def _imports() -> dict[str, set[str]]:
         return name or None
 
     graph: dict[str, set[str]] = defaultdict(set)
-    for module, path in modules.items():
-        for node in ast.walk(ast.parse(path.read_text())):
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        trees = {module: ast.parse(path.read_text()) for module, path in modules.items()}
+    finally:
+        if enabled:
+            gc.enable()
+    for module, tree in trees.items():
+        for node in ast.walk(tree):
             names: list[str] = []
             if isinstance(node, ast.Import):
                 names = [a.name for a in node.names]
