@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import signal
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from daemon.tools.interrupt import interruptible
 from patching.config import ACTIVATIONS, DTYPES, GateConfig, TrainConfig
 
 FORMAT_HELP = """\
@@ -215,25 +213,6 @@ def _evaluate(args: argparse.Namespace) -> int:
         plot_reports([report], args.plot)
         print(f"wrote {args.plot}")
     return 0
-
-
-@contextlib.contextmanager
-def interruptible() -> Iterator[None]:
-    """Ctrl-C, `kill -INT` and `kill` (SIGTERM) all end the stream with the partial report.
-
-    A shell starts a background job (`nohup patchd evaluate ... &`) with SIGINT ignored, so a long
-    run could otherwise only be killed, losing hours of edits; SIGTERM is what `kill` and systemd send.
-    """
-
-    def stop(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
 
 
 def _patch_settings(overrides: list[str]) -> tuple[TrainConfig, GateConfig]:

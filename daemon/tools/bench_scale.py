@@ -44,6 +44,7 @@ import torch
 
 from daemon.logs import get_logger
 from daemon.tools.bench_daemon import machine_facts
+from daemon.tools.interrupt import interruptible
 from patching.storage import FileStorage, Step, _no_step
 
 log = get_logger(__name__)
@@ -53,10 +54,6 @@ WINDOW = 1000
 READY_TIMEOUT_S = 900.0
 OVERHEAD_ROUNDS = 15  # alternating base / patched rounds per batch size
 SAME = ("base", "edits", "window", "memory_size", "seed")  # what --resume must match
-
-
-class ScaleStop(Exception):
-    """Ctrl-C / SIGTERM: write the partial report."""
 
 
 def report_path_default(base: str) -> Path:
@@ -99,10 +96,10 @@ def run_scale_bench(
         work.mkdir(parents=True)
     report["machine"] = machine_facts()
     report["settings_from_environment"] = _overrides()
-    with broker(bootstrap, work / "kafka") if restart else _no_broker() as address, _stop_on_signals():
+    with broker(bootstrap, work / "kafka") if restart else _no_broker() as address, interruptible():
         try:
             _run(report, work, data_dir, address)
-        except ScaleStop:
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the partial report below
             log.warning("stopped: writing the partial report", next=report["next"])
         finally:
             _write(json_path, report)
@@ -112,24 +109,6 @@ def run_scale_bench(
 @contextmanager
 def _no_broker() -> Iterator[str | None]:
     yield None
-
-
-@contextmanager
-def _stop_on_signals() -> Iterator[None]:
-    stop = {"asked": False}
-
-    def handler(_signum: int, _frame: Any) -> None:
-        if stop["asked"]:
-            raise KeyboardInterrupt
-        stop["asked"] = True
-        raise ScaleStop
-
-    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
 
 
 def _write(path: Path, report: dict[str, Any]) -> None:
