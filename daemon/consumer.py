@@ -32,7 +32,7 @@ from kafka.structs import OffsetAndMetadata
 from sqlalchemy.exc import OperationalError
 
 from daemon.logs import get_logger
-from daemon.messages import Limits, decode_event
+from daemon.messages import Limits, Skipped, decode_event
 from daemon.settings import Settings
 from memory.records import RejectedIn, ReportIn
 from memory.store import Store
@@ -71,6 +71,8 @@ class IngestStats:
     last_poll_at: float = field(default_factory=time.time)
     # reason -> count; a plain dict, since dataclasses.asdict would turn a Counter's items into keys
     rejected_by_reason: dict[str, int] = field(default_factory=dict)
+    # events left to another daemon on a shared topic (daemon/messages.py Skip), by reason
+    skipped_by_reason: dict[str, int] = field(default_factory=dict)
     assigned: int = 0  # partitions assigned after the last poll (readiness)
     lag: int | None = None  # records not yet consumed on the assigned partitions (None: unknown yet)
 
@@ -93,6 +95,7 @@ class Consumer:
         self.model = settings.model.name
         self.labels = labels
         self.limits = Limits.from_policy(settings.policy)
+        self.known_models = frozenset(settings.kafka.known_models)
         self.on_stored = on_stored  # wakes the worker when a batch brought new reports
         self.stop = stop or threading.Event()
         self.stats = IngestStats()
@@ -189,6 +192,7 @@ class Consumer:
     def _handle(self, records: dict[TopicPartition, list[Any]]) -> None:
         reports: list[ReportIn] = []
         rejected: list[RejectedIn] = []
+        skipped: dict[str, int] = {}
         futures = []
         for tp, batch in records.items():
             for record in batch:
@@ -200,9 +204,12 @@ class Consumer:
                     model=self.model,
                     labels=self.labels,
                     limits=self.limits,
+                    known_models=self.known_models,
                 )
                 if isinstance(item, ReportIn):
                     reports.append(item)
+                elif isinstance(item, Skipped):
+                    skipped[item.reason] = skipped.get(item.reason, 0) + 1
                 else:
                     rejected.append(item)
                     futures.append(self._dead_letter(record, item))
@@ -221,9 +228,12 @@ class Consumer:
         s.rejected += len(rejected)
         for item in rejected:
             s.rejected_by_reason[item.reason] = s.rejected_by_reason.get(item.reason, 0) + 1
+        for reason, count in skipped.items():
+            s.skipped_by_reason[reason] = s.skipped_by_reason.get(reason, 0) + count
         log.info(
             "batch stored",
             records=len(reports) + len(rejected),
+            skipped=sum(skipped.values()),
             new=result.new_reports,
             duplicates=result.duplicates,
             rejected=len(rejected),

@@ -106,6 +106,14 @@ class ServiceCollector(Collector):
         for reason, count in sorted((stats.rejected_by_reason if stats else {}).items()):
             rejected.add_metric([reason], count)
         yield rejected
+        skipped = CounterMetricFamily(
+            "patchd_events_skipped",
+            "events left to another daemon of a shared topic (kafka.known_models), by reason",
+            labels=["reason"],
+        )
+        for reason, count in sorted((stats.skipped_by_reason if stats else {}).items()):
+            skipped.add_metric([reason], count)
+        yield skipped
         if stats is not None and stats.lag is not None:
             yield _gauge(
                 "patchd_consumer_lag", "records in Kafka not yet consumed (all assigned partitions)", stats.lag

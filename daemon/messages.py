@@ -11,6 +11,11 @@ input: a malformed event must reach the DLQ with its original bytes, never crash
 `input` may be a text or {"text": ..., "text_pair": ...}. Fields this version does not know are
 ignored, so producers can add fields before the daemon reads them. Normalisation and the
 fingerprint come from memory/fingerprint.py, the one definition of "the same mistake".
+
+Several daemons may share one topic (`[kafka] known_models` names the other models served from
+it). An event naming one of those is `Skipped`, not dead-lettered: it is the other daemon's. An
+event no daemon can claim (not JSON, no model, a model nobody serves) is dead-lettered by exactly
+one of them, the daemon whose model name sorts first, so the shared DLQ holds it once.
 """
 
 from __future__ import annotations
@@ -56,6 +61,21 @@ class Reason(StrEnum):
     INTERNAL_ERROR = "internal_error"  # a bug in this module; the event stays replayable from the DLQ
 
 
+class Skip(StrEnum):
+    """Why an event was left alone: it is another daemon's to store or to dead-letter."""
+
+    OTHER_MODEL = "other_model"  # names a model in kafka.known_models: that daemon stores it
+    OWNER_REJECTS = "owner_rejects"  # nobody's and invalid: the owner of such events dead-letters it
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """An event this daemon commits past without storing or dead-lettering it."""
+
+    reason: Skip
+    model: str | None  # the model the event names, when it names a string
+
+
 @dataclass(frozen=True)
 class Limits:
     """Per-event limits; the defaults equal PolicySettings' (daemon/settings.py), which set them."""
@@ -86,11 +106,19 @@ def decode_event(
     model: str,
     labels: Sequence[str] | None,
     limits: Limits,
-) -> ReportIn | RejectedIn:
-    """One Kafka value -> a validated report, or a rejection. `labels` None = a generator model."""
+    known_models: frozenset[str] = frozenset(),
+) -> ReportIn | RejectedIn | Skipped:
+    """One Kafka value -> a validated report, a rejection, or (on a shared topic) another daemon's.
+
+    `labels` None = a generator model. `known_models`: the other models served from this topic.
+    """
     data = bytes(raw) if isinstance(raw, bytes | bytearray | memoryview) else b""
+    named: str | None = None  # the model the event names, once it parsed as an object
     try:
         event = _parse(raw, limits)
+        named = event["model"] if isinstance(event.get("model"), str) else None
+        if named is not None and named != model and named in known_models:
+            return Skipped(Skip.OTHER_MODEL, named)
         return _validate(
             event,
             data,
@@ -102,6 +130,8 @@ def decode_event(
             limits=limits,
         )
     except _Reject as rej:
+        if named != model and model != min(known_models | {model}):
+            return Skipped(Skip.OWNER_REJECTS, named)
         return RejectedIn(
             raw=data,
             reason=str(rej.reason),

@@ -92,6 +92,10 @@ class KafkaSettings:
     poll_max_records: int = 200
     # backpressure: pause the consumer while this many mistakes wait for the worker
     max_pending: int = 1000
+    # the other models whose daemons read this topic: their events are skipped and counted, not
+    # dead-lettered; of all these daemons, the one whose model name sorts first dead-letters the
+    # events none of them can claim (daemon/messages.py), so list the same set on every one
+    known_models: tuple[str, ...] = ()
 
     @property
     def dlq_topic(self) -> str:
@@ -426,6 +430,11 @@ def _check(s: Settings) -> None:
         (bool(_TOPIC.fullmatch(s.kafka.topic)), "kafka.topic", "must be 1-200 characters of [A-Za-z0-9._-]"),
         (s.kafka.poll_max_records > 0, "kafka.poll_max_records", "must be > 0"),
         (s.kafka.max_pending > 0, "kafka.max_pending", "must be > 0"),
+        (
+            s.model.name not in s.kafka.known_models and all(m.strip() for m in s.kafka.known_models),
+            "kafka.known_models",
+            f"lists the OTHER models served from the topic: not empty names, not this daemon's {s.model.name!r}",
+        ),
         (
             not s.kafka.security_protocol.startswith("SASL_") or s.kafka.sasl_mechanism is not None,
             "kafka.sasl_mechanism",

@@ -196,3 +196,49 @@ def test_absurd_nesting_is_bad_json_not_a_crash() -> None:
 
 def test_leading_bom_is_tolerated() -> None:
     assert isinstance(decode(b"\xef\xbb\xbf" + json.dumps(event()).encode()), ReportIn)
+
+
+# ---------------------------------------------------------------------------- a shared topic
+
+
+def test_events_of_known_models_are_skipped_and_unclaimed_ones_rejected_by_one_owner() -> None:
+    """On a topic shared with "zsre-smollm2" (which sorts after "fever-minilm"), fever-minilm owns
+    the events nobody can claim; the zsre daemon skips those and fever-minilm skips zsre's."""
+    from daemon.messages import Skip, Skipped
+
+    others = frozenset({"zsre-smollm2"})
+
+    def route(value: Any, model: str, known: frozenset[str]) -> Any:
+        raw = value if isinstance(value, bytes) else json.dumps(value).encode()
+        return decode_event(raw, model=model, labels=None, limits=LIMITS, known_models=known, **WHERE)
+
+    zsre = event(model="zsre-smollm2", target="Paris")
+    assert route(zsre, MODEL, others) == Skipped(Skip.OTHER_MODEL, "zsre-smollm2")
+    assert isinstance(route(zsre, "zsre-smollm2", frozenset({MODEL})), ReportIn)
+    # without known_models, another model's event is dead-lettered as before
+    assert route(zsre, MODEL, frozenset()).reason == Reason.UNKNOWN_MODEL
+
+    # an invalid event that names its model goes to that model's daemon only, whichever sorts first
+    bad_zsre = event(model="zsre-smollm2", input="")
+    assert route(bad_zsre, MODEL, others) == Skipped(Skip.OTHER_MODEL, "zsre-smollm2")
+    assert route(bad_zsre, "zsre-smollm2", frozenset({MODEL})).reason == Reason.EMPTY_INPUT
+
+    # unclaimable events: fever-minilm (first by sort order) dead-letters, zsre-smollm2 skips
+    for value, reason in [
+        (b"{not json", Reason.BAD_JSON),
+        (event(model=_DROP), Reason.MISSING_FIELD),
+        (event(model=7), Reason.WRONG_TYPE),
+        (event(model="nobody-serves-this"), Reason.UNKNOWN_MODEL),
+    ]:
+        assert route(value, MODEL, others).reason == reason
+        skipped = route(value, "zsre-smollm2", frozenset({MODEL}))
+        assert isinstance(skipped, Skipped) and skipped.reason == Skip.OWNER_REJECTS
+
+
+def test_known_models_must_name_other_models() -> None:
+    from daemon.settings import SettingsError, load_settings
+
+    env = {"PATCHD_KAFKA_KNOWN_MODELS": "zsre-smollm2, other"}
+    assert load_settings(None, env).kafka.known_models == ("zsre-smollm2", "other")
+    with pytest.raises(SettingsError, match="kafka.known_models"):
+        load_settings(None, {"PATCHD_MODEL_NAME": "a", "PATCHD_KAFKA_KNOWN_MODELS": "a,b"})

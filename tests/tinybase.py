@@ -152,6 +152,8 @@ def write_config(
     health_port: int = 0,
     database_url: str | None = None,
     model: str = MODEL,
+    group_id: str | None = None,
+    known_models: tuple[str, ...] = (),
 ) -> Path:
     """A daemon config for the tiny base on a test broker, state (SQLite) under `state`.
 
@@ -169,7 +171,8 @@ heldout_file = "{data / "heldout.jsonl"}"
 [kafka]
 bootstrap_servers = ["{bootstrap}"]
 topic = "{topic}"
-group_id = "g-{topic}"
+group_id = "{group_id or f"g-{topic}"}"
+known_models = {list(known_models)!r}
 max_pending = {max_pending}
 poll_max_records = {poll_max_records}
 [state]
