@@ -16,10 +16,14 @@ kept and retried with the next one; offsets are cumulative, so a later commit co
 
 Backpressure: while more than `kafka.max_pending` mistakes wait for the worker, every assigned
 partition is paused and poll() keeps running (group membership holds); they resume below it.
+
+A record batch the client cannot decode stops its partition only (daemon/quarantine.py): the
+others go on, and an operator decides with `patchd kafka skip|retry`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -31,13 +35,16 @@ from kafka.errors import CommitFailedError, KafkaError
 from kafka.structs import OffsetAndMetadata
 from sqlalchemy.exc import OperationalError
 
+from daemon import kafka_client
 from daemon.logs import get_logger
 from daemon.messages import Limits, Skipped, decode_event
+from daemon.quarantine import Quarantine, undecodable
 from daemon.settings import Settings
-from memory.records import RejectedIn, ReportIn
+from memory.records import RateLimit, RejectedIn, ReportIn
 from memory.store import Store
 
 log = get_logger(__name__)
+kafka_client.install()  # an undecodable batch raises on every poll instead of hanging poll() forever
 
 # poll wait: short enough that a stop request or a backpressure change is seen within half a second
 POLL_TIMEOUT_MS = 500
@@ -55,6 +62,11 @@ CLOSE_TIMEOUT_MS = 10_000
 LAG_INTERVAL_S = 15.0
 # retriable batch failures: the broker (DLQ ack) or the database (write lock timeout) was unavailable
 RETRIABLE = (KafkaError, OperationalError)
+# a dead letter carries at most this much of the original value: a record that decompresses to
+# megabytes must still fit the producer's max_request_size (1 MiB), or the DLQ send fails on every
+# retry and the partition never moves. The whole value stays in the `rejected` table; the DLQ
+# record says how long it was and its sha256.
+DLQ_MAX_VALUE_BYTES = 512 * 1024
 
 
 @dataclass
@@ -96,6 +108,8 @@ class Consumer:
         self.labels = labels
         self.limits = Limits.from_policy(settings.policy)
         self.known_models = frozenset(settings.kafka.known_models)
+        policy = settings.policy
+        self.rate_limit = RateLimit(policy.reporter_rate_limit, policy.reporter_rate_window_s)
         self.on_stored = on_stored  # wakes the worker when a batch brought new reports
         self.stop = stop or threading.Event()
         self.stats = IngestStats()
@@ -108,6 +122,8 @@ class Consumer:
         self._lag_at = 0.0  # when the lag was last looked up
         self.consumer: KafkaConsumer | None = None
         self.producer: KafkaProducer | None = None
+        self.quarantine = Quarantine(store, self.model, dead_letter=self._send_dead_letter, commit=self._commit,
+                                     stop=self.stop)  # fmt: skip
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -164,9 +180,16 @@ class Consumer:
         """One poll -> store -> commit round; returns how many records it handled."""
         assert self.consumer is not None, "connect() first"
         self._backpressure()
+        self.quarantine.tick(self.consumer, self.paused)
         if self._pending:
             self._commit({})
-        records = self.consumer.poll(timeout_ms=timeout_ms)
+        try:
+            records = self.consumer.poll(timeout_ms=timeout_ms)
+        except Exception as exc:
+            if not undecodable(exc):
+                raise
+            self.quarantine.isolate(self.consumer, exc, self.paused)
+            return 0
         self.stats.last_poll_at = time.time()
         self.stats.assigned = len(self.consumer.assignment())
         if time.monotonic() - self._lag_at > LAG_INTERVAL_S:
@@ -215,10 +238,16 @@ class Consumer:
                     futures.append(self._dead_letter(record, item))
         if rejected:
             self.store.record_rejected(rejected)
-        result = self.store.record_batch(reports)
+        result = self.store.record_batch(reports, self.rate_limit)
+        keys = {(tp.partition, r.offset): r.key for tp, batch in records.items() for r in batch}
+        for item in result.rate_limited:  # stored as rejected with the batch; dead-lettered here
+            rejected.append(item)
+            futures.append(self._send_dead_letter(item, [], key=keys.get((item.partition, item.offset))))
         for future in futures:  # every dead letter acknowledged before the source offset is committed
             future.get(timeout=DLQ_TIMEOUT_S)
         self._commit({tp: OffsetAndMetadata(batch[-1].offset + 1, "", -1) for tp, batch in records.items()})
+        for tp, batch in records.items():
+            self.quarantine.read_past(tp, batch[-1].offset + 1)
 
         s = self.stats
         s.batches += 1
@@ -243,14 +272,26 @@ class Consumer:
             self.on_stored()
 
     def _dead_letter(self, record: Any, item: RejectedIn) -> Any:
+        return self._send_dead_letter(item, [], key=record.key)
+
+    def _send_dead_letter(self, item: RejectedIn, extra: list[tuple[str, bytes]], key: bytes | None = None) -> Any:
+        """Send one dead letter (the original value, cut to DLQ_MAX_VALUE_BYTES); its future."""
         assert self.producer is not None
+        value = item.raw
         headers = [
             ("reason", item.reason.encode()),
             ("detail", item.detail.encode("utf-8", "replace")[:1000]),
             ("source_topic", item.topic.encode()),
             ("source_partition", str(item.partition).encode()),
             ("source_offset", str(item.offset).encode()),
+            *extra,
         ]
+        if len(value) > DLQ_MAX_VALUE_BYTES:
+            headers += [
+                ("truncated_from_bytes", str(len(value)).encode()),
+                ("sha256", hashlib.sha256(value).hexdigest().encode()),
+            ]
+            value = value[:DLQ_MAX_VALUE_BYTES]
         log.info(
             "dead-lettered",
             reason=item.reason,
@@ -258,7 +299,7 @@ class Consumer:
             offset=item.offset,
             detail=item.detail[:200],
         )
-        return self.producer.send(self.kafka.dlq_topic, value=item.raw, key=record.key, headers=headers)
+        return self.producer.send(self.kafka.dlq_topic, value=value, key=key, headers=headers)
 
     # ------------------------------------------------------------------ offsets
 
@@ -309,8 +350,11 @@ class Consumer:
             self.stats.lag = sum(max(0, end - pos) for pos, end in offsets.values())
 
     def _at_end(self) -> bool:
+        """Every flowing partition read to its end (a stuck one waits for an operator, not for us)."""
         offsets = self._end_offsets()
-        return offsets is not None and all(pos is not None and pos >= end for pos, end in offsets.values())
+        return offsets is not None and all(
+            pos is not None and pos >= end for tp, (pos, end) in offsets.items() if tp not in self.quarantine.stuck
+        )
 
     def _check_caught_up(self) -> None:
         if not self.caught_up.is_set() and self._at_end():
@@ -337,5 +381,5 @@ class Consumer:
                 self.consumer.pause(*unpaused)
         elif self.paused:
             self.paused = False
-            self.consumer.resume(*self.consumer.paused())
+            self.quarantine.resume(self.consumer, backpressure=False)  # stuck partitions stay paused
             log.info("backpressure: resuming consumption", backlog=pending, bound=self.kafka.max_pending)

@@ -2,8 +2,9 @@
 
     GET /livez    200 while the main loop's heartbeat is fresh (start-up and a warm stop count as
                   alive: systemd's start/stop timeouts govern those); 503 when it is stale
-    GET /readyz   200 when the model is loaded, the consumer has partitions assigned and the
-                  database answers; 503 otherwise (start-up, standby, stopping, broker or db down)
+    GET /readyz   200 when the model is loaded, the consumer has partitions assigned, none is
+                  stuck on an undecodable batch and the database answers; 503 otherwise (start-up,
+                  standby, stopping, broker or db down, a stuck partition: the body names it)
     GET /metrics  Prometheus text format, from a CollectorRegistry of this server's own (not the
                   process-wide default), so several daemons or tests can live in one process
 
@@ -122,6 +123,17 @@ class ServiceCollector(Collector):
         yield _gauge(
             "patchd_consumer_paused", "1 while backpressure pauses consumption", bool(consumer and consumer.paused)
         )
+        stuck = consumer.quarantine.describe() if consumer is not None else []
+        yield _gauge("patchd_consumer_stuck_partitions", "partitions stopped on an undecodable batch", len(stuck))
+        offsets = GaugeMetricFamily(
+            "patchd_consumer_stuck_offset",
+            "the offset a stuck partition cannot decode (patchd kafka skip|retry)",
+            labels=["topic", "partition"],
+        )
+        for item in stuck:
+            if item["offset"] is not None:
+                offsets.add_metric([item["topic"], str(item["partition"])], item["offset"])
+        yield offsets
 
     def _worker(self, worker: Worker | None) -> Iterator[Metric]:
         outcomes = dict(worker.stats.outcomes) if worker is not None else {}
@@ -278,9 +290,14 @@ class HealthServer:
             "model": s.model is not None,
             "consumer_assigned": bool(consumer is not None and consumer.stats.assigned > 0),
             "database": s.store is not None and self.database_ok(),
+            # no partition stopped on an undecodable batch (daemon/quarantine.py): it waits for an operator
+            "partitions_flowing": not (consumer is not None and consumer.quarantine.stuck),
         }
         ok = all(checks.values())
-        return ok, {"ready": ok, "phase": s.phase, "checks": checks}
+        body: dict[str, Any] = {"ready": ok, "phase": s.phase, "checks": checks}
+        if consumer is not None and consumer.quarantine.stuck:
+            body["stuck_partitions"] = consumer.quarantine.describe()
+        return ok, body
 
     def database_ok(self, force: bool = False) -> bool:
         """SELECT 1 on the daemon's store, cached for DB_CHECK_TTL_S unless forced."""

@@ -58,6 +58,11 @@ class Reason(StrEnum):
     TOO_MANY_EQUIVALENTS = "too_many_equivalents"
     BAD_TIMESTAMP = "bad_timestamp"
     BAD_VALUE = "bad_value"  # right type, impossible value (a negative model_version)
+    # a named reporter's reports beyond policy.reporter_rate_limit in its window (memory/ingest.py)
+    REPORTER_RATE_LIMITED = "reporter_rate_limited"
+    # records the Kafka client could not decode, skipped by an operator (daemon/quarantine.py); the
+    # DLQ gets one marker record naming the offsets, with no value: the bytes were unreadable
+    UNDECODABLE_BATCH = "undecodable_batch"
     INTERNAL_ERROR = "internal_error"  # a bug in this module; the event stays replayable from the DLQ
 
 

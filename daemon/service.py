@@ -210,6 +210,13 @@ class Service:
         self.jobs.start()
         try:
             self._consume()
+        except Exception as exc:
+            # an unhandled error in the loop stops the daemon like a warm stop and exits 1: the
+            # worker finishes (or gives back) its mistake and is joined before the process ends,
+            # rather than the interpreter tearing down under a running thread (SIGABRT)
+            log.exception("unhandled error in the consumer loop; stopping")
+            self.failure = f"{type(exc).__name__}: {exc}"
+            self.stopping.set()
         finally:
             self.phase = "stopping"
             self.notifier.stopping()
@@ -220,6 +227,8 @@ class Service:
         self._finish_worker()
         if self.worker.error is None:  # after an error the model may not match the store: no snapshot
             self.model.save_snapshot()  # the next start restores it instead of replaying (~1 s at 10,000 patches)
+        else:
+            self._give_back()
         self.jobs.shutdown()
         self.timings["total_s"] = time.perf_counter() - t0
         error = self.worker.error or self.failure
@@ -266,6 +275,18 @@ class Service:
             self.worker.request_stop()
         while self.worker.is_alive():
             self.worker.join(JOIN_TICK_S)
+
+    def _give_back(self) -> None:
+        """The worker died holding a claimed mistake: put it back in the queue now (the next start
+        would too), so that `patchd status` shows no mistake in `patching` after the exit."""
+        assert self.store is not None
+        try:
+            requeued = self.store.recover_interrupted(self.settings.model.name)
+        except Exception as exc:  # noqa: BLE001 - the database may be why the worker failed
+            log.warning("could not re-queue the interrupted mistake; the next start will", error=repr(exc))
+            return
+        if requeued:
+            log.info("interrupted mistake back in the queue", mistakes=requeued)
 
     def _take_lock(self) -> bool:
         """Hold the model's lock; a second daemon for the model waits here (READY=1, /readyz 503)."""

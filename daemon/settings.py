@@ -169,8 +169,13 @@ class PolicySettings:
     # the winning target needs more than this share of a mistake's reports (memory/policy.py)
     conflict_share: float = 0.6
     # reports one reporter may send per window before the rest are rejected (flood guard)
+    # (memory/ingest.py) named reporters only: anonymous reports count as one voice for quorum
     reporter_rate_limit: int = 100
     reporter_rate_window_s: float = 3600.0
+    # 0 = off (a trusted channel). For public feedback, e.g. 86400: a reporter is established once
+    # its first report is a day old, and a mistake whose target no established reporter sent is
+    # held for an operator (`patchd review`) instead of patched (memory/policy.py)
+    reporter_probation_s: float = 0.0
     # inputs longer than this are rejected: far past any encoder's context, likely abuse
     max_input_chars: int = 4000
     # paraphrases per event: each one costs a forward pass when the patch is trained
@@ -451,6 +456,7 @@ def _check(s: Settings) -> None:
         (0.0 <= s.policy.conflict_share < 1.0, "policy.conflict_share", "must be in [0, 1)"),
         (s.policy.reporter_rate_limit > 0, "policy.reporter_rate_limit", "must be > 0"),
         (s.policy.reporter_rate_window_s > 0, "policy.reporter_rate_window_s", "must be > 0"),
+        (s.policy.reporter_probation_s >= 0, "policy.reporter_probation_s", "must be >= 0 (0 turns probation off)"),
         (s.policy.max_input_chars > 0, "policy.max_input_chars", "must be > 0"),
         (s.policy.max_equivalents >= 0, "policy.max_equivalents", "must be >= 0"),
         (s.policy.max_event_bytes > 0, "policy.max_event_bytes", "must be > 0"),

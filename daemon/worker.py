@@ -114,7 +114,11 @@ class Worker(threading.Thread):
             ingest_done = self.ingest_done.is_set()
             self._wake.clear()
             mistake = self.store.next_mistake(
-                self.model_name, self.policy.quorum, self.policy.conflict_share, claim=True
+                self.model_name,
+                self.policy.quorum,
+                self.policy.conflict_share,
+                claim=True,
+                probation_s=self.policy.reporter_probation_s,
             )
             if mistake is None:
                 if self.once and ingest_done:

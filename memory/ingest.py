@@ -6,6 +6,9 @@ transaction-level advisory lock), which makes every read below authoritative unt
 
 1. Drop event ids repeated inside the batch, then those already stored (one indexed lookup per
    500 ids): redelivered events are the common case after a consumer restart and cost nothing.
+   Then the reporter rate limit: a named reporter's new reports beyond `limit` within the window
+   (counting what is stored) become rejected rows, in Kafka order; anonymous reports count as one
+   voice for quorum and are not limited. Redelivered reports were counted when first stored.
 2. Create the batch's new mistakes and look up the ids of all its mistakes (report foreign keys).
 3. Note the highest report id, insert the reports, and fold every report above that watermark
    into the targets (upsert count = count + n), the distinct reporters (insert, skip existing)
@@ -22,7 +25,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from functools import cache
 from typing import Any
 
@@ -30,13 +33,15 @@ from sqlalchemy import Connection, Integer, Table, bindparam, func, select, text
 
 from memory.bulk import in_list, insert_many, upsert_insert
 from memory.lifecycle import Status
-from memory.records import BatchResult, RejectedIn, ReportIn
+from memory.records import BatchResult, RateLimit, RejectedIn, ReportIn
 from memory.schema import Mistake, MistakeReporter, MistakeTarget, Rejected, Report
 
 # ids per IN (...) lookup; far below SQLite's 32,766 bound-parameter limit and PostgreSQL's 65,535
 LOOKUP_CHUNK = 500
 # the mistake_reporters key for a report without a reporter (see schema.MistakeReporter)
 ANONYMOUS = ""
+# the rejection reason of a report over its reporter's rate limit (daemon/messages.py Reason names it too)
+RATE_LIMITED = "reporter_rate_limited"
 # pg_advisory_xact_lock key that serialises ingest transactions on PostgreSQL ("ingest")
 PG_INGEST_LOCK = 0x696E67657374
 
@@ -166,7 +171,9 @@ def _statements(dialect_name: str) -> _Statements:
     )
 
 
-def record_reports(conn: Connection, reports: Sequence[ReportIn], now: datetime) -> BatchResult:
+def record_reports(
+    conn: Connection, reports: Sequence[ReportIn], now: datetime, rate_limit: RateLimit | None = None
+) -> BatchResult:
     sql = _statements(conn.dialect.name)
     if conn.dialect.name == "postgresql":
         conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": PG_INGEST_LOCK})
@@ -178,9 +185,15 @@ def record_reports(conn: Connection, reports: Sequence[ReportIn], now: datetime)
     for start in range(0, len(ids_in_batch), LOOKUP_CHUNK):
         chunk = ids_in_batch[start : start + LOOKUP_CHUNK]
         stored.update(conn.execute(sql.stored_events, {"ids": chunk}).scalars())
-    fresh = sorted((r for r in unique.values() if r.event_id not in stored), key=lambda r: r.event_id)
+    fresh = [r for r in unique.values() if r.event_id not in stored]
+    limited: tuple[RejectedIn, ...] = ()
+    if rate_limit is not None and fresh:
+        fresh, limited = _rate_limit(conn, fresh, rate_limit, now)
+        record_rejected(conn, limited, now)
+    fresh.sort(key=lambda r: r.event_id)
     if not fresh:
-        return BatchResult(new_reports=0, duplicates=len(reports), mistakes_created=0, mistakes_updated=0)
+        return BatchResult(new_reports=0, duplicates=len(reports) - len(limited), mistakes_created=0,
+                           mistakes_updated=0, rate_limited=limited)  # fmt: skip
 
     ids, created = _ensure_mistakes(conn, sql, fresh, now)
     watermark = int(conn.scalar(sql.max_report_id) or 0)
@@ -201,10 +214,49 @@ def record_reports(conn: Connection, reports: Sequence[ReportIn], now: datetime)
     new_reports = int(conn.scalar(sql.count_new, params) or 0)
     return BatchResult(
         new_reports=new_reports,
-        duplicates=len(reports) - new_reports,
+        duplicates=len(reports) - new_reports - len(limited),
         mistakes_created=len(created),
         mistakes_updated=len(touched - created),
+        rate_limited=limited,
     )
+
+
+def _rate_limit(
+    conn: Connection, fresh: list[ReportIn], rate_limit: RateLimit, now: datetime
+) -> tuple[list[ReportIn], tuple[RejectedIn, ...]]:
+    """Split new reports into those within their reporter's limit and those over it (as rejections)."""
+    named = sorted({r.reporter for r in fresh if r.reporter})
+    if not named:
+        return fresh, ()
+    since = now - timedelta(seconds=rate_limit.window_s)
+    counts: dict[str, int] = defaultdict(int)
+    model = fresh[0].model  # one daemon, one model per batch
+    for start in range(0, len(named), LOOKUP_CHUNK):
+        rows = conn.execute(
+            select(REPORTS.c.reporter, func.count())
+            .where(REPORTS.c.model == model, REPORTS.c.reporter.in_(named[start : start + LOOKUP_CHUNK]))
+            .where(REPORTS.c.received_at >= since)
+            .group_by(REPORTS.c.reporter)
+        )
+        counts.update({reporter: int(n) for reporter, n in rows})
+    kept: list[ReportIn] = []
+    limited: list[RejectedIn] = []
+    for report in sorted(fresh, key=lambda r: (r.topic, r.partition, r.offset)):  # first come, first kept
+        if report.reporter and counts[report.reporter] >= rate_limit.limit:
+            limited.append(RejectedIn(
+                raw=report.raw,
+                reason=RATE_LIMITED,
+                detail=f"reporter {report.reporter!r} already sent {counts[report.reporter]} reports within "
+                f"{rate_limit.window_s:g} s (policy.reporter_rate_limit = {rate_limit.limit})",
+                topic=report.topic,
+                partition=report.partition,
+                offset=report.offset,
+            ))  # fmt: skip
+            continue
+        if report.reporter:
+            counts[report.reporter] += 1
+        kept.append(report)
+    return kept, tuple(limited)
 
 
 def _input_columns(report: ReportIn) -> tuple[str | None, str | None]:

@@ -2,11 +2,13 @@
 
 ```
 reported ──► queued ──► patching ──► patched ──► revoked
-   │           ▲  │         │
-   │           │  ▼         ├──► already_fixed   (the frozen forward is already right)
-   └──► conflicting         ├──► gate_rejected   (every try failed the gate) ──► queued (retry)
-                            ├──► failed          (an error, not a verdict)   ──► queued (retry)
-                            └──► queued          (crash recovery: the neuron was never kept)
+   │  │        ▲  │         │
+   │  │        │  ▼         ├──► already_fixed   (the frozen forward is already right)
+   │  └──► conflicting      ├──► gate_rejected   (every try failed the gate) ──► queued (retry)
+   │           │            ├──► failed          (an error, not a verdict)   ──► queued (retry)
+   │           ▼            └──► queued          (crash recovery: the neuron was never kept)
+   └──────► held ──► queued    (an operator approves: `patchd review approve`)
+              └────► dismissed (an operator rejects it) ──► queued (approved after all)
 ```
 
 `transition()` checks the table and raises `IllegalTransition` before it touches the row, and
@@ -27,10 +29,13 @@ __all__ = ["OPEN", "TRANSITIONS", "IllegalTransition", "Status", "is_legal", "tr
 
 
 TRANSITIONS: dict[Status, frozenset[Status]] = {
-    Status.REPORTED: frozenset({Status.QUEUED, Status.CONFLICTING}),
+    Status.REPORTED: frozenset({Status.QUEUED, Status.CONFLICTING, Status.HELD}),
     # queued -> conflicting: later reports disagree before the worker got to it
-    Status.QUEUED: frozenset({Status.PATCHING, Status.CONFLICTING}),
-    Status.CONFLICTING: frozenset({Status.QUEUED}),
+    Status.QUEUED: frozenset({Status.PATCHING, Status.CONFLICTING, Status.HELD}),
+    Status.CONFLICTING: frozenset({Status.QUEUED, Status.HELD}),
+    # only an operator moves these (memory/review.py)
+    Status.HELD: frozenset({Status.QUEUED, Status.DISMISSED}),
+    Status.DISMISSED: frozenset({Status.QUEUED}),
     Status.PATCHING: frozenset(
         {
             Status.PATCHED,

@@ -20,7 +20,7 @@ if TYPE_CHECKING:  # alembic is imported only to migrate: `patchd status` must s
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 # the newest migration, so that opening a store needs no alembic import (about 0.2 s);
 # tests/test_memory_migrations.py checks it against the migrations folder
-HEAD = "0002"
+HEAD = "0003"
 
 
 class SchemaOutOfDate(RuntimeError):
@@ -71,8 +71,25 @@ def _run(engine: Engine, action: str, revision: str) -> str | None:
     config = alembic_config()
     # a write connection: on SQLite the migration holds the write lock from its first statement
     with engine.execution_options(**{WRITE_OPTION: True}).connect() as conn:
-        config.attributes["connection"] = conn
-        getattr(command, action)(config, revision)
+        sqlite = conn.dialect.name == "sqlite"
+        driver = conn.connection.driver_connection
+        assert driver is not None
+        if sqlite:
+            # SQLite's documented way to rebuild a table other tables reference (what batch mode
+            # does to change a CHECK): foreign keys off around it, checked after. Off, because
+            # with them on, DROP TABLE deletes the referencing rows through ON DELETE CASCADE.
+            # The pragma is a no-op inside a transaction, so it is set before alembic begins one.
+            driver.execute("PRAGMA foreign_keys=OFF")
+        try:
+            config.attributes["connection"] = conn
+            getattr(command, action)(config, revision)
+            if sqlite:
+                broken = driver.execute("PRAGMA foreign_key_check").fetchall()
+                if broken:
+                    raise RuntimeError(f"the migration left rows without their parent: {broken[:5]}")
+        finally:
+            if sqlite:
+                driver.execute("PRAGMA foreign_keys=ON")
     return current_revision(engine)
 
 

@@ -9,15 +9,22 @@ operator priority, then distinct reporters (many people hit it), then age (first
 Only mistakes whose reports changed since the policy last looked (`needs_policy`) are
 re-evaluated, so each call costs in proportion to what arrived, not to the backlog. A changed
 `conflict_share` therefore applies to a queued or conflicting mistake at its next report.
+
+Probation (`probation_s` > 0, for public feedback): a reporter is established once its first
+report for the model is older than `probation_s`. A mistake at quorum whose winning target no
+established reporter sent is `held` for an operator's review instead of queued (memory/review.py),
+so a crowd of fresh names (30 sybils agreeing on a wrong "correction") cannot reach the model
+alone. A mistake an operator reviewed is never held again.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Mapping
+from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import select
-from sqlalchemy.orm import Session
+from sqlalchemy import exists, select
+from sqlalchemy.orm import Session, aliased
 
 from memory import lifecycle
 from memory.fingerprint import InputValue, input_from_key
@@ -57,8 +64,9 @@ def targets_of(session: Session, mistake_ids: list[int]) -> dict[int, dict[str, 
     return found
 
 
-def resolve(session: Session, model: str, quorum: int, conflict_share: float) -> int:
-    """Queue or mark conflicting every changed open mistake at quorum; return how many it looked at."""
+def resolve(session: Session, model: str, quorum: int, conflict_share: float, probation_s: float = 0.0) -> int:
+    """Queue, hold or mark conflicting every changed open mistake at quorum; return how many it looked at."""
+    cutoff = datetime.now(UTC) - timedelta(seconds=probation_s)
     candidates = list(
         session.scalars(
             select(Mistake)
@@ -82,9 +90,35 @@ def resolve(session: Session, model: str, quorum: int, conflict_share: float) ->
                 lifecycle.transition(session, mistake, Status.CONFLICTING, note=_share_note(targets[mistake.id]))
             continue
         mistake.target = winner
+        on_probation = probation_s > 0 and mistake.reviewed_by is None
+        if on_probation and not _established(session, model, mistake.id, winner, cutoff):
+            lifecycle.transition(
+                session,
+                mistake,
+                Status.HELD,
+                note=f"held for review: none of the {mistake.reporter_count} reporters of target {winner!r} reported "
+                f"before {cutoff:%Y-%m-%d %H:%M:%S} UTC (policy.reporter_probation_s = {probation_s:g})",
+            )
+            continue
         if mistake.status != Status.QUEUED:
             lifecycle.transition(session, mistake, Status.QUEUED, note=f"target {winner!r}")
     return len(candidates)
+
+
+def _established(session: Session, model: str, mistake_id: int, target: str, cutoff: datetime) -> bool:
+    """Did a named reporter whose first report for `model` came before `cutoff` report `target` for
+    the mistake? (Uses ix_reports_model_reporter_received_at for the earlier report.)"""
+    earlier = aliased(Report)
+    found = session.scalar(
+        select(Report.id)
+        .where(Report.mistake_id == mistake_id, Report.target == target, Report.reporter.is_not(None))
+        .where(Report.reporter != "")
+        .where(
+            exists().where(earlier.model == model, earlier.reporter == Report.reporter, earlier.received_at < cutoff)
+        )
+        .limit(1)
+    )
+    return found is not None
 
 
 def pick(session: Session, model: str) -> Mistake | None:

@@ -59,6 +59,17 @@ class BatchResult:
     duplicates: int  # event ids already stored (or repeated inside the batch): redelivery
     mistakes_created: int
     mistakes_updated: int  # existing mistakes that got at least one new report
+    # new reports refused by the reporter rate limit: stored as rejected rows in the same
+    # transaction; the consumer dead-letters them (reason reporter_rate_limited)
+    rate_limited: tuple[RejectedIn, ...] = ()
+
+
+@dataclass(frozen=True)
+class RateLimit:
+    """At most `limit` new reports per named reporter and model in any `window_s` (a flood guard)."""
+
+    limit: int
+    window_s: float
 
 
 @dataclass(frozen=True)
@@ -148,6 +159,34 @@ class StatusSummary:
     patch_tries: int  # every trained neuron group, accepted or not
     backlog: int  # what the worker still has to do
     last_version: int | None
+    # open stuck-partition episodes (StuckRecord.as_dict()): records the consumer cannot decode
+    stuck_partitions: list[dict[str, Any]] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class StuckRecord:
+    """A partition the consumer cannot read past (memory/stuck.py), as `patchd status` shows it."""
+
+    id: int
+    model: str
+    topic: str
+    partition: int
+    offset: int
+    error: str
+    first_seen: datetime
+    last_seen: datetime
+    command: str | None  # "skip" | "retry" once an operator asked; the daemon carries it out
+    operator: str | None
+    reason: str | None
+    commanded_at: datetime | None
+    resolved_at: datetime | None
+    resolution: str | None
+
+    def as_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        for key in ("first_seen", "last_seen", "commanded_at", "resolved_at"):
+            out[key] = out[key].isoformat() if out[key] is not None else None
+        return out

@@ -8,6 +8,8 @@ status_changes     every status change, written by memory.lifecycle only
 patches            every trained neuron, accepted or not, with its tensors and gate verdict
 versions           published checkpoints (number, parent, manifest sha256, edit ids)
 rejected           events that failed validation, with their original bytes
+stuck_partitions   partitions the consumer could not read past (an undecodable record batch), one
+                   row per episode, with the operator's skip or retry and what the daemon did
 
 Timestamps are stored in UTC and always come back timezone-aware (`UTCDateTime`), because
 SQLite has no time zones and mixing naive and aware datetimes fails at comparison time.
@@ -126,6 +128,8 @@ class Mistake(Base):
     priority: Mapped[int] = mapped_column(Integer, default=0)
     # set by record_batch when counts change, cleared when the policy has looked at them
     needs_policy: Mapped[bool] = mapped_column(Boolean, default=True)
+    # the operator who approved or dismissed it when it was held for review: never held again
+    reviewed_by: Mapped[str | None] = mapped_column(String(NAME_LEN))
 
 
 class MistakeTarget(Base):
@@ -149,6 +153,8 @@ class Report(Base):
     __table_args__ = (
         Index("ix_reports_model_received_at", "model", "received_at"),
         Index("ix_reports_mistake_id", "mistake_id"),
+        # the reporter rate limit and reporters' first reports (memory/ingest.py, memory/policy.py)
+        Index("ix_reports_model_reporter_received_at", "model", "reporter", "received_at"),
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
@@ -231,3 +237,31 @@ class Rejected(Base):
     kafka_partition: Mapped[int] = mapped_column(Integer)
     kafka_offset: Mapped[int] = mapped_column(BigInteger)
     received_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+# the operator's commands for a stuck partition (memory/stuck.py carries them out through the daemon)
+STUCK_COMMANDS = ("skip", "retry")
+
+
+class StuckPartition(Base):
+    __tablename__ = "stuck_partitions"
+    __table_args__ = (
+        Index("ix_stuck_partitions_model_resolved_at", "model", "resolved_at"),
+        CheckConstraint("command IN ('skip', 'retry')", name="command"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    model: Mapped[str] = mapped_column(String(NAME_LEN))
+    topic: Mapped[str] = mapped_column(String(TOPIC_LEN))
+    kafka_partition: Mapped[int] = mapped_column(Integer)
+    kafka_offset: Mapped[int] = mapped_column(BigInteger)  # the first offset the consumer cannot decode
+    error: Mapped[str] = mapped_column(Text)  # the client's exception, e.g. "CorruptRecordError(...)"
+    first_seen: Mapped[datetime] = mapped_column(UTCDateTime)
+    last_seen: Mapped[datetime] = mapped_column(UTCDateTime)
+    # set by `patchd kafka skip|retry`; the daemon carries it out and resolves the row
+    command: Mapped[str | None] = mapped_column(String(16))
+    operator: Mapped[str | None] = mapped_column(String(NAME_LEN))
+    reason: Mapped[str | None] = mapped_column(Text)  # the operator's words
+    commanded_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    resolved_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    resolution: Mapped[str | None] = mapped_column(Text)  # what was done: "skipped offsets 5..9 (5)", ...

@@ -19,6 +19,10 @@ class Status(StrEnum):
     GATE_REJECTED = "gate_rejected"  # every try was refused by the locality/retention gate
     FAILED = "failed"  # training or the forward raised; nothing was kept
     REVOKED = "revoked"  # an operator removed its neuron; it stays out until re-queued by hand
+    # at quorum, but no reporter of its target is established yet (policy.reporter_probation_s):
+    # waits for an operator's `patchd review approve|dismiss`
+    HELD = "held"
+    DISMISSED = "dismissed"  # an operator judged a held correction wrong; it is never patched
 
 
 # Statuses from which new reports may still change the policy's decision.

@@ -1,9 +1,10 @@
 """The Store: all of patchd's durable state behind one object (DESIGN §6).
 
     store = Store.open(url=None, *, state_dir=None, upgrade=True)  # None: SQLite under the state dir
-    store.record_batch(reports) -> BatchResult  # one transaction; redelivered event ids are no-ops
+    store.record_batch(reports, rate_limit=None) -> BatchResult  # one transaction; redelivery is a no-op
     store.record_rejected(rejected) -> int      # invalid events; redelivery is a no-op
-    store.next_mistake(model, quorum=1, conflict_share=0.5, claim=True) -> MistakeRecord | None
+    store.next_mistake(model, quorum=1, conflict_share=0.5, claim=True, probation_s=0) -> MistakeRecord | None
+    store.held_mistakes(model) -> list[MistakeRecord]; store.review(mistake_id, approve, operator, reason)
     store.reporter_counts(model, since) -> dict[str, int]     # reports per reporter since `since`
     store.get_mistake(mistake_id) -> MistakeRecord | None
     store.find_mistake(model, fingerprint) -> MistakeRecord | None
@@ -25,6 +26,9 @@
     store.latest_version(model) -> VersionRecord | None
     store.versions(model) -> list[VersionRecord]
     store.table_counts() -> dict[str, int]
+    store.record_stuck(model, topic, partition, offset, error) -> StuckRecord  # memory/stuck.py
+    store.command_stuck(model, topic, partition, action, operator, reason, offset) -> StuckRecord
+    store.resolve_stuck(stuck_id, resolution); store.stuck_partitions(model, open_only=True)
     store.close()
 
 Every method is one transaction and returns plain frozen records (memory/records.py), never
@@ -55,7 +59,7 @@ from sqlalchemy import Engine, func, select
 from sqlalchemy.engine import URL
 from sqlalchemy.orm import Session, sessionmaker
 
-from memory import ingest, lifecycle, migrate, policy, summary
+from memory import ingest, lifecycle, migrate, policy, review, stuck, summary
 from memory.engine import WRITE_OPTION, default_url, make_engine
 from memory.lifecycle import Status
 from memory.records import (
@@ -64,9 +68,11 @@ from memory.records import (
     PatchIn,
     PatchMeta,
     PatchRecord,
+    RateLimit,
     RejectedIn,
     ReportIn,
     StatusSummary,
+    StuckRecord,
     VersionRecord,
 )
 from memory.schema import Base, Mistake, Patch, Report, Version
@@ -133,12 +139,13 @@ class Store:
 
     # -- ingest -------------------------------------------------------------------------------
 
-    def record_batch(self, reports: Sequence[ReportIn]) -> BatchResult:
-        """Store a batch of validated reports in ONE transaction (see memory/ingest.py)."""
+    def record_batch(self, reports: Sequence[ReportIn], rate_limit: RateLimit | None = None) -> BatchResult:
+        """Store a batch of validated reports in ONE transaction (see memory/ingest.py); with a
+        rate limit, a reporter's reports over it are stored as rejected and returned."""
         if not reports:
             return BatchResult(new_reports=0, duplicates=0, mistakes_created=0, mistakes_updated=0)
         with self._writing() as session:
-            return ingest.record_reports(session.connection(), reports, _now())
+            return ingest.record_reports(session.connection(), reports, _now(), rate_limit)
 
     def record_rejected(self, rejected: Sequence[RejectedIn]) -> int:
         """Store events that failed validation; returns how many were new."""
@@ -148,7 +155,13 @@ class Store:
     # -- policy -------------------------------------------------------------------------------
 
     def next_mistake(
-        self, model: str, quorum: int = 1, conflict_share: float = 0.5, *, claim: bool = True
+        self,
+        model: str,
+        quorum: int = 1,
+        conflict_share: float = 0.5,
+        *,
+        claim: bool = True,
+        probation_s: float = 0.0,
     ) -> MistakeRecord | None:
         """Settle changed mistakes (queued / conflicting), then return the one to patch next.
 
@@ -157,7 +170,7 @@ class Store:
         """
         policy.check_policy(quorum, conflict_share)
         with self._writing() as session:
-            policy.resolve(session, model, quorum, conflict_share)
+            policy.resolve(session, model, quorum, conflict_share, probation_s)
             mistake = policy.pick(session, model)
             if mistake is None:
                 return None
@@ -212,6 +225,49 @@ class Store:
         """What `patchd status` prints, read in one transaction."""
         with self._reading() as session:
             return summary.status_summary(session, model, quorum)
+
+    # -- review (memory/review.py) --------------------------------------------------------------
+
+    def held_mistakes(self, model: str, dismissed: bool = False) -> list[MistakeRecord]:
+        """Mistakes held for review (and, with `dismissed`, those an operator dismissed), oldest first."""
+        with self._reading() as session:
+            return [self._record(session, m) for m in review.held(session, model, dismissed)]
+
+    def review(
+        self, model: str, mistake_id: int, approve: bool, operator: str, reason: str | None = None
+    ) -> MistakeRecord:
+        """An operator's verdict on a held (or dismissed) mistake: approve queues it, dismiss ends it."""
+        with self._writing() as session:
+            return self._record(session, review.decide(session, model, mistake_id, approve, operator, reason))
+
+    # -- stuck partitions (memory/stuck.py) ----------------------------------------------------
+
+    def record_stuck(self, model: str, topic: str, partition: int, offset: int, error: str) -> StuckRecord:
+        """Open (or refresh) the episode of a partition stuck on an undecodable batch at `offset`."""
+        with self._writing() as session:
+            return stuck.record(session, model, topic, partition, offset, error, _now())
+
+    def command_stuck(
+        self,
+        model: str,
+        topic: str,
+        partition: int,
+        action: str,
+        operator: str,
+        reason: str | None = None,
+        offset: int | None = None,
+    ) -> StuckRecord:
+        """An operator's skip or retry for a stuck partition; raises stuck.NoStuckPartition."""
+        with self._writing() as session:
+            return stuck.command(session, model, topic, partition, action, operator, reason, offset, _now())
+
+    def resolve_stuck(self, stuck_id: int, resolution: str) -> None:
+        with self._writing() as session:
+            stuck.resolve(session, stuck_id, resolution, _now())
+
+    def stuck_partitions(self, model: str, open_only: bool = True) -> list[StuckRecord]:
+        with self._reading() as session:
+            return stuck.listed(session, model, open_only)
 
     def requeue(self, model: str, statuses: Sequence[Status], note: str) -> list[int]:
         """Send every mistake of `model` in one of `statuses` back to the queue (`patchd replay`)."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 from sqlalchemy import Select, func, or_, select
 from sqlalchemy.orm import Session
 
+from memory import stuck
 from memory.records import StatusSummary
 from memory.schema import Mistake, Patch, Rejected, Report, Version
 from memory.status import Status
@@ -50,4 +51,5 @@ def status_summary(session: Session, model: str, quorum: int) -> StatusSummary:
         patch_tries=count(select(func.count()).select_from(Patch).where(Patch.model == model)),
         backlog=backlog(session, model, quorum),
         last_version=None if latest is None else int(latest),
+        stuck_partitions=[record.as_dict() for record in stuck.listed(session, model)],
     )

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import random
-import shutil
-import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,21 +17,9 @@ from kafka.errors import UnsupportedCodecError
 
 from daemon.settings import load_settings
 from memory.store import Store
-from tests.tinybase import LABELS, MODEL, committed, prepare, run_once, sentence, write_config
+from tests.tinybase import LABELS, MODEL, committed, kcat, prepare, run_once, sentence, write_config
 
 CODECS = ("none", "gzip", "snappy", "lz4", "zstd")
-
-
-def _kcat(bootstrap: str, topic: str, codec: str, value: bytes) -> None:
-    kcat = shutil.which("kcat")
-    assert kcat, "kcat is installed by deploy/system-deps.sh"
-    done = subprocess.run(
-        [kcat, "-P", "-b", bootstrap, "-t", topic, "-z", codec, "-X", "linger.ms=0"],
-        input=value + b"\n",
-        capture_output=True,
-        timeout=60,
-    )
-    assert done.returncode == 0, done.stderr.decode()
 
 
 def _read_all(bootstrap: str, topic: str, count: int) -> int:
@@ -66,7 +52,7 @@ def test_every_codec_from_kcat_is_stored(
         event = {"id": f"codec-{codec}", "model": MODEL, "input": sentence(rng, i), "target": rng.choice(LABELS),
                  "reporter": "kcat", "padding": "compressible " * 200}  # fmt: skip
         events.append(event)
-        _kcat(kafka_bootstrap, topic, codec, json.dumps(event).encode())
+        kcat(kafka_bootstrap, topic, [json.dumps(event).encode()], codec)
 
     # each compressed batch really is in its codec: a consumer without that codec's library fails on it
     for codec in CODECS[1:]:

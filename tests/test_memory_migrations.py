@@ -165,3 +165,57 @@ def test_0002_fills_the_input_of_reports_stored_before_it(db_url: str) -> None:
     with Store.open(db_url) as store:
         inputs = [m.input for m in store.mistakes("m")]
     assert inputs == ["  The Moon is cheese. ", ("Claim.", "Evidence."), "k3"]
+
+
+def test_0003_keeps_every_row_and_allows_held_mistakes(db_url: str) -> None:
+    """0003 rebuilds the mistakes and status_changes tables on SQLite (a new CHECK): the rows that
+    reference them (reports, targets, reporters, status changes) all survive it, with foreign keys
+    on again afterwards, and the new statuses are accepted while an unknown one is still refused."""
+    engine = make_engine(db_url)
+    try:
+        migrate.upgrade(engine, "0002")
+        with engine.begin() as conn:
+            for i in range(3):
+                conn.execute(
+                    text(
+                        "INSERT INTO mistakes (model, fingerprint, input_text, target, report_count, reporter_count,"
+                        " first_seen, last_seen, status, status_changed_at, priority, needs_policy) VALUES "
+                        "('m', :fp, 'x', 'A', 1, 1, CURRENT_TIMESTAMP, CURRENT_TIMESTAMP, 'queued',"
+                        " CURRENT_TIMESTAMP, 0, false)"
+                    ),
+                    {"fp": f"f{i}"},
+                )
+                mid = conn.scalar(text("SELECT id FROM mistakes WHERE fingerprint = :fp"), {"fp": f"f{i}"})
+                conn.execute(
+                    text(
+                        "INSERT INTO reports (event_id, model, mistake_id, target, equivalents, received_at, raw,"
+                        " topic, kafka_partition, kafka_offset) VALUES (:eid, 'm', :mid, 'A', '[]',"
+                        " CURRENT_TIMESTAMP, '{}', 't', 0, :off)"
+                    ),
+                    {"eid": f"e{i}", "mid": mid, "off": i},
+                )
+                conn.execute(text("INSERT INTO mistake_targets VALUES (:mid, 'A', 1)"), {"mid": mid})
+                conn.execute(text("INSERT INTO mistake_reporters VALUES (:mid, 'r')"), {"mid": mid})
+                conn.execute(
+                    text(
+                        "INSERT INTO status_changes (mistake_id, from_status, to_status, at) VALUES"
+                        " (:mid, 'reported', 'queued', CURRENT_TIMESTAMP)"
+                    ),
+                    {"mid": mid},
+                )
+        tables = ("mistakes", "reports", "mistake_targets", "mistake_reporters", "status_changes")
+        with engine.connect() as conn:
+            before = {t: conn.scalar(text(f"SELECT count(*) FROM {t}")) for t in tables}
+        assert set(before.values()) == {3}
+        assert migrate.upgrade(engine) == migrate.HEAD
+        with engine.connect() as conn:
+            assert {t: conn.scalar(text(f"SELECT count(*) FROM {t}")) for t in tables} == before
+            if conn.dialect.name == "sqlite":
+                assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
+        with engine.begin() as conn:
+            conn.execute(text("UPDATE mistakes SET status = 'held' WHERE fingerprint = 'f1'"))
+            conn.execute(text("UPDATE mistakes SET status = 'dismissed' WHERE fingerprint = 'f2'"))
+        with pytest.raises(IntegrityError), engine.begin() as conn:
+            conn.execute(text("UPDATE mistakes SET status = 'bogus' WHERE fingerprint = 'f0'"))
+    finally:
+        engine.dispose()

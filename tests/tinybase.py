@@ -16,8 +16,10 @@ import json
 import os
 import queue
 import random
+import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections import Counter
@@ -212,6 +214,35 @@ def produce(bootstrap: str, topic: str, values: list[bytes], keyed: bool = False
         producer.flush(timeout=60)
     finally:
         producer.close()
+
+
+def kcat(
+    bootstrap: str,
+    topic: str,
+    values: list[bytes],
+    codec: str = "none",
+    partition: int | None = None,
+    options: tuple[str, ...] = (),
+) -> None:
+    """Send records with kcat (librdkafka, a producer no one here wrote), compressed with `codec`.
+
+    Each value goes through a file of its own, which kcat sends as one record whatever its bytes.
+    """
+    binary = shutil.which("kcat")
+    assert binary, "kcat is installed by deploy/system-deps.sh"
+    where = ["-p", str(partition)] if partition is not None else []
+    with tempfile.TemporaryDirectory() as tmp:
+        files = []
+        for i, value in enumerate(values):
+            files.append(Path(tmp) / f"record-{i}")
+            files[-1].write_bytes(value)
+        command = [binary, "-P", "-b", bootstrap, "-t", topic, *where, "-z", codec, "-X", "linger.ms=0", *options]
+        done = subprocess.run(
+            [*command, *map(str, files)],
+            capture_output=True,
+            timeout=120,
+        )
+    assert done.returncode == 0, done.stderr.decode()
 
 
 def read_topic(bootstrap: str, topic: str, count: int, timeout_s: float = 30.0) -> list:

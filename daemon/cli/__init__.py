@@ -15,7 +15,7 @@ from types import ModuleType
 
 # imported, not looked up by name: a command module that fails to import is a packaging error,
 # and `patchd` must fail with it rather than run without those commands
-from daemon.cli import bench, config, db, demo, evaluate, keys, mend, prepare, run, versions
+from daemon.cli import bench, config, db, demo, evaluate, kafka, keys, mend, prepare, review, run, versions
 
 # Modules that add commands, in help order; each owns its commands' arguments and handlers.
 COMMAND_MODULES: tuple[ModuleType, ...] = (
@@ -25,6 +25,8 @@ COMMAND_MODULES: tuple[ModuleType, ...] = (
     evaluate,  # evaluate
     mend,  # mend train
     run,  # run, status, check, replay
+    kafka,  # kafka stuck | skip | retry
+    review,  # review list | approve | dismiss
     versions,  # versions, rollback, revoke, export
     config,  # config check
     keys,  # keys generate

@@ -90,6 +90,11 @@ def _run(args: argparse.Namespace) -> int:
     except (SettingsError, ModelSetupError, FileNotFoundError) as exc:
         print(f"patchd run: {exc}", file=sys.stderr)
         return 2
+    except Exception:  # noqa: BLE001 - logged whole, exit 1: systemd restarts us (never an abort)
+        from daemon.logs import get_logger
+
+        get_logger("daemon.run").exception("patchd run failed")
+        return 1
 
 
 # ---------------------------------------------------------------------------- status
@@ -118,13 +123,20 @@ def _status(args: argparse.Namespace) -> int:
         ("reports", report["reports"]),
         ("dead-lettered (rejected)", report["rejected"]),
     ]
-    rows += [(f"mistakes {k}", v) for k, v in report["mistakes"].items() if v]
+    rows += [(f"mistakes {k}" + (" for review" if k == "held" else ""), v) for k, v in report["mistakes"].items() if v]
     rows += [
         ("patches kept", report["patches"]),
         ("patch tries", report["patch_tries"]),
         ("backlog", report["backlog"]),
         ("last version", report["last_version"] or "-"),
     ]
+    for stuck in report["stuck_partitions"]:
+        asked = f"; {stuck['command']} asked by {stuck['operator']}, pending" if stuck["command"] else ""
+        rows.append((
+            f"STUCK {stuck['topic']}[{stuck['partition']}]",
+            f"at offset {stuck['offset']} since {stuck['first_seen']}: {stuck['error'][:160]}{asked} "
+            f"(patchd kafka skip|retry --partition {stuck['partition']})",
+        ))  # fmt: skip
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         print(f"{key:<{width}}  {value}")

@@ -53,6 +53,8 @@ def _settings(bootstrap: str, topic: str, state: Path, model: str, **kafka: Any)
         "PATCHD_DEVICE": os.environ.get("PATCHD_DEVICE", "auto"),
         "PATCHD_MODEL_DTYPE": os.environ.get("PATCHD_MODEL_DTYPE", "auto"),
         "PATCHD_HEALTH_PORT": "0",  # no probes in a benchmark, and no clash with a daemon on the port
+        # one producer ("bench") sends every correction: a trusted channel, not a flood
+        "PATCHD_POLICY_REPORTER_RATE_LIMIT": "1000000",
     }
     settings = load_settings(None, env)
     return replace(settings, kafka=replace(settings.kafka, **kafka)) if kafka else settings
