@@ -29,9 +29,7 @@ def held(session: Session, model: str, dismissed: bool = False) -> list[Mistake]
     return list(session.scalars(query.order_by(Mistake.status_changed_at, Mistake.id)))
 
 
-def decide(
-    session: Session, model: str, mistake_id: int, approve: bool, operator: str, reason: str | None
-) -> Mistake:
+def decide(session: Session, model: str, mistake_id: int, approve: bool, operator: str, reason: str | None) -> Mistake:
     mistake = session.get(Mistake, mistake_id, with_for_update=True)
     if mistake is None or mistake.model != model:
         raise NotReviewable(f"mistake {mistake_id} is not a mistake of model {model!r}")
