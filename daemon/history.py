@@ -88,7 +88,7 @@ def _publisher(settings: Settings, store: Store, base: BaseInfo) -> Publisher:
     )
 
 
-def _verified(storage: Storage, model: str, number: int) -> VerifiedVersion:
+def verified(storage: Storage, model: str, number: int) -> VerifiedVersion:
     try:
         return read_verified(storage, model, number)
     except (CheckpointError, OSError) as exc:
@@ -105,7 +105,7 @@ def rollback(settings: Settings, number: int) -> Published | None:
     """
     model = settings.model.name
     with _exclusive(settings) as store:
-        target = _verified(storage_of(settings), model, number)
+        target = verified(storage_of(settings), model, number)
         current = store.accepted_patch_ids(model)
         present = {patch_id for patch_id, _ in current}
         gone = [p for p in target.patch_ids if p not in present]
@@ -250,7 +250,7 @@ def export(settings: Settings, number: int | None, out: Path) -> tuple[int, Path
         number = storage.latest(model)
         if number is None:
             raise HistoryError(f"nothing published for {model} on {storage.uri} yet")
-    v = _verified(storage, model, number)
+    v = verified(storage, model, number)
     assert settings.model.base is not None  # resolved by load_settings
     base = Path(settings.model.base).expanduser()
     base = base if base.is_dir() else base_dir(settings.model.base)

@@ -276,7 +276,9 @@ class Publisher:
             return
         uri = self.storage.version_uri(self.model, pointer)
         try:
-            self.store.add_version(self.model, pointer, v.manifest.get("parent"), v.manifest_sha256, v.edits, uri)
+            self.store.add_version(
+                self.model, pointer, v.manifest.get("parent"), v.manifest_sha256, v.edits, uri, v.patch_ids
+            )
         except IntegrityError:
             pass  # recorded meanwhile by another process
         else:
@@ -338,7 +340,7 @@ class Publisher:
         self._send_unsent()
         fault_point("publish.released")
         try:
-            self.store.add_version(self.model, number, body["parent"], sha, edits, uri)
+            self.store.add_version(self.model, number, body["parent"], sha, edits, uri, patch_ids)
         except Exception as exc:  # noqa: BLE001 - LATEST already names it; the row is retried
             self._unrecorded = True
             log.error(
@@ -376,6 +378,12 @@ class Publisher:
         )
         return published
 
+    def _provenance(self, ids: list[int], number: int) -> list[dict[str, Any]]:
+        """Who and what is behind each patch of a segment (memory/provenance.py), in patch order; a
+        patch not published before has this version as its first."""
+        found = self.store.provenance(ids)
+        return [{**found[i], "first_version": found[i]["first_version"] or number} for i in ids]
+
     def _build(
         self, patches: Sequence[PatchMeta], number: int, parent: _Latest | None, reason: str, extra: dict[str, Any]
     ) -> tuple[list[tuple[str, bytes]], dict[str, Any]]:
@@ -399,7 +407,11 @@ class Publisher:
                 blob, neuron_edits = concat_neurons(
                     records,
                     self.base.hidden_size,
-                    {"patch_ids": json.dumps(ids), "gate": json.dumps(gate_figures(part)["edits"], sort_keys=True)},
+                    {
+                        "patch_ids": json.dumps(ids),
+                        "gate": json.dumps(gate_figures(part)["edits"], sort_keys=True),
+                        "provenance": json.dumps(self._provenance(ids, number), sort_keys=True),
+                    },
                 )
                 sha = hashlib.sha256(blob).hexdigest()
                 entry = {

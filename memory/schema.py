@@ -208,6 +208,8 @@ class Patch(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
     removed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     removed_reason: Mapped[str | None] = mapped_column(Text)
+    # the first published version that carried it (Store.add_version sets it once): provenance
+    first_version: Mapped[int | None] = mapped_column(Integer)
 
 
 class Version(Base):

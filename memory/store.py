@@ -22,7 +22,8 @@
     store.accepted_patch_ids(model) -> [(patch id, mistake id)]  # the same, without the tensors
     store.mark_patch_removed(patch_id, reason)               # mistake patched -> revoked
     store.recover_interrupted(model) -> list[int]            # patching -> queued after a crash
-    store.add_version(model, number, parent, manifest_sha256, edit_ids, uri=None) -> VersionRecord
+    store.add_version(model, number, parent, manifest_sha256, edit_ids, uri=None, patch_ids=()) -> VersionRecord
+    store.provenance(patch_ids) -> {patch id: {mistake_id, target, input, reporters, ...}}  # memory/provenance.py
     store.latest_version(model) -> VersionRecord | None
     store.versions(model) -> list[VersionRecord]
     store.table_counts() -> dict[str, int]
@@ -55,11 +56,11 @@ from dataclasses import asdict, fields
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Engine, func, select, update
 from sqlalchemy.engine import URL
 from sqlalchemy.orm import Session, sessionmaker
 
-from memory import ingest, lifecycle, migrate, policy, review, stuck, summary
+from memory import ingest, lifecycle, migrate, policy, provenance, review, stuck, summary
 from memory.engine import WRITE_OPTION, default_url, make_engine
 from memory.lifecycle import Status
 from memory.records import (
@@ -356,6 +357,13 @@ class Store:
                 found += [_as(PatchRecord, p) for p in session.scalars(select(Patch).where(Patch.id.in_(chunk)))]
         return sorted(found, key=lambda p: p.id)
 
+    def provenance(self, patch_ids: Sequence[int]) -> dict[int, dict[str, Any]]:
+        """Who and what is behind each patch (what a published version carries about it, so that a
+        downstream service can answer "why" without this database): the mistake, its target and
+        input, its reports and reporters, when the patch was accepted, its first version."""
+        with self._reading() as session:
+            return provenance.of_patches(session, patch_ids)
+
     def accepted_patch_ids(self, model: str) -> list[tuple[int, int]]:
         """(patch id, mistake id) of accepted_patches(model), without the tensors: a cheap "changed?" check."""
         with self._reading() as session:
@@ -415,9 +423,17 @@ class Store:
         manifest_sha256: str,
         edit_ids: Sequence[int],
         uri: str | None = None,
+        patch_ids: Sequence[int] = (),
     ) -> VersionRecord:
-        """Record a published version; a number already used for `model` raises IntegrityError."""
+        """Record a published version; a number already used for `model` raises IntegrityError.
+        `patch_ids`: its patches; those never published before get it as their first version."""
         with self._writing() as session:
+            for start in range(0, len(patch_ids), ID_CHUNK):
+                session.execute(
+                    update(Patch)
+                    .where(Patch.id.in_(list(patch_ids[start : start + ID_CHUNK])), Patch.first_version.is_(None))
+                    .values(first_version=number)
+                )
             version = Version(
                 model=model,
                 number=number,

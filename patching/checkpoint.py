@@ -199,6 +199,17 @@ class VerifiedVersion:
             return [int(p) for p in self.manifest.get("patch_ids", [])]
         return [int(p) for meta in self._segment_meta for p in json.loads(meta.get("patch_ids", "[]"))]
 
+    @cached_property
+    def provenance(self) -> dict[int, dict[str, Any]]:
+        """{edit id: who and what is behind it} from the segments' metadata (memory/provenance.py):
+        mistake_id, target, input, reporters, reporter_count, report_count, accepted_at,
+        first_version. Empty for format 1 and for segments published before provenance."""
+        out: dict[int, dict[str, Any]] = {}
+        for meta in self._segment_meta if self.segmented else []:
+            for entry in json.loads(meta.get("provenance", "[]")):
+                out[int(entry["mistake_id"])] = entry
+        return out
+
     @property
     def size(self) -> int:
         """Bytes of the whole version: its files or segments, and the manifest."""

@@ -4,6 +4,7 @@
 
     loaded = load_latest("/mnt/shared/patchd", "fever-minilm", base_dir)   # once, e.g. a batch job
     loaded.model, loaded.version
+    loaded.why(tokenizer(texts, return_tensors="pt", padding=True))  # which corrections shape each answer
 
     watcher = CheckpointWatcher("/mnt/shared/patchd", "fever-minilm", base_dir, interval=1.0).start()
     model = watcher.model          # at the start of each request: a whole model, never half-swapped
@@ -30,7 +31,7 @@ import copy
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,7 @@ from patching import patchfile
 from patching.checkpoint import CheckpointError, VerifiedVersion, VersionMissing, read_verified
 from patching.loading import attach_patches, base_identity
 from patching.patchfile import CONFIG_FILE, PATCHES_FILE, PatchConfig, PatchStateError, parse_patch_set
+from patching.provenance import Firing, why
 from patching.signing import TrustedKeys, load_trusted
 from patching.storage import Storage, StorageError
 from patching.storage_uri import open_storage
@@ -64,6 +66,14 @@ class Loaded:
     edits: tuple[int, ...] = ()
     manifest: dict[str, Any] = field(default_factory=dict, repr=False)
     loaded_at: float = 0.0  # epoch seconds this model became servable
+    # edit id -> who and what is behind it, as the version carries it (patching/provenance.py)
+    provenance: dict[int, dict[str, Any]] = field(default_factory=dict, repr=False)
+
+    def why(self, inputs: Mapping[str, Any]) -> list[list[Firing]]:
+        """For each row of a tokenized batch, the corrections that shape the model's answer: the
+        edits whose neurons fire where it reads the answer, their share of the patch's change,
+        and the mistake, target, reporters and versions behind each (no database needed)."""
+        return why(self.model, inputs, self.provenance)
 
 
 @dataclass(frozen=True)
@@ -200,7 +210,7 @@ def load_latest(
     if v is None:
         log.info("no version of %s published on %s yet: serving the base", model, storage.uri)
         return Loaded(base.pristine, None, loaded_at=time.time())
-    return Loaded(built, v.number, tuple(v.edits), v.manifest, time.time())
+    return Loaded(built, v.number, tuple(v.edits), v.manifest, time.time(), v.provenance)
 
 
 class CheckpointWatcher:
@@ -290,7 +300,7 @@ class CheckpointWatcher:
         self._warned = warning
         if v is None or v.number == current.version:
             return False
-        loaded = Loaded(built, v.number, tuple(v.edits), v.manifest, time.time())
+        loaded = Loaded(built, v.number, tuple(v.edits), v.manifest, time.time(), v.provenance)
         with self._lock:
             self._current = loaded
         self._segments = dict(v.segments)  # the next version fetches only the segments it adds

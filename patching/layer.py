@@ -154,6 +154,8 @@ class PatchedFFN(nn.Module):
         self.candidate: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         # (keys, biases, values) buffers with spare rows that the registered ones are views of (add)
         self._spare: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        # when a list: each forward appends q at the positions it reads, [B, k, d] (patching/provenance.py)
+        self.tap: list[torch.Tensor] | None = None
 
     @property
     def n(self) -> int:
@@ -166,6 +168,8 @@ class PatchedFFN(nn.Module):
         if q is None:
             raise RuntimeError("PatchedFFN ran without its input q: the ffn_in hook did not fire")
         read, self.read = (None if self.dense else self.read), None
+        if self.tap is not None:
+            self.tap.append((q if read is None or q.ndim != 3 else q[:, read]).detach().float())
         if self.n:
             out = patch_at(out, q, read, self._neurons(q.dtype), self.activation)
         if self.candidate is not None:

@@ -46,6 +46,20 @@ def register(sub: Any, bench: Any) -> None:
     revoke.add_argument("--config", type=Path, help=CONFIG_HELP)
     revoke.set_defaults(func=_revoke)
 
+    why = sub.add_parser(
+        "why",
+        help="which published corrections shape the model's answer to TEXT, and who sent them",
+        description="Reads a published version (LATEST's unless --version) as a downstream service does: "
+        "the patches that fire where the model reads its answer, their share of the patch's change, and "
+        "what the version carries about each (mistake, target, reports and reporters, first version).",
+    )
+    why.add_argument("text", metavar="TEXT", help="the input (a claim, or a question for a generator)")
+    why.add_argument("--pair", metavar="TEXT", help="a classifier's second text (text_pair)")
+    why.add_argument("--version", type=int, metavar="N", help="version to ask (default: LATEST's)")
+    why.add_argument("--json", action="store_true", help="print JSON instead of lines")
+    why.add_argument("--config", type=Path, help=CONFIG_HELP)
+    why.set_defaults(func=_why)
+
     export = sub.add_parser(
         "export",
         help="a standalone model directory (base + patches) for a version: patching.load_patched(DIR, DIR)",
@@ -54,6 +68,32 @@ def register(sub: Any, bench: Any) -> None:
     export.add_argument("--out", type=Path, required=True, metavar="DIR", help="new or empty directory")
     export.add_argument("--config", type=Path, help=CONFIG_HELP)
     export.set_defaults(func=_export)
+
+
+def _why(args: argparse.Namespace) -> int:
+    from daemon.explain import explain
+    from daemon.history import HistoryError
+
+    try:
+        found = explain(_settings(args), args.text, args.pair, args.version)
+    except HistoryError as exc:
+        return _refused("why", exc)
+    if args.json:
+        print(json.dumps({"version": found.version, "answer": found.answer,
+                          "patches": [f.as_dict() for f in found.firings]}, indent=2))  # fmt: skip
+        return 0
+    print(f"version {found.version} answers {found.answer!r}")
+    if not found.firings:
+        print("no patch fires on this input: the answer is the base model's")
+    for f in found.firings:
+        p = f.provenance
+        print(f"  edit {f.edit_id}: share {f.share:+.2f}, activation {f.activation:.2f}")
+        if p:
+            who = ", ".join(p["reporters"]) + (" ..." if p["reporter_count"] > len(p["reporters"]) else "")
+            print(f"    mistake {p['mistake_id']}: {p['input']!r} -> {p['target']!r}")
+            print(f"    {p['report_count']} reports by {p['reporter_count']} reporters ({who or 'anonymous'}); "
+                  f"accepted {p['accepted_at']}; first in version {p['first_version']}")  # fmt: skip
+    return 0
 
 
 def _settings(args: argparse.Namespace) -> Settings:

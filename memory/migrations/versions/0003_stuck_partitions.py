@@ -1,7 +1,9 @@
 """Trust and faults (issue 23):
 - stuck_partitions: where the consumer cannot decode a record batch, and the operator's answer;
 - reports get an index on (model, reporter, received_at): the reporter rate limit and probation;
-- mistakes can be held for review and dismissed (statuses "held", "dismissed", and who reviewed).
+- mistakes can be held for review and dismissed (statuses "held", "dismissed", and who reviewed);
+- patches remember the first version that carried them (provenance), filled for existing
+  databases from the versions' edit lists.
 
 Revision ID: 0003
 Revises: 0002
@@ -10,6 +12,7 @@ Create Date: 2026-12-05
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 
 import sqlalchemy as sa
@@ -57,6 +60,47 @@ def upgrade() -> None:
     _status_checks(STATUSES)
     with op.batch_alter_table("mistakes") as batch:
         batch.add_column(sa.Column("reviewed_by", sa.String(length=256), nullable=True))
+    with op.batch_alter_table("patches") as batch:
+        batch.add_column(sa.Column("first_version", sa.Integer(), nullable=True))
+    _fill_first_versions()
+
+
+def _fill_first_versions() -> None:
+    """Each accepted patch's first version: the oldest version (by number) created after the patch
+    whose edit list holds its mistake. Versions are few (a publish every few seconds at most)."""
+    versions = sa.table(
+        "versions", sa.column("model"), sa.column("number"), sa.column("created_at"), sa.column("edit_ids", sa.JSON())
+    )
+    patches = sa.table(
+        "patches",
+        sa.column("id"),
+        sa.column("model"),
+        sa.column("mistake_id"),
+        sa.column("accepted"),
+        sa.column("created_at"),
+        sa.column("first_version"),
+    )
+    conn = op.get_bind()
+    rows = conn.execute(
+        sa.select(versions.c.model, versions.c.number, versions.c.created_at, versions.c.edit_ids).order_by(
+            versions.c.model, versions.c.number
+        )
+    ).all()
+    for model, number, created_at, edit_ids in rows:
+        if isinstance(edit_ids, str):  # SQLite hands JSON back as text through a lightweight table
+            edit_ids = json.loads(edit_ids)
+        for start in range(0, len(edit_ids or []), 500):
+            conn.execute(
+                patches.update()
+                .where(
+                    patches.c.model == model,
+                    patches.c.accepted.is_(True),
+                    patches.c.first_version.is_(None),
+                    patches.c.created_at <= created_at,
+                    patches.c.mistake_id.in_(edit_ids[start : start + 500]),
+                )
+                .values(first_version=number)
+            )
 
 
 def _status_checks(statuses: tuple[str, ...]) -> None:
@@ -71,6 +115,8 @@ def _status_checks(statuses: tuple[str, ...]) -> None:
 
 
 def downgrade() -> None:
+    with op.batch_alter_table("patches") as batch:
+        batch.drop_column("first_version")
     with op.batch_alter_table("mistakes") as batch:
         batch.drop_column("reviewed_by")
     _status_checks(OLD_STATUSES)
