@@ -237,6 +237,8 @@ SECTIONS: dict[str, type] = {
     f.name: typing.get_type_hints(Settings)[f.name] for f in fields(Settings) if f.name not in TOP_LEVEL
 }
 SECRETS = {("kafka", "ssl_password"), ("kafka", "sasl_plain_password"), ("storage", "secret_access_key")}
+# and the keys whose values may hold one (a database URL's password): errors never show their values
+SENSITIVE = SECRETS | {("database", "url")}
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?|mps")
 # Kafka allows 249; the ".releases" suffix must still fit
 _TOPIC = re.compile(r"[A-Za-z0-9._-]{1,200}")
@@ -380,41 +382,46 @@ def _coerce(value: Any, source: str, hint: Any, key: str) -> Any:
     if origin is Literal:
         got = str(value) if from_env else value
         if got not in args:
-            raise SettingsError(f"{where}: expected one of {', '.join(map(repr, args))}, got {got!r}")
+            raise SettingsError(f"{where}: expected one of {', '.join(map(repr, args))}, got {_shown(key, got)}")
         return got
     if origin is tuple:
         items = [s.strip() for s in value.split(",") if s.strip()] if isinstance(value, str) else value
         if not isinstance(items, list | tuple):
-            raise SettingsError(f"{where}: expected a list of strings, got {value!r}")
+            raise SettingsError(f"{where}: expected a list of strings, got {_shown(key, value)}")
         return tuple(_coerce(_EnvValue(i) if from_env else i, source, args[0], key) for i in items)
     if hint is bool:
         if from_env and value.strip().lower() in _TRUE | _FALSE:
             return value.strip().lower() in _TRUE
         if isinstance(value, bool):
             return value
-        raise SettingsError(f"{where}: expected true or false, got {value!r}")
+        raise SettingsError(f"{where}: expected true or false, got {_shown(key, value)}")
     if hint in (int, float):
         if from_env:
             try:
                 return hint(value.strip())
             except ValueError:
-                raise SettingsError(f"{where}: expected {_NAMES[hint]}, got {str(value)!r}") from None
+                raise SettingsError(f"{where}: expected {_NAMES[hint]}, got {_shown(key, str(value))}") from None
         wrong = isinstance(value, bool) or not isinstance(value, int | float)
         if wrong or (hint is int and isinstance(value, float)):
-            raise SettingsError(f"{where}: expected {_NAMES[hint]}, got {value!r}")
+            raise SettingsError(f"{where}: expected {_NAMES[hint]}, got {_shown(key, value)}")
         return hint(value)
     if hint is Path:
         if not isinstance(value, str) or not value:
-            raise SettingsError(f"{where}: expected a path, got {value!r}")
+            raise SettingsError(f"{where}: expected a path, got {_shown(key, value)}")
         return Path(value)
     if hint is str:
         if not isinstance(value, str):
-            raise SettingsError(f"{where}: expected a string, got {value!r}")
+            raise SettingsError(f"{where}: expected a string, got {_shown(key, value)}")
         return str(value)
     raise SettingsError(f"{where}: settings cannot read a value of type {hint!r}")  # a bug, not a user error
 
 
 _NAMES = {int: "an integer", float: "a number"}
+
+
+def _shown(key: str, value: Any) -> str:
+    """A value as an error message shows it: never a secret's (a mistyped password is still one)."""
+    return MASK if tuple(key.split(".", 1)) in SENSITIVE else repr(value)
 
 
 def _hint(key: str, options: list[str]) -> str:

@@ -221,6 +221,24 @@ def test_effective_settings_mask_secrets_and_are_json() -> None:
     assert set(out) == {"device", *(f for f in Settings.__dataclass_fields__ if f != "device")}
 
 
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ("[kafka]\nsasl_plain_password = 31337424242\n", "kafka.sasl_plain_password"),  # unquoted digits
+        ("[kafka]\nssl_password = 31337424242\n", "kafka.ssl_password"),
+        ('[storage]\nsecret_access_key = ["31337424242"]\n', "storage.secret_access_key"),
+        ('[database]\nurl = ["postgresql://patchd:31337424242@db/patchd"]\n', "database.url"),
+    ],
+)
+def test_a_mistyped_secret_is_named_but_not_shown(tmp_path: Path, text: str, key: str) -> None:
+    # the error reaches the journal and `patchd config check`: a password of the wrong type is
+    # still the password
+    with pytest.raises(SettingsError) as info:
+        load_settings(write(tmp_path, text), HOME)
+    assert key in str(info.value) and f"got {MASK}" in str(info.value)
+    assert "31337424242" not in str(info.value)
+
+
 def test_mask_url_leaves_passwordless_urls_alone() -> None:
     assert mask_url("sqlite:////x/patchd.db") == "sqlite:////x/patchd.db"
     assert mask_url("postgresql://patchd@db/patchd") == "postgresql://patchd@db/patchd"
