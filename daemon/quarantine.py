@@ -7,9 +7,9 @@ this module that exception ended the daemon, and a restart met the same batch ag
 that stopped every partition for one bad batch. Now:
 
     poll() raises a decoding error
-      -> find the partition: one assigned partition is the culprit by itself; with several, each is
-         polled alone (the others paused) until it yields records (fine: its position is put
-         back), raises (the culprit) or is read to its end
+      -> find the partition: each assigned one is polled alone (the others paused) until it yields
+         records (fine: its position is put back), raises again (the culprit: a batch that fails
+         once but decodes when fetched again stops nothing) or is read to its end
       -> pause it, record the episode in the store (memory/stuck.py: topic, partition, offset,
          error), log it; every other partition goes on
       -> `patchd status`, /readyz (503, naming it) and /metrics show it until an operator runs
@@ -115,16 +115,14 @@ class Quarantine:
 
     def isolate(self, consumer: KafkaConsumer, exc: BaseException, backpressure: bool) -> None:
         """poll() raised `exc` while decoding: find the partition(s) it came from and stop them."""
-        suspects = sorted(self.flowing(consumer))
-        if len(suspects) == 1:
-            culprits: dict[TopicPartition, BaseException] = {suspects[0]: exc}
-        else:
-            culprits = {}
-            for tp in suspects:
-                found = self._probe(consumer, tp)
-                if found is not None:
-                    culprits[tp] = found
-            self.resume(consumer, backpressure)
+        # every suspect is polled again, alone, even when there is one: bytes damaged on the way
+        # (TCP's checksum is 16 bits) decode when fetched again, and must not stop the partition
+        culprits: dict[TopicPartition, BaseException] = {}
+        for tp in sorted(self.flowing(consumer)):
+            found = self._probe(consumer, tp)
+            if found is not None:
+                culprits[tp] = found
+        self.resume(consumer, backpressure)
         if not culprits:
             log.warning("a poll failed to decode, but no partition fails alone; polling again", error=repr(exc))
             self.stop.wait(1.0)
@@ -174,7 +172,7 @@ class Quarantine:
                     raise
                 if got.get(tp):
                     return None
-                end = consumer.end_offsets([tp]).get(tp)
+                end = consumer.end_offsets([tp], timeout_ms=int(PROBE_S * 1000)).get(tp)
                 if end is not None and consumer.position(tp) >= end:
                     return None
             return None
