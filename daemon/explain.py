@@ -11,11 +11,9 @@ one `Loaded.why` gives a service.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from daemon.history import HistoryError, verified
-from daemon.publisher import storage_of
+from daemon.history import HistoryError, version_and_base
 from daemon.settings import Settings
 from patching.provenance import Firing
 
@@ -29,25 +27,20 @@ class Explanation:
 
 def explain(settings: Settings, text: str, pair: str | None = None, number: int | None = None) -> Explanation:
     """Why version `number` (None: LATEST's) answers `text` (with `pair`, a classifier's text pair) as it does."""
-    from patching.bases.load import base_dir, load_base
+    from patching.bases.load import load_base
     from patching.bases.tasks import TaskAdapter
     from patching.client import patch_set
     from patching.loading import attach_patches, base_identity
+    from patching.patchfile import PatchStateError
     from patching.provenance import why
 
-    model = settings.model.name
-    storage = storage_of(settings)
-    if number is None:
-        number = storage.latest(model)
-        if number is None:
-            raise HistoryError(f"nothing published for {model} on {storage.uri} yet")
-    v = verified(storage, model, number)
-    assert settings.model.base is not None  # resolved by load_settings
-    directory = Path(settings.model.base).expanduser()
-    directory = directory if directory.is_dir() else base_dir(settings.model.base)
+    number, v, directory = version_and_base(settings, number)
     lb = load_base(str(directory))
-    config, patches = patch_set(v)
-    attach_patches(lb.model, config, patches, base_identity(directory))
+    try:
+        config, patches = patch_set(v)
+        attach_patches(lb.model, config, patches, base_identity(directory))
+    except PatchStateError as exc:  # made for another base, or its segments disagree with it
+        raise HistoryError(f"version {number}: {exc}") from None
     adapter = TaskAdapter(lb)
     if adapter.generation:
         if pair is not None:

@@ -239,10 +239,9 @@ def version_rows(settings: Settings) -> list[dict[str, Any]]:
 # ---------------------------------------------------------------------------- export
 
 
-def export(settings: Settings, number: int | None, out: Path) -> tuple[int, Path]:
-    """Write version `number` (None: LATEST's) with its base into `out`: load_patched(out, out) loads it."""
+def version_and_base(settings: Settings, number: int | None) -> tuple[int, VerifiedVersion, Path]:
+    """Version `number` (None: LATEST's), verified, and the base directory the settings name."""
     from patching.bases.load import base_dir
-    from patching.loading import base_identity
 
     model = settings.model.name
     storage = storage_of(settings)
@@ -253,7 +252,16 @@ def export(settings: Settings, number: int | None, out: Path) -> tuple[int, Path
     v = verified(storage, model, number)
     assert settings.model.base is not None  # resolved by load_settings
     base = Path(settings.model.base).expanduser()
-    base = base if base.is_dir() else base_dir(settings.model.base)
+    return number, v, base if base.is_dir() else base_dir(settings.model.base)
+
+
+def export(settings: Settings, number: int | None, out: Path) -> tuple[int, Path]:
+    """Write version `number` (None: LATEST's) with its base into `out`: load_patched(out, out) loads it."""
+    from patching.loading import base_identity
+
+    model = settings.model.name
+    storage = storage_of(settings)
+    number, v, base = version_and_base(settings, number)
     if base_identity(base) != v.config.base_identity:
         raise HistoryError(f"version {number} was made for another base than {base} (identity differs)")
     out = out.expanduser().resolve()

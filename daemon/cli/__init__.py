@@ -16,6 +16,7 @@ from types import ModuleType
 # imported, not looked up by name: a command module that fails to import is a packaging error,
 # and `patchd` must fail with it rather than run without those commands
 from daemon.cli import bench, config, db, demo, evaluate, kafka, keys, mend, prepare, review, run, versions
+from daemon.cli.common import missing
 
 # Modules that add commands, in help order; each owns its commands' arguments and handlers.
 COMMAND_MODULES: tuple[ModuleType, ...] = (
@@ -42,15 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     bench_parser = sub.add_parser("bench", help="benchmarks that print numbers (and write JSON with --json)")
     bench_sub = bench_parser.add_subparsers(dest="bench_command", metavar="BENCHMARK")
-    bench_parser.set_defaults(func=lambda args: _missing(bench_parser))
+    bench_parser.set_defaults(func=lambda args: missing(bench_parser))
     for module in COMMAND_MODULES:
         module.register(sub, bench_sub)
     return parser
-
-
-def _missing(parser: argparse.ArgumentParser) -> int:
-    parser.print_help(sys.stderr)
-    return 2
 
 
 def main(argv: Sequence[str] | None = None) -> int:

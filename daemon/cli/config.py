@@ -14,10 +14,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from daemon.cli.common import missing
+
 
 def register(sub: Any, bench: Any) -> None:
     config = sub.add_parser("config", help="check a settings file")
-    config.set_defaults(func=lambda args: _missing(config))
+    config.set_defaults(func=lambda args: missing(config))
     actions = config.add_subparsers(dest="config_command", metavar="ACTION")
     check = actions.add_parser(
         "check",
@@ -28,11 +30,6 @@ def register(sub: Any, bench: Any) -> None:
     check.add_argument("file", type=Path, metavar="FILE", help="the TOML settings file")
     check.add_argument("--json", action="store_true", help="print the effective settings as JSON")
     check.set_defaults(func=_check)
-
-
-def _missing(parser: argparse.ArgumentParser) -> int:
-    parser.print_help(sys.stderr)
-    return 2
 
 
 def _check(args: argparse.Namespace) -> int:

@@ -9,13 +9,15 @@ import argparse
 import sys
 from typing import TYPE_CHECKING, Any
 
+from daemon.cli.common import missing
+
 if TYPE_CHECKING:
     from sqlalchemy import Engine
 
 
 def register(sub: Any, bench: Any) -> None:
     db = sub.add_parser("db", help="manage patchd's database (SQLite by default, PostgreSQL by URL)")
-    db.set_defaults(func=lambda args: _missing(db))
+    db.set_defaults(func=lambda args: missing(db))
     db_sub = db.add_subparsers(dest="db_command", metavar="ACTION")
 
     upgrade = db_sub.add_parser("upgrade", help="migrate the database schema to the newest revision")
@@ -42,11 +44,6 @@ def _add_url_options(parser: argparse.ArgumentParser) -> None:
         help="database URL, e.g. postgresql://user@host/db (default: SQLite file patchd.db in the state directory)",
     )
     parser.add_argument("--state-dir", help="state directory (default: $PATCHD_STATE_DIR or ~/.local/state/patchd)")
-
-
-def _missing(parser: argparse.ArgumentParser) -> int:
-    parser.print_help(sys.stderr)
-    return 2
 
 
 def _engine(args: argparse.Namespace) -> Engine:

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-CONFIG_HELP = "TOML settings file (default: none; PATCHD_* environment variables still apply)"
+from daemon.cli.common import CONFIG_HELP, missing, settings_and_store
 
 
 def register(sub: Any, bench: Any) -> None:
@@ -25,7 +25,7 @@ def register(sub: Any, bench: Any) -> None:
         "missing) stops its partition only; the daemon goes on with the others and waits for you.",
     )
     commands = kafka.add_subparsers(dest="kafka_command", metavar="COMMAND")
-    kafka.set_defaults(func=lambda args: _missing(kafka))
+    kafka.set_defaults(func=lambda args: missing(kafka))
 
     stuck = commands.add_parser("stuck", help="stuck partitions: where, since when, the error, pending commands")
     stuck.add_argument("--all", action="store_true", help="also the resolved ones, with what was done")
@@ -61,25 +61,8 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, help=CONFIG_HELP)
 
 
-def _missing(parser: argparse.ArgumentParser) -> int:
-    parser.print_help(sys.stderr)
-    return 2
-
-
-def _open(args: argparse.Namespace) -> tuple[Any, Any]:
-    import os
-
-    from daemon.logs import configure_logging
-    from daemon.settings import load_settings
-    from memory.store import Store
-
-    settings = load_settings(args.config, os.environ)
-    configure_logging(settings.log.level, settings.log.json, stream=sys.stderr)
-    return settings, Store.open(settings.database.url, upgrade=False)
-
-
 def _stuck(args: argparse.Namespace) -> int:
-    settings, store = _open(args)
+    settings, store = settings_and_store(args)
     with store:
         records = store.stuck_partitions(settings.model.name, open_only=not args.all)
     if args.json:
@@ -98,7 +81,7 @@ def _stuck(args: argparse.Namespace) -> int:
 def _command(args: argparse.Namespace, action: str, offset: int | None = -1) -> int:
     from memory.stuck import NoStuckPartition
 
-    settings, store = _open(args)
+    settings, store = settings_and_store(args)
     topic = args.topic or settings.kafka.topic
     operator = args.by or getpass.getuser()
     with store:

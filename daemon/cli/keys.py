@@ -12,10 +12,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from daemon.cli.common import missing
+
 
 def register(sub: Any, bench: Any) -> None:
     keys = sub.add_parser("keys", help="signing keys for published versions")
-    keys.set_defaults(func=lambda args: _missing(keys))
+    keys.set_defaults(func=lambda args: missing(keys))
     actions = keys.add_subparsers(dest="keys_command", metavar="ACTION")
     generate = actions.add_parser(
         "generate",
@@ -26,11 +28,6 @@ def register(sub: Any, bench: Any) -> None:
     )
     generate.add_argument("--out", type=Path, required=True, metavar="DIR", help="directory for the two files")
     generate.set_defaults(func=_generate)
-
-
-def _missing(parser: argparse.ArgumentParser) -> int:
-    parser.print_help(sys.stderr)
-    return 2
 
 
 def _generate(args: argparse.Namespace) -> int:

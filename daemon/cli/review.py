@@ -11,12 +11,11 @@ from __future__ import annotations
 import argparse
 import getpass
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
 
-CONFIG_HELP = "TOML settings file (default: none; PATCHD_* environment variables still apply)"
+from daemon.cli.common import CONFIG_HELP, missing, settings_and_store
 
 
 def register(sub: Any, bench: Any) -> None:
@@ -28,7 +27,7 @@ def register(sub: Any, bench: Any) -> None:
         "daemon; dismiss means it is never patched. Both are recorded with your name and reason.",
     )
     commands = review.add_subparsers(dest="review_command", metavar="COMMAND")
-    review.set_defaults(func=lambda args: _missing(review))
+    review.set_defaults(func=lambda args: missing(review))
 
     listing = commands.add_parser("list", help="held mistakes: input, targets with counts, reporters, since when")
     listing.add_argument("--dismissed", action="store_true", help="also the dismissed ones")
@@ -45,23 +44,8 @@ def register(sub: Any, bench: Any) -> None:
         command.set_defaults(func=lambda args, approve=verdict == "approve": _decide(args, approve))
 
 
-def _missing(parser: argparse.ArgumentParser) -> int:
-    parser.print_help(sys.stderr)
-    return 2
-
-
-def _open(args: argparse.Namespace) -> tuple[Any, Any]:
-    from daemon.logs import configure_logging
-    from daemon.settings import load_settings
-    from memory.store import Store
-
-    settings = load_settings(args.config, os.environ)
-    configure_logging(settings.log.level, settings.log.json, stream=sys.stderr)
-    return settings, Store.open(settings.database.url, upgrade=False)
-
-
 def _list(args: argparse.Namespace) -> int:
-    settings, store = _open(args)
+    settings, store = settings_and_store(args)
     with store:
         held = store.held_mistakes(settings.model.name, dismissed=args.dismissed)
     rows = [
@@ -83,7 +67,7 @@ def _list(args: argparse.Namespace) -> int:
 def _decide(args: argparse.Namespace, approve: bool) -> int:
     from memory.review import NotReviewable
 
-    settings, store = _open(args)
+    settings, store = settings_and_store(args)
     operator = args.by or getpass.getuser()
     with store:
         try:

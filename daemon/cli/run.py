@@ -13,11 +13,12 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from daemon.cli.common import CONFIG_HELP
+
 if TYPE_CHECKING:  # imported by the handlers when they run: `patchd --help` stays fast
     from daemon.settings import Settings
     from memory.store import Store
 
-CONFIG_HELP = "TOML settings file (default: none; PATCHD_* environment variables still apply)"
 # broker probe in `patchd check`: long enough for a TLS handshake, short enough for a probe
 CHECK_KAFKA_TIMEOUT_MS = 5000
 

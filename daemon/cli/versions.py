@@ -12,10 +12,10 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from daemon.cli.common import CONFIG_HELP
+
 if TYPE_CHECKING:
     from daemon.settings import Settings
-
-CONFIG_HELP = "TOML settings file (default: none; PATCHD_* environment variables still apply)"
 
 
 def register(sub: Any, bench: Any) -> None:
