@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -12,10 +13,12 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from kafka import TopicPartition
 from prometheus_client.parser import text_string_to_metric_families
 
 from daemon.consumer import IngestStats
 from daemon.health import LIVE_STALE_S, HealthServer
+from daemon.quarantine import Quarantine
 from daemon.settings import load_settings
 from daemon.worker import EditTiming, WorkerStats
 from memory.store import Store
@@ -59,11 +62,16 @@ def service(tmp_path: Path) -> Iterator[SimpleNamespace]:
             settings=settings,
             store=store,
             model=object(),
-            consumer=SimpleNamespace(stats=stats, paused=False),
+            consumer=SimpleNamespace(stats=stats, paused=False, quarantine=_quarantine(store)),
             worker=worker,
             phase="running",
             heartbeat=time.monotonic(),
         )
+
+
+def _quarantine(store: Store) -> Quarantine:
+    """The consumer's real stuck-partition bookkeeping, with no Kafka client behind it."""
+    return Quarantine(store, "tiny", dead_letter=lambda *a: None, commit=lambda o: True, stop=threading.Event())
 
 
 @pytest.fixture
@@ -94,8 +102,22 @@ def test_readyz_needs_model_partitions_and_database(service: SimpleNamespace, he
         "model": True,
         "consumer_assigned": False,
         "database": True,
+        "partitions_flowing": True,
     }
     service.consumer.stats.assigned = 1
+    # a partition stopped on an undecodable batch: not ready, and the body says where
+    quarantine = service.consumer.quarantine
+    record = service.store.record_stuck("tiny", "corrections", 3, 81, "CorruptRecordError: crc")
+    quarantine.stuck[TopicPartition("corrections", 3)] = record
+    status, body = get(health.url + "/readyz")
+    ready = json.loads(body)
+    assert status == 503 and ready["checks"]["partitions_flowing"] is False
+    assert [(s["topic"], s["partition"], s["offset"]) for s in ready["stuck_partitions"]] == [("corrections", 3, 81)]
+    m = metrics(health.url)
+    assert m["patchd_consumer_stuck_partitions"] == 1
+    assert m['patchd_consumer_stuck_offset{partition="3",topic="corrections"}'] == 81
+    quarantine.stuck.clear()
+    assert get(health.url + "/readyz")[0] == 200
     service.phase = "standby"
     assert get(health.url + "/readyz")[0] == 503
 
