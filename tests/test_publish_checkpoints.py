@@ -221,7 +221,8 @@ def test_watcher_swaps_between_requests(base: Path, store: Store, storage: Stora
         published = publisher.publish_if_changed()
         assert published is not None
         deadline = time.monotonic() + 10
-        while watcher.version != published.number and time.monotonic() < deadline:
+        # on_swap runs just after the swap is visible: wait for both
+        while (watcher.version != published.number or not swaps) and time.monotonic() < deadline:
             time.sleep(0.02)
         assert watcher.version == published.number and swaps == [published.number]
         assert torch.equal(held(input_ids=ids).logits, base_logits)
