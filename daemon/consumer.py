@@ -87,6 +87,9 @@ class IngestStats:
     skipped_by_reason: dict[str, int] = field(default_factory=dict)
     assigned: int = 0  # partitions assigned after the last poll (readiness)
     lag: int | None = None  # records not yet consumed on the assigned partitions (None: unknown yet)
+    # the last end-offsets lookup answered. kafka-python keeps the assignment while the broker is
+    # away and poll() just comes back empty, so this is what tells readiness the broker is gone
+    broker_reachable: bool = True
 
 
 class Consumer:
@@ -194,7 +197,8 @@ class Consumer:
             return 0
         self.stats.last_poll_at = time.time()
         self.stats.assigned = len(self.consumer.assignment())
-        if time.monotonic() - self._lag_at > LAG_INTERVAL_S:
+        # every round while the broker does not answer: readiness comes back as soon as it does
+        if time.monotonic() - self._lag_at > (LAG_INTERVAL_S if self.stats.broker_reachable else 0.0):
             self._refresh_lag()
         if not records:
             if not self.paused:
@@ -345,10 +349,17 @@ class Consumer:
             return None
         try:
             ends = self.consumer.end_offsets(assigned, timeout_ms=LOOKUP_TIMEOUT_MS)
-            return {tp: (self.consumer.position(tp, timeout_ms=LOOKUP_TIMEOUT_MS), ends[tp]) for tp in assigned}
+            found = {tp: (self.consumer.position(tp, timeout_ms=LOOKUP_TIMEOUT_MS), ends[tp]) for tp in assigned}
         except (KafkaError, KeyError) as exc:
+            if isinstance(exc, KafkaError) and self.stats.broker_reachable:
+                log.warning("the broker does not answer; not ready until it does", error=repr(exc))
+                self.stats.broker_reachable = False
             log.debug("end offsets unavailable", error=repr(exc))
             return None
+        if not self.stats.broker_reachable:
+            log.info("the broker answers again")
+            self.stats.broker_reachable = True
+        return found
 
     def _refresh_lag(self) -> None:
         self._lag_at = time.monotonic()

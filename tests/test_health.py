@@ -59,7 +59,8 @@ def service(tmp_path: Path) -> Iterator[SimpleNamespace]:
             settings=settings,
             store=store,
             model=object(),
-            consumer=SimpleNamespace(stats=stats, paused=False),
+            # no partition stuck on an undecodable batch (daemon/quarantine.py)
+            consumer=SimpleNamespace(stats=stats, paused=False, quarantine=SimpleNamespace(stuck={}, describe=list)),
             worker=worker,
             phase="running",
             heartbeat=time.monotonic(),
@@ -93,9 +94,16 @@ def test_readyz_needs_model_partitions_and_database(service: SimpleNamespace, he
         "running": True,
         "model": True,
         "consumer_assigned": False,
+        "broker": True,
         "database": True,
+        "partitions_flowing": True,
     }
     service.consumer.stats.assigned = 1
+    service.consumer.stats.broker_reachable = False  # the assignment stays; the broker's lookups fail
+    status, body = get(health.url + "/readyz")
+    assert status == 503 and json.loads(body)["checks"]["broker"] is False
+    service.consumer.stats.broker_reachable = True
+    assert get(health.url + "/readyz")[0] == 200
     service.phase = "standby"
     assert get(health.url + "/readyz")[0] == 503
 
