@@ -417,6 +417,14 @@ class Supervisor:
                     return None
                 self._cond.wait(min(left, 0.5))
 
+    def first_after(self, event: str, t: float, not_pid: int) -> float | None:
+        """When the first `event` line of another process than `not_pid` was read after `t`."""
+        with self._cond:
+            for at, entry in self.entries:
+                if at >= t and entry.get("event") == event and entry.get("pid") != not_pid:
+                    return at
+        return None
+
     def exits_between(self, start: float, end: float) -> list[dict[str, Any]]:
         with self._cond:
             return [dict(e) for e in self.exits if start <= e["t"] <= end]
@@ -904,18 +912,32 @@ class Chaos:
             if not settled:
                 time.sleep(POLL_S)
         lost: int | None = 0
+        cleared_at = None
         if not settled:
             recovered_at = None
             sent = self.producer.sent_until(fault_end)
             got = self.stored()
             lost = self.missing(sent, got).total if got is not None else None
+        else:
+            # stored is not patched: the worker must be at work again too (its queue empties)
+            cleared_at = wait_until(lambda: self.backlog() == 0, RECOVERY_TIMEOUT_S)
         return {
             "recovery_s": None if recovered_at is None else round(recovered_at - fault_end, 2),
             "ready_s": None if ready_since is None else round(max(0.0, ready_since - fault_end), 2),
+            "backlog_cleared_s": None if cleared_at is None else round(cleared_at - fault_end, 2),
             "held_back": held_back,
             "lost": lost,
             "recovered_at": recovered_at,
         }
+
+    def backlog(self) -> int | None:
+        """Mistakes waiting for the worker (queued or being patched); None while the database is away."""
+        assert self._store is not None
+        try:
+            with self._store_lock:
+                return self._store.backlog(self.source.model, self.settings.policy.quorum)
+        except Exception:  # noqa: BLE001 - unknown, not zero
+            return None
 
     def fault_entry(self, name: str, start: float, end: float, rec: dict[str, Any], notes: str) -> dict[str, Any]:
         until = rec.get("recovered_at") or _now()
@@ -927,6 +949,7 @@ class Chaos:
             "ended": self.rel(end),
             "recovery_s": rec["recovery_s"],
             "ready_s": rec["ready_s"],
+            "backlog_cleared_s": rec["backlog_cleared_s"],
             "held_back": rec["held_back"],
             "peak_lag": self.peak_lag(start, until),
             "lost": rec["lost"],
@@ -981,12 +1004,14 @@ class Chaos:
 
         storage = self.sampler.storage
         model = self.source.model
-        before = storage.latest(model)
-        self.say(f"fault 3: filling the storage root (LATEST is version {before})")
+        self.say(f"fault 3: filling the storage root (LATEST is version {storage.latest(model)})")
         mark = self.daemon.mark()
         start = _now()
         filler = self.storage_root / "filler"
         filled = fill(filler)
+        # a publish that finished its writes while the filler grew may still have flipped LATEST:
+        # from here on nothing can be written, so LATEST must stay what it is now
+        before = storage.latest(model)
         failed = self.daemon.wait_for(
             (PUBLISH_FAILED,), mark, PUBLISH_FAIL_TIMEOUT_S, where=lambda e: "No space left" in str(e.get("error", ""))
         )
@@ -1022,6 +1047,7 @@ class Chaos:
             publish_failed_s=round(seen_at - start, 2) if failed else None,
             publish_error=str((failed or {}).get("error"))[:300] if failed else None,
             daemon_alive_while_full=alive,
+            latest_when_full=before,
             latest_while_full=latest,
             latest_unchanged_and_verified=bool(verifies and latest == before),
             next_version=after,
@@ -1059,12 +1085,17 @@ class Chaos:
             time.sleep(self.rng.uniform(0.0, 0.05))
             kill = self.daemon.kill()
             rec = self.recover(kill["t"], settle_s=1.0)
+            # where the time went: the new process loaded the model and connected to Kafka, then
+            # waited for the group to give it the partition (the killed member's session expires)
+            connected = self.daemon.first_after("kafka connected", kill["t"], kill["pid"])
             kills.append({
                 "at": self.rel(kill["t"]),
                 "pid": kill["pid"],
                 "last_line": kill["last_line"],
                 "recovery_s": rec["recovery_s"],
+                "connected_s": None if connected is None else round(connected - kill["t"], 2),
                 "ready_s": rec["ready_s"],
+                "backlog_cleared_s": rec["backlog_cleared_s"],
                 "held_back": rec["held_back"],
                 "lost": rec["lost"],
             })  # fmt: skip
@@ -1086,6 +1117,9 @@ class Chaos:
             "recovery_s": max(times) if len(times) == len(kills) else None,
             "recovery_s_median": round(statistics.median(times), 2) if times else None,
             "ready_s": max((k["ready_s"] for k in kills if k["ready_s"] is not None), default=None),
+            "backlog_cleared_s": None
+            if any(k["backlog_cleared_s"] is None for k in kills)
+            else max(k["backlog_cleared_s"] for k in kills),
             "ready_s_median": round(statistics.median([k["ready_s"] for k in kills if k["ready_s"] is not None]), 2)
             if times
             else None,
@@ -1516,7 +1550,12 @@ def ok_of(report: dict[str, Any]) -> bool:
         and t["final_exit"] == 0
         and report.get("drain", {}).get("drained")
         and all(
-            f["recovery_s"] is not None and f["lost"] == 0 and not f.get("failed_checks") for f in faults if f["run"]
+            f["recovery_s"] is not None
+            and f["lost"] == 0
+            and f.get("backlog_cleared_s", 0) is not None
+            and not f.get("failed_checks")
+            for f in faults
+            if f["run"]
         )
     )
 
@@ -1525,8 +1564,8 @@ def print_report(report: dict[str, Any], out: Callable[[str], None] = print) -> 
     cfg = report.get("config", {})
     out("")
     out(f"patchd bench chaos: {cfg.get('source', cfg.get('base'))}")
-    widths = (36, 8, 8, 10, 8, 9, 8, 5)
-    names = ("fault", "start s", "end s", "recovery s", "ready s", "held back", "peak lag", "lost")
+    widths = (36, 8, 8, 10, 8, 8, 9, 8, 5)
+    names = ("fault", "start s", "end s", "recovery s", "ready s", "queue s", "held back", "peak lag", "lost")
 
     def line(cells: Sequence[str]) -> str:
         return " ".join(
@@ -1539,7 +1578,7 @@ def print_report(report: dict[str, Any], out: Callable[[str], None] = print) -> 
         if not f["run"]:
             out(f"{f['name']:<36} not run: {f['notes']}")
             continue
-        keys = ("started", "ended", "recovery_s", "ready_s", "held_back", "peak_lag", "lost")
+        keys = ("started", "ended", "recovery_s", "ready_s", "backlog_cleared_s", "held_back", "peak_lag", "lost")
         out(line([f["name"], *("-" if f.get(k) is None else str(f[k]) for k in keys)]))
     t = report.get("totals")
     if t:
