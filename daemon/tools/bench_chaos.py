@@ -894,32 +894,34 @@ class Chaos:
         held_back = None if got is None else self.missing(sent, got).total
         ready_since: float | None = None
         recovered_at: float | None = None
+        # stored is not patched: the worker must be at work again too, its queue empty once
+        cleared_at: float | None = None
         settled = False
         deadline = fault_end + RECOVERY_TIMEOUT_S + settle_s
         while not settled and _now() < deadline and not self.daemon.fatal:
             now = _now()
             if not self.daemon.ready():
-                ready_since = recovered_at = None  # down again (a late restart): recovery starts over
+                ready_since = recovered_at = cleared_at = None  # down again (a late restart): it starts over
             else:
                 ready_since = ready_since or now
                 sent = self.producer.sent_until(fault_end)  # the same events, their acks updated
                 got = self.stored()
                 if got is None or self.missing(sent, got).total:
-                    recovered_at = None
+                    recovered_at = cleared_at = None
                 else:
                     recovered_at = recovered_at or now
+                    if cleared_at is None and self.backlog() == 0:
+                        cleared_at = now
                     settled = now - recovered_at >= settle_s
             if not settled:
                 time.sleep(POLL_S)
         lost: int | None = 0
-        cleared_at = None
         if not settled:
-            recovered_at = None
+            recovered_at = cleared_at = None
             sent = self.producer.sent_until(fault_end)
             got = self.stored()
             lost = self.missing(sent, got).total if got is not None else None
-        else:
-            # stored is not patched: the worker must be at work again too (its queue empties)
+        elif cleared_at is None:
             cleared_at = wait_until(lambda: self.backlog() == 0, RECOVERY_TIMEOUT_S)
         return {
             "recovery_s": None if recovered_at is None else round(recovered_at - fault_end, 2),
@@ -1677,6 +1679,7 @@ def run_chaos(opts: Options) -> dict[str, Any]:
             raise
         finally:
             report["seconds"] = round(_now() - chaos.t0, 1)
+            report["load_average_1m_end"] = round(os.getloadavg()[0], 2)  # another run beside it shows here
             report.setdefault("ok", False)
             write_report(opts.json_path, report)
     return report
