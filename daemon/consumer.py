@@ -87,6 +87,9 @@ class IngestStats:
     skipped_by_reason: dict[str, int] = field(default_factory=dict)
     assigned: int = 0  # partitions assigned after the last poll (readiness)
     lag: int | None = None  # records not yet consumed on the assigned partitions (None: unknown yet)
+    # the last end-offsets lookup answered. kafka-python keeps the assignment while the broker is
+    # away and poll() just comes back empty, so this is what tells readiness the broker is gone
+    broker_reachable: bool = True
 
 
 class Consumer:
@@ -120,6 +123,8 @@ class Consumer:
         self.paused = False
         self._pending: dict[TopicPartition, OffsetAndMetadata] = {}  # processed, not yet committed
         self._lag_at = 0.0  # when the lag was last looked up
+        # each partition's end offset when first looked at: the backlog the worker waits for (caught_up)
+        self._backlog_end: dict[TopicPartition, int] = {}
         self.consumer: KafkaConsumer | None = None
         self.producer: KafkaProducer | None = None
         self.quarantine = Quarantine(store, self.model, dead_letter=self._send_dead_letter, commit=self._commit,
@@ -192,7 +197,8 @@ class Consumer:
             return 0
         self.stats.last_poll_at = time.time()
         self.stats.assigned = len(self.consumer.assignment())
-        if time.monotonic() - self._lag_at > LAG_INTERVAL_S:
+        # every round while the broker does not answer: readiness comes back as soon as it does
+        if time.monotonic() - self._lag_at > (LAG_INTERVAL_S if self.stats.broker_reachable else 0.0):
             self._refresh_lag()
         if not records:
             if not self.paused:
@@ -206,6 +212,11 @@ class Consumer:
             log.warning("batch not finished, rewinding to retry it", error=repr(exc), records=count)
             self._rewind(records)
             self.stop.wait(RETRY_BACKOFF_S)
+            return count
+        if not self.caught_up.is_set():
+            # a steady stream (a record within every poll's wait) never leaves a poll empty: without
+            # this the worker of a daemon restarted under such a stream would wait for a lull forever
+            self._check_caught_up(streaming=True)
         return count
 
     def drained(self) -> bool:
@@ -338,10 +349,17 @@ class Consumer:
             return None
         try:
             ends = self.consumer.end_offsets(assigned, timeout_ms=LOOKUP_TIMEOUT_MS)
-            return {tp: (self.consumer.position(tp, timeout_ms=LOOKUP_TIMEOUT_MS), ends[tp]) for tp in assigned}
+            found = {tp: (self.consumer.position(tp, timeout_ms=LOOKUP_TIMEOUT_MS), ends[tp]) for tp in assigned}
         except (KafkaError, KeyError) as exc:
+            if isinstance(exc, KafkaError) and self.stats.broker_reachable:
+                log.warning("the broker does not answer; not ready until it does", error=repr(exc))
+                self.stats.broker_reachable = False
             log.debug("end offsets unavailable", error=repr(exc))
             return None
+        if not self.stats.broker_reachable:
+            log.info("the broker answers again")
+            self.stats.broker_reachable = True
+        return found
 
     def _refresh_lag(self) -> None:
         self._lag_at = time.monotonic()
@@ -356,8 +374,31 @@ class Consumer:
             pos is not None and pos >= end for tp, (pos, end) in offsets.items() if tp not in self.quarantine.stuck
         )
 
-    def _check_caught_up(self) -> None:
-        if not self.caught_up.is_set() and self._at_end():
+    def _past_backlog(self) -> bool:
+        """Every flowing partition read past the end it had when first looked at: the backlog that was
+        in Kafka at start is stored, however fast new records keep moving the end. The ends are looked
+        up once (at the first batch); after that this costs no broker round trip."""
+        assert self.consumer is not None
+        flowing = [tp for tp in self.consumer.assignment() if tp not in self.quarantine.stuck]
+        if not flowing:
+            return False
+        try:
+            unknown = [tp for tp in flowing if tp not in self._backlog_end]
+            if unknown:
+                self._backlog_end.update(self.consumer.end_offsets(unknown, timeout_ms=LOOKUP_TIMEOUT_MS))
+            return all(
+                self.consumer.position(tp, timeout_ms=LOOKUP_TIMEOUT_MS) >= self._backlog_end[tp] for tp in flowing
+            )
+        except (KafkaError, KeyError) as exc:
+            log.debug("backlog end unavailable", error=repr(exc))
+            return False
+
+    def _check_caught_up(self, streaming: bool = False) -> None:
+        """The worker may start: at an empty poll when every partition is read to its end, after a
+        batch (`streaming`) when every partition is read past the backlog it had at start."""
+        if self.caught_up.is_set():
+            return
+        if self._past_backlog() if streaming else self._at_end():
             self.caught_up.set()
             self.work_allowed.set()
             log.info("caught up with the topic", partitions=len(self.consumer.assignment()) if self.consumer else 0)

@@ -3,8 +3,9 @@
     GET /livez    200 while the main loop's heartbeat is fresh (start-up and a warm stop count as
                   alive: systemd's start/stop timeouts govern those); 503 when it is stale
     GET /readyz   200 when the model is loaded, the consumer has partitions assigned, none is
-                  stuck on an undecodable batch and the database answers; 503 otherwise (start-up,
-                  standby, stopping, broker or db down, a stuck partition: the body names it)
+                  stuck on an undecodable batch, the broker answered the consumer's last lookup and
+                  the database answers; 503 otherwise (start-up, standby, stopping, broker or db
+                  down, a stuck partition: the body names it)
     GET /metrics  Prometheus text format, from a CollectorRegistry of this server's own (not the
                   process-wide default), so several daemons or tests can live in one process
 
@@ -289,6 +290,8 @@ class HealthServer:
             "running": s.phase == "running",
             "model": s.model is not None,
             "consumer_assigned": bool(consumer is not None and consumer.stats.assigned > 0),
+            # the assignment outlives a broker that went away: the consumer's own lookups tell
+            "broker": bool(consumer is not None and consumer.stats.broker_reachable),
             "database": s.store is not None and self.database_ok(),
             # no partition stopped on an undecodable batch (daemon/quarantine.py): it waits for an operator
             "partitions_flowing": not (consumer is not None and consumer.quarantine.stuck),

@@ -58,6 +58,16 @@ class WorkerStats:
     gate_failures: Counter[str] = field(default_factory=Counter)  # check that refused it -> count
 
 
+def training_equivalents(mistake: MistakeRecord, policy: PolicySettings) -> list[str]:
+    """The paraphrases a patch for `mistake` trains on: those reported with the winning target,
+    first seen first (DESIGN §7), without the input itself, at most `policy.max_equivalents`.
+    An audit that re-runs the worker's edits (`patchd bench chaos`) must pass exactly these."""
+    if not policy.train_on_equivalents:
+        return []
+    own = mistake.input[0] if isinstance(mistake.input, tuple) else mistake.input
+    return [e for e in mistake.equivalents if e != own][: policy.max_equivalents]
+
+
 class Worker(threading.Thread):
     def __init__(
         self,
@@ -135,12 +145,7 @@ class Worker(threading.Thread):
         attempts = steps = 0
         with log_context(mistake_id=mistake.id, fingerprint=mistake.fingerprint[:16]):
             try:
-                # the paraphrases reported with the winning target, first seen first (DESIGN §7)
-                own = mistake.input[0] if isinstance(mistake.input, tuple) else mistake.input
-                equivalents = [e for e in mistake.equivalents if e != own][: self.policy.max_equivalents]
-                if not self.policy.train_on_equivalents:
-                    equivalents = []
-                proposal = self.model.propose(mistake, equivalents)
+                proposal = self.model.propose(mistake, training_equivalents(mistake, self.policy))
             except (ValueError, RuntimeError) as exc:
                 # an error is not a verdict: nothing was kept, an operator may re-queue it
                 outcome = Status.FAILED

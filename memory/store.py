@@ -15,6 +15,8 @@
     store.status_summary(model, quorum) -> StatusSummary     # `patchd status`
     store.requeue(model, statuses, note) -> list[int]        # `patchd replay`: back to queued
     store.mistakes(model) -> list[MistakeRecord]; store.event_ids(model) -> set[str]
+    store.verdicts(model) -> [(mistake id, status)]          # the worker's verdicts, in the order stored
+    store.rejected_offsets(topic) -> {(partition, offset): reason}  # what the rejected table holds
     store.ping()                                             # SELECT 1 (readiness)
     store.add_patch(mistake_id, PatchIn(...)) -> int        # accepted: mistake -> patched
     store.patches_of(mistake_id) -> list[PatchRecord]
@@ -76,7 +78,7 @@ from memory.records import (
     StuckRecord,
     VersionRecord,
 )
-from memory.schema import Base, Mistake, Patch, Report, Version
+from memory.schema import Base, Mistake, Patch, Rejected, Report, StatusChange, Version
 
 # ids per IN (...) list: well under every backend's bound-parameter limit
 ID_CHUNK = 500
@@ -293,6 +295,29 @@ class Store:
         """The event ids of every stored report of `model` (exactly-once checks)."""
         with self._reading() as session:
             return set(session.scalars(select(Report.event_id).where(Report.model == model)))
+
+    def verdicts(self, model: str) -> list[tuple[int, Status]]:
+        """(mistake id, status) of every change into a worker's verdict (patched, already_fixed,
+        gate_rejected), in the order they were stored: the order in which the model changed, which
+        an audit replays to rebuild the same model (`patchd bench chaos`)."""
+        done = (Status.PATCHED, Status.ALREADY_FIXED, Status.GATE_REJECTED)
+        with self._reading() as session:
+            rows = session.execute(
+                select(StatusChange.mistake_id, StatusChange.to_status)
+                .join(Mistake, Mistake.id == StatusChange.mistake_id)
+                .where(Mistake.model == model, StatusChange.to_status.in_(done))
+                .order_by(StatusChange.id)
+            )
+            return [(int(m), Status(s)) for m, s in rows]
+
+    def rejected_offsets(self, topic: str) -> dict[tuple[int, int], str]:
+        """{(partition, offset): reason} of the rejected events read from `topic` (audits: every
+        invalid event stored once)."""
+        with self._reading() as session:
+            rows = session.execute(
+                select(Rejected.kafka_partition, Rejected.kafka_offset, Rejected.reason).where(Rejected.topic == topic)
+            )
+            return {(int(p), int(o)): str(r) for p, o, r in rows}
 
     def ping(self) -> None:
         """One round trip to the database (SELECT 1); raises when it does not answer (readiness)."""

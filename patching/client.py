@@ -271,6 +271,11 @@ class CheckpointWatcher:
     def version(self) -> int | None:
         return self.current().version
 
+    @property
+    def refused(self) -> dict[int, str]:
+        """The versions refused so far, with the reason (never tried again: versions are immutable)."""
+        return dict(self._refused)
+
     # ------------------------------------------------------------------ watching
 
     def check(self) -> bool:

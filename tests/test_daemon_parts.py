@@ -1,4 +1,5 @@
-"""The daemon's parts on their own: backpressure, scheduler job options, replay and check commands."""
+"""The daemon's parts on their own: backpressure, catching up under a steady stream, scheduler job
+options, replay and check commands."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from daemon.settings import load_settings
 from memory.lifecycle import Status
 from memory.store import Store
 from tests.tinybase import (
+    LABELS,
     MODEL,
     committed,
     correction_stream,
@@ -61,6 +63,59 @@ def test_backpressure_pauses_and_resumes_without_losing_reports(
         # the worker started before the topic was read (the queue was full), so a conflicting pair
         # may have been settled by its first report: only "nothing left behind" is certain here
         assert counts[Status.QUEUED] == counts[Status.PATCHING] == counts[Status.REPORTED] == 0
+
+
+def test_a_steady_stream_never_keeps_the_worker_waiting(
+    tiny, tmp_path: Path, kafka_bootstrap: str, kafka_topic_factory: Callable[..., str]
+) -> None:
+    """The worker starts once the backlog that was in Kafka at start is stored. Under a stream that
+    brings a record within every poll's wait no poll comes back empty, and the daemon restarted
+    under it (patchd bench chaos found it) used to wait for a lull that never came."""
+    from kafka import KafkaProducer
+
+    base, data = tiny
+    topic = kafka_topic_factory()
+    kafka_topic_factory(f"{topic}.dlq")
+    backlog = correction_stream(seed=8).values[:100]
+    produce(kafka_bootstrap, topic, backlog)
+    config = write_config(
+        tmp_path / "p.toml", base=base, data=data, bootstrap=kafka_bootstrap, topic=topic, state=tmp_path / "state",
+        poll_max_records=10,
+    )  # fmt: skip
+    settings = load_settings(config, {})
+    trickling = threading.Event()
+    stop = threading.Event()
+
+    def trickle() -> None:  # one record every 50 ms, far inside the consumer's 500 ms poll wait
+        producer = KafkaProducer(bootstrap_servers=kafka_bootstrap, linger_ms=0)
+        values = correction_stream(seed=9).values + correction_stream(seed=10).values
+        try:
+            for value in values:
+                if stop.is_set():
+                    return
+                producer.send(topic, value=value)
+                trickling.set()
+                time.sleep(0.05)
+        finally:
+            producer.close()
+
+    sender = threading.Thread(target=trickle, daemon=True)
+    with Store.open(settings.database.url) as store:
+        consumer = Consumer(settings, store, LABELS, stop=threading.Event())
+        assert consumer.connect()
+        try:
+            sender.start()
+            assert trickling.wait(30)
+            deadline = time.monotonic() + 25  # the 600 trickled records last 30 s
+            while not consumer.caught_up.is_set() and time.monotonic() < deadline:
+                consumer.step()
+            assert sender.is_alive(), "the stream ended before the consumer said it caught up"
+            assert consumer.caught_up.is_set() and consumer.work_allowed.is_set()
+            assert consumer.stats.records >= len(backlog)  # the backlog first
+        finally:
+            stop.set()
+            sender.join(timeout=30)
+            consumer.close()
 
 
 def test_scheduler_jobs_never_overlap_or_skip(tmp_path: Path) -> None:

@@ -101,6 +101,7 @@ def test_readyz_needs_model_partitions_and_database(service: SimpleNamespace, he
         "running": True,
         "model": True,
         "consumer_assigned": False,
+        "broker": True,
         "database": True,
         "partitions_flowing": True,
     }
@@ -117,6 +118,10 @@ def test_readyz_needs_model_partitions_and_database(service: SimpleNamespace, he
     assert m["patchd_consumer_stuck_partitions"] == 1
     assert m['patchd_consumer_stuck_offset{partition="3",topic="corrections"}'] == 81
     quarantine.stuck.clear()
+    service.consumer.stats.broker_reachable = False  # the assignment stays; the broker's lookups fail
+    status, body = get(health.url + "/readyz")
+    assert status == 503 and json.loads(body)["checks"]["broker"] is False
+    service.consumer.stats.broker_reachable = True
     assert get(health.url + "/readyz")[0] == 200
     service.phase = "standby"
     assert get(health.url + "/readyz")[0] == 503

@@ -123,6 +123,10 @@ def test_rejected_events_are_stored_once(store: Store) -> None:
     assert store.record_rejected([bad]) == 1
     assert store.record_rejected([bad]) == 0
     assert store.table_counts()["rejected"] == 1
+    other = RejectedIn(raw=b"{}", reason="missing_field", detail="target", topic="other", partition=0, offset=7)
+    store.record_rejected([other])
+    assert store.rejected_offsets("corrections") == {(1, 7): "invalid_json"}
+    assert store.rejected_offsets("other") == {(0, 7): "missing_field"}
 
 
 def test_reporter_counts_in_a_window(store: Store) -> None:
@@ -217,6 +221,21 @@ def test_accepted_patch_marks_patched_and_replays_in_order(store: Store) -> None
     assert [p.id for p in store.patches_of(first)][0] == rejected
     counts = store.status_counts("m")
     assert counts[Status.PATCHED] == 2 and counts[Status.GATE_REJECTED] == 1
+
+
+def test_verdicts_in_the_order_they_were_stored(store: Store) -> None:
+    first, second, third = claim(store, "one"), claim(store, "two"), claim(store, "three")
+    store.add_patch(second, patch_in(b"n2"))
+    store.add_patch(third, patch_in(b"bad", accepted=False))
+    assert store.recover_interrupted("m") == [first, third]  # a crash: neither is a verdict
+    again = [store.next_mistake("m"), store.next_mistake("m")]
+    assert [m.id for m in again if m is not None] == [first, third]
+    store.set_status(third, Status.GATE_REJECTED, note="3 tries failed")
+    store.set_status(first, Status.ALREADY_FIXED)
+    claim(store, "other model", model="n")
+    verdicts = [(second, Status.PATCHED), (third, Status.GATE_REJECTED), (first, Status.ALREADY_FIXED)]
+    assert store.verdicts("m") == verdicts
+    assert store.verdicts("n") == []
 
 
 def test_patch_needs_a_claimed_mistake(store: Store) -> None:

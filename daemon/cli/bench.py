@@ -1,6 +1,6 @@
-"""`patchd bench edit | store | ingest | daemon | e2e | scale`: every benchmark's arguments and printing.
+"""`patchd bench edit | store | ingest | daemon | e2e | scale | chaos`: every benchmark's arguments and printing.
 
-The work is in patching/eval/bench.py (edit) and daemon/tools/ (store, ingest, daemon, e2e, scale).
+The work is in patching/eval/bench.py (edit) and daemon/tools/ (store, ingest, daemon, e2e, scale, chaos).
 """
 
 from __future__ import annotations
@@ -210,6 +210,51 @@ def register(sub: Any, bench: Any) -> None:
     scale.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     scale.set_defaults(func=_scale)
 
+    chaos = bench.add_parser(
+        "chaos",
+        help="the real daemon through broker, database, storage and process faults: recovery times, nothing lost",
+        description="Run `patchd run` (a child process) on its own Kafka broker, PostgreSQL server and a "
+        "size-limited tmpfs as storage root, with a producer sending a known stream and a downstream watcher "
+        "in a child process, through five faults in turn: the broker stopped for --broker-down seconds, "
+        "PostgreSQL restarted, the storage root full during a publish, the daemon SIGKILLed every 20-40 s for "
+        "--minutes minutes, the watcher SIGKILLed. Each recovery is timed and what was held back and lost is "
+        "counted; at the end every event must be stored once or dead-lettered, LATEST must have verified at "
+        "every sample, and the model must equal, bit for bit, an uninterrupted run of the same mistakes in "
+        "the same order. Needs root for the tmpfs (without it that fault is reported as not run). Ctrl-C or "
+        "SIGTERM writes a partial report. Exit 0 when every check passed.",
+    )
+    chaos.add_argument(
+        "--minutes", type=float, default=10.0, help="length of the SIGKILL phase, in minutes (default: %(default)s)"
+    )
+    chaos.add_argument(
+        "--base",
+        default="fever-minilm",
+        help="a prepared base, whose task's edit-split claims it gets wrong are the corrections, or a local "
+        "model directory with --data (default: %(default)s)",
+    )
+    chaos.add_argument(
+        "--data",
+        type=Path,
+        help='a directory with claims.jsonl (one {"input", "target"} per line: the corrections), memory.jsonl '
+        "and heldout.jsonl (the daemon's memory and held-out inputs); needed for a local --base",
+    )
+    chaos.add_argument("--claims", type=int, help="correct at most this many claims (default: every one found)")
+    chaos.add_argument(
+        "--broker-down", type=float, default=60.0, help="seconds the broker stays stopped (default: %(default)s)"
+    )
+    chaos.add_argument(
+        "--rate",
+        type=float,
+        help="events a second (default: the stream spans the planned run; the rest is sent at the end)",
+    )
+    chaos.add_argument("--seed", type=int, default=0, help="stream order and fault timing seed (default: %(default)s)")
+    chaos.add_argument("--json", type=Path, metavar="FILE", help="write the report to FILE (also a partial one)")
+    chaos.add_argument(
+        "--work", type=Path, help="work directory (default: a temporary one, removed after a run that passed)"
+    )
+    chaos.add_argument("--keep", action="store_true", help="keep the work directory (logs, records) after a pass")
+    chaos.set_defaults(func=_chaos)
+
 
 def _write(path: Path | None, result: dict[str, Any]) -> None:
     if path:
@@ -337,6 +382,41 @@ def _scale(args: argparse.Namespace) -> int:
     )
     print(f"wrote {path}" + (" (partial: --resume to go on)" if r.get("partial") else ""))
     return 0
+
+
+def _chaos(args: argparse.Namespace) -> int:
+    # before torch is imported: OpenMP threads that spin would steal the daemon's CPU (2 cores)
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    from daemon.tools.bench_chaos import Options, print_report, run_chaos
+
+    if args.minutes <= 0 or args.broker_down < 0 or (args.claims is not None and args.claims < 1):
+        print("--minutes must be positive, --broker-down >= 0, --claims >= 1", file=sys.stderr)
+        return 2
+    if args.rate is not None and args.rate <= 0:
+        print("--rate must be positive", file=sys.stderr)
+        return 2
+    if args.data is not None and not (args.data / "claims.jsonl").is_file():
+        print(f"--data {args.data}: no claims.jsonl there", file=sys.stderr)
+        return 2
+    _quiet_logs()
+    report = run_chaos(
+        Options(
+            base=args.base,
+            data=args.data,
+            minutes=args.minutes,
+            broker_down_s=args.broker_down,
+            claims=args.claims,
+            rate=args.rate,
+            seed=args.seed,
+            json_path=args.json,
+            work=args.work,
+            keep=args.keep,
+        )
+    )
+    print_report(report)
+    if args.json:
+        print(f"wrote {args.json}")
+    return 0 if report.get("ok") else 1
 
 
 def _bench_edit(args: argparse.Namespace) -> int:

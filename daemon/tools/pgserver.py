@@ -4,7 +4,9 @@
 on a free loopback port with its socket in that directory (so it never touches the system
 cluster or /var/run/postgresql), creates one database and returns its SQLAlchemy URL. `stop()`
 shuts it down and deletes the directory. The test fixture (tests/fixtures_pg.py) and
-`patchd bench store` both use it, so the server they measure is the same.
+`patchd bench store` both use it, so the server they measure is the same. `restart()` restarts
+the running server on the same data directory and port (`patchd bench chaos` cuts every session
+of the daemon with it, as a database failover or an upgrade would).
 
 PostgreSQL refuses to run as root; when we are root, every server command runs through
 `runuser -u postgres --` and the directory is handed to that user.
@@ -70,6 +72,8 @@ class PostgresServer:
     bindir: Path | None = None
     workdir: Path | None = field(default=None, init=False)
     port: int | None = field(default=None, init=False)
+    # the server's command-line options (port included) once started: restart() passes them again
+    options: str = field(default="", init=False)
 
     @property
     def url(self) -> str:
@@ -125,6 +129,7 @@ class PostgresServer:
             )
             if result.returncode == 0:
                 self.port = port
+                self.options = " ".join([*options, f"-p {port}"])
                 break
             last_error = self._log_tail()
         else:
@@ -132,6 +137,31 @@ class PostgresServer:
             raise PostgresUnavailable(f"PostgreSQL did not start; server log:\n{last_error}")
         self._run([str(bindir / "createdb"), "-h", "127.0.0.1", "-p", str(self.port), "-U", SERVER_USER, DATABASE])
         return self.url
+
+    def restart(self, mode: str = "fast") -> None:
+        """`pg_ctl restart -m MODE` on the same data directory, port and options; returns once the
+        server accepts connections again. "fast" rolls back open transactions and ends every
+        session (the daemon's pooled connections and its model lock's session among them)."""
+        if self.workdir is None or self.port is None:
+            raise PostgresUnavailable("the private PostgreSQL server is not running")
+        bindir = self.bindir or find_bindir()
+        self._run(
+            [
+                str(bindir / "pg_ctl"),
+                "-D",
+                str(self.workdir / "data"),
+                "-l",
+                str(self.workdir / "server.log"),
+                "-m",
+                mode,
+                "-w",
+                "-t",
+                str(PG_CTL_WAIT_S),
+                "-o",
+                self.options,
+                "restart",
+            ]
+        )
 
     def stop(self) -> None:
         """Fast shutdown (rolls back open transactions) and delete the cluster directory."""
