@@ -250,7 +250,8 @@ class Consumer:
         if rejected:
             self.store.record_rejected(rejected)
         result = self.store.record_batch(reports, self.rate_limit)
-        keys = {(tp.partition, r.offset): r.key for tp, batch in records.items() for r in batch}
+        # the record keys, looked up only for a batch with rate-limited reports (the rare case)
+        keys = {(tp.partition, r.offset): r.key for tp, b in records.items() for r in b} if result.rate_limited else {}
         for item in result.rate_limited:  # stored as rejected with the batch; dead-lettered here
             rejected.append(item)
             futures.append(self._send_dead_letter(item, [], key=keys.get((item.partition, item.offset))))
