@@ -1,10 +1,11 @@
-"""The scale benchmark's stream is real FEVER claims only, in the order the issue asks, and its
-window figures are what they say (the long run itself is `patchd bench scale`)."""
+"""The scale benchmark's streams are real FEVER claims and real CounterFact cases only, in the order
+the issue asks, and its window figures are what they say (the long run itself is `patchd bench
+scale`)."""
 
 from __future__ import annotations
 
-from patching.bases.datasets import NEI, load_task, text_key
-from patching.eval.scale import fever_stream, summarize_window
+from patching.bases.datasets import NEI, counterfact_cases, load_task, text_key
+from patching.eval.scale import counterfact_stream, fever_stream, summarize_window
 
 
 def test_the_fever_stream_is_real_claims_outside_memory_heldout_and_test_mistakes_first() -> None:
@@ -30,6 +31,27 @@ def test_the_fever_stream_is_real_claims_outside_memory_heldout_and_test_mistake
     assert stream.facts["memory_claims"] == 4000 and not stream.facts["ran_out"]
     everything = fever_stream(always, 10**6, memory_size=4000)
     assert everything.facts["ran_out"] and len(everything.edits) == everything.facts["claims_available"]
+
+
+def test_the_counterfact_stream_is_real_rewrites_disjoint_from_memory_heldout_and_test() -> None:
+    stream = counterfact_stream(3000, memory_size=2000)
+    splits = load_task("counterfact")
+    cases = {text_key(c.prompt): c for c in counterfact_cases()}
+    assert len(stream.edits) == 3000 and len(stream.memory) == 2000
+    assert stream.heldout == [e.input for e in splits.heldout]
+    # the memory and held-out sets hold no prompt that is or may become an edit
+    assert not any(text_key(x) in cases for x in stream.memory)
+    used = {text_key(x) for x in (*stream.memory, *stream.heldout)} | {text_key(e.input) for e in splits.test}
+    assert not any(text_key(e.input) in used for e in stream.edits)
+    assert len({text_key(e.input) for e in stream.edits}) == 3000  # no case twice
+    for e in stream.edits:  # every edit is a real case's rewrite
+        assert e.kind == "counterfact" and e.target == cases[text_key(e.input)].target_new.strip()
+    # the counterfact task's edit part comes first, in its order
+    first = [e.input for e in splits.edit if text_key(e.input) not in used][:100]
+    assert [e.input for e in stream.edits[:100]] == first
+    assert stream.facts["edits_by_kind"] == {"counterfact": 3000} and not stream.facts["ran_out"]
+    everything = counterfact_stream(10**6, memory_size=2000)
+    assert everything.facts["ran_out"] and len(everything.edits) == everything.facts["cases_available"] > 15_000
 
 
 def test_window_figures() -> None:

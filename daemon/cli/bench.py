@@ -190,16 +190,26 @@ def register(sub: Any, bench: Any) -> None:
     scale = bench.add_parser(
         "scale",
         help="a long stream of real edits through the daemon's parts, every cost measured per 1,000 edits",
-        description="Edit N real FEVER claims one after another the daemon's way (store, worker, engine, gate, "
-        "snapshot); at the end of every window measure latency, SR, ER, locality, RSS, inference overhead "
-        "against the base, version / publish / fetch bytes, downstream load time and the restart-to-ready "
-        "time of a real `patchd run`. Ctrl-C or SIGTERM writes a partial report; --resume goes on.",
+        description="Edit N real cases one after another the daemon's way (store, worker, engine, gate, "
+        "snapshot): FEVER claims for fever-minilm (its mistakes, then label flips), CounterFact rewrites "
+        "(target_new) for zsre-smollm2. At the end of every window measure latency, SR, ER, locality, RSS, "
+        "inference overhead against the base, version / publish / fetch bytes, downstream load time and the "
+        "restart-to-ready time of a real `patchd run`. Ctrl-C or SIGTERM writes a partial report; --resume goes on.",
     )
-    scale.add_argument("--base", default="fever-minilm", help="prepared base (default: %(default)s)")
+    scale.add_argument(
+        "--base",
+        default="fever-minilm",
+        choices=["fever-minilm", "zsre-smollm2"],
+        help="prepared base (default: %(default)s)",
+    )
     scale.add_argument("--edits", type=int, default=10_000, help="edits in the stream (default: %(default)s)")
     scale.add_argument("--window", type=int, default=1000, help="edits per measured window (default: %(default)s)")
     scale.add_argument(
-        "--memory-size", type=int, default=None, help="claims in the memory M (default: 4,000, leaving 10,000+ to edit)"
+        "--memory-size",
+        type=int,
+        default=None,
+        help="inputs in the memory M (default: 4,000 FEVER claims, leaving 10,000+ to edit; 2,000 CounterFact "
+        "neighbourhood prompts)",
     )
     scale.add_argument("--json", type=Path, metavar="FILE", help="the report (default: bench-scale-<base>.json)")
     scale.add_argument("--resume", action="store_true", help="go on with the stopped run of --json FILE")

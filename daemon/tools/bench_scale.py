@@ -74,11 +74,12 @@ def run_scale_bench(
     restart: bool = True,
 ) -> dict[str, Any]:
     from daemon.tools.broker import broker
-    from patching.eval.scale import FEVER_SCALE_MEMORY
+    from patching.eval.scale import SCALE_MEMORY, SCALE_TASK
 
-    if base != "fever-minilm":
-        raise SystemExit(f"bench scale: --base {base!r} has no scale stream yet (fever-minilm only)")
-    memory_size = FEVER_SCALE_MEMORY if memory_size is None else memory_size
+    task = SCALE_TASK.get(base)
+    if task is None:
+        raise SystemExit(f"bench scale: --base {base!r} has no scale stream (one of {', '.join(SCALE_TASK)})")
+    memory_size = SCALE_MEMORY[task] if memory_size is None else memory_size
     work = json_path.with_name(json_path.stem + ".work")
     asked = {"base": base, "edits": edits, "window": window, "memory_size": memory_size, "seed": seed}
     report: dict[str, Any]
@@ -149,27 +150,34 @@ def _run(report: dict[str, Any], work: Path, data_dir: Path | None, address: str
     from memory.store import Store
     from patching.bases.load import load_base
     from patching.bases.tasks import TaskAdapter
-    from patching.eval.scale import fever_stream, plot_scale, summarize_window
+    from patching.eval.scale import SCALE_TASK, counterfact_stream, fever_stream, plot_scale, summarize_window
 
     base, n, window = report["base"], report["edits"], report["window"]
     stream_file = work / "stream.json"
     if not stream_file.exists():
-        lb = load_base(base)
         t0 = time.perf_counter()
-        stream = fever_stream(
-            lambda xs: TaskAdapter(lb).predict(xs, progress=True), n, report["memory_size"], data_dir, report["seed"]
-        )
+        if SCALE_TASK[base] == "fever":
+            lb = load_base(base)
+            stream = fever_stream(
+                lambda xs: TaskAdapter(lb).predict(xs, progress=True),
+                n,
+                report["memory_size"],
+                data_dir,
+                report["seed"],
+            )
+            del lb
+        else:
+            stream = counterfact_stream(n, report["memory_size"], data_dir, report["seed"])
         for name, inputs in (("memory", stream.memory), ("heldout", stream.heldout)):
             (work / f"{name}.jsonl").write_text("".join(json.dumps({"input": x}) + "\n" for x in inputs))
         edits = [[e.input, e.target, e.kind] for e in stream.edits]
         stream_file.write_text(json.dumps({"facts": stream.facts, "edits": edits}))
         print(f"stream of {len(edits)} edits built in {time.perf_counter() - t0:.0f}s: {stream.facts}", flush=True)
-        del lb
     saved = json.loads(stream_file.read_text())
     report["stream"] = saved["facts"]
     stream_edits: list[list[str]] = saved["edits"]
     if len(stream_edits) < n:
-        print(f"the real claims run out after {len(stream_edits)} edits (asked {n}): stopping there", flush=True)
+        print(f"the real data runs out after {len(stream_edits)} edits (asked {n}): stopping there", flush=True)
     total = min(n, len(stream_edits))
 
     env = _settings_env(work, base, address, 0)
@@ -206,18 +214,9 @@ def _run(report: dict[str, Any], work: Path, data_dir: Path | None, address: str
         base_labels = _base_predictions(work, model, heldout)
         downstream = _Downstream(storage.root, base, model.base.directory)
         i = report["next"]
-        while i < total:
-            text, target, kind = stream_edits[i]
-            row = _edit(store, worker, base, i, text, target, last)
-            row["kind"] = kind
-            report["current"].append(row)
-            i += 1
-            report["next"] = i
-            if i % window == window - 1 or (i == total - 1 and total % window):
-                # the parent version: one patch short of the window's end; a watcher holds it
-                publisher.publish_if_changed()
-                downstream.ask("check")
-            if i % window == 0 or i == total:
+        while True:
+            # a window ends here; a run stopped while measuring it measures it again on --resume
+            if report["current"] and (i % window == 0 or i == total):
                 w = summarize_window(report["current"])
                 w["end"] = i
                 w["row_outcomes"] = [r["outcome"] for r in report["current"]]
@@ -231,6 +230,18 @@ def _run(report: dict[str, Any], work: Path, data_dir: Path | None, address: str
                 report["current"] = []
                 _print_window(w)
                 plot_scale(_finish(report, total), work.with_suffix(".png"))
+            if i >= total:
+                break
+            text, target, kind = stream_edits[i]
+            row = _edit(store, worker, base, i, text, target, last)
+            row["kind"] = kind
+            report["current"].append(row)
+            i += 1
+            report["next"] = i
+            if i % window == window - 1 or (i == total - 1 and total % window):
+                # the parent version: one patch short of the window's end; a watcher holds it
+                publisher.publish_if_changed()
+                downstream.ask("check")
         _finish(report, total)
         report["partial"] = i < total
         downstream.close()
@@ -288,7 +299,7 @@ def _base_predictions(work: Path, model: Any, heldout: list[str]) -> list[str]:
     if path.exists():
         return list(json.loads(path.read_text()))
     with _unpatched(model.patcher.wrapper):
-        labels: list[str] = model.adapter.predict(heldout)
+        labels: list[str] = model.adapter.base_predict(heldout, progress=True)  # on disk per base and inputs
     path.write_text(json.dumps(labels))
     return labels
 
@@ -318,7 +329,7 @@ def _measure(
     fixed = [(t, g) for (t, g, _k), o in zip(done_edits, outcomes, strict=False) if o in ("patched", "already_fixed")]
     t0 = time.perf_counter()
     answers = model.adapter.predict([t for t, _ in fixed]) if fixed else []
-    er = sum(a == g for a, (_t, g) in zip(answers, fixed, strict=True)) / max(1, len(fixed))
+    er = sum(model.adapter.right(a, g) for a, (_t, g) in zip(answers, fixed, strict=True)) / max(1, len(fixed))
     now = model.adapter.predict(heldout)
     locality = sum(a == b for a, b in zip(now, base_labels, strict=True)) / len(heldout)
     eval_s = time.perf_counter() - t0
@@ -360,14 +371,30 @@ def _outcomes(report: dict[str, Any]) -> list[str]:
     return out
 
 
-def _overhead(model: Any, heldout: list[str]) -> dict[str, Any]:
-    """Forward time patched / unpatched on fixed batches of 1 and 16 held-out claims, alternating."""
-    from patching import encode, layer
+def _overhead_batches(model: Any, heldout: list[str]) -> dict[int, dict[str, Any]]:
+    """The forward kwargs of fixed batches of 1 and 16 held-out inputs: a classifier's batch, or a
+    causal LM's prefill as generate() sends it (left-padded, logits of the last position only)."""
+    from patching import encode
 
     tok = model.base.tokenizer
+    if not model.adapter.generation:
+        return {b: encode.classification(tok, heldout[:b]).batch for b in (1, 16)}
+    side, tok.padding_side = tok.padding_side, "left"
+    try:
+        prompts = [model.adapter.text(x) for x in heldout[:16]]
+        batches = {b: dict(tok(prompts[:b], return_tensors="pt", padding=True)) for b in (1, 16)}
+    finally:
+        tok.padding_side = side
+    return {b: {**batch, "logits_to_keep": 1} for b, batch in batches.items()}
+
+
+def _overhead(model: Any, heldout: list[str]) -> dict[str, Any]:
+    """Forward time patched / unpatched on fixed batches of 1 and 16 held-out inputs, alternating."""
+    from patching import layer
+
     net = model.base.model
     wrapper = model.patcher.wrapper
-    batches = {1: encode.classification(tok, heldout[:1]).batch, 16: encode.classification(tok, heldout[:16]).batch}
+    batches = _overhead_batches(model, heldout)
     out: dict[str, Any] = {}
     with torch.no_grad():
         for b, batch in batches.items():

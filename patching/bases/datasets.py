@@ -112,7 +112,7 @@ def default_data_dir() -> Path | None:
     env = os.environ.get("PATCHD_DATA_DIR")
     if env:
         return Path(env).expanduser()
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]  # the repository: patching/bases/datasets.py
     for base in (Path.cwd(), repo):
         candidate = (base / ".." / "shared" / "data").resolve()
         if (candidate / "raw").is_dir():
@@ -285,27 +285,59 @@ def _disjoint(examples: Iterable[Example], claimed: _Claimed, limit: int | None 
 # --------------------------------------------------------------------------------- counterfact
 
 
-def _load_counterfact(raw: Path, rng: random.Random) -> TaskSplits:
+@dataclass(frozen=True)
+class CounterfactCase:
+    prompt: str
+    target_new: str  # the counterfactual object an edit asks for
+    target_true: str  # the true object, "" when the file does not give it
+    paraphrases: tuple[str, ...]  # rephrased prompts (ROME's carry a random prefix)
+
+
+def counterfact_cases(data_dir: Path | None = None) -> list[CounterfactCase]:
+    """Every CounterFact case of the three shared files, one per prompt (text_key), in file order."""
+    return list(_counterfact_cases(raw_dir(data_dir)).values())
+
+
+def _counterfact_cases(raw: Path) -> dict[str, CounterfactCase]:
     flat = _read_json(raw, "counterfact_easyedit/counterfact-edit.json")
     mcf = _read_json(raw, "mcounterfact_en/counterfact-train.json")
     rome = _read_json(raw, "counterfact_rome_filtered/counterfact_filtered.json")
-
-    # One case per prompt (key), first file first: (prompt, new target, true target or "",
-    # paraphrases). Matched by prompt, not case_id: the filtered ROME file renumbers its cases
-    # (only 1 of its 648 ids shared with counterfact-edit names the same case).
-    cases: dict[str, tuple[str, str, str, list[str]]] = {}
+    # One case per prompt (key), first file first. Matched by prompt, not case_id: the filtered ROME
+    # file renumbers its cases (only 1 of its 648 ids shared with counterfact-edit names the same case).
+    cases: dict[str, CounterfactCase] = {}
     for row in flat:
-        case = (row["prompt"], row["target_new"], row["ground_truth"], [row["rephrase_prompt"]])
+        case = CounterfactCase(row["prompt"], row["target_new"], row["ground_truth"], (row["rephrase_prompt"],))
         cases.setdefault(text_key(row["prompt"]), case)
     for row in mcf:
-        cases.setdefault(text_key(row["src"]), (row["src"], row["alt"], "", [row["rephrase"]]))
+        cases.setdefault(text_key(row["src"]), CounterfactCase(row["src"], row["alt"], "", (row["rephrase"],)))
     for row in rome:
         rw = row["requested_rewrite"]
         prompt = rw["prompt"].replace("{}", rw["subject"])
         new, true = rw["target_new"]["str"], rw["target_true"]["str"]
-        have = cases.setdefault(text_key(prompt), (prompt, new, true, []))
-        if have[1] == new:  # the same rewrite: its paraphrases and true target apply
-            cases[text_key(prompt)] = (have[0], new, have[2] or true, have[3] + row["paraphrase_prompts"])
+        have = cases.setdefault(text_key(prompt), CounterfactCase(prompt, new, true, ()))
+        if have.target_new == new:  # the same rewrite: its paraphrases and true target apply
+            paras = (*have.paraphrases, *row["paraphrase_prompts"])
+            cases[text_key(prompt)] = replace(have, target_true=have.target_true or true, paraphrases=paras)
+    return cases
+
+
+def _counterfact_locality(raw: Path) -> list[Example]:
+    """Neighbourhood prompts: other subjects, same relation, with the true object."""
+    flat = _read_json(raw, "counterfact_easyedit/counterfact-edit.json")
+    mcf = _read_json(raw, "mcounterfact_en/counterfact-train.json")
+    rome = _read_json(raw, "counterfact_rome_filtered/counterfact_filtered.json")
+    locality = [Example(r["locality_prompt"].strip(), r["locality_ground_truth"].strip()) for r in flat]
+    locality += [Example(r["loc"].strip(), r["loc_ans"].strip()) for r in mcf]
+    for row in rome:
+        true = row["requested_rewrite"]["target_true"]["str"]
+        locality += [Example(p.strip(), true) for p in row["neighborhood_prompts"]]
+    return locality
+
+
+def _load_counterfact(raw: Path, rng: random.Random) -> TaskSplits:
+    cases = {
+        key: (c.prompt, c.target_new, c.target_true, list(c.paraphrases)) for key, c in _counterfact_cases(raw).items()
+    }
 
     order = list(cases)  # insertion order: deterministic
     rng.shuffle(order)
@@ -327,11 +359,7 @@ def _load_counterfact(raw: Path, rng: random.Random) -> TaskSplits:
     # test: true facts of cases not edited (TestR asks whether the model still knows them)
     test = _disjoint((Example(p, t) for p, t in others if t), claimed, limit=CF_TEST)
     # neighbourhood prompts: other subjects, same relation and true object as the edited case
-    locality = [Example(r["locality_prompt"].strip(), r["locality_ground_truth"].strip()) for r in flat]
-    locality += [Example(r["loc"].strip(), r["loc_ans"].strip()) for r in mcf]
-    for row in rome:
-        true = row["requested_rewrite"]["target_true"]["str"]
-        locality += [Example(p.strip(), true) for p in row["neighborhood_prompts"]]
+    locality = _counterfact_locality(raw)
     rng.shuffle(locality)
     locality = _disjoint(locality, claimed)
     heldout, rest = _take(locality, CF_HELDOUT, "counterfact held-out")

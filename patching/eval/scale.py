@@ -3,8 +3,14 @@
 The stream is real data only. fever-minilm: FEVER claims outside the held-out and test parts and
 outside the memory the run uses; first the base's real mistakes (a SUPPORTS or REFUTES claim the
 base labels wrongly, target = its gold label), then label flips of every other claim (target =
-the label the base does not predict), NOT ENOUGH INFO claims included. When the claims run out
-before the asked number, the stream is shorter and the report says so: nothing is invented.
+the label the base does not predict), NOT ENOUGH INFO claims included.
+
+zsre-smollm2: CounterFact cases (prompt -> target_new) outside the counterfact task's held-out and
+test parts and outside the run's memory, the task's edit part first. The memory and held-out sets
+are neighbourhood prompts (other subjects, same relation), none of them a case's prompt.
+
+When the real data runs out before the asked number, the stream is shorter and the report says
+so: nothing is invented.
 """
 
 from __future__ import annotations
@@ -16,11 +22,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from patching.bases.datasets import NEI, load_task, text_key
+from patching.bases.datasets import NEI, counterfact_cases, load_task, text_key
 from patching.eval.metrics import percentile
 
 # the memory M of a scale run: large enough to keep neurons quiet, small enough to leave 10,000 claims
 FEVER_SCALE_MEMORY = 4_000
+# CounterFact prompts are ~15 token rows each: 2,000 prompts give an M of ~30,000 rows, the size
+# of zsre-smollm2's default (zsRE) memory
+COUNTERFACT_SCALE_MEMORY = 2_000
+# the stream each base is measured on, and its default memory size
+SCALE_TASK = {"fever-minilm": "fever", "zsre-smollm2": "counterfact"}
+SCALE_MEMORY = {"fever": FEVER_SCALE_MEMORY, "counterfact": COUNTERFACT_SCALE_MEMORY}
 
 
 @dataclass(frozen=True)
@@ -76,6 +88,49 @@ def fever_stream(
             "memory_claims": len(memory),
             "heldout_claims": len(splits.heldout),
             "claims_available": len(pool),
+            "edits_by_kind": dict(Counter(e.kind for e in stream)),
+            "ran_out": len(stream) < edits,
+        },
+    )
+
+
+def counterfact_stream(
+    edits: int,
+    memory_size: int = COUNTERFACT_SCALE_MEMORY,
+    data_dir: Path | None = None,
+    seed: int = 0,
+) -> ScaleStream:
+    """The CounterFact scale stream (module docstring): every case is a counterfactual rewrite, so
+    the base is wrong on nearly all of them; one it already answers with target_new is counted as
+    already fixed when its turn comes."""
+    splits = load_task("counterfact", data_dir, seed)
+    cases = counterfact_cases(data_dir)
+    case_keys = {text_key(c.prompt) for c in cases}
+    # neighbourhood prompts only: a case's own prompt may be edited later, so it cannot be in M
+    memory = [e.input for e in splits.memory if text_key(e.input) not in case_keys][:memory_size]
+    heldout = [e.input for e in splits.heldout]
+    used = {text_key(x) for x in (*heldout, *memory)} | {text_key(e.input) for e in splits.test}
+    by_key = {text_key(c.prompt): c for c in cases}
+    order = [text_key(e.input) for e in splits.edit] + [text_key(c.prompt) for c in cases]
+    stream: list[ScaleEdit] = []
+    seen: set[str] = set()
+    for key in order:
+        if key in seen or key in used:
+            continue
+        seen.add(key)
+        case = by_key[key]
+        stream.append(ScaleEdit(case.prompt.strip(), case.target_new.strip(), "counterfact"))
+    available = len(stream)
+    stream = stream[:edits]
+    return ScaleStream(
+        memory,
+        heldout,
+        stream,
+        {
+            "data": "CounterFact (counterfact-edit, mcounterfact train, ROME filtered): prompt -> target_new",
+            "memory_prompts": len(memory),
+            "heldout_prompts": len(heldout),
+            "cases_available": available,
             "edits_by_kind": dict(Counter(e.kind for e in stream)),
             "ran_out": len(stream) < edits,
         },
