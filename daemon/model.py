@@ -202,6 +202,7 @@ class PatchedModel:
         gate = _json_safe(proposal.gate.to_dict())
         gate["attempts"] = proposal.attempts
         gate["train_success"] = bool(proposal.train.success)
+        gate["banded"] = proposal.banded
         return PatchIn(
             neurons=patchfile.encode(nr.keys, nr.biases, nr.values, [proposal.edit_id] * nr.n),
             n_neurons=nr.n,

@@ -30,6 +30,15 @@ class TrainConfig:
     # When the capped neuron fails the gate, the same neuron capped at 1 (the relu's output on the
     # edit, never more elsewhere) is tried before a retry. 1 = no boost.
     saturation: float = 3.0
+    # relu-cap only: when every attempt failed the gate because the neurons fired where they must
+    # not (a held-out input or an earlier edit changed), the last attempt's neurons are tried once
+    # more as a band: full output only within +-band of the edit's own pre-activation, zero below
+    # (1 - 2 band) and above (1 + 2 band) of it (patching/saturation.py). A single relu fires on a
+    # half-space, so an input that projects BEYOND the edit on its key (FEVER: a longer paraphrase
+    # of the claim, at 1.1-3.3x the edit's pre-activation) can never be left out by a threshold;
+    # a band leaves it out with one more neuron. Classification only (a generation edit's neuron
+    # fires on several rows at different strengths). 0 = off.
+    band: float = 0.05
     # Adam learning rate of the reference implementation
     lr: float = 1e-2
     # hard cap; the stop rule usually ends training after tens of steps
@@ -105,6 +114,8 @@ class TrainConfig:
             raise ValueError(f"trainer.activation must be one of {names}, got {self.activation!r}")
         if not self.saturation >= 1.0:
             raise ValueError(f"trainer.saturation must be >= 1, got {self.saturation!r}")
+        if not 0.0 <= self.band < 0.5:
+            raise ValueError(f"trainer.band must be in [0, 0.5), got {self.band!r}")
         if self.init not in ("fisher", "margin", "reference"):
             raise ValueError(f"trainer.init must be 'fisher', 'margin' or 'reference', got {self.init!r}")
         if self.init_threshold is not None and not 0.0 < self.init_threshold < 1.0:

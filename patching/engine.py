@@ -28,7 +28,7 @@ from patching.init import whitening
 from patching.layer import PatchedFFN, activate, attach, detach, neuron_output, trained_as
 from patching.memory_bank import MemoryBank, RowBank
 from patching.reference import train_reference
-from patching.saturation import cap, saturations
+from patching.saturation import BAND_NARROWER, band, cap, saturations
 from patching.trainer import EditTensors, Neurons, Objective, TrainResult, train_cached
 
 Status = Literal["already_fixed", "accepted", "rejected"]
@@ -45,6 +45,7 @@ class Proposal:
     seconds: float
     saturation: float | None = None  # relu-cap: the cap the neurons were gated with (None: relu/gelu)
     train_seconds: float = 0.0  # training time of every attempt (the rest of `seconds` is forward + gate)
+    banded: bool = False  # the neurons are a band (saturation.band): the regular attempts were refused
 
     @property
     def accepted(self) -> bool:
@@ -244,9 +245,32 @@ class Patcher:
             if proposal is not None and proposal.accepted:
                 break
         assert proposal is not None
+        if not proposal.accepted and proposal.gate.reliable and self._band_applies(proposal):
+            proposal = self._banded(proposal)
         proposal.seconds = time.perf_counter() - t0
         proposal.train_seconds = train_s
         return proposal
+
+    def _band_applies(self, proposal: Proposal) -> bool:
+        """The band is the last try of a relu-cap edit that the gate refused only because its
+        neurons fired elsewhere (a held-out input or an earlier edit changed)."""
+        return self.train_cfg.activation == "relu-cap" and self.train_cfg.band > 0 and not self.generation
+
+    def _banded(self, proposal: Proposal) -> Proposal:
+        """The last attempt's trained neurons as a band around the edit (saturation.band), gated;
+        the configured width first, then a narrower one (FEVER: 0.05 kept 8 of 9 refused edits
+        alone, 0.02 the ninth)."""
+        et = proposal.edit
+        for width in (self.train_cfg.band, self.train_cfg.band * BAND_NARROWER):
+            neurons = band(proposal.train.neurons, et.q, width)
+            verdict = gating.check(
+                neurons, self.train_cfg.activation, et, self.retention, self.heldout, self.tail, self.gate_cfg
+            )
+            if verdict.passed:
+                return Proposal(
+                    proposal.edit_id, et, neurons, proposal.train, verdict, proposal.attempts, 0.0, None, banded=True
+                )
+        return proposal  # the refused verdict of the regular attempts stands
 
     def _as_run(self, nr: Neurons, et: EditTensors) -> list[tuple[Neurons, float | None]]:
         """The trained neurons as the layer will run them, each way to gate in turn: as trained, or

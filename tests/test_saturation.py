@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from patching.config import TrainConfig
+from patching.gate import HeldoutTensors
 from patching.layer import activate, neuron_output
-from patching.saturation import cap, saturations
+from patching.saturation import band, cap, saturations
 from patching.trainer import Neurons
 from tests.test_patching_behaviour import batch, predict, setup
 
@@ -71,6 +72,36 @@ def test_the_engine_tries_the_bold_cap_first_then_one() -> None:
 def test_config_rejects_a_saturation_below_one() -> None:
     with pytest.raises(ValueError, match="trainer.saturation"):
         TrainConfig(activation="relu-cap", saturation=0.5)
+    with pytest.raises(ValueError, match="trainer.band"):
+        TrainConfig(band=0.5)
+
+
+def test_a_band_gives_the_edit_its_output_and_nothing_beyond_or_below_it() -> None:
+    nr = Neurons(torch.eye(4)[:1].clone(), torch.zeros(1), torch.tensor([[0.0, 1.0, -1.0, 0.5]]))
+    q_edit = torch.tensor([[2.0, 0.3, 0.0, 0.0]])  # pre-activation 2 on the edit
+    banded = band(nr, q_edit, 0.1)
+    assert banded.n == 2 and torch.equal(banded.keys[0], banded.keys[1] * 1.0)  # one key direction, two edges
+    full = 2.0 * nr.values[0]  # what the relu gives the edit
+    # pre-activations (the first coordinate): the edit, inside the band, the ramps, far below, far beyond
+    u = torch.tensor([2.0, 1.85, 2.15, 1.7, 2.3, 1.5, 0.0, -1.0, 2.5, 7.0])
+    q = torch.zeros(u.numel(), 4)
+    q[:, 0] = u
+    got = out(banded, q, "relu-cap")
+    assert torch.allclose(got[0], full) and torch.allclose(got[1], full) and torch.allclose(got[2], full)
+    assert torch.allclose(got[3], 0.5 * full, atol=1e-5) and torch.allclose(got[4], 0.5 * full, atol=1e-5)
+    assert torch.equal(got[5:8], torch.zeros(3, 4))  # below 1 - 2w of the edit: exactly silent
+    assert torch.allclose(got[8:], torch.zeros(2, 4), atol=1e-6)  # beyond 1 + 2w: the edges cancel
+    # the relu itself fires hardest beyond the edit: what the band is for
+    assert out(nr, q[9:], "relu-cap").abs().sum() > 0
+
+
+def test_a_band_of_several_edit_rows_covers_them_all_and_a_silent_neuron_stays_silent() -> None:
+    nr, q_edit = one_neuron()  # edit rows at pre-activations 2 and 0.5
+    got = out(band(nr, q_edit, 0.05), q_edit, "relu-cap")
+    assert torch.allclose(got, (2.0 * nr.values[0]).expand(2, 4))
+    silent = Neurons(torch.tensor([[0.0, 1.0, 0.0, 0.0]]), torch.tensor([-5.0]), torch.ones(1, 4))
+    pair = band(silent, q_edit, 0.05)
+    assert torch.isfinite(pair.keys).all() and torch.equal(pair.values, torch.zeros(2, 4))
 
 
 def test_twenty_sequential_relu_cap_edits_succeed_and_keep_everything_else() -> None:
@@ -89,3 +120,37 @@ def test_twenty_sequential_relu_cap_edits_succeed_and_keep_everything_else() -> 
     assert torch.equal(predict(model, heldout), held_before)
     assert set(caps) <= {3.0, 1.0} and 3.0 in caps
     assert patcher.wrapper.activation == "relu-cap"
+
+
+@pytest.mark.parametrize("width", [0.0, 0.05])
+def test_an_edit_refused_for_a_held_out_input_beyond_it_is_kept_as_a_band(width: float) -> None:
+    """A held-out row that projects twice as far as the edit on any key the trainer can find
+    (its FFN input is 2 q_edit, its other tensors the edit's): every relu attempt changes its
+    prediction, the band leaves it alone."""
+    patcher, _, edits = setup(train=TrainConfig(max_steps=300, activation="relu-cap", band=width))
+    model = patcher.model
+    ids = edits[:1]
+    target = 1 - predict(model, ids)
+    et = patcher.cache(batch(ids, target))
+    beyond = HeldoutTensors(2.0 * et.q, et.ffn, et.residual, 1 - target, torch.zeros(1, dtype=torch.long))
+    assert patcher.heldout is not None
+    h = patcher.heldout
+    patcher.heldout = HeldoutTensors(
+        torch.cat([h.q, beyond.q]),
+        torch.cat([h.ffn, beyond.ffn]),
+        torch.cat([h.residual, beyond.residual]),
+        torch.cat([h.pred, beyond.pred]),
+        torch.cat([h.group, beyond.group + h.examples]),
+    )
+    proposal = patcher.propose(batch(ids, target), "beyond")
+    assert proposal is not None
+    if width == 0.0:  # the band off: refused after every retry, for that row
+        assert not proposal.accepted and not proposal.banded
+        assert any(r.startswith("locality: 1 ") for r in proposal.gate.reasons)
+        return
+    assert proposal.accepted and proposal.banded and proposal.neurons.n == 2
+    assert proposal.attempts == patcher.gate_cfg.retries + 1  # the regular attempts came first
+    patcher.commit(proposal)
+    assert int(predict(model, ids)) == int(target)
+    pre = (2.0 * et.q) @ proposal.neurons.keys.T + proposal.neurons.biases
+    assert (pre >= 1.0).all()  # both edges saturated on the row beyond: their outputs cancel
