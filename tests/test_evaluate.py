@@ -34,6 +34,18 @@ def test_metrics_on_known_cases() -> None:
         metrics.locality(["a"], [])
 
 
+def test_teacher_forced_token_accuracy_on_hand_made_logits() -> None:
+    """Two examples in a [2, 3, 4] batch: example 0 has target rows at positions 0 and 1 (tokens
+    2 and 3), example 1 at position 2 (token 1); example 2 has none."""
+    logits = torch.zeros(2, 3, 4)
+    logits[0, 0, 2] = 1.0  # right
+    logits[0, 1, 0] = 1.0  # wrong: 0 is the argmax, 3 the target
+    logits[1, 2, 1] = 5.0  # right
+    rows_b, rows_t, targets = torch.tensor([0, 0, 1]), torch.tensor([0, 1, 2]), torch.tensor([2, 3, 1])
+    assert metrics.token_accuracy(logits, rows_b, rows_t, targets, 3) == [0.5, 1.0, None]
+    assert metrics.mean_score([0.5, 1.0, None]) == 0.75 and metrics.mean_score([None]) is None
+
+
 def test_progress_bar_shows_running_sr_gr_and_the_last_er_checkpoint() -> None:
     from patching.eval.evaluate import _running
 
@@ -123,6 +135,7 @@ def test_tiny_end_to_end_evaluate(tmp_path: Path) -> None:
     )
     assert report["edits"] > 5  # roughly half of random targets are mistakes
     assert report["sr"] == 1.0 and report["er"] == 1.0
+    assert report["sr_tf"] == 1.0 and report["er_tf"] == 1.0 and report["gr_tf"] is None  # a label is one token
     assert report["locality"] == 1.0  # the strict gate lets no held-out prediction change
     assert report["gr"] is None  # no paraphrases in this data
     assert report["neurons"] == report["edits"] - report["gate_rejected"]

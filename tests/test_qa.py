@@ -161,3 +161,32 @@ def test_base_answers_are_cached_per_base_and_input_list(
     adapter.base.model.save_pretrained(tmp_path / "base")
     adapter.base_predict(questions)
     assert calls == [1, 2]
+
+
+def test_teacher_forced_scores_match_the_plain_definition_per_example(
+    model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, tmp_path: Path
+) -> None:
+    """TaskAdapter.token_accuracy, batched and padded, against the definition run one example at a
+    time: prompt + " " + answer through the model, the answer's j-th token right when it is the
+    argmax at the position before it."""
+    from patching.bases.load import load_base
+    from patching.bases.tasks import TaskAdapter
+    from patching.encode import target_ids
+
+    model.save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    adapter = TaskAdapter(load_base(str(tmp_path / "base")))
+    questions = ["Who?", "Which family does Epaspidoceras belong to?", "When?"]
+    answers = ["Paris", "the Ammonoidea", "1998"]
+
+    def plain(question: str, answer: str) -> float:
+        p_ids = tokenizer(adapter.text(question))["input_ids"]
+        t_ids = target_ids(tokenizer, answer, stop="")
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([p_ids + t_ids])).logits[0]
+        hits = [int(logits[len(p_ids) + j - 1].argmax()) == t for j, t in enumerate(t_ids)]
+        return sum(hits) / len(hits)
+
+    want = [plain(q, a) for q, a in zip(questions, answers, strict=True)]
+    assert adapter.token_accuracy(questions, answers) == pytest.approx(want)
+    assert adapter.token_accuracy(questions[:1], [""]) == [None]  # no answer tokens: no score

@@ -24,6 +24,7 @@ from patching.bases.load import LoadedBase, cache_root
 from patching.bases.qa import exact_match, greedy_answers, greedy_ids, prompt_for
 from patching.encode import Encoded, ModelInput
 from patching.engine import Patcher
+from patching.eval import metrics
 from patching.loading import base_identity
 
 BATCH = 64  # inputs per frozen forward while building memory / held-out caches
@@ -131,6 +132,28 @@ class TaskAdapter:
             enc = encode.classification(self.base.tokenizer, inputs[i : i + BATCH])
             logits = self.base.model(**enc.batch).logits
             out.extend(self.base.labels[j] for j in logits.argmax(-1).tolist())
+        return out
+
+    @torch.no_grad()
+    def token_accuracy(self, inputs: Sequence[ModelInput], targets: Sequence[str]) -> list[float | None]:
+        """Teacher-forced scores of the current model (eval/metrics.token_accuracy): per input, the
+        share of its target's tokens (" " + answer, no stop token) that are the argmax given the
+        prompt and the earlier answer tokens; a classifier scores 1.0 or 0.0 on its label."""
+        if not self.generation:
+            return [float(self.right(p, t)) for p, t in zip(self.predict(inputs), targets, strict=True)]
+        out: list[float | None] = []
+        for i in range(0, len(inputs), BATCH):
+            chunk = inputs[i : i + BATCH]
+            enc = encode.generation(
+                self.base.tokenizer,
+                [self.text(x) for x in chunk],
+                list(targets[i : i + BATCH]),
+                seq2seq=self.seq2seq,
+                decoder_start_id=self.decoder_start_id,
+                stop="",
+            )
+            logits = self.base.model(**enc.batch).logits
+            out.extend(metrics.token_accuracy(logits, enc.rows_b, enc.rows_t, enc.targets, len(chunk)))
         return out
 
     def base_predict(self, inputs: Sequence[str], progress: bool = False) -> list[str]:

@@ -141,6 +141,7 @@ def run_evaluate(
             )
             right = adapter.right(adapter.predict([ex.input])[0], ex.target)
             para = _right(adapter, [type(ex)(q, ex.target) for q in ex.equivalents]) if ex.equivalents else []
+            tf = adapter.token_accuracy([ex.input, *ex.equivalents], [ex.target] * (1 + len(ex.equivalents)))
             rows.append(
                 {
                     "i": i,
@@ -149,6 +150,8 @@ def run_evaluate(
                     "status": rec.status,
                     "sr": right,
                     "gr": (sum(para) / len(para)) if para else None,
+                    "sr_tf": tf[0],
+                    "gr_tf": metrics.mean_score(tf[1:]),
                     "seconds": round(rec.seconds, 4),
                     "steps": rec.steps,
                     "attempts": rec.attempts,
@@ -180,8 +183,10 @@ def run_evaluate(
         save_patches(patches, ed.patcher)  # before the final passes: a second Ctrl-C keeps the edits
     done = [r for r in rows if "sr" in r]
     final_right = _right(adapter, edited) if sequential else []
-    for r, ok in zip(done, final_right, strict=False):
+    final_tf = adapter.token_accuracy([e.input for e in edited], [e.target for e in edited]) if sequential else []
+    for r, ok, tf_end in zip(done, final_right, final_tf, strict=False):
         r["right_at_end"] = ok
+        r["tf_at_end"] = tf_end
     held_after = adapter.predict(held_inputs, progress=True) if sequential else held_before
     secs = [r["seconds"] for r in done]
     report: dict[str, Any] = {
@@ -197,6 +202,10 @@ def run_evaluate(
         "sr": metrics.success_rate([r["sr"] for r in done]),
         "gr": metrics.generalization_rate([r["gr"] for r in done]) if data.has_paraphrases else None,
         "er": metrics.edit_retention(final_right) if sequential else None,
+        # teacher-forced beside them (metrics.token_accuracy), as published editors are scored
+        "sr_tf": metrics.mean_score([r.get("sr_tf") for r in done]),
+        "gr_tf": metrics.mean_score([r.get("gr_tf") for r in done]) if data.has_paraphrases else None,
+        "er_tf": metrics.mean_score(final_tf) if sequential else None,
         "train_r": metrics.relative_accuracy(train_before, _right(adapter, data.train_eval)) if sequential else None,
         "test_r": metrics.relative_accuracy(test_before, _right(adapter, data.test)) if sequential else None,
         "locality": metrics.locality(held_before, held_after) if sequential else None,

@@ -3,12 +3,18 @@
 SR: the edit is right just after its patch. GR: its paraphrases are right just after its patch.
 ER: edits still right at the end of the stream. TrainR / TestR: accuracy after the stream divided
 by accuracy before. Locality: share of held-out outputs unchanged.
+
+Exact match (greedy generation) is patchd's headline. The `_tf` variants are teacher-forced, as
+EasyEdit and the papers it serves score: per example, the share of the answer's tokens that are
+the argmax when the prompt and the answer's earlier tokens are given (`token_accuracy`).
 """
 
 from __future__ import annotations
 
 import statistics
 from collections.abc import Sequence
+
+import torch
 
 
 def rate(flags: Sequence[bool]) -> float | None:
@@ -58,3 +64,22 @@ def percentile(xs: Sequence[float], p: float) -> float | None:
         return None
     s = sorted(xs)
     return s[min(len(s) - 1, round(p * (len(s) - 1)))]
+
+
+def token_accuracy(
+    logits: torch.Tensor, rows_b: torch.Tensor, rows_t: torch.Tensor, targets: torch.Tensor, examples: int
+) -> list[float | None]:
+    """Per example, the share of its target rows whose argmax is the target token.
+
+    logits [B, T, V] of a teacher-forced batch; rows_b / rows_t [R] the example and position of
+    each row whose logits predict targets [R]. An example without rows (an empty answer) is None."""
+    right = (logits[rows_b, rows_t].argmax(-1) == targets).float()  # [R]
+    hits = torch.zeros(examples).index_add_(0, rows_b, right)
+    rows = torch.zeros(examples).index_add_(0, rows_b, torch.ones_like(right))
+    return [float(h / n) if n else None for h, n in zip(hits.tolist(), rows.tolist(), strict=True)]
+
+
+def mean_score(scores: Sequence[float | None]) -> float | None:
+    """Mean of the examples that have a score."""
+    vals = [v for v in scores if v is not None]
+    return statistics.fmean(vals) if vals else None
