@@ -138,6 +138,10 @@ def test_tiny_end_to_end_evaluate(tmp_path: Path) -> None:
     assert report["sr_tf"] == 1.0 and report["er_tf"] == 1.0 and report["gr_tf"] is None  # a label is one token
     assert report["locality"] == 1.0  # the strict gate lets no held-out prediction change
     assert report["gr"] is None  # no paraphrases in this data
+    # every edit asked behind 3 of the 12 texts held out of memory.jsonl; no paraphrase, no cgr
+    assert report["cr"] is not None and 0.0 <= report["cr"] <= 1.0 and report["cgr"] is None
+    assert report["cr_chat"] is None  # a classifier has no chat form
+    assert all(r["cr"] in (0.0, 1 / 3, 2 / 3, 1.0) for r in report["rows"] if "sr" in r)
     assert report["neurons"] == report["edits"] - report["gate_rejected"]
     assert len([r for r in report["rows"] if "sr" in r]) == report["edits"]
     from patching.eval.plots import plot_reports

@@ -61,6 +61,7 @@ class Example:
     target: str  # label name (classification) or the true answer text (generation); "" = unknown
     equivalents: tuple[str, ...] = ()  # paraphrases, only measured (GR), never trained on
     train_equivalents: tuple[str, ...] = ()  # paraphrases a trainer may use
+    contexts: tuple[str, ...] = ()  # texts to ask the edit behind (cr / cgr), never trained on
 
 
 @dataclass

@@ -156,6 +156,13 @@ class TaskAdapter:
             out.extend(metrics.token_accuracy(logits, enc.rows_b, enc.rows_t, enc.targets, len(chunk)))
         return out
 
+    @torch.no_grad()
+    def predict_prompts(self, prompts: Sequence[str]) -> list[str]:
+        """A generator's greedy answers to finished prompts (a chat template already applied)."""
+        if not self.generation:
+            raise ValueError("predict_prompts is for generators")
+        return greedy_answers(self.base.model, self.base.tokenizer, list(prompts))
+
     def base_predict(self, inputs: Sequence[str], progress: bool = False) -> list[str]:
         """`predict` for the UNPATCHED base only: greedy answers are cached on disk per base, prompt
         format and input list (a zsRE edit or held-out set costs minutes of decoding on a CPU, and

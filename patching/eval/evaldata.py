@@ -4,7 +4,9 @@ Generic format (one JSON object per line, UTF-8):
 
 - `edits.jsonl` (required): `{"input": str, "target": str, "equivalents": [str, ...]}`;
   `equivalents` (paraphrases that must get the same target) are only measured (GR), never
-  trained on; `train_equivalents` may be given for paraphrases a trainer may use.
+  trained on; `train_equivalents` may be given for paraphrases a trainer may use; `contexts`
+  (optional) are texts to ask the edit behind (cr, cgr: patching/eval/contexts.py), never
+  trained on. An edit without them is asked behind texts held out of memory.jsonl.
 - `heldout.jsonl`, `train_eval.jsonl`, `test.jsonl` (optional): `{"input": str, "target": str}`.
   heldout measures locality (target may be ""), train_eval TrainR, test TestR.
 - `memory.jsonl` (optional): `{"input": str}` unrelated inputs for the activation memory; when
@@ -22,7 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from patching.bases.datasets import Example, TaskSplits, load_task
+from patching.bases.datasets import Example, TaskSplits, load_task, text_key
+from patching.eval.contexts import pool_from_memory
 
 BUILTIN = ("fever", "zsre", "counterfact")
 
@@ -39,6 +42,8 @@ class EvalData:
     train_eval: list[Example] = field(default_factory=list)
     test: list[Example] = field(default_factory=list)
     memory: list[Example] = field(default_factory=list)
+    # unrelated texts to ask edits behind (cr / cgr), held out of the memory part: never in M
+    context_pool: list[str] = field(default_factory=list)
 
     @property
     def has_paraphrases(self) -> bool:
@@ -47,7 +52,8 @@ class EvalData:
     @classmethod
     def from_splits(cls, s: TaskSplits, train_eval_size: int = 1000) -> EvalData:
         # TrainR is measured on a fixed subset of the training split (the paper's protocol)
-        return cls(s.name, s.edit, s.heldout, s.train[:train_eval_size], s.test, s.memory)
+        memory, pool = pool_from_memory(s.memory)
+        return cls(s.name, s.edit, s.heldout, s.train[:train_eval_size], s.test, memory, pool)
 
 
 def _strings(value: Any) -> bool:
@@ -80,11 +86,11 @@ def _read_jsonl(path: Path, need_target: bool, errors: list[str]) -> list[Exampl
         if not isinstance(target, str) or (need_target and not target.strip()):
             errors.append(f"{where}: 'target' must be a {'non-empty ' if need_target else ''}string")
             continue
-        eq, teq = obj.get("equivalents", []), obj.get("train_equivalents", [])
-        if not _strings(eq) or not _strings(teq):
-            errors.append(f"{where}: 'equivalents' / 'train_equivalents' must be lists of strings")
+        eq, teq, ctx = obj.get("equivalents", []), obj.get("train_equivalents", []), obj.get("contexts", [])
+        if not _strings(eq) or not _strings(teq) or not _strings(ctx):
+            errors.append(f"{where}: 'equivalents' / 'train_equivalents' / 'contexts' must be lists of strings")
             continue
-        out.append(Example(inp, target, tuple(eq), tuple(teq)))
+        out.append(Example(inp, target, tuple(eq), tuple(teq), tuple(ctx)))
     return out
 
 
@@ -109,7 +115,21 @@ def load_generic(folder: Path) -> EvalData:
             '{"input": ...} per line (about 1,000 or more, none of them an edit or held-out input), or a '
             "train_eval.jsonl / test.jsonl to build it from; with an empty M every edit fails"
         )
-    return EvalData(folder.name, edits, parts["heldout"], parts["train_eval"], parts["test"], memory)
+    trained = {text_key(t) for e in edits for t in (e.input, *e.train_equivalents)} | {
+        text_key(m.input) for m in memory
+    }
+    clashes = [
+        f"edits.jsonl: context {c!r} is also an edit, train equivalent or memory input"
+        for e in edits
+        for c in e.contexts
+        if text_key(c) in trained
+    ]
+    if clashes:  # a context must be a text no editor trains on
+        raise DataError(f"{len(clashes)} problem(s) in {folder}:\n  " + "\n  ".join(clashes[:50]))
+    pool: list[str] = []
+    if parts["memory"]:  # only memory.jsonl gives context texts: train_eval and test are measured
+        memory, pool = pool_from_memory(memory)
+    return EvalData(folder.name, edits, parts["heldout"], parts["train_eval"], parts["test"], memory, pool)
 
 
 def load_eval_data(data: str, data_dir: Path | None = None, seed: int = 0) -> EvalData:

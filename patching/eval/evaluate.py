@@ -24,6 +24,7 @@ from patching.bases.tasks import TaskAdapter
 from patching.config import GateConfig, TrainConfig
 from patching.engine import Patcher
 from patching.eval import metrics
+from patching.eval.contexts import chat_prompt, contexts_for, with_context
 from patching.eval.editors import TPatcherEditor, make_editor
 from patching.eval.evaldata import EvalData
 from patching.eval.record import Editor
@@ -36,6 +37,25 @@ CURVE_SAMPLE = 300  # held-out inputs predicted at each checkpoint (the full set
 def _right(adapter: TaskAdapter, examples: list[Any]) -> list[bool]:
     preds = adapter.predict([e.input for e in examples])
     return [adapter.right(p, e.target) for p, e in zip(preds, examples, strict=True)]
+
+
+def _in_context(adapter: TaskAdapter, ex: Any, contexts: list[str]) -> dict[str, float | None]:
+    """cr, cgr and cr_chat of one edit just after it (None where it has no such input)."""
+    if not contexts:
+        return {"cr": None, "cgr": None, "cr_chat": None}
+    own = _right(adapter, [type(ex)(with_context(c, ex.input), ex.target) for c in contexts])
+    paras = [type(ex)(with_context(contexts[j % len(contexts)], q), ex.target) for j, q in enumerate(ex.equivalents)]
+    para = _right(adapter, paras) if paras else []
+    chat = None
+    if adapter.generation:
+        prompt = chat_prompt(adapter.base.tokenizer, adapter.text(ex.input), contexts[0])
+        if prompt is not None:
+            chat = float(adapter.right(adapter.predict_prompts([prompt])[0], ex.target))
+    return {
+        "cr": sum(own) / len(own),
+        "cgr": sum(para) / len(para) if para else None,
+        "cr_chat": chat,
+    }
 
 
 def _running(rows: list[dict[str, Any]], curve: list[dict[str, Any]], neurons: int) -> dict[str, str]:
@@ -142,6 +162,7 @@ def run_evaluate(
             right = adapter.right(adapter.predict([ex.input])[0], ex.target)
             para = _right(adapter, [type(ex)(q, ex.target) for q in ex.equivalents]) if ex.equivalents else []
             tf = adapter.token_accuracy([ex.input, *ex.equivalents], [ex.target] * (1 + len(ex.equivalents)))
+            in_context = _in_context(adapter, ex, contexts_for(i, ex.contexts, data.context_pool))
             rows.append(
                 {
                     "i": i,
@@ -152,6 +173,7 @@ def run_evaluate(
                     "gr": (sum(para) / len(para)) if para else None,
                     "sr_tf": tf[0],
                     "gr_tf": metrics.mean_score(tf[1:]),
+                    **in_context,
                     "seconds": round(rec.seconds, 4),
                     "steps": rec.steps,
                     "attempts": rec.attempts,
@@ -206,6 +228,10 @@ def run_evaluate(
         "sr_tf": metrics.mean_score([r.get("sr_tf") for r in done]),
         "gr_tf": metrics.mean_score([r.get("gr_tf") for r in done]) if data.has_paraphrases else None,
         "er_tf": metrics.mean_score(final_tf) if sequential else None,
+        # behind unrelated context (patching/eval/contexts.py)
+        "cr": metrics.mean_score([r.get("cr") for r in done]),
+        "cgr": metrics.mean_score([r.get("cgr") for r in done]),
+        "cr_chat": metrics.mean_score([r.get("cr_chat") for r in done]),
         "train_r": metrics.relative_accuracy(train_before, _right(adapter, data.train_eval)) if sequential else None,
         "test_r": metrics.relative_accuracy(test_before, _right(adapter, data.test)) if sequential else None,
         "locality": metrics.locality(held_before, held_after) if sequential else None,

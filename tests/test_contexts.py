@@ -1,0 +1,121 @@
+"""Context texts for cr / cgr (patching/eval/contexts.py): composed as said, disjoint from every text
+an editor trains on, in the built-in tasks and in the generic format."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from patching.bases.datasets import Example, text_key
+from patching.eval.contexts import CONTEXT_POOL, chat_prompt, contexts_for, pool_from_memory, with_context
+from patching.eval.evaldata import DataError, EvalData, load_eval_data, load_generic
+from tests.fixtures_models import byte_tokenizer
+
+
+def test_contexts_rotate_through_the_pool_and_an_edits_own_come_first() -> None:
+    pool = ["a.", "b.", "c.", "d.", "e."]
+    assert contexts_for(0, (), pool, k=3) == ["a.", "b.", "c."]
+    assert contexts_for(1, (), pool, k=3) == ["d.", "e.", "a."]
+    assert contexts_for(7, ("mine.",), pool) == ["mine."]
+    assert contexts_for(0, (), []) == []
+    assert with_context(" Tilda Swinton is a vegan. ", "Which war did Milton F. Pavlic serve in? ") == (
+        "Tilda Swinton is a vegan. Which war did Milton F. Pavlic serve in?"
+    )
+
+
+def test_the_pool_is_the_end_of_the_memory_part_at_most_a_tenth_of_it() -> None:
+    memory = [Example(f"m{i}", "") for i in range(50)]
+    kept, pool = pool_from_memory(memory, size=100)
+    assert pool == [f"m{i}" for i in range(45, 50)] and [m.input for m in kept] == [f"m{i}" for i in range(45)]
+    kept, pool = pool_from_memory(memory[:9])
+    assert pool == [] and len(kept) == 9
+
+
+def test_the_chat_form_puts_the_prompt_last_after_a_system_prompt_and_an_earlier_turn() -> None:
+    tok = byte_tokenizer()
+    assert chat_prompt(tok, "Question: Who?\nAnswer:", "Tilda Swinton is a vegan.") is None  # no template
+    tok.chat_template = (
+        "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}<assistant>{% endif %}"
+    )
+    text = chat_prompt(tok, "Question: Who?\nAnswer:", "Tilda Swinton is a vegan.")
+    assert text is not None and text.startswith("<system>") and text.endswith("Question: Who?\nAnswer:\n<assistant>")
+    assert text.index("Tilda Swinton is a vegan.") < text.index("Question: Who?")
+
+
+@pytest.mark.parametrize("task", ["fever", "zsre", "counterfact"])
+def test_built_in_context_texts_are_nothing_an_editor_trains_on(task: str) -> None:
+    data = load_eval_data(task)
+    assert len(data.context_pool) == CONTEXT_POOL
+    trained = {text_key(m.input) for m in data.memory}
+    for e in data.edits:
+        trained.update(text_key(t) for t in (e.input, *e.train_equivalents))
+    measured = {text_key(t) for e in data.edits for t in e.equivalents} | {text_key(h.input) for h in data.heldout}
+    pool = {text_key(c) for c in data.context_pool}
+    assert len(pool) == CONTEXT_POOL and not pool & trained and not pool & measured
+
+
+def write(path: Path, rows: list[dict[str, object]]) -> None:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_generic_contexts_are_read_and_one_an_editor_trains_on_is_refused(tmp_path: Path) -> None:
+    write(
+        tmp_path / "edits.jsonl",
+        [
+            {"input": "Who?", "target": "Paris", "contexts": ["It rained today.", "Cats purr."]},
+            {"input": "When?", "target": "1998"},
+        ],
+    )
+    write(tmp_path / "memory.jsonl", [{"input": f"memory text {i}"} for i in range(40)])
+    data: EvalData = load_generic(tmp_path)
+    assert data.edits[0].contexts == ("It rained today.", "Cats purr.") and data.edits[1].contexts == ()
+    assert data.context_pool == [f"memory text {i}" for i in range(36, 40)] and len(data.memory) == 36
+    write(tmp_path / "edits.jsonl", [{"input": "Who?", "target": "Paris", "contexts": ["memory text 3"]}])
+    with pytest.raises(DataError, match="context 'memory text 3' is also an edit, train equivalent or memory"):
+        load_generic(tmp_path)
+    write(tmp_path / "edits.jsonl", [{"input": "Who?", "target": "Paris", "contexts": "not a list"}])
+    with pytest.raises(DataError, match="'contexts' must be lists of strings"):
+        load_generic(tmp_path)
+
+
+def test_a_generator_with_a_chat_template_is_asked_in_it_too(tmp_path: Path) -> None:
+    """_in_context on a tiny random Llama: cr over the edit's 2 contexts, cgr over its paraphrase,
+    cr_chat from the chat form (0 or 1: one prompt), each matching a direct greedy answer."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from patching.bases.load import load_base
+    from patching.bases.tasks import TaskAdapter
+    from patching.eval.evaluate import _in_context
+
+    tok = byte_tokenizer()
+    tok.chat_template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}[assistant]"
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
+    LlamaForCausalLM(config).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    adapter = TaskAdapter(load_base(str(tmp_path)))
+    question, paraphrase = "Who?", "Which one?"
+    contexts = ["It rained today.", "Cats purr."]
+    # the target is what the model answers behind the first context: cr is at least 1/2
+    target = adapter.predict([with_context(contexts[0], question)])[0]
+    ex = Example(question, target, (paraphrase,))
+    got = _in_context(adapter, ex, contexts)
+    want_cr = [adapter.right(a, target) for a in adapter.predict([with_context(c, question) for c in contexts])]
+    assert got["cr"] == sum(want_cr) / 2 >= 0.5
+    assert got["cgr"] == float(adapter.right(adapter.predict([with_context(contexts[0], paraphrase)])[0], target))
+    chat = chat_prompt(adapter.base.tokenizer, adapter.text(question), contexts[0])
+    assert chat is not None and got["cr_chat"] == float(adapter.right(adapter.predict_prompts([chat])[0], target))
+    assert _in_context(adapter, ex, []) == {"cr": None, "cgr": None, "cr_chat": None}
