@@ -47,9 +47,15 @@ def register(sub: Any, bench: Any) -> None:
     )
     p.add_argument(
         "--editor",
-        choices=["tpatcher", "ft-last", "ft-all", "mend"],
+        choices=["tpatcher", "ft-last", "ft-all", "mend", "grace"],
         default="tpatcher",
-        help="editor to run (default: tpatcher)",
+        help="editor to run (default: tpatcher; grace: a codebook at the patched FFN, patching/eval/grace.py)",
+    )
+    p.add_argument(
+        "--grace-eps",
+        type=float,
+        default=None,
+        help="grace: the initial deferral radius, Euclidean in the FFN input's units (default: 1.0, the paper's)",
     )
     p.add_argument(
         "--mend-dir",
@@ -58,7 +64,7 @@ def register(sub: Any, bench: Any) -> None:
         help="trained MEND editor (mend; default: the cache's mend/BASE, see `patchd mend train`)",
     )
     p.add_argument(
-        "--single", action="store_true", help="single-edit run (T = 1): every edit on the unedited model (mend)"
+        "--single", action="store_true", help="single-edit run (T = 1): every edit on the unedited model (mend, grace)"
     )
     p.add_argument("--activation", choices=ACTIVATIONS, default=None, help="patch activation (tpatcher)")
     p.add_argument("--augment-copies", type=int, default=None, help="perturbed copies of q per edit (tpatcher)")
@@ -161,6 +167,8 @@ def _evaluate(args: argparse.Namespace) -> int:
         from patching.bases.load import cache_root
 
         options["mend_dir"] = args.mend_dir or cache_root() / "mend" / Path(args.base).name
+    if args.editor == "grace" and args.grace_eps is not None:
+        options["grace_eps"] = args.grace_eps
     try:
         with interruptible():
             report = run_evaluate(

@@ -1,4 +1,4 @@
-"""Editors that `patchd evaluate` runs through the same stream: tpatcher, the FT baselines, mend.
+"""Editors that `patchd evaluate` runs through the same stream: tpatcher, the FT baselines, mend, grace.
 
 Every editor takes one (input, target) at a time, in place, without reset, and says what it did
 (the contract: patching/eval/record.py). A new editor is a class with `name`, `neurons` and
@@ -103,6 +103,11 @@ def make_editor(name: str, adapter: TaskAdapter, patcher_factory: Any, options: 
         if not options.get("mend_dir"):
             raise ValueError("--editor mend needs a trained editor: --mend-dir DIR (see `patchd mend train`)")
         return MendEditor(adapter, options["mend_dir"], options.get("heldout", ()), seed=options.get("seed", 0))
+    if name == "grace":
+        from patching.eval.grace import EPS_INIT, GraceEditor
+
+        # a bare patcher (no memory, no held-out cache): GRACE reads only the cached tail
+        return GraceEditor(Patcher(adapter.base.model), adapter, eps_init=options.get("grace_eps") or EPS_INIT)
     from patching.arch import locate
 
     model = adapter.base.model
@@ -112,4 +117,4 @@ def make_editor(name: str, adapter: TaskAdapter, patcher_factory: Any, options: 
         return FineTuneEditor(name, adapter, params, lr=1e-4)
     if name == "ft-all":
         return FineTuneEditor(name, adapter, list(model.parameters()), lr=1e-5)
-    raise ValueError(f"unknown editor {name!r} (tpatcher, ft-last, ft-all, mend)")
+    raise ValueError(f"unknown editor {name!r} (tpatcher, ft-last, ft-all, mend, grace)")
