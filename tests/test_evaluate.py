@@ -208,3 +208,21 @@ assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN  # put back afterwards
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "partial report"
+
+
+@pytest.mark.parametrize("editor", ["tpatcher", "grace"])
+def test_a_single_edit_run_edits_the_unedited_model_each_time(tmp_path: Path, editor: str) -> None:
+    """--single (T = 1): every edit is made on the base and undone after it is scored, so the
+    editor ends with nothing added; tpatcher and grace each fix every mistake alone."""
+    data = tiny_data(tmp_path)
+    report = run_evaluate(
+        str(tiny_base(tmp_path)),
+        load_eval_data(str(data)),
+        editor=editor,
+        sequential=False,
+        progress=lambda _msg: None,
+        editor_options={"grace_eps": 1e-3},
+    )
+    assert report["edits"] > 5 and report["sr"] == 1.0 and report["sr_tf"] == 1.0
+    assert report["neurons"] == 0  # reset after the last edit too
+    assert report["er"] is None and report["locality"] is None  # sequential figures only

@@ -64,7 +64,9 @@ def register(sub: Any, bench: Any) -> None:
         help="trained MEND editor (mend; default: the cache's mend/BASE, see `patchd mend train`)",
     )
     p.add_argument(
-        "--single", action="store_true", help="single-edit run (T = 1): every edit on the unedited model (mend, grace)"
+        "--single",
+        action="store_true",
+        help="single-edit run (T = 1): every edit on the unedited model (tpatcher, mend, grace)",
     )
     p.add_argument("--activation", choices=ACTIVATIONS, default=None, help="patch activation (tpatcher)")
     p.add_argument("--augment-copies", type=int, default=None, help="perturbed copies of q per edit (tpatcher)")

@@ -25,8 +25,16 @@ class TPatcherEditor:
 
     name = "tpatcher"
 
-    def __init__(self, patcher: Patcher, adapter: TaskAdapter):
-        self.patcher, self.adapter = patcher, adapter
+    def __init__(self, patcher: Patcher, adapter: TaskAdapter, factory: Any = None):
+        self.patcher, self.adapter, self.factory = patcher, adapter, factory
+
+    def reset(self) -> None:
+        """Back to the base (`evaluate --single`): the neurons removed with the wrapper, and a fresh
+        patcher (memory and held-out caches from the disk cache) for the next edit."""
+        if self.factory is None:
+            raise ValueError("this tpatcher editor was built without a factory: it cannot reset")
+        self.patcher.detach()
+        self.patcher = self.factory()
 
     @property
     def neurons(self) -> int:
@@ -98,7 +106,7 @@ def make_editor(name: str, adapter: TaskAdapter, patcher_factory: Any, options: 
     """`options`: editor-specific settings (mend: `mend_dir`, `heldout` inputs for its emulated gate, `seed`)."""
     options = options or {}
     if name == "tpatcher":
-        return TPatcherEditor(patcher_factory(), adapter)
+        return TPatcherEditor(patcher_factory(), adapter, patcher_factory)
     if name == "mend":
         if not options.get("mend_dir"):
             raise ValueError("--editor mend needs a trained editor: --mend-dir DIR (see `patchd mend train`)")

@@ -124,7 +124,7 @@ def run_evaluate(
     options = {"heldout": [e.input for e in data.heldout], "seed": seed, **(editor_options or {})}
     ed: Editor = make_editor(editor, adapter, factory, options)
     if not sequential and not hasattr(ed, "reset"):
-        raise ValueError(f"editor {editor!r} cannot reset to the base: single-edit runs need mend")
+        raise ValueError(f"editor {editor!r} cannot reset to the base: single-edit runs need tpatcher, mend or grace")
     # the model is still the base here: its answers may come from the disk cache
     stream = adapter.mistakes(data.edits, limit=edits, base=True)
     progress(
