@@ -214,6 +214,13 @@ def register(sub: Any, bench: Any) -> None:
     scale.add_argument("--json", type=Path, metavar="FILE", help="the report (default: bench-scale-<base>.json)")
     scale.add_argument("--resume", action="store_true", help="go on with the stopped run of --json FILE")
     scale.add_argument("--no-restart", action="store_true", help="skip the restart measurement (no Kafka broker)")
+    scale.add_argument(
+        "--remeasure",
+        action="store_true",
+        help="measure the inference overhead of the finished run of --json FILE again (its model as the daemon "
+        "restores it, more alternating rounds), e.g. once the machine is quiet; added to the report as "
+        "`remeasured`, the windows are left as they were",
+    )
     scale.add_argument("--bootstrap", help=BROKER_HELP)
     scale.add_argument("--data-dir", type=Path, default=None, help="data directory (default: ../shared/data)")
     scale.add_argument("--seed", type=int, default=0, help="split seed (default: %(default)s)")
@@ -378,6 +385,16 @@ def _scale(args: argparse.Namespace) -> int:
         print(f"--resume: no report at {path}", file=sys.stderr)
         return 2
     _quiet_logs()
+    if args.remeasure:
+        from daemon.tools.bench_scale import remeasure_overhead
+
+        if not path.exists():
+            print(f"--remeasure: no report at {path}", file=sys.stderr)
+            return 2
+        remeasured = remeasure_overhead(path)
+        print(json.dumps(remeasured, indent=1))
+        print(f"wrote {path}")
+        return 0
     r = run_scale_bench(
         args.base,
         args.edits,
