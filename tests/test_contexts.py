@@ -119,3 +119,59 @@ def test_a_generator_with_a_chat_template_is_asked_in_it_too(tmp_path: Path) -> 
     chat = chat_prompt(adapter.base.tokenizer, adapter.text(question), contexts[0])
     assert chat is not None and got["cr_chat"] == float(adapter.right(adapter.predict_prompts([chat])[0], target))
     assert _in_context(adapter, ex, []) == {"cr": None, "cgr": None, "cr_chat": None}
+
+
+def test_context_augmentation_trains_each_edit_behind_memory_prefixes_never_the_measured_ones(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from patching.eval.editors import TPatcherEditor
+    from patching.eval.evaluate import run_evaluate
+    from tests.test_evaluate import tiny_data
+    from tests.tinybase import tiny_base
+
+    seen: list[tuple[str, tuple[str, ...]]] = []
+    real_edit = TPatcherEditor.edit
+
+    def spy(
+        self: TPatcherEditor, inp: str, target: str, edit_id: str, train_equivalents: tuple[str, ...] = ()
+    ) -> object:
+        seen.append((inp, tuple(train_equivalents)))
+        return real_edit(self, inp, target, edit_id, train_equivalents)
+
+    monkeypatch.setattr(TPatcherEditor, "edit", spy)
+    data = load_eval_data(str(tiny_data(tmp_path)))
+    report = run_evaluate(str(tiny_base(tmp_path)), data, context_augment=2, progress=lambda _msg: None)
+    prefixes = report["augment_prefixes"]
+    assert prefixes == [m.input for m in data.memory[-2:]] and not set(prefixes) & set(data.context_pool)
+    assert report["context_augment"] == 2 and report["sr"] == 1.0
+    assert len(seen) == report["edits"]
+    for inp, trained in seen:  # every edit trained behind both prefixes, and on nothing else
+        assert trained == tuple(with_context(c, inp) for c in prefixes)
+
+
+def test_a_generators_prefixes_are_its_own_continuations_of_seed_words(tmp_path: Path) -> None:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from patching.bases.load import load_base
+    from patching.bases.tasks import TaskAdapter
+    from patching.eval.contexts import AUGMENT_SEEDS, augment_prefixes
+
+    tok = byte_tokenizer()
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
+    LlamaForCausalLM(config).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    adapter = TaskAdapter(load_base(str(tmp_path)))
+    prefixes = augment_prefixes(adapter, [], 3)
+    assert len(prefixes) == 3 and all(p.startswith(s) for p, s in zip(prefixes, AUGMENT_SEEDS, strict=False))
+    assert all("\n" not in p for p in prefixes) and augment_prefixes(adapter, [], 0) == []

@@ -95,6 +95,14 @@ def register(sub: Any, bench: Any) -> None:
         "measured on the held-apart equivalents only",
     )
     p.add_argument(
+        "--context-augment",
+        type=int,
+        default=0,
+        metavar="N",
+        help="editors also train on each edit behind N prefixes (a generator's own continuations of seed "
+        "words, a classifier's memory texts; never the texts cr / cgr are measured behind); default 0",
+    )
+    p.add_argument(
         "--out",
         type=Path,
         default=None,
@@ -185,6 +193,7 @@ def _evaluate(args: argparse.Namespace) -> int:
                 editor_options=options,
                 curve_points=args.curve_points,
                 train_equivalents=args.train_equivalents,
+                context_augment=args.context_augment,
                 resume=resume,
                 patches=patches_path(args.out) if args.out else None,
                 dtype=args.dtype,

@@ -24,7 +24,7 @@ from patching.bases.tasks import TaskAdapter
 from patching.config import GateConfig, TrainConfig
 from patching.engine import Patcher
 from patching.eval import metrics
-from patching.eval.contexts import chat_prompt, contexts_for, with_context
+from patching.eval.contexts import augment_prefixes, chat_prompt, contexts_for, with_context
 from patching.eval.editors import TPatcherEditor, make_editor
 from patching.eval.evaldata import EvalData
 from patching.eval.record import Editor
@@ -86,6 +86,7 @@ def run_evaluate(
     editor_options: dict[str, Any] | None = None,
     curve_points: int = CURVE_POINTS,
     train_equivalents: bool = False,
+    context_augment: int = 0,
     resume: Resume | None = None,
     patches: Path | None = None,
     dtype: str = "auto",
@@ -94,6 +95,7 @@ def run_evaluate(
     ER, TrainR, TestR, locality and the curve then do not apply and are None.
     `train_equivalents`: editors also train on each edit's `train_equivalents` (never on the
     `equivalents` that GR measures).
+    `context_augment`: editors also train on each edit behind that many prefixes (contexts.py).
     `patches` (tpatcher, sequential): write every accepted edit's neurons there at the end, also
     when interrupted; `resume`: a stopped run of the same settings, continued (patching/eval/resume.py)."""
     t_start = time.perf_counter()
@@ -109,6 +111,8 @@ def run_evaluate(
         "data": data.name,
         "seed": seed,
         "train_equivalents": train_equivalents,
+        # named only when set, so reports written before the setting existed still resume
+        **({"context_augment": context_augment} if context_augment else {}),
         # named only when not float32, so reports written before the setting existed still resume
         **({"dtype": str(torch_dtype).removeprefix("torch.")} if torch_dtype != torch.float32 else {}),
         "train_config": asdict(train.for_task(adapter.generation)) if editor == "tpatcher" else None,
@@ -123,6 +127,9 @@ def run_evaluate(
 
     options = {"heldout": [e.input for e in data.heldout], "seed": seed, **(editor_options or {})}
     ed: Editor = make_editor(editor, adapter, factory, options)
+    prefixes = augment_prefixes(adapter, data.memory, context_augment)
+    if prefixes:
+        progress(f"context augmentation: each edit also trained behind {len(prefixes)} prefixes, e.g. {prefixes[0]!r}")
     if not sequential and not hasattr(ed, "reset"):
         raise ValueError(f"editor {editor!r} cannot reset to the base: single-edit runs need tpatcher, mend or grace")
     # the model is still the base here: its answers may come from the disk cache
@@ -156,9 +163,11 @@ def run_evaluate(
             if adapter.right(adapter.predict([ex.input])[0], ex.target):
                 rows.append({"i": i, "input": ex.input, "target": ex.target, "status": "fixed_along_the_way"})
                 continue
-            rec = ed.edit(
-                ex.input, ex.target, edit_id=str(i), train_equivalents=ex.train_equivalents if train_equivalents else ()
+            trained = (
+                *(ex.train_equivalents if train_equivalents else ()),
+                *(with_context(c, ex.input) for c in prefixes),
             )
+            rec = ed.edit(ex.input, ex.target, edit_id=str(i), train_equivalents=trained)
             right = adapter.right(adapter.predict([ex.input])[0], ex.target)
             para = _right(adapter, [type(ex)(q, ex.target) for q in ex.equivalents]) if ex.equivalents else []
             tf = adapter.token_accuracy([ex.input, *ex.equivalents], [ex.target] * (1 + len(ex.equivalents)))
@@ -248,6 +257,7 @@ def run_evaluate(
             "test": len(data.test),
             "memory_inputs": len(data.memory),
         },
+        "augment_prefixes": prefixes,
         "curve": curve,
         "editor_summary": ed.summary() if hasattr(ed, "summary") else None,
         "rows": rows,
