@@ -111,9 +111,8 @@ def run_evaluate(
         "data": data.name,
         "seed": seed,
         "train_equivalents": train_equivalents,
-        # named only when set, so reports written before the setting existed still resume
+        # these two named only when set (not float32), so reports written before they existed still resume
         **({"context_augment": context_augment} if context_augment else {}),
-        # named only when not float32, so reports written before the setting existed still resume
         **({"dtype": str(torch_dtype).removeprefix("torch.")} if torch_dtype != torch.float32 else {}),
         "train_config": asdict(train.for_task(adapter.generation)) if editor == "tpatcher" else None,
         "gate_config": asdict(gate) if editor == "tpatcher" else None,
