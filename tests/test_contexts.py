@@ -77,7 +77,7 @@ def test_generic_contexts_are_read_and_one_an_editor_trains_on_is_refused(tmp_pa
     with pytest.raises(DataError, match="context 'memory text 3' is also an edit, train equivalent or memory"):
         load_generic(tmp_path)
     write(tmp_path / "edits.jsonl", [{"input": "Who?", "target": "Paris", "contexts": "not a list"}])
-    with pytest.raises(DataError, match="'contexts' must be lists of strings"):
+    with pytest.raises(DataError, match="'neighbours' must be lists of strings"):
         load_generic(tmp_path)
 
 

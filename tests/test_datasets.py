@@ -107,6 +107,23 @@ def test_counterfact_edit_targets_are_new_targets() -> None:
     assert all(ex.target in true[ex.input] for ex in tests)  # test: the true fact
 
 
+def test_counterfact_edits_carry_neighbourhood_prompts_no_other_part_holds() -> None:
+    """locality_nb's prompts: the edited case's neighbourhood prompts (same relation, other subject),
+    at most CF_NEIGHBOURS each, in no other part and no other edit's."""
+    from patching.bases.datasets import CF_NEIGHBOURS, counterfact_cases
+
+    cf = load_task("counterfact", DATA)
+    near = {text_key(c.prompt): {text_key(n) for n in c.neighbours} for c in counterfact_cases(DATA)}
+    with_nb = [ex for ex in cf.edit if ex.neighbours]
+    assert len(with_nb) > 1500 and all(len(ex.neighbours) <= CF_NEIGHBOURS for ex in cf.edit)
+    assert all({text_key(n) for n in ex.neighbours} <= near[text_key(ex.input)] for ex in with_nb)
+    keys = [text_key(n) for ex in cf.edit for n in ex.neighbours]
+    assert len(keys) == len(set(keys))
+    others = {text_key(t) for part in (cf.memory, cf.heldout, cf.test) for e in part for t in (e.input, *e.equivalents)}
+    others |= {text_key(t) for e in cf.edit for t in (e.input, *e.equivalents)}
+    assert not set(keys) & others
+
+
 def test_missing_data_dir_names_the_option(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(FileNotFoundError, match="--data-dir"):
         load_task("fever", tmp_path / "nowhere")

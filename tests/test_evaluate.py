@@ -226,3 +226,21 @@ def test_a_single_edit_run_edits_the_unedited_model_each_time(tmp_path: Path, ed
     assert report["edits"] > 5 and report["sr"] == 1.0 and report["sr_tf"] == 1.0
     assert report["neurons"] == 0  # reset after the last edit too
     assert report["er"] is None and report["locality"] is None  # sequential figures only
+
+
+def test_locality_nb_counts_the_edited_cases_neighbours_whose_answer_moved(tmp_path: Path) -> None:
+    """Edit 0's neighbours: a held-out input (the strict gate keeps it) and edit 1's input (a
+    mistake the stream fixes, so its answer moves): locality_nb = 1/2 exactly."""
+    data = tiny_data(tmp_path)
+    edits = [json.loads(line) for line in (data / "edits.jsonl").read_text().splitlines()]
+    heldout = [json.loads(line) for line in (data / "heldout.jsonl").read_text().splitlines()]
+    base = tiny_base(tmp_path)
+    first = run_evaluate(str(base), load_eval_data(str(data)), progress=lambda _msg: None)
+    fixed = [r["input"] for r in first["rows"] if r.get("status") == "accepted"]  # rows index the mistakes
+    assert len(fixed) >= 2
+    a = next(e for e in edits if e["input"] == fixed[0])
+    a["neighbours"] = [heldout[0]["input"], fixed[1]]
+    write_jsonl(data / "edits.jsonl", edits)
+    report = run_evaluate(str(base), load_eval_data(str(data)), progress=lambda _msg: None)
+    assert report["sizes"]["neighbours"] == 2 and report["locality_nb"] == 0.5
+    assert first["locality_nb"] is None  # no neighbours, no figure

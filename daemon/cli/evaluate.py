@@ -223,6 +223,7 @@ def _evaluate(args: argparse.Namespace) -> int:
             "train_r",
             "test_r",
             "locality",
+            "locality_nb",
             "gate_rejected",
             "gate_would_reject",
             "edit_seconds",

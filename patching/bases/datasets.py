@@ -53,6 +53,8 @@ CF_EDIT = 2_000
 CF_TEST = 1_000
 CF_HELDOUT = 2_000
 CF_MEMORY = 10_000
+# neighbourhood prompts measured per counterfact edit (locality_nb): each is a greedy decode at the end
+CF_NEIGHBOURS = 2
 
 
 @dataclass(frozen=True)
@@ -62,6 +64,8 @@ class Example:
     equivalents: tuple[str, ...] = ()  # paraphrases, only measured (GR), never trained on
     train_equivalents: tuple[str, ...] = ()  # paraphrases a trainer may use
     contexts: tuple[str, ...] = ()  # texts to ask the edit behind (cr / cgr), never trained on
+    # same relation, another subject (CounterFact): their answers must not change (locality_nb)
+    neighbours: tuple[str, ...] = ()
 
 
 @dataclass
@@ -292,6 +296,7 @@ class CounterfactCase:
     target_new: str  # the counterfactual object an edit asks for
     target_true: str  # the true object, "" when the file does not give it
     paraphrases: tuple[str, ...]  # rephrased prompts (ROME's carry a random prefix)
+    neighbours: tuple[str, ...] = ()  # neighbourhood prompts: same relation, other subjects
 
 
 def counterfact_cases(data_dir: Path | None = None) -> list[CounterfactCase]:
@@ -307,18 +312,25 @@ def _counterfact_cases(raw: Path) -> dict[str, CounterfactCase]:
     # file renumbers its cases (only 1 of its 648 ids shared with counterfact-edit names the same case).
     cases: dict[str, CounterfactCase] = {}
     for row in flat:
-        case = CounterfactCase(row["prompt"], row["target_new"], row["ground_truth"], (row["rephrase_prompt"],))
+        case = CounterfactCase(
+            row["prompt"], row["target_new"], row["ground_truth"], (row["rephrase_prompt"],), (row["locality_prompt"],)
+        )
         cases.setdefault(text_key(row["prompt"]), case)
     for row in mcf:
-        cases.setdefault(text_key(row["src"]), CounterfactCase(row["src"], row["alt"], "", (row["rephrase"],)))
+        cases.setdefault(
+            text_key(row["src"]), CounterfactCase(row["src"], row["alt"], "", (row["rephrase"],), (row["loc"],))
+        )
     for row in rome:
         rw = row["requested_rewrite"]
         prompt = rw["prompt"].replace("{}", rw["subject"])
         new, true = rw["target_new"]["str"], rw["target_true"]["str"]
         have = cases.setdefault(text_key(prompt), CounterfactCase(prompt, new, true, ()))
-        if have.target_new == new:  # the same rewrite: its paraphrases and true target apply
+        if have.target_new == new:  # the same rewrite: its paraphrases, neighbours and true target apply
             paras = (*have.paraphrases, *row["paraphrase_prompts"])
-            cases[text_key(prompt)] = replace(have, target_true=have.target_true or true, paraphrases=paras)
+            near = (*have.neighbours, *row["neighborhood_prompts"])
+            cases[text_key(prompt)] = replace(
+                have, target_true=have.target_true or true, paraphrases=paras, neighbours=near
+            )
     return cases
 
 
@@ -336,9 +348,7 @@ def _counterfact_locality(raw: Path) -> list[Example]:
 
 
 def _load_counterfact(raw: Path, rng: random.Random) -> TaskSplits:
-    cases = {
-        key: (c.prompt, c.target_new, c.target_true, list(c.paraphrases)) for key, c in _counterfact_cases(raw).items()
-    }
+    cases = _counterfact_cases(raw)
 
     order = list(cases)  # insertion order: deterministic
     rng.shuffle(order)
@@ -346,14 +356,17 @@ def _load_counterfact(raw: Path, rng: random.Random) -> TaskSplits:
     edit: list[Example] = []
     others: list[tuple[str, str]] = []  # (prompt, true target) of cases not edited
     for key in order:
-        prompt, new, true, paras = cases[key]
-        if len(edit) < CF_EDIT and claimed.free(prompt):
-            claimed.take(prompt)
-            equivalents = _unique(paras, drop=claimed.keys)
+        c = cases[key]
+        if len(edit) < CF_EDIT and claimed.free(c.prompt):
+            claimed.take(c.prompt)
+            equivalents = _unique(list(c.paraphrases), drop=claimed.keys)
             claimed.take(*equivalents)
-            edit.append(Example(prompt.strip(), new.strip(), equivalents=equivalents))
+            # its neighbourhood prompts are measured (locality_nb), so they go to no other part
+            neighbours = _unique(list(c.neighbours), drop=claimed.keys)[:CF_NEIGHBOURS]
+            claimed.take(*neighbours)
+            edit.append(Example(c.prompt.strip(), c.target_new.strip(), equivalents=equivalents, neighbours=neighbours))
         else:
-            others.append((prompt.strip(), true.strip()))
+            others.append((c.prompt.strip(), c.target_true.strip()))
     if len(edit) < CF_EDIT:
         raise ValueError(f"not enough data for counterfact edit: need {CF_EDIT}, have {len(edit)}")
 

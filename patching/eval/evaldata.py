@@ -7,6 +7,8 @@ Generic format (one JSON object per line, UTF-8):
   trained on; `train_equivalents` may be given for paraphrases a trainer may use; `contexts`
   (optional) are texts to ask the edit behind (cr, cgr: patching/eval/contexts.py), never
   trained on. An edit without them is asked behind texts held out of memory.jsonl.
+  `neighbours` (optional): inputs of the same kind about something else, whose answers must not
+  change (locality_nb, measured at the end of a sequential run).
 - `heldout.jsonl`, `train_eval.jsonl`, `test.jsonl` (optional): `{"input": str, "target": str}`.
   heldout measures locality (target may be ""), train_eval TrainR, test TestR.
 - `memory.jsonl` (optional): `{"input": str}` unrelated inputs for the activation memory; when
@@ -86,11 +88,14 @@ def _read_jsonl(path: Path, need_target: bool, errors: list[str]) -> list[Exampl
         if not isinstance(target, str) or (need_target and not target.strip()):
             errors.append(f"{where}: 'target' must be a {'non-empty ' if need_target else ''}string")
             continue
-        eq, teq, ctx = obj.get("equivalents", []), obj.get("train_equivalents", []), obj.get("contexts", [])
-        if not _strings(eq) or not _strings(teq) or not _strings(ctx):
-            errors.append(f"{where}: 'equivalents' / 'train_equivalents' / 'contexts' must be lists of strings")
+        lists = [obj.get(k, []) for k in ("equivalents", "train_equivalents", "contexts", "neighbours")]
+        if not all(_strings(v) for v in lists):
+            errors.append(
+                f"{where}: 'equivalents' / 'train_equivalents' / 'contexts' / 'neighbours' must be lists of strings"
+            )
             continue
-        out.append(Example(inp, target, tuple(eq), tuple(teq), tuple(ctx)))
+        eq, teq, ctx, near = (tuple(v) for v in lists)
+        out.append(Example(inp, target, eq, teq, ctx, near))
     return out
 
 

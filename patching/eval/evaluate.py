@@ -139,6 +139,9 @@ def run_evaluate(
     )
     held_inputs = [e.input for e in data.heldout]
     held_before = adapter.base_predict(held_inputs, progress=True)
+    # neighbourhood prompts of the stream's edits (CounterFact): the base's answers, for locality_nb
+    nb_inputs = sorted({n for ex in stream for n in ex.neighbours})
+    nb_before = dict(zip(nb_inputs, adapter.base_predict(nb_inputs, progress=True), strict=True)) if nb_inputs else {}
     sample = sorted(rng.sample(range(len(held_inputs)), min(CURVE_SAMPLE, len(held_inputs))))
     train_before, test_before = _right(adapter, data.train_eval), _right(adapter, data.test)
 
@@ -218,6 +221,8 @@ def run_evaluate(
         r["right_at_end"] = ok
         r["tf_at_end"] = tf_end
     held_after = adapter.predict(held_inputs, progress=True) if sequential else held_before
+    nb_edited = sorted({n for ex in edited for n in ex.neighbours}) if sequential else []
+    nb_after = adapter.predict(nb_edited, progress=True) if nb_edited else []
     secs = [r["seconds"] for r in done]
     report: dict[str, Any] = {
         **settings,
@@ -243,6 +248,8 @@ def run_evaluate(
         "train_r": metrics.relative_accuracy(train_before, _right(adapter, data.train_eval)) if sequential else None,
         "test_r": metrics.relative_accuracy(test_before, _right(adapter, data.test)) if sequential else None,
         "locality": metrics.locality(held_before, held_after) if sequential else None,
+        # the edited cases' neighbourhood prompts (same relation, other subject) answered as before
+        "locality_nb": metrics.locality([nb_before[n] for n in nb_edited], nb_after) if nb_edited else None,
         "sequential": sequential,
         "gate_rejected": sum(r["status"] == "rejected" for r in done),
         # editors without a gate (mend) report per edit what patchd's gate would have said
@@ -255,6 +262,7 @@ def run_evaluate(
             "train_eval": len(data.train_eval),
             "test": len(data.test),
             "memory_inputs": len(data.memory),
+            "neighbours": len(nb_edited),
         },
         "augment_prefixes": prefixes,
         "curve": curve,
