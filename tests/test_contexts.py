@@ -140,7 +140,7 @@ def test_context_augmentation_trains_each_edit_behind_memory_prefixes_never_the_
 
     monkeypatch.setattr(TPatcherEditor, "edit", spy)
     data = load_eval_data(str(tiny_data(tmp_path)))
-    report = run_evaluate(str(tiny_base(tmp_path)), data, context_augment=2, progress=lambda _msg: None)
+    report = run_evaluate(str(tiny_base(tmp_path)), data, edits=4, context_augment=2, progress=lambda _msg: None)
     prefixes = report["augment_prefixes"]
     assert prefixes == [m.input for m in data.memory[-2:]] and not set(prefixes) & set(data.context_pool)
     assert report["context_augment"] == 2 and report["sr"] == 1.0

@@ -219,11 +219,12 @@ def test_a_single_edit_run_edits_the_unedited_model_each_time(tmp_path: Path, ed
         str(tiny_base(tmp_path)),
         load_eval_data(str(data)),
         editor=editor,
+        edits=6,
         sequential=False,
         progress=lambda _msg: None,
         editor_options={"grace_eps": 1e-3},
     )
-    assert report["edits"] > 5 and report["sr"] == 1.0 and report["sr_tf"] == 1.0
+    assert report["edits"] == 6 and report["sr"] == 1.0 and report["sr_tf"] == 1.0
     assert report["neurons"] == 0  # reset after the last edit too
     assert report["er"] is None and report["locality"] is None  # sequential figures only
 
@@ -235,12 +236,12 @@ def test_locality_nb_counts_the_edited_cases_neighbours_whose_answer_moved(tmp_p
     edits = [json.loads(line) for line in (data / "edits.jsonl").read_text().splitlines()]
     heldout = [json.loads(line) for line in (data / "heldout.jsonl").read_text().splitlines()]
     base = tiny_base(tmp_path)
-    first = run_evaluate(str(base), load_eval_data(str(data)), progress=lambda _msg: None)
+    first = run_evaluate(str(base), load_eval_data(str(data)), edits=4, curve_points=0, progress=lambda _msg: None)
     fixed = [r["input"] for r in first["rows"] if r.get("status") == "accepted"]  # rows index the mistakes
     assert len(fixed) >= 2
     a = next(e for e in edits if e["input"] == fixed[0])
     a["neighbours"] = [heldout[0]["input"], fixed[1]]
     write_jsonl(data / "edits.jsonl", edits)
-    report = run_evaluate(str(base), load_eval_data(str(data)), progress=lambda _msg: None)
+    report = run_evaluate(str(base), load_eval_data(str(data)), edits=4, curve_points=0, progress=lambda _msg: None)
     assert report["sizes"]["neighbours"] == 2 and report["locality_nb"] == 0.5
     assert first["locality_nb"] is None  # no neighbours, no figure
