@@ -11,7 +11,7 @@ import pytest
 from patching.bases.datasets import Example, text_key
 from patching.eval.contexts import CONTEXT_POOL, chat_prompt, contexts_for, pool_from_memory, with_context
 from patching.eval.evaldata import DataError, EvalData, load_eval_data, load_generic
-from tests.fixtures_models import byte_tokenizer
+from tests.fixtures_models import byte_tokenizer, tiny_llama_dir
 
 
 def test_contexts_rotate_through_the_pool_and_an_edits_own_come_first() -> None:
@@ -84,29 +84,12 @@ def test_generic_contexts_are_read_and_one_an_editor_trains_on_is_refused(tmp_pa
 def test_a_generator_with_a_chat_template_is_asked_in_it_too(tmp_path: Path) -> None:
     """_in_context on a tiny random Llama: cr over the edit's 2 contexts, cgr over its paraphrase,
     cr_chat from the chat form (0 or 1: one prompt), each matching a direct greedy answer."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from patching.bases.load import load_base
     from patching.bases.tasks import TaskAdapter
     from patching.eval.evaluate import _in_context
 
-    tok = byte_tokenizer()
-    tok.chat_template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}[assistant]"
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        pad_token_id=tok.pad_token_id,
-        eos_token_id=tok.eos_token_id,
-    )
-    LlamaForCausalLM(config).save_pretrained(tmp_path)
-    tok.save_pretrained(tmp_path)
-    adapter = TaskAdapter(load_base(str(tmp_path)))
+    template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}[assistant]"
+    adapter = TaskAdapter(load_base(str(tiny_llama_dir(tmp_path, template))))
     question, paraphrase = "Who?", "Which one?"
     contexts = ["It rained today.", "Cats purr."]
     # the target is what the model answers behind the first context: cr is at least 1/2
@@ -150,28 +133,11 @@ def test_context_augmentation_trains_each_edit_behind_memory_prefixes_never_the_
 
 
 def test_a_generators_prefixes_are_its_own_continuations_of_seed_words(tmp_path: Path) -> None:
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from patching.bases.load import load_base
     from patching.bases.tasks import TaskAdapter
     from patching.eval.contexts import AUGMENT_SEEDS, augment_prefixes
 
-    tok = byte_tokenizer()
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        pad_token_id=tok.pad_token_id,
-        eos_token_id=tok.eos_token_id,
-    )
-    LlamaForCausalLM(config).save_pretrained(tmp_path)
-    tok.save_pretrained(tmp_path)
-    adapter = TaskAdapter(load_base(str(tmp_path)))
+    adapter = TaskAdapter(load_base(str(tiny_llama_dir(tmp_path))))
     prefixes = augment_prefixes(adapter, [], 3)
     assert len(prefixes) == 3 and all(p.startswith(s) for p, s in zip(prefixes, AUGMENT_SEEDS, strict=False))
     assert all("\n" not in p for p in prefixes) and augment_prefixes(adapter, [], 0) == []

@@ -79,28 +79,12 @@ class _ClassifierAdapter:
 
 
 def test_the_editor_on_a_generator_puts_a_key_at_every_wrong_answer_token(tmp_path: Path) -> None:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from patching.bases.load import load_base
     from patching.bases.tasks import TaskAdapter
     from patching.engine import Patcher
-    from tests.fixtures_models import byte_tokenizer
+    from tests.fixtures_models import tiny_llama_dir
 
-    tok = byte_tokenizer()
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        pad_token_id=tok.pad_token_id,
-        eos_token_id=tok.eos_token_id,
-    )
-    LlamaForCausalLM(config).save_pretrained(tmp_path)
-    tok.save_pretrained(tmp_path)
-    adapter = TaskAdapter(load_base(str(tmp_path)))
+    adapter = TaskAdapter(load_base(str(tiny_llama_dir(tmp_path))))
     editor = GraceEditor(Patcher(adapter.base.model), adapter, eps_init=1e-3)
     before = adapter.predict(["Why?", "When?"])
     rec = editor.edit("Who?", "Paris", "0")
