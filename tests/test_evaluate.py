@@ -143,6 +143,8 @@ def test_tiny_end_to_end_evaluate(tmp_path: Path) -> None:
     assert report["cr_chat"] is None  # a classifier has no chat form
     assert all(r["cr"] in (0.0, 1 / 3, 2 / 3, 1.0) for r in report["rows"] if "sr" in r)
     assert report["neurons"] == report["edits"] - report["gate_rejected"]
+    assert report["parameters_added"] == report["neurons"] * (2 * 64 + 1)  # the tiny BERT's hidden size
+    assert isinstance(report["inference_overhead_b16"], float)
     assert len([r for r in report["rows"] if "sr" in r]) == report["edits"]
     from patching.eval.plots import plot_reports
 

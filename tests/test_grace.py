@@ -61,6 +61,10 @@ def test_the_editor_fixes_an_edit_and_leaves_inputs_outside_every_radius_alone()
     assert torch.equal(predict(model, edits[:5]), targets)
     assert torch.equal(predict(model, heldout), held_before)  # a tiny radius: nothing else moves
     assert editor.summary()["entries"] == 5 and editor.summary()["actions"]["add"] == 5
+    assert editor.parameters_added == 5 * (2 * patcher.site.hidden_size + 1)
+    with editor.disabled():  # the overhead's baseline: the base, then the same codebook back
+        assert torch.equal(predict(model, edits[:5]), 1 - targets)
+    assert torch.equal(predict(model, edits[:5]), targets)
     editor.reset()
     assert torch.equal(predict(model, edits[:5]), 1 - targets)  # an empty codebook is the base
     editor.close()

@@ -154,3 +154,22 @@ def test_an_edit_refused_for_a_held_out_input_beyond_it_is_kept_as_a_band(width:
     assert int(predict(model, ids)) == int(target)
     pre = (2.0 * et.q) @ proposal.neurons.keys.T + proposal.neurons.biases
     assert (pre >= 1.0).all()  # both edges saturated on the row beyond: their outputs cancel
+
+
+def test_the_tpatcher_editor_steps_aside_for_the_overhead_baseline_and_comes_back() -> None:
+    from patching.eval.editors import TPatcherEditor
+
+    patcher, heldout, edits = setup(train=TrainConfig(max_steps=300, activation="relu-cap"))
+    model = patcher.model
+    before = predict(model, edits[:3])
+    for i in range(3):
+        target = 1 - before[i : i + 1]
+        proposal = patcher.propose(batch(edits[i : i + 1], target), str(i))
+        assert proposal is not None and proposal.accepted
+        patcher.commit(proposal)
+    editor = TPatcherEditor(patcher, adapter=None)  # type: ignore[arg-type]
+    n = patcher.wrapper.n
+    assert editor.parameters_added == n * (2 * patcher.site.hidden_size + 1)
+    with editor.disabled():
+        assert torch.equal(predict(model, edits[:3]), before) and patcher.wrapper.n == 0
+    assert torch.equal(predict(model, edits[:3]), 1 - before) and patcher.wrapper.n == n

@@ -227,6 +227,8 @@ def _evaluate(args: argparse.Namespace) -> int:
             "gate_rejected",
             "gate_would_reject",
             "edit_seconds",
+            "parameters_added",
+            "inference_overhead_b16",
             "wall_seconds",
         )
     }

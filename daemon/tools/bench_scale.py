@@ -403,30 +403,13 @@ def _outcomes(report: dict[str, Any]) -> list[str]:
     return out
 
 
-def _overhead_batches(model: Any, heldout: list[str]) -> dict[int, dict[str, Any]]:
-    """The forward kwargs of fixed batches of 1 and 16 held-out inputs: a classifier's batch, or a
-    causal LM's prefill as generate() sends it (left-padded, logits of the last position only)."""
-    from patching import encode
-
-    tok = model.base.tokenizer
-    if not model.adapter.generation:
-        return {b: encode.classification(tok, heldout[:b]).batch for b in (1, 16)}
-    side, tok.padding_side = tok.padding_side, "left"
-    try:
-        prompts = [model.adapter.text(x) for x in heldout[:16]]
-        batches = {b: dict(tok(prompts[:b], return_tensors="pt", padding=True)) for b in (1, 16)}
-    finally:
-        tok.padding_side = side
-    return {b: {**batch, "logits_to_keep": 1} for b, batch in batches.items()}
-
-
 def _overhead(model: Any, heldout: list[str], rounds: int = OVERHEAD_ROUNDS) -> dict[str, Any]:
     """Forward time patched / unpatched on fixed batches of 1 and 16 held-out inputs, alternating."""
     from patching import layer
 
     net = model.base.model
     wrapper = model.patcher.wrapper
-    batches = _overhead_batches(model, heldout)
+    batches = {b: model.adapter.serving_batch(heldout[:b]) for b in (1, 16)}
     out: dict[str, Any] = {}
     with torch.no_grad():
         for b, batch in batches.items():

@@ -12,6 +12,7 @@ import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -162,6 +163,19 @@ class TaskAdapter:
         if not self.generation:
             raise ValueError("predict_prompts is for generators")
         return greedy_answers(self.base.model, self.base.tokenizer, list(prompts))
+
+    def serving_batch(self, inputs: Sequence[ModelInput]) -> dict[str, Any]:
+        """The forward kwargs a serving call sends for `inputs`: a classifier's batch, or a causal
+        LM's prefill as generate() sends it (left-padded, the last position's logits only)."""
+        tok = self.base.tokenizer
+        if not self.generation:
+            return dict(encode.classification(tok, inputs).batch)
+        side, tok.padding_side = tok.padding_side, "left"
+        try:
+            batch = dict(tok([self.text(x) for x in inputs], return_tensors="pt", padding=True))
+        finally:
+            tok.padding_side = side
+        return {**batch, "logits_to_keep": 1}
 
     def base_predict(self, inputs: Sequence[str], progress: bool = False) -> list[str]:
         """`predict` for the UNPATCHED base only: greedy answers are cached on disk per base, prompt

@@ -8,7 +8,8 @@ Every editor takes one (input, target) at a time, in place, without reset, and s
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -27,6 +28,23 @@ class TPatcherEditor:
 
     def __init__(self, patcher: Patcher, adapter: TaskAdapter, factory: Any = None):
         self.patcher, self.adapter, self.factory = patcher, adapter, factory
+
+    @property
+    def parameters_added(self) -> int:
+        """Numbers the patch adds to the model: a key, a bias and a value per neuron."""
+        return self.patcher.wrapper.n * (2 * self.patcher.site.hidden_size + 1)
+
+    @contextmanager
+    def disabled(self) -> Iterator[None]:
+        """The base for a moment (the same neuron tensors are put back): the overhead's baseline."""
+        w = self.patcher.wrapper
+        keys, biases, values, ids = w.keys, w.biases, w.values, list(w.edit_ids)
+        w.clear()
+        try:
+            yield
+        finally:
+            w.clear()
+            w.restore(keys, biases, values, ids)
 
     def reset(self) -> None:
         """Back to the base (`evaluate --single`): the neurons removed with the wrapper, and a fresh

@@ -58,6 +58,28 @@ def _in_context(adapter: TaskAdapter, ex: Any, contexts: list[str]) -> dict[str,
     }
 
 
+def _inference_overhead(adapter: TaskAdapter, ed: Any, inputs: list[Any], rounds: int = 11) -> float | None:
+    """Forward time of a serving batch of the inputs with the editor's additions / without them - 1,
+    alternating rounds, median; None for an editor that cannot step aside (it changed weights)."""
+    if not hasattr(ed, "disabled"):
+        return None
+    batch = adapter.serving_batch(inputs)
+    model = adapter.base.model
+    edited: list[float] = []
+    base: list[float] = []
+    with torch.no_grad():
+        model(**batch)  # warm-up
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            model(**batch)
+            edited.append(time.perf_counter() - t0)
+            with ed.disabled():
+                t0 = time.perf_counter()
+                model(**batch)
+                base.append(time.perf_counter() - t0)
+    return round(statistics.median(edited) / statistics.median(base) - 1, 4)
+
+
 def _running(rows: list[dict[str, Any]], curve: list[dict[str, Any]], neurons: int) -> dict[str, str]:
     """The progress bar's running numbers: SR and GR so far, ER and locality at the last checkpoint."""
     done = [r for r in rows if "sr" in r]
@@ -224,6 +246,7 @@ def run_evaluate(
     nb_edited = sorted({n for ex in edited for n in ex.neighbours}) if sequential else []
     nb_after = adapter.predict(nb_edited, progress=True) if nb_edited else []
     secs = [r["seconds"] for r in done]
+    overhead = _inference_overhead(adapter, ed, held_inputs[:16]) if sequential and held_inputs else None
     report: dict[str, Any] = {
         **settings,
         "edits": len(done),
@@ -255,6 +278,9 @@ def run_evaluate(
         # editors without a gate (mend) report per edit what patchd's gate would have said
         "gate_would_reject": sum(r["gate"].get("would_pass") is False for r in done),
         "edit_seconds": {"median": statistics.median(secs) if secs else None, "p95": metrics.percentile(secs, 0.95)},
+        # what the editor left in the model at the end, against the unedited base
+        "parameters_added": getattr(ed, "parameters_added", None),
+        "inference_overhead_b16": overhead,
         "wall_seconds": round(earlier_wall + time.perf_counter() - t_start, 1),
         "segments": segments,  # runs that made this stream (1 + times it was resumed)
         "sizes": {

@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -168,6 +169,20 @@ class GraceEditor:
     def neurons(self) -> int:
         """Codebook entries (each adds 2d + 1 numbers: key, value, radius)."""
         return self.book.size
+
+    @property
+    def parameters_added(self) -> int:
+        """Numbers the codebook adds: a key, a value and a radius per entry."""
+        return self.book.size * (2 * self.patcher.site.hidden_size + 1)
+
+    @contextmanager
+    def disabled(self) -> Iterator[None]:
+        """The base for a moment: an empty codebook, then the same one back."""
+        book, self.book = self.book, Codebook.empty(self.patcher.site.hidden_size)
+        try:
+            yield
+        finally:
+            self.book = book
 
     def reset(self) -> None:
         """Back to the base: an empty codebook (`evaluate --single`)."""
