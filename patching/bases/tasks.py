@@ -25,7 +25,6 @@ from patching.bases.load import LoadedBase, cache_root
 from patching.bases.qa import exact_match, greedy_answers, greedy_ids, prompt_for
 from patching.encode import Encoded, ModelInput
 from patching.engine import Patcher
-from patching.eval import metrics
 from patching.loading import base_identity
 
 BATCH = 64  # inputs per frozen forward while building memory / held-out caches
@@ -140,6 +139,8 @@ class TaskAdapter:
         """Teacher-forced scores of the current model (eval/metrics.token_accuracy): per input, the
         share of its target's tokens (" " + answer, no stop token) that are the argmax given the
         prompt and the earlier answer tokens; a classifier scores 1.0 or 0.0 on its label."""
+        from patching.eval import metrics  # evaluation code: the daemon never calls this
+
         if not self.generation:
             return [float(self.right(p, t)) for p, t in zip(self.predict(inputs), targets, strict=True)]
         out: list[float | None] = []
