@@ -99,8 +99,8 @@ def register(sub: Any, bench: Any) -> None:
         type=int,
         default=0,
         metavar="N",
-        help="editors also train on each edit behind N prefixes (a generator's own continuations of seed "
-        "words, a classifier's memory texts; never the texts cr / cgr are measured behind); default 0",
+        help="editors also train on each edit behind N prefixes (a generator's own continuations of up to 10 "
+        "seed words, a classifier's memory texts; never the texts cr / cgr are measured behind); default 0",
     )
     p.add_argument(
         "--out",
