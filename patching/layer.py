@@ -33,7 +33,8 @@ exact prunes little for keys trained to sit near the memory's inputs.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -250,6 +251,18 @@ class PatchedFFN(nn.Module):
 
     def clear(self) -> None:
         self.remove(list(set(self.edit_ids)))
+
+    @contextmanager
+    def without_neurons(self) -> Iterator[None]:
+        """The base layer for a moment, then the same neuron tensors back (no copy): the baseline
+        of an overhead measurement and of the base's own answers."""
+        keys, biases, values, ids = self.keys, self.biases, self.values, list(self.edit_ids)
+        self.clear()
+        try:
+            yield
+        finally:
+            self.clear()
+            self.restore(keys, biases, values, ids)
 
 
 _HOOKS: dict[int, list[RemovableHandle]] = {}  # id(PatchedFFN) -> its hooks (ffn_in, the model)

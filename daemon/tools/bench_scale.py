@@ -330,22 +330,10 @@ def _base_predictions(work: Path, model: Any, heldout: list[str]) -> list[str]:
     path = work / "heldout-base-labels.json"
     if path.exists():
         return list(json.loads(path.read_text()))
-    with _unpatched(model.patcher.wrapper):
+    with model.patcher.wrapper.without_neurons():
         labels: list[str] = model.adapter.base_predict(heldout, progress=True)  # on disk per base and inputs
     path.write_text(json.dumps(labels))
     return labels
-
-
-@contextmanager
-def _unpatched(wrapper: Any) -> Iterator[None]:
-    """The layer without its neurons for a moment (no copy: the same tensors are put back)."""
-    keys, biases, values, ids = wrapper.keys, wrapper.biases, wrapper.values, list(wrapper.edit_ids)
-    wrapper.clear()
-    try:
-        yield
-    finally:
-        wrapper.clear()
-        wrapper.restore(keys, biases, values, ids)
 
 
 def _measure(
@@ -420,7 +408,7 @@ def _overhead(model: Any, heldout: list[str], rounds: int = OVERHEAD_ROUNDS) -> 
                 t0 = time.perf_counter()
                 logits = net(**batch).logits
                 patched_s.append(time.perf_counter() - t0)
-                with _unpatched(wrapper):
+                with wrapper.without_neurons():
                     t0 = time.perf_counter()
                     net(**batch)
                     base_s.append(time.perf_counter() - t0)

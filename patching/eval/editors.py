@@ -37,14 +37,8 @@ class TPatcherEditor:
     @contextmanager
     def disabled(self) -> Iterator[None]:
         """The base for a moment (the same neuron tensors are put back): the overhead's baseline."""
-        w = self.patcher.wrapper
-        keys, biases, values, ids = w.keys, w.biases, w.values, list(w.edit_ids)
-        w.clear()
-        try:
+        with self.patcher.wrapper.without_neurons():
             yield
-        finally:
-            w.clear()
-            w.restore(keys, biases, values, ids)
 
     def reset(self) -> None:
         """Back to the base (`evaluate --single`): the neurons removed with the wrapper, and a fresh
