@@ -301,13 +301,23 @@ class CounterfactCase:
 
 def counterfact_cases(data_dir: Path | None = None) -> list[CounterfactCase]:
     """Every CounterFact case of the three shared files, one per prompt (text_key), in file order."""
-    return list(_counterfact_cases(raw_dir(data_dir)).values())
+    return list(_counterfact_cases(_counterfact_files(raw_dir(data_dir))).values())
 
 
-def _counterfact_cases(raw: Path) -> dict[str, CounterfactCase]:
-    flat = _read_json(raw, "counterfact_easyedit/counterfact-edit.json")
-    mcf = _read_json(raw, "mcounterfact_en/counterfact-train.json")
-    rome = _read_json(raw, "counterfact_rome_filtered/counterfact_filtered.json")
+# the three shared CounterFact files, parsed: (counterfact-edit, mcounterfact train, ROME filtered)
+CounterfactFiles = tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]
+
+
+def _counterfact_files(raw: Path) -> CounterfactFiles:
+    return (
+        _read_json(raw, "counterfact_easyedit/counterfact-edit.json"),
+        _read_json(raw, "mcounterfact_en/counterfact-train.json"),
+        _read_json(raw, "counterfact_rome_filtered/counterfact_filtered.json"),
+    )
+
+
+def _counterfact_cases(files: CounterfactFiles) -> dict[str, CounterfactCase]:
+    flat, mcf, rome = files
     # One case per prompt (key), first file first. Matched by prompt, not case_id: the filtered ROME
     # file renumbers its cases (only 1 of its 648 ids shared with counterfact-edit names the same case).
     cases: dict[str, CounterfactCase] = {}
@@ -334,11 +344,9 @@ def _counterfact_cases(raw: Path) -> dict[str, CounterfactCase]:
     return cases
 
 
-def _counterfact_locality(raw: Path) -> list[Example]:
+def _counterfact_locality(files: CounterfactFiles) -> list[Example]:
     """Neighbourhood prompts: other subjects, same relation, with the true object."""
-    flat = _read_json(raw, "counterfact_easyedit/counterfact-edit.json")
-    mcf = _read_json(raw, "mcounterfact_en/counterfact-train.json")
-    rome = _read_json(raw, "counterfact_rome_filtered/counterfact_filtered.json")
+    flat, mcf, rome = files
     locality = [Example(r["locality_prompt"].strip(), r["locality_ground_truth"].strip()) for r in flat]
     locality += [Example(r["loc"].strip(), r["loc_ans"].strip()) for r in mcf]
     for row in rome:
@@ -348,7 +356,8 @@ def _counterfact_locality(raw: Path) -> list[Example]:
 
 
 def _load_counterfact(raw: Path, rng: random.Random) -> TaskSplits:
-    cases = _counterfact_cases(raw)
+    files = _counterfact_files(raw)
+    cases = _counterfact_cases(files)
 
     order = list(cases)  # insertion order: deterministic
     rng.shuffle(order)
@@ -373,7 +382,7 @@ def _load_counterfact(raw: Path, rng: random.Random) -> TaskSplits:
     # test: true facts of cases not edited (TestR asks whether the model still knows them)
     test = _disjoint((Example(p, t) for p, t in others if t), claimed, limit=CF_TEST)
     # neighbourhood prompts: other subjects, same relation and true object as the edited case
-    locality = _counterfact_locality(raw)
+    locality = _counterfact_locality(files)
     rng.shuffle(locality)
     locality = _disjoint(locality, claimed)
     heldout, rest = _take(locality, CF_HELDOUT, "counterfact held-out")
