@@ -157,12 +157,15 @@ def _statements(dialect_name: str) -> _Statements:
         max_report_id=select(func.coalesce(func.max(REPORTS.c.id), 0)),
         max_mistake_id=select(func.coalesce(func.max(MISTAKES.c.id), 0)),
         # the mistakes this batch touches, locked in id order (PostgreSQL; SQLite ignores FOR UPDATE):
-        # the bulk UPDATE below then waits for nothing, and cannot deadlock with the policy's locks
+        # the bulk UPDATE below then waits for nothing, and cannot deadlock with the policy's locks.
+        # Every row lock in memory/ is FOR NO KEY UPDATE (key_share=True), never FOR UPDATE: the
+        # report rows inserted above take FOR KEY SHARE on their mistakes in event-id order, which
+        # FOR UPDATE waits for, so a worker locking in id order could deadlock with this batch.
         touched=(
             select(MISTAKES.c.id)
             .where(MISTAKES.c.id.in_(select(REPORTS.c.mistake_id).where(new)))
             .order_by(MISTAKES.c.id)
-            .with_for_update()
+            .with_for_update(key_share=True)
         ),
         add_targets=add_targets,
         add_reporters=add_reporters,

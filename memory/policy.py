@@ -77,7 +77,7 @@ def resolve(session: Session, model: str, quorum: int, conflict_share: float, pr
                 Mistake.reporter_count >= quorum,
             )
             .order_by(Mistake.id)  # lock order, see memory/ingest.py
-            .with_for_update()
+            .with_for_update(key_share=True)
         )
     )
     targets = targets_of(session, [m.id for m in candidates])
@@ -128,7 +128,7 @@ def pick(session: Session, model: str) -> Mistake | None:
         .where(Mistake.model == model, Mistake.status == Status.QUEUED)
         .order_by(Mistake.priority.desc(), Mistake.reporter_count.desc(), Mistake.first_seen, Mistake.id)
         .limit(1)
-        .with_for_update(skip_locked=True)
+        .with_for_update(skip_locked=True, key_share=True)
     ).first()
 
 

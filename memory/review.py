@@ -30,7 +30,7 @@ def held(session: Session, model: str, dismissed: bool = False) -> list[Mistake]
 
 
 def decide(session: Session, model: str, mistake_id: int, approve: bool, operator: str, reason: str | None) -> Mistake:
-    mistake = session.get(Mistake, mistake_id, with_for_update=True)
+    mistake = session.get(Mistake, mistake_id, with_for_update={"key_share": True})
     if mistake is None or mistake.model != model:
         raise NotReviewable(f"mistake {mistake_id} is not a mistake of model {model!r}")
     allowed = (Status.HELD, Status.DISMISSED) if approve else (Status.HELD,)

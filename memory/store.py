@@ -279,7 +279,7 @@ class Store:
                 select(Mistake)
                 .where(Mistake.model == model, Mistake.status.in_(list(statuses)))
                 .order_by(Mistake.id)
-                .with_for_update()
+                .with_for_update(key_share=True)
             ).all()
             for mistake in mistakes:
                 lifecycle.transition(session, mistake, Status.QUEUED, note=note)
@@ -402,7 +402,7 @@ class Store:
     def mark_patch_removed(self, patch_id: int, reason: str) -> None:
         """Take an accepted patch out of the model (revoke); its mistake becomes `revoked`."""
         with self._writing() as session:
-            patch = session.get(Patch, patch_id, with_for_update=True)
+            patch = session.get(Patch, patch_id, with_for_update={"key_share": True})
             if patch is None:
                 raise NotFound(f"no patch with id {patch_id}")
             if not patch.accepted or patch.removed_at is not None:
@@ -422,7 +422,7 @@ class Store:
                 select(Mistake)
                 .where(Mistake.model == model, Mistake.status == Status.PATCHING)
                 .order_by(Mistake.id)
-                .with_for_update()
+                .with_for_update(key_share=True)
             ).all()
             requeued = []
             for mistake in stuck:
@@ -496,7 +496,7 @@ class Store:
 
     @staticmethod
     def _mistake(session: Session, mistake_id: int) -> Mistake:
-        mistake = session.get(Mistake, mistake_id, with_for_update=True)
+        mistake = session.get(Mistake, mistake_id, with_for_update={"key_share": True})
         if mistake is None:
             raise NotFound(f"no mistake with id {mistake_id}")
         return mistake

@@ -43,7 +43,7 @@ def _open(session: Session, model: str, topic: str, partition: int) -> StuckPart
         )
         .order_by(StuckPartition.id.desc())
         .limit(1)
-        .with_for_update()
+        .with_for_update(key_share=True)
     )
 
 
@@ -98,7 +98,7 @@ def command(
 
 
 def resolve(session: Session, stuck_id: int, resolution: str, now: datetime) -> None:
-    row = session.get(StuckPartition, stuck_id, with_for_update=True)
+    row = session.get(StuckPartition, stuck_id, with_for_update={"key_share": True})
     if row is not None and row.resolved_at is None:
         row.resolved_at, row.resolution = now, resolution
 

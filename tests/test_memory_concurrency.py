@@ -9,7 +9,8 @@ import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import func, select
+import pytest
+from sqlalchemy import create_engine, func, select, text
 
 from memory.lifecycle import Status
 from memory.records import ReportIn
@@ -93,3 +94,35 @@ def test_writer_and_reader_threads(store: Store) -> None:
     with store._reading() as session:
         assert session.scalar(select(func.sum(Mistake.report_count))) == counts["reports"]
         assert session.scalar(select(func.sum(MistakeTarget.count))) == counts["reports"]
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("backend", ["postgresql"], indirect=True)
+def test_worker_locks_do_not_wait_for_a_batch_inserting_reports(store: Store, migrated_url: str) -> None:
+    """A batch's report inserts hold FOR KEY SHARE on their mistakes until it commits (the foreign
+    key). The worker's locks must not wait for it: FOR UPDATE did, and taken in another order than
+    the batch's own locks that was a deadlock (seen in CI). FOR NO KEY UPDATE waits for nothing."""
+    store.record_batch([report("k1", "first input", model="bench"), report("k2", "second input", model="bench")])
+    ids = [m.id for m in store.mistakes("bench")]
+    done: list[object] = []
+
+    def worker() -> None:
+        claimed = store.next_mistake("bench")
+        assert claimed is not None
+        store.set_status(claimed.id, Status.GATE_REJECTED)
+        done.append(store.requeue("bench", [Status.GATE_REJECTED], "again"))
+
+    other = create_engine(migrated_url)
+    try:
+        with other.connect() as conn, conn.begin():
+            # what an open ingest transaction holds on both mistakes: a report row referencing each
+            conn.execute(text("SELECT id FROM mistakes WHERE id = ANY(:ids) FOR KEY SHARE"), {"ids": ids})
+            thread = threading.Thread(target=worker, name="worker")
+            thread.start()
+            thread.join(timeout=20)
+            blocked = thread.is_alive()
+        thread.join(timeout=60)  # the lock is gone: a blocked worker goes on and ends
+    finally:
+        other.dispose()
+    assert not blocked, "the worker waited for the batch's FOR KEY SHARE locks"
+    assert len(done) == 1 and len(done[0]) == 1  # type: ignore[arg-type]
