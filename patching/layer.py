@@ -26,15 +26,25 @@ Inference cost (issue 20: 10,000 neurons must cost a few percent, not +60 %). Th
 - One product for all keys: q [R, d] @ keys.T [d, n], the keys of every patch in one matrix.
 - The value product only over neurons that fire on some row: a relu or relu-cap neuron is exactly
   0 elsewhere, and adding exact zeros changes no bit.
-A bound that skips blocks of keys (Cauchy-Schwarz) is not used: after the position cut the key
-product is a small share of a forward (docs/results/scale-20/), and a bound loose enough to be
-exact prunes little for keys trained to sit near the memory's inputs.
+- On a CPU, the keys prepacked in blocks (PACK_BLOCK, PACK_SMALL) into oneDNN's layout
+  (`torch.ops.mkldnn`, the layout torch's own frozen Linear layers use), the bias fused in. A
+  plain matmul packs the [n, d] keys again on every call, which at 16 rows is much of its cost:
+  at 9,221 fever-minilm neurons the key product of 16 rows takes 2.8 ms instead of 4.9 ms
+  (docs/results/scale-20/pruning-bounds.json). Its rows do not
+  depend on how many rows are computed together, so the position cut stays bit-identical to the
+  dense layer (tests/test_patching_sparse.py).
+No bound that skips blocks of keys is used, measured on the 10,000-edit fever-minilm model with
+512 held-out inputs (docs/results/scale-20/pruning-bounds.json): Cauchy-Schwarz per neuron prunes
+0 %, a rank-128 projection plus Cauchy-Schwarz on the rest 1.3 %; only bounds from low-precision
+keys (bfloat16, int8) prune ~100 %, and their products are no cheaper than float32 on a CPU
+without bfloat16 or int8 matrix units.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -78,13 +88,88 @@ _SPARSE_SHARE = 0.25
 _MIN_ROWS = 4
 
 
+# oneDNN's prepacked product (see the module docstring); absent from some builds
+_ONEDNN = bool(torch.backends.mkldnn.is_available()) and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")  # type: ignore[no-untyped-call]
+# Neurons per packed block, and per smaller block after the last full one. Only full blocks are
+# packed, so an edit packs at most one small block (~0.5 ms; a large one ~3.6 ms once per 2,048)
+# and the last < PACK_SMALL neurons take the plain product. The layout depends on n alone, so a
+# neuron set always gives the same sums, however it was built up.
+PACK_BLOCK = 2048
+PACK_SMALL = 256
+
+
+@dataclass(frozen=True)
+class PackedKeys:
+    """Keys in oneDNN's layout: (start, end, keys[start:end] packed), covering [0, end)."""
+
+    blocks: tuple[tuple[int, int, torch.Tensor], ...]
+
+    @property
+    def end(self) -> int:
+        return self.blocks[-1][1] if self.blocks else 0
+
+
+def pack_layout(n: int, block: int, small: int) -> list[tuple[int, int]]:
+    """The blocks packed for n neurons: full `block`s, then full `small` ones."""
+    big = n // block * block
+    return [(i, i + block) for i in range(0, big, block)] + [
+        (i, i + small) for i in range(big, n // small * small, small)
+    ]
+
+
+def pack_keys(keys: torch.Tensor, done: PackedKeys | None = None) -> PackedKeys | None:
+    """The blocks of keys [n, d] packed for key_product, reusing the blocks of `done` (packed from
+    the same rows) that the layout keeps; None where packing does not apply (no oneDNN, not float32
+    on a CPU)."""
+    if not _ONEDNN or keys.device.type != "cpu" or keys.dtype != torch.float32:
+        return None
+    have = {(a, b): t for a, b, t in done.blocks} if done is not None else {}
+    blocks = []
+    for a, b in pack_layout(keys.shape[0], PACK_BLOCK, PACK_SMALL):
+        packed = have.get((a, b))
+        if packed is None:
+            packed = torch.ops.mkldnn._reorder_linear_weight(keys[a:b].contiguous(), 16)
+        blocks.append((a, b, packed))
+    return PackedKeys(tuple(blocks))
+
+
+def key_product(
+    q: torch.Tensor, keys: torch.Tensor, biases: torch.Tensor, packed: PackedKeys | None = None
+) -> torch.Tensor:
+    """Pre-activations q [R, d] @ keys.T [d, n] + biases [n] -> [R, n]: the packed blocks when
+    given (a forward without autograd: the packed op has no backward), the plain product for the
+    rest. Every row's result is independent of the other rows either way (the position cut)."""
+    rows = q.shape[0]
+    if packed is None or not packed.blocks or q.requires_grad or q.dtype != torch.float32 or q.device.type != "cpu":
+        return (_padded(q) @ keys.T)[:rows] + biases
+    qc = q.contiguous()
+    parts: list[torch.Tensor] = [
+        torch.ops.mkldnn._linear_pointwise(qc, blk, biases[a:b], "none", [], "") for a, b, blk in packed.blocks
+    ]
+    if packed.end < keys.shape[0]:
+        parts.append((_padded(q) @ keys[packed.end :].T)[:rows] + biases[packed.end :])
+    return parts[0] if len(parts) == 1 else torch.cat(parts, 1)
+
+
 def sparse_neuron_output(
-    q: torch.Tensor, keys: torch.Tensor, biases: torch.Tensor, values: torch.Tensor, activation: Activation
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    biases: torch.Tensor,
+    values: torch.Tensor,
+    activation: Activation,
+    packed: PackedKeys | None = None,
 ) -> torch.Tensor:
     """neuron_output for q [R, d_in], with the value product over only the neurons that fire on
-    some row: for relu and relu-cap every other activation is exactly 0, so the sum is the same."""
+    some row: for relu and relu-cap every other activation is exactly 0, so the sum is the same.
+    `packed`: the keys' packed blocks, or None."""
     rows = q.shape[0]
-    act = activate((_padded(q) @ keys.T)[:rows] + biases, activation)  # [R, n]
+    pre = key_product(q, keys, biases, packed)  # [R, n], a new tensor
+    if activation != "gelu" and not pre.requires_grad:
+        # in place, the same values as activate(): another [R, n] tensor is a fresh allocation
+        # per call, large enough to be mapped and faulted in anew (~0.3 ms at 16 x 9,221)
+        act = pre.relu_() if activation == "relu" else pre.clamp_(0.0, 1.0)
+    else:
+        act = activate(pre, activation)
     if activation == "gelu":  # never exactly 0
         return (_padded(act) @ values)[:rows]
     live = act.any(0).nonzero().flatten()  # [f] neurons non-zero on some row
@@ -110,14 +195,17 @@ def patch_at(
     read: Read,
     neurons: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
     activation: Activation,
+    packed: PackedKeys | None = None,
 ) -> torch.Tensor:
-    """out [B, T, d] + the neurons' output for q [B, T, d], at the `read` positions only."""
+    """out [B, T, d] + the neurons' output for q [B, T, d], at the `read` positions only
+    (`packed`: the keys' packed blocks, or None)."""
     keys, biases, values = neurons
     if read is None or q.ndim != 3:
         flat = q.reshape(-1, q.shape[-1])  # [B*T, d]
-        return out + sparse_neuron_output(flat, keys, biases, values, activation).reshape(out.shape).to(out.dtype)
+        delta = sparse_neuron_output(flat, keys, biases, values, activation, packed)
+        return out + delta.reshape(out.shape).to(out.dtype)
     qr = q[:, read]  # [B, k, d]
-    delta = sparse_neuron_output(qr.reshape(-1, q.shape[-1]), keys, biases, values, activation)
+    delta = sparse_neuron_output(qr.reshape(-1, q.shape[-1]), keys, biases, values, activation, packed)
     out = out.clone()  # the base's output stays as it was (autograd may hold it)
     out[:, read] += delta.reshape(qr.shape[0], qr.shape[1], -1).to(out.dtype)
     return out
@@ -151,6 +239,11 @@ class PatchedFFN(nn.Module):
         self.edit_ids: list[str] = []  # one entry per neuron
         # (dtype, keys, biases, values): the neurons in the model's dtype, made when first needed
         self._cast: tuple[torch.dtype, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        # the keys' full blocks packed for oneDNN (pack_keys), and the keys tensor and its version
+        # counter they were packed from: a new keys tensor (remove, restore, .to()) or a write
+        # into it (load_state_dict) packs again; add() keeps them (it only appends rows)
+        self._pack: PackedKeys | None = None
+        self._pack_of: tuple[torch.Tensor, int] | None = None
         # a neuron being trained by the reference trainer (full forward every step); never saved
         self.candidate: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         # (keys, biases, values) buffers with spare rows that the registered ones are views of (add)
@@ -172,7 +265,7 @@ class PatchedFFN(nn.Module):
         if self.tap is not None:
             self.tap.append((q if read is None or q.ndim != 3 else q[:, read]).detach().float())
         if self.n:
-            out = patch_at(out, q, read, self._neurons(q.dtype), self.activation)
+            out = patch_at(out, q, read, self._neurons(q.dtype), self.activation, self._packed(q.dtype))
         if self.candidate is not None:
             # trained as its activation trains (a relu-cap neuron is capped after)
             out = patch_at(out, q.float(), read, self.candidate, trained_as(self.activation))
@@ -186,11 +279,27 @@ class PatchedFFN(nn.Module):
             self._cast = (dtype, self.keys.to(dtype), self.biases.to(dtype), self.values.to(dtype))
         return self._cast[1], self._cast[2], self._cast[3]
 
+    def _packed(self, dtype: torch.dtype) -> PackedKeys | None:
+        """The float32 keys' blocks, packed when first needed; None for other dtypes."""
+        if dtype != torch.float32:
+            return None
+        keys = self.keys
+        done = self._pack if self._pack_valid() else None
+        layout = pack_layout(keys.shape[0], PACK_BLOCK, PACK_SMALL)
+        if done is None or [(a, b) for a, b, _ in done.blocks] != layout:
+            self._pack = pack_keys(keys, done)
+        self._pack_of = (keys, keys._version)
+        return self._pack
+
+    def _pack_valid(self) -> bool:
+        return self._pack_of is not None and self._pack_of[0] is self.keys and self._pack_of[1] == self.keys._version
+
     def add(self, keys: torch.Tensor, biases: torch.Tensor, values: torch.Tensor, edit_id: str) -> None:
         """Append neurons keys [m, d], biases [m], values [m, d], all belonging to `edit_id`."""
         if keys.ndim != 2 or keys.shape != values.shape or biases.shape != (keys.shape[0],):
             raise ValueError(f"bad neuron shapes {tuple(keys.shape)} {tuple(biases.shape)} {tuple(values.shape)}")
         n, m = self.n, int(keys.shape[0])
+        packed_before = self._pack_valid()
         grow = self._spare is None or self._spare[0].shape[0] < n + m
         if (
             not grow
@@ -219,6 +328,8 @@ class PatchedFFN(nn.Module):
         self.keys, self.biases, self.values = kb[: n + m], bb[: n + m], vb[: n + m]
         self.edit_ids.extend([edit_id] * m)
         self._cast = None
+        if packed_before:  # rows [0, n) are as they were packed
+            self._pack_of = (self.keys, self.keys._version)
 
     def restore(self, keys: torch.Tensor, biases: torch.Tensor, values: torch.Tensor, edit_ids: Sequence[str]) -> None:
         """Put back a whole neuron set at once (a restart from a snapshot, patching/snapshot.py):

@@ -32,10 +32,15 @@ def dense_and_cut(
         return dense, model(**kw).logits
 
 
+@pytest.mark.parametrize("packed", [False, True], ids=["matmul", "packed"])
 @pytest.mark.parametrize("activation", ["relu", "relu-cap", "gelu"])
 def test_random_neurons_on_random_inputs_give_the_dense_layers_logits(
-    arch_name: str, activation: str, monkeypatch: pytest.MonkeyPatch
+    arch_name: str, activation: str, packed: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # packed: the keys in oneDNN's layout in blocks of 64 and 16 neurons (2,048 and 256 by default)
+    assert layer._ONEDNN, "this torch build has no oneDNN: the packed key product is never used"
+    monkeypatch.setattr(layer, "PACK_BLOCK", 64 if packed else 10**9)
+    monkeypatch.setattr(layer, "PACK_SMALL", 16 if packed else 10**9)
     model = tiny_model(arch_name)
     patcher = Patcher(model, train=TrainConfig(activation=activation))
     d = patcher.site.hidden_size
@@ -63,9 +68,12 @@ def test_random_neurons_on_random_inputs_give_the_dense_layers_logits(
     assert torch.equal(states.logits, dense)
 
 
+@pytest.mark.parametrize("packed", [False, True], ids=["matmul", "packed"])
 def test_real_patches_on_real_and_random_inputs_give_the_dense_layers_outputs_bit_for_bit(
-    monkeypatch: pytest.MonkeyPatch,
+    packed: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr(layer, "PACK_BLOCK", 4 if packed else 10**9)  # 12 edits, 1+ neuron each
+    monkeypatch.setattr(layer, "PACK_SMALL", 2 if packed else 10**9)
     patcher, heldout, edits = setup()
     model = patcher.model
     targets = 1 - predict(model, edits)
@@ -93,8 +101,8 @@ def test_only_the_read_positions_are_computed_and_the_value_product_only_for_fir
     seen: list[tuple[int, int]] = []
     real = layer.sparse_neuron_output
 
-    def spy(q, keys, biases, values, activation):
-        out = real(q, keys, biases, values, activation)
+    def spy(q, keys, biases, values, activation, packed=None):
+        out = real(q, keys, biases, values, activation, packed)
         seen.append((q.shape[0], int(layer.activate(q @ keys.T + biases, activation).any(0).sum())))
         return out
 
@@ -135,3 +143,51 @@ def test_neurons_appended_into_spare_rows_equal_a_plain_concatenation() -> None:
     assert torch.equal(w.biases, torch.cat([x[2] for x in kept]))
     assert w.edit_ids == [x[0] for x in kept for _ in range(x[1].shape[0])]
     assert w.state_dict()["keys"].shape == (w.n, d)  # only the neurons are saved, never the spare rows
+
+
+def test_the_packed_keys_follow_every_change_of_the_neuron_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Blocks of keys are packed once: an add packs only a block it fills, while a remove, a
+    restore elsewhere and a write into the keys (load_state_dict) pack anew, so a forward never
+    uses stale keys."""
+    monkeypatch.setattr(layer, "PACK_BLOCK", 64)
+    monkeypatch.setattr(layer, "PACK_SMALL", 16)
+    model = tiny_model("bert")
+    patcher = Patcher(model, train=TrainConfig(activation="relu"))
+    w, d = patcher.wrapper, patcher.site.hidden_size
+    enc = tiny_batch(model)
+
+    def logits(pack: bool) -> torch.Tensor:
+        with torch.no_grad():
+            if not pack:  # the plain product, for reference
+                with monkeypatch.context() as m:
+                    m.setattr(w, "_packed", lambda dtype: None)
+                    return model(**enc.batch).logits
+            return model(**enc.batch).logits
+
+    def packed() -> dict[tuple[int, int], torch.Tensor]:
+        assert w._pack is not None
+        return {(a, b): t for a, b, t in w._pack.blocks}
+
+    k, b, v = random_neurons(130, d, seed=1)
+    w.add(k, b, v * 5, edit_id="a")
+    first = logits(True)
+    before = packed()
+    assert list(before) == [(0, 64), (64, 128)]  # 2 plain
+    assert torch.allclose(first, logits(False), atol=1e-5)
+    k2, b2, v2 = random_neurons(20, d, seed=2)
+    w.add(k2, b2 + 3.0, v2 * 50, edit_id="b")  # fires everywhere
+    second = logits(True)
+    now = packed()
+    assert list(now) == [(0, 64), (64, 128), (128, 144)] and all(now[key] is before[key] for key in before)
+    assert not torch.allclose(second, first, atol=1e-3) and torch.allclose(second, logits(False), atol=1e-5)
+    w.add(*random_neurons(60, d, seed=3), edit_id="c")  # 210 neurons: three large blocks, one small
+    logits(True)
+    assert list(packed()) == [(0, 64), (64, 128), (128, 192), (192, 208)]
+    assert all(packed()[key] is before[key] for key in before)
+    w.remove(["b", "c"])
+    assert torch.equal(logits(True), first) and packed()[(0, 64)] is not before[(0, 64)]  # packed anew
+    state = {key: t.clone() for key, t in w.state_dict().items() if key in ("keys", "biases", "values")}
+    state["keys"] = -state["keys"]
+    w.load_state_dict(state, strict=False)  # copies into the same tensors: only their version changes
+    flipped = logits(True)
+    assert not torch.allclose(flipped, first, atol=1e-3) and torch.allclose(flipped, logits(False), atol=1e-5)
