@@ -47,9 +47,18 @@ def register(sub: Any, bench: Any) -> None:
     )
     p.add_argument(
         "--editor",
-        choices=["tpatcher", "ft-last", "ft-all", "mend", "grace"],
+        choices=["tpatcher", "ft-last", "ft-all", "mend", "grace", "wise"],
         default="tpatcher",
-        help="editor to run (default: tpatcher; grace: a codebook at the patched FFN, patching/eval/grace.py)",
+        help="editor to run (default: tpatcher; grace: a codebook at the patched FFN, patching/eval/grace.py; "
+        "wise: a side memory of a mid-to-late FFN, causal LMs only, patching/eval/wise.py)",
+    )
+    p.add_argument(
+        "--wise-set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="wise: one of its settings for this run (patching/eval/wise.py WiseConfig, e.g. "
+        "--wise-set shard_edits=100 --wise-set steps=30); repeatable",
     )
     p.add_argument(
         "--grace-eps",
@@ -66,7 +75,7 @@ def register(sub: Any, bench: Any) -> None:
     p.add_argument(
         "--single",
         action="store_true",
-        help="single-edit run (T = 1): every edit on the unedited model (tpatcher, mend, grace)",
+        help="single-edit run (T = 1): every edit on the unedited model (tpatcher, mend, grace, wise)",
     )
     p.add_argument("--activation", choices=ACTIVATIONS, default=None, help="patch activation (tpatcher)")
     p.add_argument("--augment-copies", type=int, default=None, help="perturbed copies of q per edit (tpatcher)")
@@ -179,6 +188,14 @@ def _evaluate(args: argparse.Namespace) -> int:
         options["mend_dir"] = args.mend_dir or cache_root() / "mend" / Path(args.base).name
     if args.editor == "grace" and args.grace_eps is not None:
         options["grace_eps"] = args.grace_eps
+    if args.wise_set:
+        from patching.eval.wise import parse_settings
+
+        try:
+            options["wise"] = parse_settings(args.wise_set)
+        except ValueError as exc:
+            print(f"error: --wise-set: {exc}")
+            return 2
     try:
         with interruptible():
             report = run_evaluate(

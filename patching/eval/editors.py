@@ -1,4 +1,4 @@
-"""Editors that `patchd evaluate` runs through the same stream: tpatcher, the FT baselines, mend, grace.
+"""Editors that `patchd evaluate` runs through the same stream: tpatcher, the FT baselines, mend, grace, wise.
 
 Every editor takes one (input, target) at a time, in place, without reset, and says what it did
 (the contract: patching/eval/record.py). A new editor is a class with `name`, `neurons` and
@@ -115,7 +115,8 @@ class FineTuneEditor:
 
 
 def make_editor(name: str, adapter: TaskAdapter, patcher_factory: Any, options: dict[str, Any] | None = None) -> Editor:
-    """`options`: editor-specific settings (mend: `mend_dir`, `heldout` inputs for its emulated gate, `seed`)."""
+    """`options`: editor-specific settings (mend: `mend_dir`, `heldout` inputs for its emulated gate, `seed`;
+    grace: `grace_eps`; wise: `memory` inputs for its routing loss, `wise` WiseConfig fields)."""
     options = options or {}
     if name == "tpatcher":
         return TPatcherEditor(patcher_factory(), adapter, patcher_factory)
@@ -128,6 +129,11 @@ def make_editor(name: str, adapter: TaskAdapter, patcher_factory: Any, options: 
 
         # a bare patcher (no memory, no held-out cache): GRACE reads only the cached tail
         return GraceEditor(Patcher(adapter.base.model), adapter, eps_init=options.get("grace_eps") or EPS_INIT)
+    if name == "wise":
+        from patching.eval.wise import WiseConfig, WiseEditor
+
+        config = WiseConfig(**options.get("wise", {}))
+        return WiseEditor(adapter, options.get("memory", ()), config, seed=options.get("seed", 0))
     from patching.arch import locate
 
     model = adapter.base.model
@@ -137,4 +143,4 @@ def make_editor(name: str, adapter: TaskAdapter, patcher_factory: Any, options: 
         return FineTuneEditor(name, adapter, params, lr=1e-4)
     if name == "ft-all":
         return FineTuneEditor(name, adapter, list(model.parameters()), lr=1e-5)
-    raise ValueError(f"unknown editor {name!r} (tpatcher, ft-last, ft-all, mend, grace)")
+    raise ValueError(f"unknown editor {name!r} (tpatcher, ft-last, ft-all, mend, grace, wise)")

@@ -146,13 +146,20 @@ def run_evaluate(
         p = Patcher(lb.model, train=train, gate=gate)
         return adapter.patcher(p, [e.input for e in data.memory], [e.input for e in data.heldout])
 
-    options = {"heldout": [e.input for e in data.heldout], "seed": seed, **(editor_options or {})}
+    options = {
+        "heldout": [e.input for e in data.heldout],
+        "memory": [e.input for e in data.memory],
+        "seed": seed,
+        **(editor_options or {}),
+    }
     ed: Editor = make_editor(editor, adapter, factory, options)
     prefixes = augment_prefixes(adapter, data.memory, context_augment)
     if prefixes:
         progress(f"context augmentation: each edit also trained behind {len(prefixes)} prefixes, e.g. {prefixes[0]!r}")
     if not sequential and not hasattr(ed, "reset"):
-        raise ValueError(f"editor {editor!r} cannot reset to the base: single-edit runs need tpatcher, mend or grace")
+        raise ValueError(
+            f"editor {editor!r} cannot reset to the base: single-edit runs need tpatcher, mend, grace or wise"
+        )
     # the model is still the base here: its answers may come from the disk cache
     stream = adapter.mistakes(data.edits, limit=edits, base=True)
     progress(
