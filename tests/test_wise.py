@@ -127,3 +127,19 @@ def test_a_classifier_is_refused_with_a_clear_error() -> None:
     with pytest.raises(ValueError, match="causal LM"):
         WiseEditor(Adapter(), ["x"])  # type: ignore[arg-type]
     del patcher
+
+
+def test_the_training_steps_cached_layers_give_the_full_models_logits(tmp_path: Path) -> None:
+    """A step runs only the layers from the side memory's on, from hidden states captured once:
+    the target rows' logits must be the full forward's."""
+    adapter, editor = _tiny(tmp_path, prefixes=1)
+    enc = adapter.edit("Who?", "Paris", ["It is late. Who?"])  # type: ignore[attr-defined]
+    with torch.no_grad():
+        full = adapter.base.model(**enc.batch).logits[enc.rows_b, enc.rows_t]  # type: ignore[attr-defined]
+        editor.editing = True  # the side memory in place everywhere, as in training
+        editor.current = editor.main + 0.5  # and a changed one, so the layer's output counts
+        cached = editor._row_logits(enc, editor._tail_inputs(enc.batch))
+        changed = adapter.base.model(**enc.batch).logits[enc.rows_b, enc.rows_t]  # type: ignore[attr-defined]
+    editor.editing = False
+    assert torch.allclose(cached, changed, atol=1e-5) and not torch.allclose(changed, full, atol=1e-3)
+    editor.close()

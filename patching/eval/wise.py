@@ -168,6 +168,8 @@ class WiseEditor:
         site = locate(model)
         layers = get_module(model.base_model, site.spec.layers)
         assert isinstance(layers, nn.ModuleList)  # locate checked it
+        self.layers: nn.ModuleList = layers
+        self.final_norm: nn.Module | None = site.final_norm
         self.layer_index = round(self.config.side_depth * (len(layers) - 1))
         proj = get_module(layers[self.layer_index], site.spec.ffn_out)
         proj = getattr(proj, "down_proj", proj)  # Llama-family rows name the whole MLP
@@ -283,15 +285,15 @@ class WiseEditor:
         unrelated = self.adapter.serving_batch([self.rng.choice(self.unrelated)])
         unrelated.pop("logits_to_keep", None)
         acts = self._activations(enc.batch), self._activations(unrelated)
+        tail = self._tail_inputs(enc.batch)
         side = nn.Parameter(self.current.clone())
         opt = torch.optim.SGD([side], lr=cfg.lr, weight_decay=cfg.weight_decay)
-        model = self.adapter.base.model
         steps, score_e = 0, torch.zeros(0)
         self.editing = True
         try:
             for steps in range(cfg.steps + 1):
                 self.current = side  # the hook reads it: the forward goes through the parameter
-                logits = model(**enc.batch).logits[enc.rows_b, enc.rows_t]  # [R, vocab]
+                logits = self._row_logits(enc, tail)  # [R, vocab]
                 ce = F.cross_entropy(logits.float(), enc.targets)
                 score_e = route_scores(acts[0], side - self.main, seq_mask)  # [E]
                 score_u = route_scores(acts[1], side - self.main, unrelated.get("attention_mask"))  # [1]
@@ -314,6 +316,38 @@ class WiseEditor:
         self.count += 1
         self._shard_and_merge()
         return EditRecord("applied", time.perf_counter() - t0, steps=steps)
+
+    def _tail_inputs(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
+        """The hidden states [B, T, d_model] entering the side memory's layer, and the keyword
+        arguments its stack passes to every layer (mask, positions): neither depends on W', so a
+        training step runs only the layers from there on (`_row_logits`)."""
+        seen: list[tuple[torch.Tensor, dict[str, Any]]] = []
+
+        def grab(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            hidden = args[0] if args else kwargs["hidden_states"]
+            seen.append((hidden.detach(), {k: v for k, v in kwargs.items() if k != "hidden_states"}))
+
+        handle = self.layers[self.layer_index].register_forward_pre_hook(grab, with_kwargs=True)
+        try:
+            with torch.no_grad(), self.disabled():
+                self.adapter.base.model.base_model(**batch, use_cache=False)
+        finally:
+            handle.remove()
+        return seen[0]
+
+    def _row_logits(self, enc: Any, tail: tuple[torch.Tensor, dict[str, Any]]) -> torch.Tensor:
+        """The target rows' logits [R, vocab] from the layers at and above the side memory, the
+        final norm and the head on those rows alone (the head over every position of a prefixed
+        batch costs more than the layers: a 49,152-token vocabulary)."""
+        hidden, kwargs = tail
+        for layer in self.layers[self.layer_index :]:
+            out = layer(hidden, **kwargs)
+            hidden = out[0] if isinstance(out, tuple) else out
+        rows = hidden[enc.rows_b, enc.rows_t]  # [R, d_model]
+        if self.final_norm is not None:
+            rows = self.final_norm(rows)
+        logits: torch.Tensor = self.adapter.base.model.get_output_embeddings()(rows)
+        return logits
 
     def _activations(self, batch: dict[str, Any]) -> torch.Tensor:
         """The side memory's input a [B, T, d_ff] for a batch (it does not depend on W')."""
