@@ -30,9 +30,9 @@ Inference cost (issue 20: 10,000 neurons must cost a few percent, not +60 %). Th
   (`torch.ops.mkldnn`, the layout torch's own frozen Linear layers use), the bias fused in. A
   plain matmul packs the [n, d] keys again on every call, which at 16 rows is much of its cost:
   at 9,221 fever-minilm neurons the key product of 16 rows takes 2.8 ms instead of 4.9 ms
-  (docs/results/scale-20/pruning-bounds.json). Its rows do not
-  depend on how many rows are computed together, so the position cut stays bit-identical to the
-  dense layer (tests/test_patching_sparse.py).
+  (docs/results/scale-20/pruning-bounds.json). Its rows do not depend on how many rows are
+  computed together, so the position cut stays bit-identical to the dense layer
+  (tests/test_patching_sparse.py).
 No bound that skips blocks of keys is used, measured on the 10,000-edit fever-minilm model with
 512 held-out inputs (docs/results/scale-20/pruning-bounds.json): Cauchy-Schwarz per neuron prunes
 0 %, a rank-128 projection plus Cauchy-Schwarz on the rest 1.3 %; only bounds from low-precision
