@@ -71,7 +71,7 @@ def test_an_unrelated_input_goes_to_the_main_memory_and_an_edited_one_to_the_sid
     with torch.no_grad():
         base = model(**enc).logits
     # a side memory that changes only what the first unit of the activation feeds
-    a = editor._activations({k: v for k, v in enc.items() if k != "logits_to_keep"})
+    a, _ = editor._capture({k: v for k, v in enc.items() if k != "logits_to_keep"})
     unit = int(a[0, -1].abs().argmax())  # the unit "Who?" drives hardest at its last position
     editor.current = editor.main.clone()
     editor.current[:, unit] += 50.0
@@ -138,7 +138,7 @@ def test_the_training_steps_cached_layers_give_the_full_models_logits(tmp_path: 
         full = adapter.base.model(**enc.batch).logits[enc.rows_b, enc.rows_t]  # type: ignore[attr-defined]
         editor.editing = True  # the side memory in place everywhere, as in training
         editor.current = editor.main + 0.5  # and a changed one, so the layer's output counts
-        cached = editor._row_logits(enc, editor._tail_inputs(enc.batch))
+        cached = editor._row_logits(enc, editor._capture(enc.batch)[1])
         changed = adapter.base.model(**enc.batch).logits[enc.rows_b, enc.rows_t]  # type: ignore[attr-defined]
     editor.editing = False
     assert torch.allclose(cached, changed, atol=1e-5) and not torch.allclose(changed, full, atol=1e-3)

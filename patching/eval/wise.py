@@ -284,8 +284,8 @@ class WiseEditor:
         seq_mask = enc.batch.get("attention_mask")
         unrelated = self.adapter.serving_batch([self.rng.choice(self.unrelated)])
         unrelated.pop("logits_to_keep", None)
-        acts = self._activations(enc.batch), self._activations(unrelated)
-        tail = self._tail_inputs(enc.batch)
+        a_edit, tail = self._capture(enc.batch)
+        a_unrelated, _ = self._capture(unrelated)
         side = nn.Parameter(self.current.clone())
         opt = torch.optim.SGD([side], lr=cfg.lr, weight_decay=cfg.weight_decay)
         steps, score_e = 0, torch.zeros(0)
@@ -295,8 +295,8 @@ class WiseEditor:
                 self.current = side  # the hook reads it: the forward goes through the parameter
                 logits = self._row_logits(enc, tail)  # [R, vocab]
                 ce = F.cross_entropy(logits.float(), enc.targets)
-                score_e = route_scores(acts[0], side - self.main, seq_mask)  # [E]
-                score_u = route_scores(acts[1], side - self.main, unrelated.get("attention_mask"))  # [1]
+                score_e = route_scores(a_edit, side - self.main, seq_mask)  # [E]
+                score_u = route_scores(a_unrelated, side - self.main, unrelated.get("attention_mask"))  # [1]
                 act = margin_loss(score_e, score_u, cfg.alpha, cfg.beta, cfg.gamma)
                 right = bool((logits.argmax(-1) == enc.targets).all())
                 if (right and float(act.detach()) == 0.0) or steps == cfg.steps:
@@ -317,23 +317,29 @@ class WiseEditor:
         self._shard_and_merge()
         return EditRecord("applied", time.perf_counter() - t0, steps=steps)
 
-    def _tail_inputs(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
-        """The hidden states [B, T, d_model] entering the side memory's layer, and the keyword
-        arguments its stack passes to every layer (mask, positions): neither depends on W', so a
-        training step runs only the layers from there on (`_row_logits`)."""
-        seen: list[tuple[torch.Tensor, dict[str, Any]]] = []
+    def _capture(self, batch: dict[str, Any]) -> tuple[torch.Tensor, tuple[torch.Tensor, dict[str, Any]]]:
+        """From one frozen forward of the stack (no head): the side memory's input a [B, T, d_ff],
+        and the hidden states [B, T, d_model] entering its layer with the keyword arguments the
+        stack passes to every layer (mask, positions). None of them depends on W', so a training
+        step runs only the layers from there on (`_row_logits`)."""
+        acts: list[torch.Tensor] = []
+        tails: list[tuple[torch.Tensor, dict[str, Any]]] = []
 
-        def grab(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        def grab_tail(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             hidden = args[0] if args else kwargs["hidden_states"]
-            seen.append((hidden.detach(), {k: v for k, v in kwargs.items() if k != "hidden_states"}))
+            tails.append((hidden.detach(), {k: v for k, v in kwargs.items() if k != "hidden_states"}))
 
-        handle = self.layers[self.layer_index].register_forward_pre_hook(grab, with_kwargs=True)
+        handles = [
+            self.layers[self.layer_index].register_forward_pre_hook(grab_tail, with_kwargs=True),
+            self.proj.register_forward_pre_hook(lambda _m, args: acts.append(args[0].detach().float())),
+        ]
         try:
             with torch.no_grad(), self.disabled():
                 self.adapter.base.model.base_model(**batch, use_cache=False)
         finally:
-            handle.remove()
-        return seen[0]
+            for h in handles:
+                h.remove()
+        return acts[0], tails[0]
 
     def _row_logits(self, enc: Any, tail: tuple[torch.Tensor, dict[str, Any]]) -> torch.Tensor:
         """The target rows' logits [R, vocab] from the layers at and above the side memory, the
@@ -348,17 +354,6 @@ class WiseEditor:
             rows = self.final_norm(rows)
         logits: torch.Tensor = self.adapter.base.model.get_output_embeddings()(rows)
         return logits
-
-    def _activations(self, batch: dict[str, Any]) -> torch.Tensor:
-        """The side memory's input a [B, T, d_ff] for a batch (it does not depend on W')."""
-        seen: list[torch.Tensor] = []
-        handle = self.proj.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach().float()))
-        try:
-            with torch.no_grad(), self.disabled():
-                self.adapter.base.model(**batch)
-        finally:
-            handle.remove()
-        return seen[0]
 
     def _merge(self) -> torch.Tensor | None:
         """The merged side memory with the saved shards merged in (TIES; None if there is none)."""
