@@ -190,6 +190,13 @@ class FFNSite:
     post_norm: nn.Module | None
     final_norm: nn.Module | None
     hidden_size: int
+    layers: int = 0  # layers in the stack; 0 = unknown (the site is taken to be the last)
+
+    @property
+    def last(self) -> bool:
+        """The site is the last layer's FFN: its output reaches each position's logits alone.
+        Below it, attention carries a patch at one position into every later one."""
+        return self.layers == 0 or self.layer_index == self.layers - 1
 
     @property
     def ffn_out(self) -> nn.Module:
@@ -201,8 +208,11 @@ class FFNSite:
         return lambda h: fn(self.model, h)
 
 
-def locate(model: nn.Module, override: Mapping[str, Any] | None = None) -> FFNSite:
-    """Resolve the table row against a loaded model; every path is checked before anything changes."""
+def locate(model: nn.Module, override: Mapping[str, Any] | None = None, layer: int = -1) -> FFNSite:
+    """Resolve the table row against a loaded model; every path is checked before anything changes.
+
+    `layer`: the patched layer's index in the stack (negative counts from the end; -1, the last, is
+    the daemon's site; a lower one is `patchd evaluate --site-depth`, patching/eval/deepsite.py)."""
     config: Any = model.config  # a transformers config: model_type, hidden_size are not typed attributes
     spec = resolve_spec(config.model_type, override)
     base = cast(nn.Module, model.base_model)
@@ -219,10 +229,13 @@ def locate(model: nn.Module, override: Mapping[str, Any] | None = None) -> FFNSi
     layers = find(base, spec.layers, "layers")
     if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
         raise ArchError(f"layers path {spec.layers!r} is not a non-empty ModuleList; {SETTING_HINT}")
-    layer = layers[-1]
-    ffn_in = find(layer, spec.ffn_in, "ffn_in")
+    if not -len(layers) <= layer < len(layers):
+        raise ArchError(f"layer {layer} is outside the stack of {len(layers)} layers")
+    index = layer % len(layers)
+    layer_module = layers[index]
+    ffn_in = find(layer_module, spec.ffn_in, "ffn_in")
     parent_path, _, out_name = spec.ffn_out.rpartition(".")
-    parent = find(layer, parent_path, "ffn_out")
+    parent = find(layer_module, parent_path, "ffn_out")
     find(parent, out_name, "ffn_out")
     hidden = int(config.hidden_size)
     feats = linear_features(getattr(parent, out_name))
@@ -231,15 +244,16 @@ def locate(model: nn.Module, override: Mapping[str, Any] | None = None) -> FFNSi
     return FFNSite(
         model=model,
         spec=spec,
-        layer_index=len(layers) - 1,
-        layer=layer,
+        layer_index=index,
+        layer=layer_module,
         ffn_in=ffn_in,
         ffn_out_parent=parent,
         ffn_out_name=out_name,
-        residual_in=find(layer, spec.residual_in, "residual_in") if spec.residual_in else None,
-        post_norm=find(layer, spec.post_norm, "post_norm") if spec.post_norm else None,
+        residual_in=find(layer_module, spec.residual_in, "residual_in") if spec.residual_in else None,
+        post_norm=find(layer_module, spec.post_norm, "post_norm") if spec.post_norm else None,
         final_norm=find(base, spec.final_norm, "final_norm") if spec.final_norm else None,
         hidden_size=hidden,
+        layers=len(layers),
     )
 
 

@@ -418,6 +418,8 @@ def attach(site: FFNSite, activation: Activation) -> PatchedFFN:
 
     hooks.append(site.model.register_forward_pre_hook(set_read, with_kwargs=True))
     hooks.append(site.model.register_forward_hook(clear_read))
+    # below the last layer every position's patch reaches later positions: no position cut
+    wrapper.dense = not site.last
     setattr(site.ffn_out_parent, site.ffn_out_name, wrapper)
     return wrapper
 

@@ -77,6 +77,15 @@ def register(sub: Any, bench: Any) -> None:
         action="store_true",
         help="single-edit run (T = 1): every edit on the unedited model (tpatcher, mend, grace, wise)",
     )
+    p.add_argument(
+        "--site-depth",
+        type=float,
+        default=None,
+        metavar="F",
+        help="tpatcher: add the neurons to the FFN at this depth of the stack (0 = first layer, 1 = last; "
+        "e.g. 0.8) instead of the last FFN the daemon patches; each step runs the layers above it "
+        "(patching/eval/deepsite.py; issue 21's lever 2). Not resumable",
+    )
     p.add_argument("--activation", choices=ACTIVATIONS, default=None, help="patch activation (tpatcher)")
     p.add_argument("--augment-copies", type=int, default=None, help="perturbed copies of q per edit (tpatcher)")
     p.add_argument(
@@ -188,6 +197,14 @@ def _evaluate(args: argparse.Namespace) -> int:
         options["mend_dir"] = args.mend_dir or cache_root() / "mend" / Path(args.base).name
     if args.editor == "grace" and args.grace_eps is not None:
         options["grace_eps"] = args.grace_eps
+    if args.site_depth is not None:
+        if args.editor != "tpatcher" or not 0.0 <= args.site_depth <= 1.0:
+            print("error: --site-depth is a tpatcher setting within [0, 1]")
+            return 2
+        if args.resume is not None:
+            print("error: --site-depth runs cannot be resumed (their neurons are not saved)")
+            return 2
+        options["site_depth"] = args.site_depth
     if args.wise_set:
         from patching.eval.wise import parse_settings
 

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from patching.bases.tasks import TaskAdapter
+from patching.config import GateConfig, TrainConfig
 from patching.engine import Patcher
 from patching.eval.mend.editor import MendEditor
 from patching.eval.record import Editor, EditRecord
@@ -116,8 +117,20 @@ class FineTuneEditor:
 
 def make_editor(name: str, adapter: TaskAdapter, patcher_factory: Any, options: dict[str, Any] | None = None) -> Editor:
     """`options`: editor-specific settings (mend: `mend_dir`, `heldout` inputs for its emulated gate, `seed`;
-    grace: `grace_eps`; wise: `memory` inputs for its routing loss, `wise` WiseConfig fields)."""
+    grace: `grace_eps`; wise: `memory` inputs for its routing loss, `wise` WiseConfig fields;
+    tpatcher with `site_depth`: its layer, with `memory`, `heldout`, `train` and `gate`)."""
     options = options or {}
+    if name == "tpatcher" and options.get("site_depth") is not None:
+        from patching.eval.deepsite import DeepSiteEditor
+
+        return DeepSiteEditor(
+            adapter,
+            options.get("memory", ()),
+            options.get("heldout", ()),
+            options["site_depth"],
+            options.get("train") or TrainConfig(),
+            options.get("gate") or GateConfig(),
+        )
     if name == "tpatcher":
         return TPatcherEditor(patcher_factory(), adapter, patcher_factory)
     if name == "mend":

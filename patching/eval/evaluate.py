@@ -136,6 +136,8 @@ def run_evaluate(
         # these two named only when set (not float32), so reports written before they existed still resume
         **({"context_augment": context_augment} if context_augment else {}),
         **({"dtype": str(torch_dtype).removeprefix("torch.")} if torch_dtype != torch.float32 else {}),
+        # tpatcher below the last FFN (patching/eval/deepsite.py)
+        **({"site_depth": depth} if (depth := (editor_options or {}).get("site_depth")) is not None else {}),
         "train_config": asdict(train.for_task(adapter.generation)) if editor == "tpatcher" else None,
         "gate_config": asdict(gate) if editor == "tpatcher" else None,
     }
@@ -150,6 +152,8 @@ def run_evaluate(
         "heldout": [e.input for e in data.heldout],
         "memory": [e.input for e in data.memory],
         "seed": seed,
+        "train": train,
+        "gate": gate,
         **(editor_options or {}),
     }
     ed: Editor = make_editor(editor, adapter, factory, options)
