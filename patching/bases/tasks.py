@@ -90,24 +90,30 @@ class TaskAdapter:
                 yield encode.classification(tok, chunk)
 
     def heldout_batches(
-        self, inputs: Sequence[ModelInput], labels: Sequence[str] | None = None, progress: bool = True
+        self,
+        inputs: Sequence[ModelInput],
+        labels: Sequence[str] | None = None,
+        progress: bool = True,
+        base: bool = False,
     ) -> Iterator[Encoded]:
         """Held-out rows: position 0 (classification), or the positions that produce the model's own
-        greedy answer (generation: unchanged argmax there <=> unchanged greedy output)."""
+        greedy answer (generation: unchanged argmax there <=> unchanged greedy output). `base`: the
+        model is the unpatched base (its answers may come from the disk cache, base_answer_ids)."""
         tok = self.base.tokenizer
         for i in tqdm(range(0, len(inputs), BATCH), desc="held-out", unit="batch", disable=not progress):
             chunk = inputs[i : i + BATCH]
             if self.generation:
-                yield self._answered(chunk)
+                yield self._answered(chunk, base=base)
             else:
                 ids = [self.label_id(x) for x in labels[i : i + BATCH]] if labels else None
                 yield encode.classification(tok, chunk, ids)
 
-    def _answered(self, inputs: Sequence[ModelInput], all_rows: bool = False) -> Encoded:
-        """The prompts teacher-forced on the model's own greedy answers (generation)."""
+    def _answered(self, inputs: Sequence[ModelInput], all_rows: bool = False, base: bool = False) -> Encoded:
+        """The prompts teacher-forced on the model's own greedy answers (generation); `base`: the
+        model is the unpatched base, whose answers may come from the disk cache."""
         tok = self.base.tokenizer
         prompts = [self.text(x) for x in inputs]
-        gen = greedy_ids(self.base.model, tok, prompts)
+        gen = self.base_answer_ids(prompts) if base else greedy_ids(self.base.model, tok, prompts)
         p_ids = [torch.tensor(tok(p)["input_ids"], dtype=torch.long) for p in prompts]
         return encode.generation_ids(
             p_ids,
@@ -194,6 +200,23 @@ class TaskAdapter:
             tmp.write_text(json.dumps(answers))
             os.replace(tmp, path)  # never a half-written cache file
         return answers
+
+    def base_answer_ids(self, prompts: Sequence[str]) -> list[list[int]]:
+        """The UNPATCHED base's greedy continuation ids of each prompt (qa.greedy_ids), cached on
+        disk as `base_predict` caches its answers: a held-out set teacher-forced on them is built
+        again by every editor that gates at its own layer (patching/eval/deepsite.py)."""
+        path = self._keyed_path("answer-ids", ".json", _joined(prompts))
+        if path is not None and path.is_file():
+            cached = json.loads(path.read_text())
+            if isinstance(cached, list) and len(cached) == len(prompts):
+                return [[int(t) for t in ids] for ids in cached]
+        ids = greedy_ids(self.base.model, self.base.tokenizer, prompts)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".tmp{os.getpid()}")
+            tmp.write_text(json.dumps(ids))
+            os.replace(tmp, path)  # never a half-written cache file
+        return ids
 
     def _answers_path(self, inputs: Sequence[ModelInput]) -> Path | None:
         return self._keyed_path("answers", ".json", self.base.prompt_format or "", _joined(inputs))

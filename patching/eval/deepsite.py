@@ -101,6 +101,16 @@ def capture_stack(
     return StackTail(hidden[0], calls), q.float(), ffn.float(), logits
 
 
+@torch.no_grad()
+def site_inputs(site: FFNSite, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """q [B, T, d] (float32) at the site from a forward of the stack without the head (M's rows)."""
+    extra = {"use_cache": False} if site.spec.kind == "generation" else {}
+    with capture(site) as cap:
+        site.model.base_model(**batch, **extra)  # type: ignore[operator]
+    q, _, _ = cap.require()
+    return q.float()
+
+
 def replay_logits(site: FFNSite, tail: StackTail, rows_b: torch.Tensor, rows_t: torch.Tensor) -> torch.Tensor:
     """Logits [R, C] at rows (rows_b, rows_t): the layers from the site's on (with whatever neurons
     the site's wrapper holds, the candidate included), the final norm and the head on those rows."""
@@ -164,12 +174,12 @@ class DeepSiteEditor:
         self.wrapper: PatchedFFN = attach(self.site, self.cfg.activation)
         rows = []
         for enc in adapter.memory_batches(list(memory)):
-            _, q, _, _ = capture_stack(self.site, enc.batch)
-            rows.append(q[enc.rows_b, enc.rows_t])
+            rows.append(site_inputs(self.site, enc.batch)[enc.rows_b, enc.rows_t])
         self.memory = torch.cat(rows) if rows else torch.zeros(0, self.site.hidden_size)  # [N, d]
         self.memory_base = int(self.memory.shape[0])  # M's rows from unrelated inputs; edits' rows follow
         self.whiten = init.whitening(self.memory) if self.cfg.init == "fisher" and len(self.memory) > 1 else None
-        self.heldout = [self._cached(enc) for enc in adapter.heldout_batches(list(heldout))]
+        # no neuron in place yet: the base's greedy answers, from the disk cache after the first run
+        self.heldout = [self._cached(enc) for enc in adapter.heldout_batches(list(heldout), base=True)]
         self.heldout_base = list(self.heldout)  # the base's predictions (a commit replaces entries)
         self.edits: list[Cached] = []  # accepted edits (example 0 only), for retention
 
@@ -332,9 +342,11 @@ class DeepSiteEditor:
         return (logits[enc.rows_b, enc.rows_t] if logits.ndim == 3 else logits[enc.rows_b]).argmax(-1)
 
     def _cached(self, enc: Encoded, q: torch.Tensor | None = None) -> Cached:
-        if q is None:
-            _, q, _, _ = capture_stack(self.site, enc.batch)
-        return Cached(enc, q, self._predict(enc))
+        if q is not None:
+            return Cached(enc, q, self._predict(enc))
+        _, q, _, logits = capture_stack(self.site, enc.batch)
+        rows = logits[enc.rows_b, enc.rows_t] if logits.ndim == 3 else logits[enc.rows_b]
+        return Cached(enc, q, rows.argmax(-1))
 
     def _generates(self, enc: Encoded) -> bool:
         """Real greedy generate() of the edit's prompt gives its target (the neurons in place)."""
