@@ -142,7 +142,8 @@ def register(sub: Any, bench: Any) -> None:
         nargs="+",
         default=None,
         metavar="REPORT",
-        help="plot existing reports side by side (with --plot) instead of running",
+        help="instead of running: print existing reports side by side as a table, on the stream's "
+        "mistakes they all edited (patching/eval/compare.py), and plot them with --plot",
     )
     p.set_defaults(func=_evaluate)
 
@@ -154,11 +155,13 @@ def _evaluate(args: argparse.Namespace) -> int:
     from patching.eval.plots import plot_reports
 
     if args.compare:
-        if not args.plot:
-            print("--compare needs --plot FILE")
-            return 2
-        plot_reports([json.loads(p.read_text()) for p in args.compare], args.plot)
-        print(f"wrote {args.plot}")
+        from patching.eval.compare import table
+
+        reports = [json.loads(p.read_text()) for p in args.compare]
+        print(table(reports))
+        if args.plot:
+            plot_reports(reports, args.plot)
+            print(f"wrote {args.plot}")
         return 0
     if not args.base or not args.data:
         print("patchd evaluate needs --base and --data (or --compare)")

@@ -1,0 +1,72 @@
+"""Reports of `patchd evaluate` side by side on the stream they share: `evaluate --compare A B ...`.
+
+Runs of one stream stopped at different points (a partial report, a slower lever) are compared on
+their common prefix: the first K mistakes of the stream that every report edited, matched by their
+index in the stream. SR, GR, cr, cgr and the teacher-forced scores are measured right after each
+edit, so they are exact on any prefix. ER is the share of those K edits still right when the run
+stopped (a longer run had more later edits to survive), and locality is each run's own final figure.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Sequence
+from typing import Any
+
+from patching.eval import metrics
+
+_SETTINGS = ("context_augment", "site_depth", "train_equivalents", "dtype")
+COLUMNS = (
+    "run", "edits", "SR", "GR", "cr", "cgr", "SR_tf", "GR_tf",
+    "ER (of these, at its end)", "locality (its end)", "edit s median",
+)  # fmt: skip
+
+
+def label(report: dict[str, Any]) -> str:
+    """The editor and the settings that set this run apart, e.g. "tpatcher context_augment=10"."""
+    parts = [str(report.get("editor"))]
+    parts += [f"{k}={report[k]}" for k in _SETTINGS if report.get(k) not in (None, False, 0)]
+    if not report.get("sequential", True):
+        parts.append("single")
+    return " ".join(parts)
+
+
+def _edited(report: dict[str, Any]) -> dict[int, dict[str, Any]]:
+    return {int(r["i"]): r for r in report.get("rows", []) if "sr" in r}
+
+
+def common_prefix(reports: Sequence[dict[str, Any]]) -> list[int]:
+    """Stream indices edited by every report, up to the first index one of them lacks."""
+    edited = [_edited(r) for r in reports]
+    shared = sorted(set.intersection(*(set(e) for e in edited))) if edited else []
+    last = min((max(e) for e in edited if e), default=-1)
+    return [i for i in shared if i <= last]
+
+
+def _fmt(v: float | None) -> str:
+    return "–" if v is None else f"{v:.3f}"
+
+
+def table(reports: Sequence[dict[str, Any]]) -> str:
+    """A markdown table of the reports on their common prefix (module docstring)."""
+    idx = common_prefix(reports)
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    for rep in reports:
+        rows = [_edited(rep)[i] for i in idx]
+        at_end = [r["right_at_end"] for r in rows if "right_at_end" in r]
+        secs = [float(r["seconds"]) for r in rows]
+        cells = [
+            label(rep),
+            f"{len(rows)} of {rep.get('edits')}",
+            _fmt(metrics.success_rate([bool(r["sr"]) for r in rows])),
+            _fmt(metrics.generalization_rate([r.get("gr") for r in rows])),
+            _fmt(metrics.mean_score([r.get("cr") for r in rows])),
+            _fmt(metrics.mean_score([r.get("cgr") for r in rows])),
+            _fmt(metrics.mean_score([r.get("sr_tf") for r in rows])),
+            _fmt(metrics.mean_score([r.get("gr_tf") for r in rows])),
+            _fmt(metrics.edit_retention(at_end) if at_end else None),
+            _fmt(rep.get("locality")),
+            f"{statistics.median(secs):.1f}" if secs else "–",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)

@@ -1,0 +1,30 @@
+"""`evaluate --compare`: reports side by side on the mistakes they all edited."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from patching.eval.compare import common_prefix, label, table
+
+
+def report(n: int, sr: bool, gr: float, **settings: Any) -> dict[str, Any]:
+    rows: list[dict[str, Any]] = [{"i": 0, "status": "fixed_along_the_way"}]  # never edited: not in any prefix
+    rows += [
+        {"i": i, "sr": sr, "gr": gr, "cr": 1.0 if sr else 0.0, "seconds": float(i), "right_at_end": i % 2 == 1}
+        for i in range(1, n + 1)
+    ]
+    return {"editor": "tpatcher", "edits": n, "sequential": True, "locality": 1.0, "rows": rows, **settings}
+
+
+def test_the_table_scores_every_run_on_the_shared_prefix_only() -> None:
+    short, long = report(3, True, 0.5, context_augment=10), report(6, False, 0.25)
+    assert common_prefix([short, long]) == [1, 2, 3]
+    assert label(short) == "tpatcher context_augment=10" and label(long) == "tpatcher"
+    lines = table([short, long]).splitlines()
+    assert len(lines) == 4
+    first, second = (line.split(" | ") for line in lines[2:])
+    # edits, SR, GR, cr of the first three mistakes; ER = right_at_end over rows 1..3 (1 and 3 of 3)
+    assert first[1:5] == ["3 of 3", "1.000", "0.500", "1.000"]
+    assert second[1:5] == ["3 of 6", "0.000", "0.250", "0.000"]
+    assert first[8] == second[8] == "0.667"
+    assert first[10].rstrip(" |") == "2.0"  # median of 1, 2, 3 seconds
