@@ -27,7 +27,6 @@ import json
 import os
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import time
@@ -37,8 +36,9 @@ import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -394,6 +394,7 @@ def _outcomes(report: dict[str, Any]) -> list[str]:
 def _overhead(model: Any, heldout: list[str], rounds: int = OVERHEAD_ROUNDS) -> dict[str, Any]:
     """Forward time patched / unpatched on fixed batches of 1 and 16 held-out inputs, alternating."""
     from patching import layer
+    from patching.eval.timing import alternating
 
     net = model.base.model
     wrapper = model.patcher.wrapper
@@ -401,17 +402,7 @@ def _overhead(model: Any, heldout: list[str], rounds: int = OVERHEAD_ROUNDS) -> 
     out: dict[str, Any] = {}
     with torch.no_grad():
         for b, batch in batches.items():
-            patched_s: list[float] = []
-            base_s: list[float] = []
-            net(**batch)  # warm-up
-            for _ in range(rounds):
-                t0 = time.perf_counter()
-                logits = net(**batch).logits
-                patched_s.append(time.perf_counter() - t0)
-                with wrapper.without_neurons():
-                    t0 = time.perf_counter()
-                    net(**batch)
-                    base_s.append(time.perf_counter() - t0)
+            p, q, logits = alternating(partial(_logits, net, batch), wrapper.without_neurons, rounds)
             # the dense layer: every position, every neuron (the cut must give the same logits)
             old_share, layer._SPARSE_SHARE = layer._SPARSE_SHARE, -1.0
             wrapper.dense = True
@@ -419,12 +410,15 @@ def _overhead(model: Any, heldout: list[str], rounds: int = OVERHEAD_ROUNDS) -> 
                 dense = net(**batch).logits
             finally:
                 wrapper.dense, layer._SPARSE_SHARE = False, old_share
-            p, q = statistics.median(patched_s), statistics.median(base_s)
             out[f"overhead_b{b}"] = round(p / q - 1, 4)
             out[f"forward_ms_b{b}"] = round(p * 1000, 2)
             out[f"base_forward_ms_b{b}"] = round(q * 1000, 2)
             out[f"outputs_equal_dense_b{b}"] = bool(torch.equal(logits, dense))
     return out
+
+
+def _logits(net: Any, batch: dict[str, Any]) -> torch.Tensor:
+    return cast(torch.Tensor, net(**batch).logits)
 
 
 def _rss_mb() -> float:

@@ -29,6 +29,7 @@ from patching.eval.editors import TPatcherEditor, make_editor
 from patching.eval.evaldata import EvalData
 from patching.eval.record import Editor
 from patching.eval.resume import Resume, ResumeError, save_patches
+from patching.eval.timing import alternating
 
 CURVE_POINTS = 20  # retention/locality checkpoints along the stream (each costs a prediction pass)
 CURVE_SAMPLE = 300  # held-out inputs predicted at each checkpoint (the full set at the end)
@@ -65,19 +66,8 @@ def _inference_overhead(adapter: TaskAdapter, ed: Any, inputs: list[Any], rounds
         return None
     batch = adapter.serving_batch(inputs)
     model = adapter.base.model
-    edited: list[float] = []
-    base: list[float] = []
-    with torch.no_grad():
-        model(**batch)  # warm-up
-        for _ in range(rounds):
-            t0 = time.perf_counter()
-            model(**batch)
-            edited.append(time.perf_counter() - t0)
-            with ed.disabled():
-                t0 = time.perf_counter()
-                model(**batch)
-                base.append(time.perf_counter() - t0)
-    return round(statistics.median(edited) / statistics.median(base) - 1, 4)
+    edited, base, _ = alternating(lambda: model(**batch), ed.disabled, rounds)
+    return round(edited / base - 1, 4)
 
 
 def _running(rows: list[dict[str, Any]], curve: list[dict[str, Any]], neurons: int) -> dict[str, str]:
