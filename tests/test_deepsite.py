@@ -131,3 +131,24 @@ def test_the_editors_gate_counts_what_real_decoding_shows_and_reset_restores_the
         assert all(torch.equal(c.pred, b.pred) for c, b in zip(ed.heldout, ed.heldout_base, strict=True))
     finally:
         ed.close()
+
+
+def test_the_bases_answer_ids_are_decoded_once_and_then_read_from_the_disk_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from patching.bases import tasks
+    from patching.bases.load import load_base
+    from tests.fixtures_models import tiny_llama_dir
+
+    adapter = tasks.TaskAdapter(load_base(str(tiny_llama_dir(tmp_path / "base"))))
+    prompts = ["what is item 1?", "what is item 2?"]
+    first = adapter.base_answer_ids(prompts)
+    assert len(first) == 2 and all(first)
+
+    def no_decoding(*_a: object, **_k: object) -> None:
+        raise AssertionError("decoded again")
+
+    monkeypatch.setattr(tasks, "greedy_ids", no_decoding)
+    assert adapter.base_answer_ids(prompts) == first
+    with pytest.raises(AssertionError, match="decoded again"):
+        adapter.base_answer_ids(prompts[:1])  # another input list: another cache file

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -189,34 +189,16 @@ class TaskAdapter:
         format and input list (a zsRE edit or held-out set costs minutes of decoding on a CPU, and
         every evaluate run starts with them). Classification outputs are cheap and not cached."""
         path = self._answers_path(inputs) if self.generation else None
-        if path is not None and path.is_file():
-            cached = json.loads(path.read_text())
-            if isinstance(cached, list) and len(cached) == len(inputs):
-                return [str(a) for a in cached]
-        answers = self.predict(inputs, progress=progress)
-        if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".tmp{os.getpid()}")
-            tmp.write_text(json.dumps(answers))
-            os.replace(tmp, path)  # never a half-written cache file
-        return answers
+        answers = _json_cached(path, len(inputs), lambda: self.predict(inputs, progress=progress))
+        return [str(a) for a in answers]
 
     def base_answer_ids(self, prompts: Sequence[str]) -> list[list[int]]:
         """The UNPATCHED base's greedy continuation ids of each prompt (qa.greedy_ids), cached on
         disk as `base_predict` caches its answers: a held-out set teacher-forced on them is built
         again by every editor that gates at its own layer (patching/eval/deepsite.py)."""
         path = self._keyed_path("answer-ids", ".json", _joined(prompts))
-        if path is not None and path.is_file():
-            cached = json.loads(path.read_text())
-            if isinstance(cached, list) and len(cached) == len(prompts):
-                return [[int(t) for t in ids] for ids in cached]
-        ids = greedy_ids(self.base.model, self.base.tokenizer, prompts)
-        if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".tmp{os.getpid()}")
-            tmp.write_text(json.dumps(ids))
-            os.replace(tmp, path)  # never a half-written cache file
-        return ids
+        ids = _json_cached(path, len(prompts), lambda: greedy_ids(self.base.model, self.base.tokenizer, prompts))
+        return [[int(t) for t in row] for row in ids]
 
     def _answers_path(self, inputs: Sequence[ModelInput]) -> Path | None:
         return self._keyed_path("answers", ".json", self.base.prompt_format or "", _joined(inputs))
@@ -294,6 +276,21 @@ class TaskAdapter:
             "\x01",
             _joined(heldout),
         )
+
+
+def _json_cached(path: Path | None, n: int, compute: Callable[[], list[Any]]) -> list[Any]:
+    """The list of n items in the JSON file `path`, else compute() written there (atomically)."""
+    if path is not None and path.is_file():
+        cached = json.loads(path.read_text())
+        if isinstance(cached, list) and len(cached) == n:
+            return cached
+    items = compute()
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(items))
+        os.replace(tmp, path)  # never a half-written cache file
+    return items
 
 
 def _joined(inputs: Sequence[ModelInput]) -> str:
