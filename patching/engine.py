@@ -332,17 +332,7 @@ class Patcher:
         assert enc.prompts is not None and enc.target_ids is not None
         self.wrapper.add(nr.keys, nr.biases, nr.values, edit_id)
         try:
-            prompt, target = enc.prompts[0].to(self.memory.device), enc.target_ids[0].to(self.memory.device)
-            with torch.no_grad():
-                out = self.model.generate(  # type: ignore[operator]
-                    input_ids=prompt[None],
-                    attention_mask=torch.ones_like(prompt)[None],
-                    max_new_tokens=int(target.numel()),
-                    do_sample=False,
-                    pad_token_id=int(self.model.config.pad_token_id or 0),  # type: ignore[union-attr, arg-type]
-                )
-            new = out[0, prompt.numel() :] if not self.model.config.is_encoder_decoder else out[0, 1:]  # type: ignore[union-attr]
-            return new.shape == target.shape and bool((new == target).all())
+            return generates(self.model, enc, self.memory.device)
         finally:
             self.wrapper.remove([edit_id])
 
@@ -475,6 +465,23 @@ class Patcher:
     def detach(self) -> None:
         """Remove the wrapper: the model is the untouched base again."""
         detach(self.site)
+
+
+@torch.no_grad()
+def generates(model: Any, enc: Encoded, device: torch.device | str) -> bool:
+    """Real greedy generate() of the edit's prompt (example 0 of a generation encoding) gives
+    exactly its target tokens, with whatever neurons the model holds."""
+    assert enc.prompts is not None and enc.target_ids is not None
+    prompt, target = enc.prompts[0].to(device), enc.target_ids[0].to(device)
+    out = model.generate(
+        input_ids=prompt[None],
+        attention_mask=torch.ones_like(prompt)[None],
+        max_new_tokens=int(target.numel()),
+        do_sample=False,
+        pad_token_id=int(model.config.pad_token_id or 0),
+    )
+    new = out[0, prompt.numel() :] if not model.config.is_encoder_decoder else out[0, 1:]
+    return bool(new.shape == target.shape and bool((new == target).all()))
 
 
 def split_equivalents(et: EditTensors) -> tuple[EditTensors, EditTensors | None]:

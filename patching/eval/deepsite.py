@@ -40,6 +40,7 @@ from patching.bases.tasks import TaskAdapter
 from patching.capture import capture
 from patching.config import GateConfig, TrainConfig
 from patching.encode import Encoded
+from patching.engine import generates
 from patching.eval.record import EditRecord
 from patching.layer import PatchedFFN, activate, attach, detach
 from patching.saturation import cap, saturations
@@ -304,7 +305,7 @@ class DeepSiteEditor:
         probe = "__candidate__"
         self.wrapper.add(nr.keys, nr.biases, nr.values, probe)
         try:
-            if self.adapter.generation and not self._generates(enc):
+            if self.adapter.generation and not generates(self.site.model, enc, q.device):
                 return ["generate: greedy output differs from the target"], {}
             own = sub_batch(enc, torch.tensor([0]))
             now = self._cached(own, q[:1])
@@ -347,22 +348,6 @@ class DeepSiteEditor:
         _, q, _, logits = capture_stack(self.site, enc.batch)
         rows = logits[enc.rows_b, enc.rows_t] if logits.ndim == 3 else logits[enc.rows_b]
         return Cached(enc, q, rows.argmax(-1))
-
-    def _generates(self, enc: Encoded) -> bool:
-        """Real greedy generate() of the edit's prompt gives its target (the neurons in place)."""
-        assert enc.prompts is not None and enc.target_ids is not None
-        prompt, target = enc.prompts[0], enc.target_ids[0]
-        model: Any = self.site.model
-        with torch.no_grad():
-            out = model.generate(
-                input_ids=prompt[None],
-                attention_mask=torch.ones_like(prompt)[None],
-                max_new_tokens=int(target.numel()),
-                do_sample=False,
-                pad_token_id=int(model.config.pad_token_id or 0),
-            )
-        new = out[0, prompt.numel() :] if not model.config.is_encoder_decoder else out[0, 1:]
-        return new.shape == target.shape and bool((new == target).all())
 
     def _commit(self, enc: Encoded, q: torch.Tensor, nr: Neurons, edit_id: str) -> None:
         """Keep nr: into the layer; the held-out predictions where it fires follow; the edit's own
