@@ -39,6 +39,7 @@ from daemon.settings import Settings, resolve_device
 from memory.records import InputValue, MistakeRecord, PatchIn, PatchRecord
 from memory.store import Store
 from patching import patchfile, snapshot
+from patching.augment import augment_prefixes, with_context
 from patching.bases.load import LoadedBase, load_base, resolve_dtype
 from patching.bases.tasks import TaskAdapter
 from patching.encode import Encoded
@@ -76,6 +77,7 @@ class PatchedModel:
         setup_seconds: float,
         snapshot_path: Path | None = None,
         snapshot_meta: dict[str, str] | None = None,
+        prefixes: Sequence[str] = (),
     ):
         self.settings = settings
         self.base = base
@@ -84,6 +86,7 @@ class PatchedModel:
         self.setup_seconds = setup_seconds
         self.snapshot_path = snapshot_path  # None: no snapshot (a model built outside the daemon)
         self.snapshot_meta = snapshot_meta or {}  # what a usable snapshot must have been written for
+        self.prefixes = list(prefixes)  # context augmentation: each patch also trained behind these
         self._chain = GENESIS  # over the accepted patches in the model, in order
         self._patches = 0  # accepted patches in the model
         self._snapshot_at = 0  # patches the newest snapshot on disk covers
@@ -134,6 +137,11 @@ class PatchedModel:
         # state the engine derives lazily from M (the fisher init's whitening) must come from the base
         # rows alone, as in an uninterrupted run, not from M after the replay added the edits' rows
         patcher.whitening()
+        adapter = TaskAdapter(base)
+        policy = settings.policy
+        prefixes = augment_prefixes(adapter, memory, policy.context_prefixes, policy.context_prefix_source)
+        if prefixes:
+            log.info("context augmentation: each patch also trained behind these", prefixes=prefixes)
         seconds = time.perf_counter() - t0
         log.info(
             "model ready",
@@ -143,7 +151,7 @@ class PatchedModel:
             from_cache=cached,
             seconds=round(seconds, 2),
         )
-        return cls(settings, base, TaskAdapter(base), patcher, seconds, snapshot_path, snapshot_meta)
+        return cls(settings, base, adapter, patcher, seconds, snapshot_path, snapshot_meta, prefixes)
 
     # ------------------------------------------------------------------ editing
 
@@ -155,9 +163,17 @@ class PatchedModel:
         return self.adapter.edit(mistake.input, mistake.target, edit_inputs(mistake.input, equivalents))
 
     def propose(self, mistake: MistakeRecord, equivalents: Sequence[str] = ()) -> Proposal | None:
-        """Train and gate neurons for one mistake (and, as extra training inputs, its paraphrases);
-        None when the current model already gives its target."""
-        return self.patcher.propose(self.encode(mistake, equivalents), edit_id=str(mistake.id))
+        """Train and gate neurons for one mistake (and, as extra training inputs, its paraphrases
+        and its input behind each context prefix); None when the current model already gives its target."""
+        return self.patcher.propose(
+            self.encode(mistake, self.training_texts(mistake, equivalents)), edit_id=str(mistake.id)
+        )
+
+    def training_texts(self, mistake: MistakeRecord, equivalents: Sequence[str] = ()) -> list[str]:
+        """The extra training texts of a mistake: its paraphrases, then its input (a pair's first
+        text) behind each context prefix (patching/augment.py)."""
+        first = mistake.input[0] if isinstance(mistake.input, tuple) else mistake.input
+        return [*equivalents, *(with_context(p, first) for p in self.prefixes)]
 
     def commit(self, proposal: Proposal, patch_id: int, row: PatchIn) -> None:
         """Apply an accepted proposal whose row the store already holds as `patch_id`; every

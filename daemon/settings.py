@@ -36,6 +36,7 @@ from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any, Literal, Union
 
+from patching.augment import Source
 from patching.config import GateConfig, TrainConfig
 
 if typing.TYPE_CHECKING:
@@ -183,6 +184,15 @@ class PolicySettings:
     # train each patch on the paraphrases sent with its reports too (the events' `equivalents`): the
     # neuron then also answers rephrasings of the question, not just the reported wording
     train_on_equivalents: bool = True
+    # train each patch also behind this many unrelated prefixes, as more equivalents with the same
+    # target (context augmentation, patching/augment.py): the fix then holds when the question comes
+    # after other text, not only as the bare string. On zsre-smollm2, 10 took the in-context hit
+    # rate of the first 163 zsRE fixes from 0.09 to 0.36 and paraphrases from 0.31 to 0.59, at
+    # about 5x the training time per patch (docs/results/levers-21.md). 0 = off
+    context_prefixes: int = 0
+    # where they come from: "memory" = the last memory inputs (M's own texts), "generated" = a
+    # generator's own continuations of seed words (a classifier always uses memory texts)
+    context_prefix_source: Source = "memory"
     # whole event size: a correction is a sentence or two, not a document
     max_event_bytes: int = 65536
     # case usually carries meaning (names, acronyms), so reports differing in case stay distinct
@@ -466,6 +476,7 @@ def _check(s: Settings) -> None:
         (s.policy.reporter_probation_s >= 0, "policy.reporter_probation_s", "must be >= 0 (0 turns probation off)"),
         (s.policy.max_input_chars > 0, "policy.max_input_chars", "must be > 0"),
         (s.policy.max_equivalents >= 0, "policy.max_equivalents", "must be >= 0"),
+        (0 <= s.policy.context_prefixes <= 64, "policy.context_prefixes", "must be in 0..64 (0 turns it off)"),
         (s.policy.max_event_bytes > 0, "policy.max_event_bytes", "must be > 0"),
         (
             s.storage.root is None or "://" not in s.storage.root or bool(_STORAGE_URI.fullmatch(s.storage.root)),

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from patching.augment import with_context
 from patching.bases.datasets import Example, text_key
-from patching.eval.contexts import CONTEXT_POOL, chat_prompt, contexts_for, pool_from_memory, with_context
+from patching.eval.contexts import CONTEXT_POOL, chat_prompt, contexts_for, pool_from_memory
 from patching.eval.evaldata import DataError, EvalData, load_eval_data, load_generic
 from tests.fixtures_models import byte_tokenizer, tiny_llama_dir
 
@@ -133,11 +134,16 @@ def test_context_augmentation_trains_each_edit_behind_memory_prefixes_never_the_
 
 
 def test_a_generators_prefixes_are_its_own_continuations_of_seed_words(tmp_path: Path) -> None:
+    from patching.augment import AUGMENT_SEEDS, augment_prefixes
     from patching.bases.load import load_base
     from patching.bases.tasks import TaskAdapter
-    from patching.eval.contexts import AUGMENT_SEEDS, augment_prefixes
 
     adapter = TaskAdapter(load_base(str(tiny_llama_dir(tmp_path))))
-    prefixes = augment_prefixes(adapter, [], 3)
+    prefixes = augment_prefixes(adapter, ["unused"], 3, source="generated")
     assert len(prefixes) == 3 and all(p.startswith(s) for p, s in zip(prefixes, AUGMENT_SEEDS, strict=False))
-    assert all("\n" not in p for p in prefixes) and augment_prefixes(adapter, [], 0) == []
+    assert all("\n" not in p for p in prefixes) and augment_prefixes(adapter, [], 0, source="generated") == []
+    # the default source: the last memory texts, a pair's first text, no blank or repeated one
+    memory = ["a b", ("claim", "evidence"), "  ", "a b", "last"]
+    assert augment_prefixes(adapter, memory, 3) == ["claim", "a b", "last"]
+    with pytest.raises(ValueError, match="prefix source 'web'"):
+        augment_prefixes(adapter, memory, 1, source="web")  # type: ignore[arg-type]

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import random
 import threading
 from pathlib import Path
 
 import pytest
+import torch
 
 from daemon.model import PatchedModel
 from daemon.settings import load_settings
 from daemon.worker import Worker
 from memory.store import Store
+from patching.augment import with_context
+from patching.encode import Encoded
 from tests.test_memory_store import report
 from tests.tinybase import LABELS, MISTAKE_WORDS, MODEL, prepare, sentence, write_config
 
@@ -55,3 +59,53 @@ def test_worker_fits_the_reported_equivalents(tiny, tmp_path: Path, train_on_equ
         assert after[1:] == [target, target]
     else:  # one neuron for the reported wording only: unrelated inputs keep their label
         assert after[1:] == [label, label]
+
+
+def test_worker_trains_behind_the_context_prefixes(tiny, tmp_path: Path) -> None:
+    """[policy] context_prefixes = 2: the prefixes are the last two memory inputs, and the engine gets
+    the patch's input behind each of them as training rows (issue 21's context augmentation; whether
+    they generalise is measured on the real base, docs/results/levers-21.md)."""
+    base, data = tiny
+    config = write_config(
+        tmp_path / "p.toml", base=base, data=data, bootstrap="127.0.0.1:9", topic="t", state=tmp_path / "state"
+    )
+    settings = load_settings(config, {"PATCHD_POLICY_CONTEXT_PREFIXES": "2"})
+    assert settings.policy.context_prefixes == 2 and settings.policy.context_prefix_source == "memory"
+    model = PatchedModel.load(settings)
+    memory = [json.loads(line)["input"] for line in (data / "memory.jsonl").read_text().splitlines() if line.strip()]
+    assert model.prefixes == memory[-2:]
+    text = sentence(random.Random(11), MISTAKE_WORDS[0])
+    target = next(x for x in LABELS if x != model.adapter.predict([text])[0])
+    seen: list[Encoded] = []
+    real_propose = model.patcher.propose
+
+    def spy(enc: Encoded, edit_id: str) -> object:
+        seen.append(enc)
+        return real_propose(enc, edit_id)
+
+    model.patcher.propose = spy  # type: ignore[method-assign]
+    with Store.open(settings.database.url) as store:
+        store.record_batch([report("ev-0", text, target, model=MODEL, equivalents=("a paraphrase",))])
+        mistake = store.next_mistake(MODEL)
+        assert mistake is not None
+        prefixed = [with_context(p, text) for p in memory[-2:]]
+        assert model.training_texts(mistake, ["a paraphrase"]) == ["a paraphrase", *prefixed]
+        worker = Worker(store, model, settings.policy, work_allowed=threading.Event(), ingest_done=threading.Event())
+        assert worker.process(mistake) == "patched"
+    want = model.adapter.edit(text, target, ["a paraphrase", *prefixed]).batch["input_ids"]
+    assert len(seen) == 1 and seen[0].size == 4 and torch.equal(seen[0].batch["input_ids"], want)
+    assert model.adapter.predict([text]) == [target]
+
+
+@pytest.mark.parametrize(
+    ("env", "key"),
+    [
+        ({"PATCHD_POLICY_CONTEXT_PREFIXES": "65"}, "policy.context_prefixes"),
+        ({"PATCHD_POLICY_CONTEXT_PREFIX_SOURCE": "web"}, "context_prefix_source"),
+    ],
+)
+def test_a_bad_context_prefix_setting_names_its_key(tmp_path: Path, env: dict[str, str], key: str) -> None:
+    from daemon.settings import SettingsError
+
+    with pytest.raises(SettingsError, match=key):
+        load_settings(None, env)

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from daemon.tools.interrupt import interruptible
+from patching.augment import SOURCES
 from patching.config import ACTIVATIONS, DTYPES, GateConfig, TrainConfig
 
 FORMAT_HELP = """\
@@ -117,8 +118,15 @@ def register(sub: Any, bench: Any) -> None:
         type=int,
         default=0,
         metavar="N",
-        help="editors also train on each edit behind N prefixes (a generator's own continuations of up to 10 "
-        "seed words, a classifier's memory texts; never the texts cr / cgr are measured behind); default 0",
+        help="editors also train on each edit behind N unrelated prefixes (--augment-source; never the "
+        "texts cr / cgr are measured behind); default 0",
+    )
+    p.add_argument(
+        "--augment-source",
+        choices=SOURCES,
+        default="memory",
+        help="where --context-augment's prefixes come from: memory = the last N memory inputs (default), "
+        "generated = a generator's own continuations of up to 10 seed words (a classifier: memory)",
     )
     p.add_argument(
         "--out",
@@ -231,6 +239,7 @@ def _evaluate(args: argparse.Namespace) -> int:
                 curve_points=args.curve_points,
                 train_equivalents=args.train_equivalents,
                 context_augment=args.context_augment,
+                augment_source=args.augment_source,
                 resume=resume,
                 patches=patches_path(args.out) if args.out else None,
                 dtype=args.dtype,

@@ -12,10 +12,9 @@ system prompt or a chat turn comes first. Measured right after each edit, like S
 The texts: an edit's own `contexts` (generic format), else a pool held out of the task's memory
 part (`context_pool`): never in M, never an edit or a paraphrase, so no editor trains on them.
 
-A lever against the failure cr measures (`evaluate --context-augment N`): each edit is also
-trained on its input behind N prefixes, as extra rows with the same target (the trainer's train
-equivalents: they help, never block). A generator's prefixes are its own greedy continuations of a
-few seed words, as WISE makes them; a classifier's are memory texts (in M, never in the pool).
+The lever against the failure cr measures, context augmentation (`evaluate --context-augment N`,
+the daemon's `[policy] context_prefixes`), is patching/augment.py: its memory-text prefixes come
+from M, never from the pool.
 """
 
 from __future__ import annotations
@@ -49,11 +48,6 @@ def contexts_for(i: int, own: Sequence[str], pool: Sequence[str], k: int = CONTE
     return [pool[(i * k + j) % len(pool)] for j in range(min(k, len(pool)))]
 
 
-def with_context(context: str, text: str) -> str:
-    """The input a user sends after `context`: the two texts, one space apart."""
-    return f"{context.strip()} {text.strip()}"
-
-
 def chat_prompt(tokenizer: Any, prompt: str, earlier: str) -> str | None:
     """`prompt` as the last user turn of a chat, after a system prompt and an earlier exchange;
     None when the tokenizer has no chat template."""
@@ -67,23 +61,3 @@ def chat_prompt(tokenizer: Any, prompt: str, earlier: str) -> str | None:
     ]
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     return str(text)
-
-
-# seed words a generator continues into training prefixes (WISE generates its prefixes the same way)
-AUGMENT_SEEDS = ("The", "In", "However,", "I", "This", "When", "A", "It", "We", "There")
-AUGMENT_TOKENS = 10  # tokens of each generated prefix
-
-
-def augment_prefixes(adapter: Any, memory: Sequence[Example], n: int) -> list[str]:
-    """n training prefixes for context augmentation (module docstring); none is in the context pool."""
-    if n <= 0:
-        return []
-    if not adapter.generation:
-        return [m.input for m in memory[-n:]]
-    from patching.bases.qa import greedy_ids  # generation only
-
-    tok = adapter.base.tokenizer
-    out: list[str] = []
-    for ids in greedy_ids(adapter.base.model, tok, list(AUGMENT_SEEDS[:n]), max_new_tokens=AUGMENT_TOKENS):
-        out.append(tok.decode(ids, skip_special_tokens=True))
-    return [f"{seed} {text.strip()}".strip().split("\n")[0] for seed, text in zip(AUGMENT_SEEDS, out, strict=False)]

@@ -19,12 +19,13 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from patching.augment import Source, augment_prefixes, with_context
 from patching.bases.load import load_base, resolve_dtype
 from patching.bases.tasks import TaskAdapter
 from patching.config import GateConfig, TrainConfig
 from patching.engine import Patcher
 from patching.eval import metrics
-from patching.eval.contexts import augment_prefixes, chat_prompt, contexts_for, with_context
+from patching.eval.contexts import chat_prompt, contexts_for
 from patching.eval.editors import TPatcherEditor, make_editor
 from patching.eval.evaldata import EvalData
 from patching.eval.record import Editor
@@ -99,6 +100,7 @@ def run_evaluate(
     curve_points: int = CURVE_POINTS,
     train_equivalents: bool = False,
     context_augment: int = 0,
+    augment_source: Source = "memory",
     resume: Resume | None = None,
     patches: Path | None = None,
     dtype: str = "auto",
@@ -107,7 +109,8 @@ def run_evaluate(
     ER, TrainR, TestR, locality and the curve then do not apply and are None.
     `train_equivalents`: editors also train on each edit's `train_equivalents` (never on the
     `equivalents` that GR measures).
-    `context_augment`: editors also train on each edit behind that many prefixes (contexts.py).
+    `context_augment`: editors also train on each edit behind that many prefixes taken from
+    `augment_source` (patching/augment.py).
     `patches` (tpatcher, sequential): write every accepted edit's neurons there at the end, also
     when interrupted; `resume`: a stopped run of the same settings, continued (patching/eval/resume.py)."""
     t_start = time.perf_counter()
@@ -125,6 +128,8 @@ def run_evaluate(
         "train_equivalents": train_equivalents,
         # these two named only when set (not float32), so reports written before they existed still resume
         **({"context_augment": context_augment} if context_augment else {}),
+        # "generated" was the only source before the setting existed: unnamed, so those reports resume
+        **({"augment_source": augment_source} if context_augment and augment_source != "generated" else {}),
         **({"dtype": str(torch_dtype).removeprefix("torch.")} if torch_dtype != torch.float32 else {}),
         # tpatcher below the last FFN (patching/eval/deepsite.py)
         **({"site_depth": depth} if (depth := (editor_options or {}).get("site_depth")) is not None else {}),
@@ -147,7 +152,7 @@ def run_evaluate(
         **(editor_options or {}),
     }
     ed: Editor = make_editor(editor, adapter, factory, options)
-    prefixes = augment_prefixes(adapter, data.memory, context_augment)
+    prefixes = augment_prefixes(adapter, [m.input for m in data.memory], context_augment, augment_source)
     if prefixes:
         progress(f"context augmentation: each edit also trained behind {len(prefixes)} prefixes, e.g. {prefixes[0]!r}")
     if not sequential and not hasattr(ed, "reset"):

@@ -13,7 +13,7 @@ ACT_RATIO times the smallest score an edit had when it was made.
 
 Each edit trains W' by SGD on
 - the target tokens' cross-entropy, on the edit's prompt and on the prompt behind each of
-  PREFIXES random prefixes that the base generated itself (patching/eval/contexts.py), and
+  PREFIXES random prefixes that the base generated itself (patching/augment.py), and
 - the routing margin loss, with one unrelated input u (a memory input, never held-out or an edit):
   relu(delta_u - ALPHA) + mean relu(BETA - delta_e) + mean relu(GAMMA - (delta_e - delta_u)),
 with only a random share MASK_RATIO of W' trainable (one gradient mask per shard of SHARD_EDITS
@@ -49,6 +49,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from patching.arch import get_module, locate
+from patching.augment import augment_prefixes, with_context
 from patching.bases.tasks import TaskAdapter
 from patching.eval.record import EditRecord
 
@@ -270,13 +271,11 @@ class WiseEditor:
     # -- editing ---------------------------------------------------------------------------
 
     def edit(self, inp: str, target: str, edit_id: str, train_equivalents: Sequence[str] = ()) -> EditRecord:
-        from patching.eval.contexts import augment_prefixes, with_context
-
         t0 = time.perf_counter()
         cfg = self.config
         if self.prefixes is None:
             with self.disabled():
-                self.prefixes = augment_prefixes(self.adapter, [], cfg.prefixes)
+                self.prefixes = augment_prefixes(self.adapter, [], cfg.prefixes, source="generated")
         if self.count % cfg.shard_edits == 0:  # a new shard: a new random subspace of W'
             self.grad_mask = (torch.rand(self.main.shape, generator=self.gen) < cfg.mask_ratio).to(self.main.dtype)
         texts = [*train_equivalents, *(with_context(p, inp) for p in self.prefixes)]

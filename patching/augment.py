@@ -1,0 +1,71 @@
+"""Context augmentation: each edit is also trained behind N unrelated prefixes.
+
+A patch trained on the bare question holds for that string and little else: put one unrelated
+sentence before it and the neuron's key no longer matches the last position's hidden state
+(issue 21: cr 0.09 on zsre-smollm2). Training the same edit behind a few prefixes, as extra rows
+with the same target, teaches the key the part of q that survives a context. The rows are the
+engine's train equivalents: they help, they never block a patch (patching/engine.py).
+
+Where the prefixes come from (`source`):
+- "memory": the last N inputs of the memory part (texts of M: unrelated to any edit by
+  construction, and in the base's own input distribution);
+- "generated": a generator's own greedy continuations of a few seed words, as WISE makes them.
+  A fine-tuned base's free text can be degenerate ("The -the-world-is-a-world"), so "memory" is
+  the default; a classifier always uses memory texts.
+
+Used by the daemon (`[policy] context_prefixes`, daemon/model.py) and by `patchd evaluate
+--context-augment`; evaluation keeps its context pool out of the memory texts, so a prefix is
+never a text cr is measured behind.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Literal
+
+from patching.encode import ModelInput
+
+Source = Literal["memory", "generated"]
+SOURCES: tuple[Source, ...] = ("memory", "generated")
+
+# seed words a generator continues into prefixes (source "generated")
+AUGMENT_SEEDS = ("The", "In", "However,", "I", "This", "When", "A", "It", "We", "There")
+AUGMENT_TOKENS = 10  # tokens of each generated prefix
+
+
+def with_context(context: str, text: str) -> str:
+    """The input a user sends after `context`: the two texts, one space apart."""
+    return f"{context.strip()} {text.strip()}"
+
+
+def memory_prefixes(memory: Sequence[ModelInput], n: int) -> list[str]:
+    """The last n memory inputs as prefixes (a pair's first text), empty and repeated texts skipped."""
+    out: list[str] = []
+    for value in reversed(memory):
+        text = (value[0] if isinstance(value, tuple) else value).strip()
+        if len(out) >= n:
+            break
+        if text and text not in out:
+            out.append(text)
+    return out[::-1]
+
+
+def generated_prefixes(model: Any, tokenizer: Any, n: int) -> list[str]:
+    """A generator's greedy continuation of up to AUGMENT_TOKENS tokens after each of n seed words."""
+    from patching.bases.qa import greedy_ids  # generation only
+
+    seeds = list(AUGMENT_SEEDS[:n])
+    outs = greedy_ids(model, tokenizer, seeds, max_new_tokens=AUGMENT_TOKENS)
+    texts = (tokenizer.decode(ids, skip_special_tokens=True) for ids in outs)
+    return [f"{seed} {text.strip()}".strip().split("\n")[0] for seed, text in zip(seeds, texts, strict=True)]
+
+
+def augment_prefixes(adapter: Any, memory: Sequence[ModelInput], n: int, source: Source = "memory") -> list[str]:
+    """n training prefixes (module docstring); `adapter` is a patching.bases.tasks.TaskAdapter."""
+    if source not in SOURCES:
+        raise ValueError(f"prefix source {source!r}: expected one of {', '.join(SOURCES)}")
+    if n <= 0:
+        return []
+    if source == "generated" and adapter.generation:
+        return generated_prefixes(adapter.base.model, adapter.base.tokenizer, n)
+    return memory_prefixes(memory, n)
