@@ -21,9 +21,10 @@ never a text cr is measured behind.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from patching.encode import ModelInput
+if TYPE_CHECKING:  # settings import Source: `patchd --help` must not load torch
+    from patching.encode import ModelInput
 
 Source = Literal["memory", "generated"]
 SOURCES: tuple[Source, ...] = ("memory", "generated")
