@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from patching.eval.deepsite import replay_logits
 from patching.eval.wise import WiseConfig, WiseEditor, margin_loss, parse_settings, route, route_scores, ties_merge
 
 
@@ -138,7 +139,7 @@ def test_the_training_steps_cached_layers_give_the_full_models_logits(tmp_path: 
         full = adapter.base.model(**enc.batch).logits[enc.rows_b, enc.rows_t]  # type: ignore[attr-defined]
         editor.editing = True  # the side memory in place everywhere, as in training
         editor.current = editor.main + 0.5  # and a changed one, so the layer's output counts
-        cached = editor._row_logits(enc, editor._capture(enc.batch)[1])
+        cached = replay_logits(editor.site, editor._capture(enc.batch)[1], enc.rows_b, enc.rows_t)  # type: ignore[attr-defined]
         changed = adapter.base.model(**enc.batch).logits[enc.rows_b, enc.rows_t]  # type: ignore[attr-defined]
     editor.editing = False
     assert torch.allclose(cached, changed, atol=1e-5) and not torch.allclose(changed, full, atol=1e-3)

@@ -26,7 +26,7 @@ help and never block, as in the engine; unlike the engine's they are never dropp
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any
@@ -72,13 +72,12 @@ def stack_layers(site: FFNSite) -> nn.ModuleList:
     return layers
 
 
-@torch.no_grad()
-def capture_stack(
-    site: FFNSite, batch: dict[str, torch.Tensor]
-) -> tuple[StackTail, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One frozen forward: (the stack from the site's layer on, the site's FFN input q and output
-    [B, T, d] (float32, every accepted neuron in place), the whole model's logits)."""
-    layers = stack_layers(site)
+@contextmanager
+def recording_stack(site: FFNSite) -> Iterator[Callable[[], StackTail]]:
+    """While open, a forward's hidden states entering the site's layer and the other arguments of
+    every layer from there on are recorded; the yielded function gives them after the forward.
+    None of them depends on what the site's layer and those above it hold, so a training step
+    replays only those layers (`replay_logits`). Also used by WISE (patching/eval/wise.py)."""
     hidden: list[torch.Tensor] = []
     calls: list[Call] = []
 
@@ -89,17 +88,28 @@ def capture_stack(
             hidden.append(h.detach())
         calls.append((tuple(args[1:]), rest))
 
-    handles = [layer.register_forward_pre_hook(grab, with_kwargs=True) for layer in layers[site.layer_index :]]
+    handles = [
+        layer.register_forward_pre_hook(grab, with_kwargs=True) for layer in stack_layers(site)[site.layer_index :]
+    ]
     try:
-        with capture(site) as cap:
-            # no KV cache: one would be handed to the layers in their keywords and grow at every replay
-            extra = {"use_cache": False} if site.spec.kind == "generation" else {}
-            logits = site.model(**batch, **extra).logits
+        yield lambda: StackTail(hidden[0], calls)
     finally:
         for h in handles:
             h.remove()
+
+
+@torch.no_grad()
+def capture_stack(
+    site: FFNSite, batch: dict[str, torch.Tensor]
+) -> tuple[StackTail, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One frozen forward: (the stack from the site's layer on, the site's FFN input q and output
+    [B, T, d] (float32, every accepted neuron in place), the whole model's logits)."""
+    with recording_stack(site) as tail, capture(site) as cap:
+        # no KV cache: one would be handed to the layers in their keywords and grow at every replay
+        extra = {"use_cache": False} if site.spec.kind == "generation" else {}
+        logits = site.model(**batch, **extra).logits
     q, ffn, _ = cap.require()
-    return StackTail(hidden[0], calls), q.float(), ffn.float(), logits
+    return tail(), q.float(), ffn.float(), logits
 
 
 @torch.no_grad()

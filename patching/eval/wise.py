@@ -48,9 +48,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from patching.arch import get_module, locate
+from patching.arch import FFNSite, get_module, locate
 from patching.augment import augment_prefixes, with_context
 from patching.bases.tasks import TaskAdapter
+from patching.eval.deepsite import StackTail, recording_stack, replay_logits, stack_layers
 from patching.eval.record import EditRecord
 
 
@@ -166,13 +167,10 @@ class WiseEditor:
         self.adapter, self.unrelated = adapter, list(unrelated)
         self.config = config or WiseConfig()
         model = adapter.base.model
-        site = locate(model)
-        layers = get_module(model.base_model, site.spec.layers)
-        assert isinstance(layers, nn.ModuleList)  # locate checked it
-        self.layers: nn.ModuleList = layers
-        self.final_norm: nn.Module | None = site.final_norm
+        layers = stack_layers(locate(model))
         self.layer_index = round(self.config.side_depth * (len(layers) - 1))
-        proj = get_module(layers[self.layer_index], site.spec.ffn_out)
+        self.site: FFNSite = locate(model, layer=self.layer_index)
+        proj = get_module(self.site.layer, self.site.spec.ffn_out)
         proj = getattr(proj, "down_proj", proj)  # Llama-family rows name the whole MLP
         if not isinstance(proj, nn.Linear) or proj.bias is not None:
             raise ValueError(f"--editor wise needs a bias-free Linear output projection, found {type(proj).__name__}")
@@ -292,7 +290,7 @@ class WiseEditor:
         try:
             for steps in range(cfg.steps + 1):
                 self.current = side  # the hook reads it: the forward goes through the parameter
-                logits = self._row_logits(enc, tail)  # [R, vocab]
+                logits = replay_logits(self.site, tail, enc.rows_b, enc.rows_t)  # [R, vocab]
                 ce = F.cross_entropy(logits.float(), enc.targets)
                 score_e = route_scores(a_edit, side - self.main, seq_mask)  # [E]
                 score_u = route_scores(a_unrelated, side - self.main, unrelated.get("attention_mask"))  # [1]
@@ -316,43 +314,20 @@ class WiseEditor:
         self._shard_and_merge()
         return EditRecord("applied", time.perf_counter() - t0, steps=steps)
 
-    def _capture(self, batch: dict[str, Any]) -> tuple[torch.Tensor, tuple[torch.Tensor, dict[str, Any]]]:
+    def _capture(self, batch: dict[str, Any]) -> tuple[torch.Tensor, StackTail]:
         """From one frozen forward of the stack (no head): the side memory's input a [B, T, d_ff],
-        and the hidden states [B, T, d_model] entering its layer with the keyword arguments the
-        stack passes to every layer (mask, positions). None of them depends on W', so a training
-        step runs only the layers from there on (`_row_logits`)."""
+        and the stack from its layer on (deepsite.recording_stack). None of them depends on W',
+        so a training step replays only those layers, the final norm and the head on the target
+        rows alone (the head over every position of a prefixed batch costs more than the layers:
+        a 49,152-token vocabulary)."""
         acts: list[torch.Tensor] = []
-        tails: list[tuple[torch.Tensor, dict[str, Any]]] = []
-
-        def grab_tail(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            hidden = args[0] if args else kwargs["hidden_states"]
-            tails.append((hidden.detach(), {k: v for k, v in kwargs.items() if k != "hidden_states"}))
-
-        handles = [
-            self.layers[self.layer_index].register_forward_pre_hook(grab_tail, with_kwargs=True),
-            self.proj.register_forward_pre_hook(lambda _m, args: acts.append(args[0].detach().float())),
-        ]
+        handle = self.proj.register_forward_pre_hook(lambda _m, args: acts.append(args[0].detach().float()))
         try:
-            with torch.no_grad(), self.disabled():
+            with torch.no_grad(), self.disabled(), recording_stack(self.site) as tail:
                 self.adapter.base.model.base_model(**batch, use_cache=False)
         finally:
-            for h in handles:
-                h.remove()
-        return acts[0], tails[0]
-
-    def _row_logits(self, enc: Any, tail: tuple[torch.Tensor, dict[str, Any]]) -> torch.Tensor:
-        """The target rows' logits [R, vocab] from the layers at and above the side memory, the
-        final norm and the head on those rows alone (the head over every position of a prefixed
-        batch costs more than the layers: a 49,152-token vocabulary)."""
-        hidden, kwargs = tail
-        for layer in self.layers[self.layer_index :]:
-            out = layer(hidden, **kwargs)
-            hidden = out[0] if isinstance(out, tuple) else out
-        rows = hidden[enc.rows_b, enc.rows_t]  # [R, d_model]
-        if self.final_norm is not None:
-            rows = self.final_norm(rows)
-        logits: torch.Tensor = self.adapter.base.model.get_output_embeddings()(rows)
-        return logits
+            handle.remove()
+        return acts[0], tail()
 
     def _merge(self) -> torch.Tensor | None:
         """The merged side memory with the saved shards merged in (TIES; None if there is none)."""
