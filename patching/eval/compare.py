@@ -15,7 +15,7 @@ from typing import Any
 
 from patching.eval import metrics
 
-_SETTINGS = ("context_augment", "site_depth", "train_equivalents", "dtype")
+_SETTINGS = ("context_augment", "augment_source", "site_depth", "train_equivalents", "dtype")
 COLUMNS = (
     "run", "edits", "SR", "GR", "cr", "cgr", "SR_tf", "GR_tf",
     "ER (of these, at its end)", "locality (its end)", "edit s median",

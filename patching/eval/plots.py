@@ -22,7 +22,7 @@ def plot_reports(reports: list[dict[str, Any]], out: Path) -> None:
         single = " T=1 (each edit on the base)" if rep.get("sequential") is False else ""
         trained = " + train equivalents" if rep.get("train_equivalents") else ""
         # the levers of issue 21 tell apart runs that share everything else
-        trained += "".join(f" {k}={rep[k]}" for k in ("context_augment", "site_depth") if rep.get(k))
+        trained += "".join(f" {k}={rep[k]}" for k in ("context_augment", "augment_source", "site_depth") if rep.get(k))
         # the patch activation tells apart two tpatcher runs on the same stream (relu vs relu-cap)
         act = (rep.get("train_config") or {}).get("activation")
         label = f"{rep['editor']}{f' {act}' if act else ''}{trained}{single} ({rep['base']}, {rep['data']})"
