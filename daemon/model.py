@@ -54,6 +54,9 @@ log = get_logger(__name__)
 REPLAY_CHECKED = ("passed", "reliable", "retention_failed", "changed")
 
 
+# context prefixes a generator's patches train behind when [policy] context_prefixes is unset
+GENERATOR_PREFIXES = 10
+
 # the chain over no patch at all; each accepted patch extends it (PatchedModel._link)
 GENESIS = hashlib.sha256(b"patchd engine snapshot").hexdigest()
 
@@ -139,7 +142,10 @@ class PatchedModel:
         patcher.whitening()
         adapter = TaskAdapter(base)
         policy = settings.policy
-        prefixes = augment_prefixes(adapter, memory, policy.context_prefixes, policy.context_prefix_source)
+        count = policy.context_prefixes
+        if count is None:  # the measured default (daemon/settings.py): a classifier loses TrainR with them
+            count = GENERATOR_PREFIXES if adapter.generation else 0
+        prefixes = augment_prefixes(adapter, memory, count, policy.context_prefix_source)
         if prefixes:
             log.info("context augmentation: each patch also trained behind these", prefixes=prefixes)
         seconds = time.perf_counter() - t0

@@ -186,12 +186,12 @@ class PolicySettings:
     train_on_equivalents: bool = True
     # train each patch also behind this many unrelated prefixes, as more equivalents with the same
     # target (context augmentation, patching/augment.py): the fix then holds when the question comes
-    # after other text, not only as the bare string. On zsre-smollm2, 10 took the in-context hit
-    # rate of the first 163 zsRE fixes from 0.09 to 0.36 and paraphrases from 0.31 to 0.59, at
-    # about 5x the training time per patch (docs/results/levers-21.md). 0 = off
-    context_prefixes: int = 0
-    # where they come from: "memory" = the last memory inputs (M's own texts), "generated" = a
-    # generator's own continuations of seed words (a classifier always uses memory texts)
+    # after other text, not only as the bare string. Unset = 10 for a generator, 0 for a classifier:
+    # on zsre-smollm2's first 300 zsRE fixes, 10 took the in-context hit rate from 0.09 to 0.33 and
+    # paraphrases from 0.39 to 0.62 at equal locality and retention; on fever-minilm it raised the
+    # in-context rate (0.39 -> 0.60) but cost 3 points of accuracy on other training claims. About
+    # 5x the training time per patch (docs/results/levers-21.md). 0 = off
+    context_prefixes: int | None = None
     context_prefix_source: Source = "memory"
     # whole event size: a correction is a sentence or two, not a document
     max_event_bytes: int = 65536
@@ -476,7 +476,11 @@ def _check(s: Settings) -> None:
         (s.policy.reporter_probation_s >= 0, "policy.reporter_probation_s", "must be >= 0 (0 turns probation off)"),
         (s.policy.max_input_chars > 0, "policy.max_input_chars", "must be > 0"),
         (s.policy.max_equivalents >= 0, "policy.max_equivalents", "must be >= 0"),
-        (0 <= s.policy.context_prefixes <= 64, "policy.context_prefixes", "must be in 0..64 (0 turns it off)"),
+        (
+            s.policy.context_prefixes is None or 0 <= s.policy.context_prefixes <= 64,
+            "policy.context_prefixes",
+            "must be in 0..64 (0 turns it off; unset: 10 for a generator, 0 for a classifier)",
+        ),
         (s.policy.max_event_bytes > 0, "policy.max_event_bytes", "must be > 0"),
         (
             s.storage.root is None or "://" not in s.storage.root or bool(_STORAGE_URI.fullmatch(s.storage.root)),

@@ -69,6 +69,8 @@ def test_worker_trains_behind_the_context_prefixes(tiny, tmp_path: Path) -> None
     config = write_config(
         tmp_path / "p.toml", base=base, data=data, bootstrap="127.0.0.1:9", topic="t", state=tmp_path / "state"
     )
+    unset = load_settings(config, {})
+    assert unset.policy.context_prefixes is None and PatchedModel.load(unset).prefixes == []  # a classifier: none
     settings = load_settings(config, {"PATCHD_POLICY_CONTEXT_PREFIXES": "2"})
     assert settings.policy.context_prefixes == 2 and settings.policy.context_prefix_source == "memory"
     model = PatchedModel.load(settings)

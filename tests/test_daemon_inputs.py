@@ -170,6 +170,9 @@ def test_seq2seq_generator_end_to_end(
         final = _final(store, arch, questions)
         model = PatchedModel.load(settings)
         assert model.adapter.seq2seq and model.base.kind == "generation"
+        # context_prefixes unset: a generator's patches train behind 10 memory texts (the last ones)
+        memory = [json.loads(line)["input"] for line in (data / "memory.jsonl").read_text().splitlines()]
+        assert model.prefixes == list(dict.fromkeys(memory[::-1]))[:10][::-1]
         rebuilt = model.rebuild(store)
     patched = [value for value, status in final.values() if status == Status.PATCHED]
     assert rebuilt.replayed + rebuilt.restored == len(patched) and rebuilt.mismatches == []
