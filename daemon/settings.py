@@ -187,11 +187,13 @@ class PolicySettings:
     # train each patch also behind this many unrelated prefixes, as more equivalents with the same
     # target (context augmentation, patching/augment.py): the fix then holds when the question comes
     # after other text, not only as the bare string. Unset = 10 for a generator, 0 for a classifier:
-    # on zsre-smollm2's first 300 zsRE fixes, 10 took the in-context hit rate from 0.09 to 0.33 and
-    # paraphrases from 0.39 to 0.62 at equal locality and retention; on fever-minilm it raised the
+    # on zsre-smollm2's first 220 zsRE fixes, 10 memory texts took the in-context hit rate from 0.10
+    # to 0.60 and paraphrases from 0.36 to 0.63 at equal locality and retention; on fever-minilm the
     # in-context rate (0.39 -> 0.60) but cost 3 points of accuracy on other training claims. About
     # 5x the training time per patch (docs/results/levers-21.md). 0 = off
     context_prefixes: int | None = None
+    # where they come from: "memory" = the last memory inputs (M's own texts; they won on every
+    # context figure), "generated" = a generator's own continuations of seed words (as WISE makes them)
     context_prefix_source: Source = "memory"
     # whole event size: a correction is a sentence or two, not a document
     max_event_bytes: int = 65536
