@@ -215,6 +215,8 @@ def _run(report: dict[str, Any], work: Path, data_dir: Path | None, address: str
     env = _settings_env(work, base, address, 0)
     settings = load_settings(None, env)
     assert settings.database.url is not None
+    # runs written before [policy] context_prefixes existed trained without prefixes
+    earlier_prefixes = report.get("settings", {}).get("context_prefixes", 0)
     report["settings"] = {
         "gate": asdict(settings.gate),
         "trainer": asdict(settings.trainer),
@@ -223,6 +225,13 @@ def _run(report: dict[str, Any], work: Path, data_dir: Path | None, address: str
     }
     t0 = time.perf_counter()
     model = PatchedModel.load(settings)
+    if report["next"] and len(model.prefixes) != earlier_prefixes:
+        report["settings"]["context_prefixes"] = earlier_prefixes  # the report stays the run's
+        raise SystemExit(
+            f"--resume: the run's patches trained behind {earlier_prefixes} context prefixes, this one would "
+            f"use {len(model.prefixes)}: set PATCHD_POLICY_CONTEXT_PREFIXES={earlier_prefixes} to go on"
+        )
+    report["settings"]["context_prefixes"] = len(model.prefixes)
     with Store.open(settings.database.url) as store:
         rebuilt = model.rebuild(store)
         print(
