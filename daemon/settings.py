@@ -188,8 +188,8 @@ class PolicySettings:
     # target (context augmentation, patching/augment.py): the fix then holds when the question comes
     # after other text, not only as the bare string. Unset = 10 for a generator, 0 for a classifier:
     # on zsre-smollm2's first 220 zsRE fixes, 10 memory texts took the in-context hit rate from 0.10
-    # to 0.60 and paraphrases from 0.36 to 0.63 at equal locality and retention; on fever-minilm the
-    # in-context rate (0.39 -> 0.60) but cost 3 points of accuracy on other training claims. About
+    # to 0.60 and paraphrases from 0.36 to 0.63 at equal locality and retention; on fever-minilm they
+    # raised it from 0.39 to 0.60 but cost 3 points of accuracy on other training claims. About
     # 5x the training time per patch (docs/results/levers-21.md). 0 = off
     context_prefixes: int | None = None
     # where they come from: "memory" = the last memory inputs (M's own texts; they won on every
