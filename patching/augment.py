@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:  # settings import Source: `patchd --help` must not load torch
+    from patching.bases.tasks import TaskAdapter
     from patching.encode import ModelInput
 
 Source = Literal["memory", "generated"]
@@ -43,9 +44,9 @@ def memory_prefixes(memory: Sequence[ModelInput], n: int) -> list[str]:
     """The last n memory inputs as prefixes (a pair's first text), empty and repeated texts skipped."""
     out: list[str] = []
     for value in reversed(memory):
-        text = (value[0] if isinstance(value, tuple) else value).strip()
         if len(out) >= n:
             break
+        text = (value[0] if isinstance(value, tuple) else value).strip()
         if text and text not in out:
             out.append(text)
     return out[::-1]
@@ -61,8 +62,10 @@ def generated_prefixes(model: Any, tokenizer: Any, n: int) -> list[str]:
     return [f"{seed} {text.strip()}".strip().split("\n")[0] for seed, text in zip(seeds, texts, strict=True)]
 
 
-def augment_prefixes(adapter: Any, memory: Sequence[ModelInput], n: int, source: Source = "memory") -> list[str]:
-    """n training prefixes (module docstring); `adapter` is a patching.bases.tasks.TaskAdapter."""
+def augment_prefixes(
+    adapter: TaskAdapter, memory: Sequence[ModelInput], n: int, source: Source = "memory"
+) -> list[str]:
+    """n training prefixes (module docstring)."""
     if source not in SOURCES:
         raise ValueError(f"prefix source {source!r}: expected one of {', '.join(SOURCES)}")
     if n <= 0:
