@@ -88,8 +88,11 @@ class TrainConfig:
     augment_dropout: float = 0.1
     # train equivalents (paraphrases sent with an edit): every this many steps, those not yet right
     # are dropped and the rest train on, so a paraphrase that cannot be fitted within the memory
-    # margins never costs max_steps per try, nor takes the others' help away (0 = drop all at once)
-    equivalent_steps: int = 100
+    # margins never costs max_steps per try, nor takes the others' help away (0 = drop all at once).
+    # 300, not 100: a generator's context prefixes need the time; at 100 half of zsRE's edits lost
+    # some or all of theirs, and on the first 100 mistakes 300 gave GR 0.58 -> 0.69, cr 0.61 -> 0.71
+    # at a lower median edit time (docs/results/levers-21.md)
+    equivalent_steps: int = 300
     # generation: while a wrong answer token has no neuron anchored at it (a long answer whose wrong
     # tokens outnumber max_neurons), an attempt ends (unsuccessful) once this many steps pass without
     # fewer wrong tokens, so the retry that anchors more rows comes without max_steps first; 0 = off

@@ -57,7 +57,7 @@ def setup(seed: int = 0, train: TrainConfig | None = None) -> tuple[Patcher, tor
     ids = inputs(seed)
     memory, heldout, edits = ids[:300], ids[300:500], ids[500:520]
     model = tiny_classifier()
-    patcher = Patcher(model, train=train or TrainConfig(max_steps=300), gate=GateConfig())
+    patcher = Patcher(model, train=train or TrainConfig(max_steps=300, equivalent_steps=100), gate=GateConfig())
     patcher.build_memory([batch(memory[i : i + 100]) for i in range(0, 300, 100)])
     patcher.build_heldout([batch(heldout)])
     return patcher, heldout, edits
