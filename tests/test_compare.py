@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from patching.eval.compare import common_prefix, label, table
+from patching.eval.compare import common_prefix, differing, label, table
 
 
 def report(n: int, sr: bool, gr: float, **settings: Any) -> dict[str, Any]:
@@ -28,3 +28,12 @@ def test_the_table_scores_every_run_on_the_shared_prefix_only() -> None:
     assert second[1:5] == ["3 of 6", "0.000", "0.250", "0.000"]
     assert first[8] == second[8] == "0.667"
     assert first[10].rstrip(" |") == "2.0"  # median of 1, 2, 3 seconds
+
+
+def test_trainer_and_gate_settings_that_differ_label_the_runs() -> None:
+    a = report(2, True, 1.0, train_config={"equivalent_steps": 100, "lr": 0.01}, gate_config={"retries": 2})
+    b = report(2, True, 1.0, train_config={"equivalent_steps": 300, "lr": 0.01}, gate_config={"retries": 2})
+    assert differing([a, b]) == ["trainer.equivalent_steps"]
+    assert label(a, ["trainer.equivalent_steps"]) == "tpatcher equivalent_steps=100"
+    first, second = (line.split(" | ")[0] for line in table([a, b]).splitlines()[2:])
+    assert first.endswith("equivalent_steps=100") and second.endswith("equivalent_steps=300")

@@ -22,10 +22,26 @@ COLUMNS = (
 )  # fmt: skip
 
 
-def label(report: dict[str, Any]) -> str:
-    """The editor and the settings that set this run apart, e.g. "tpatcher context_augment=10"."""
+def differing(reports: Sequence[dict[str, Any]]) -> list[str]:
+    """The trainer and gate settings ("trainer.equivalent_steps") whose values differ among the reports."""
+    out = []
+    for section in ("train", "gate"):
+        configs = [r.get(f"{section}_config") or {} for r in reports]
+        for key in sorted(set().union(*configs)):
+            if len({repr(c.get(key)) for c in configs}) > 1:
+                out.append(f"{'trainer' if section == 'train' else section}.{key}")
+    return out
+
+
+def label(report: dict[str, Any], settings: Sequence[str] = ()) -> str:
+    """The editor and the settings that set this run apart, e.g. "tpatcher context_augment=10";
+    `settings` adds those dotted trainer/gate settings (`differing`) with this report's values."""
     parts = [str(report.get("editor"))]
     parts += [f"{k}={report[k]}" for k in _SETTINGS if report.get(k) not in (None, False, 0)]
+    for dotted in settings:
+        section, key = dotted.split(".", 1)
+        config = report.get("train_config" if section == "trainer" else f"{section}_config") or {}
+        parts.append(f"{key}={config.get(key)}")
     if not report.get("sequential", True):
         parts.append("single")
     return " ".join(parts)
@@ -50,13 +66,14 @@ def _fmt(v: float | None) -> str:
 def table(reports: Sequence[dict[str, Any]]) -> str:
     """A markdown table of the reports on their common prefix (module docstring)."""
     idx = common_prefix(reports)
+    settings = differing(reports)
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for rep in reports:
         rows = [_edited(rep)[i] for i in idx]
         at_end = [r["right_at_end"] for r in rows if "right_at_end" in r]
         secs = [float(r["seconds"]) for r in rows]
         cells = [
-            label(rep),
+            label(rep, settings),
             f"{len(rows)} of {rep.get('edits')}",
             _fmt(metrics.success_rate([bool(r["sr"]) for r in rows])),
             _fmt(metrics.generalization_rate([r.get("gr") for r in rows])),
