@@ -91,7 +91,7 @@ class TrainConfig:
     # margins never costs max_steps per try, nor takes the others' help away (0 = drop all at once).
     # 300, not 100: a generator's context prefixes need the time; at 100 half of zsRE's edits lost
     # some or all of theirs, and on the first 100 mistakes 300 gave GR 0.58 -> 0.69, cr 0.61 -> 0.71
-    # at a lower median edit time (docs/results/levers-21.md)
+    # for 112 training steps per edit on average instead of 81 (docs/results/levers-21.md)
     equivalent_steps: int = 300
     # generation: while a wrong answer token has no neuron anchored at it (a long answer whose wrong
     # tokens outnumber max_neurons), an attempt ends (unsuccessful) once this many steps pass without
