@@ -90,7 +90,7 @@ class TrainConfig:
     # are dropped and the rest train on, so a paraphrase that cannot be fitted within the memory
     # margins never costs max_steps per try, nor takes the others' help away (0 = drop all at once).
     # 300, not 100: a generator's context prefixes need the time; at 100 half of zsRE's edits lost
-    # some or all of theirs, and on the first 100 mistakes 300 gave GR 0.58 -> 0.69, cr 0.61 -> 0.71
+    # some or all of theirs, and on the first 100 mistakes 300 gave GR 0.58 -> 0.69, cr 0.60 -> 0.71
     # for 112 training steps per edit on average instead of 81 (docs/results/levers-21.md)
     equivalent_steps: int = 300
     # generation: while a wrong answer token has no neuron anchored at it (a long answer whose wrong

@@ -16,6 +16,8 @@ from typing import Any
 from patching.eval import metrics
 
 _SETTINGS = ("context_augment", "augment_source", "site_depth", "train_equivalents", "dtype")
+# config section as the daemon and --set name it -> the report field holding it
+_CONFIGS = {"trainer": "train_config", "gate": "gate_config"}
 COLUMNS = (
     "run", "edits", "SR", "GR", "cr", "cgr", "SR_tf", "GR_tf",
     "ER (of these, at its end)", "locality (its end)", "edit s median",
@@ -25,11 +27,11 @@ COLUMNS = (
 def differing(reports: Sequence[dict[str, Any]]) -> list[str]:
     """The trainer and gate settings ("trainer.equivalent_steps") whose values differ among the reports."""
     out = []
-    for section in ("train", "gate"):
-        configs = [r.get(f"{section}_config") or {} for r in reports]
+    for section, field in _CONFIGS.items():
+        configs = [r.get(field) or {} for r in reports]
         for key in sorted(set().union(*configs)):
             if len({repr(c.get(key)) for c in configs}) > 1:
-                out.append(f"{'trainer' if section == 'train' else section}.{key}")
+                out.append(f"{section}.{key}")
     return out
 
 
@@ -40,7 +42,7 @@ def label(report: dict[str, Any], settings: Sequence[str] = ()) -> str:
     parts += [f"{k}={report[k]}" for k in _SETTINGS if report.get(k) not in (None, False, 0)]
     for dotted in settings:
         section, key = dotted.split(".", 1)
-        config = report.get("train_config" if section == "trainer" else f"{section}_config") or {}
+        config = report.get(_CONFIGS[section]) or {}
         parts.append(f"{key}={config.get(key)}")
     if not report.get("sequential", True):
         parts.append("single")
