@@ -70,6 +70,9 @@ class TrainConfig:
     stop_mem_margin: float = 0.0
     # stop rule: edit activation minus the largest memory activation at least this
     stop_rel_margin: float = 0.5
+    # stop rule: every trained row's target logit at least this far above the runner-up (edit and
+    # train equivalents); 0 = the argmax right, as the paper's rule
+    stop_logit_margin: float = 0.0
     # generation: one neuron per wrong target token, at most this many (reference caps at 5)
     max_neurons: int = 5
     # "margin": key placed half-way between the edit and its closest memory row, value along the
@@ -120,6 +123,8 @@ class TrainConfig:
         if self.activation not in ACTIVATIONS:
             names = ", ".join(repr(a) for a in ACTIVATIONS)
             raise ValueError(f"trainer.activation must be one of {names}, got {self.activation!r}")
+        if not self.stop_logit_margin >= 0.0:
+            raise ValueError(f"trainer.stop_logit_margin must be >= 0, got {self.stop_logit_margin!r}")
         if not self.saturation >= 1.0:
             raise ValueError(f"trainer.saturation must be >= 1, got {self.saturation!r}")
         if not 0.0 <= self.band < 0.5:

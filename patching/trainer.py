@@ -122,6 +122,15 @@ def augmented_q(q: torch.Tensor, cfg: TrainConfig, gen: torch.Generator) -> torc
     return torch.cat([q, copies * keep / (1.0 - cfg.augment_dropout)])
 
 
+def logit_margin(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """logits [R, V], targets [R] -> [R]: the target's logit minus the largest other logit
+    (> 0 exactly where the argmax is the target)."""
+    top2 = logits.topk(2, dim=-1)  # [R, 2]: the best and the runner-up
+    target = logits.gather(-1, targets[:, None]).squeeze(-1)
+    best_other = torch.where(top2.indices[:, 0] == targets, top2.values[:, 1], top2.values[:, 0])
+    return target - best_other
+
+
 def stop_met(edit_ok: bool, a_min: float, m_max: float, obj: Objective) -> bool:
     """The stop rule: the edit right, memory silent, and the edit's weakest anchor well above it."""
     return edit_ok and m_max < obj.stop_mem_margin and a_min - m_max >= obj.stop_rel_margin
@@ -281,20 +290,29 @@ def train_cached(
         if last or (not cfg.fixed_steps and step % cfg.check_every == 0):
             with torch.no_grad():
                 wrong_rows = logits[:R].argmax(-1) != edit.targets  # [R]
+                # [K] per equivalent: all its rows right (which ones are dropped at equivalent_steps)
                 eq_ok = (logits[copies * R :].argmax(-1) == targets_all[copies * R :]).reshape(K, R).all(1)
+                short, eq_stop = wrong_rows.any(), eq_ok.all()  # the stop rule's "edit and equivalents right"
+                if cfg.stop_logit_margin > 0:
+                    # right with headroom, for the stop rule only (the stall and drop rules count wrong
+                    # rows): behind a context or in other words the logits shift a little
+                    short = (logit_margin(logits[:R], edit.targets) < cfg.stop_logit_margin).any()
+                    eq_margin = logit_margin(logits[copies * R :], targets_all[copies * R :])  # [K*R]
+                    eq_stop = (eq_margin >= cfg.stop_logit_margin).all()
                 m_top = m.max() if m.numel() else m.new_full((), float("-inf"))
                 numbers = torch.stack(
                     [
                         wrong_rows.sum(),
                         (wrong_rows & unanchored).any(),  # a wrong row without a neuron anchored at it
-                        eq_ok.all(),
+                        short,
+                        eq_stop,
                         m_top,
                         a_edit.min() if a_edit.numel() else a_edit.new_full((), float("inf")),
                     ]
                 ).float()
-                wrong_f, stray, extra_all, m_max, a_min = numbers.tolist()
+                wrong_f, stray, short_f, extra_all, m_max, a_min = numbers.tolist()
                 wrong = int(wrong_f)
-                edit_ok = wrong == 0
+                edit_ok = not short_f
                 # progress: fewer wrong rows, or none wrong without an anchor (those train on as before)
                 if wrong < fewest_wrong or not stray:
                     fewest_wrong, progress_step = min(wrong, fewest_wrong), step

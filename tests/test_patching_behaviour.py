@@ -278,3 +278,36 @@ def test_edits_accepted_in_bfloat16_hold_after_a_save_a_load_and_a_fresh_forward
     kept = torch.tensor(accepted)
     assert torch.equal(predict(fresh, edits[kept]), targets[kept])  # every accepted edit, in a fresh forward
     assert torch.equal(predict(fresh, heldout), held_before)  # locality held in bfloat16 too
+
+
+def test_logit_margin_is_the_targets_lead_over_the_runner_up() -> None:
+    from patching.trainer import logit_margin
+
+    logits = torch.tensor([[3.0, 1.0, 0.5], [3.0, 1.0, 0.5], [2.0, 2.0, -1.0]])
+    targets = torch.tensor([0, 2, 1])
+    assert torch.equal(logit_margin(logits, targets), torch.tensor([2.0, -2.5, 0.0]))
+
+
+def test_a_stop_margin_trains_the_edit_and_its_equivalents_past_it() -> None:
+    """With stop_logit_margin the edit ends right with that headroom over the runner-up, on its
+    own row and on its train equivalents' rows; the plain rule stops as soon as the argmax is right.
+    (This tiny random classifier's logits differ by a few tenths at most.)"""
+    leads = []
+    for margin in (0.0, 0.15):
+        patcher, heldout, edits = setup(train=TrainConfig(max_steps=300, stop_logit_margin=margin))
+        model = patcher.model
+        held_before = predict(model, heldout)
+        target = 1 - predict(model, edits[:1])
+        wrong = (predict(model, edits[1:]) != target).nonzero().flatten()[:2] + 1
+        together = torch.cat([edits[:1], edits[wrong]])
+        outcome = patcher.edit(batch(together, target.repeat(3)), edit_id="e0")
+        assert outcome.status == "accepted", outcome.reasons
+        assert outcome.proposal is not None and outcome.proposal.train.success
+        assert outcome.proposal.train.equivalents == 2  # both equivalents trained to the end
+        with torch.no_grad():
+            logits = model(input_ids=together, attention_mask=torch.ones_like(together)).logits  # [3, 2]
+        lead = (logits[:, target.item()] - logits[:, 1 - target.item()]).min().item()
+        assert lead > margin, (margin, lead)
+        assert torch.equal(predict(model, heldout), held_before)
+        leads.append(lead)
+    assert leads[1] > leads[0] + 0.05  # the margin bought headroom the plain rule did not
