@@ -30,11 +30,6 @@ class TrainConfig:
     # When the capped neuron fails the gate, the same neuron capped at 1 (the relu's output on the
     # edit, never more elsewhere) is tried before a retry. 1 = no boost.
     saturation: float = 3.0
-    # relu-cap only: train the neuron in the capped form it will run in (layer.capped_as_run)
-    # instead of as a relu capped afterwards, so that the stop rule's "every trained row right" holds
-    # for the layer's real outputs: capping a relu trained on context prefixes left a quarter of the
-    # very prefixes it was trained on wrong (zsRE, first 28 edits alone; docs/results/levers-21.md)
-    train_capped: bool = False
     # relu-cap only: when every attempt failed the gate because the neurons fired where they must
     # not (a held-out input or an earlier edit changed), the last attempt's neurons are tried once
     # more as a band: full output only within +-band of the edit's own pre-activation, zero below

@@ -316,7 +316,6 @@ class Patcher:
             whiten=self.whitening(),
             extra=extra,
             fast=self.fast_tail if cfg.fast_tail else None,
-            saturation=cfg.saturation if cfg.activation == "relu-cap" and cfg.train_capped else None,
         )
 
     def whitening(self) -> tuple[torch.Tensor, torch.Tensor] | None:

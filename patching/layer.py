@@ -72,21 +72,6 @@ def trained_as(activation: Activation) -> Activation:
     return "relu" if activation == "relu-cap" else activation
 
 
-def capped_as_run(pre: torch.Tensor, edit_rows: int, saturation: float) -> torch.Tensor:
-    """A relu neuron's activation as it will run once capped at `saturation` (saturation.cap), in
-    the relu's units, so that training sees the output the layer will give. pre [C*R, n] with the
-    edit's own rows first (edit_rows of them) -> [C*R, n].
-
-    The capped neuron adds clamp(s pre / p, 0, 1) p v = min(s relu(pre), p) v, p the neuron's peak
-    on the edit's rows: the peak row gets the relu's output, a row from p / s on gets the peak's,
-    and a weaker row s times its relu output. Trained as a plain relu, a row the neuron fires on
-    weakly (another answer token, a context prefix) is fitted with 1/s of what it will receive.
-    A neuron silent on every edit row is left as it is by cap: clamp(pre, 0, 1)."""
-    relu = F.relu(pre)
-    peak = relu[:edit_rows].amax(dim=0)  # [n]; the gradient reaches the peak row through it
-    return torch.where(peak > 0, torch.minimum(relu * saturation, peak), pre.clamp(0.0, 1.0))
-
-
 def neuron_output(
     q: torch.Tensor, keys: torch.Tensor, biases: torch.Tensor, values: torch.Tensor, activation: Activation
 ) -> torch.Tensor:

@@ -17,7 +17,7 @@ import torch
 from patching import init, losses
 from patching.config import TrainConfig
 from patching.fasttail import LinearTail
-from patching.layer import activate, capped_as_run
+from patching.layer import activate
 
 Tail = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (ffn_out [R, d], residual [R, d]) -> logits
 
@@ -205,7 +205,6 @@ def train_cached(
     whiten: tuple[torch.Tensor, torch.Tensor] | None = None,
     extra: EditTensors | None = None,
     fast: LinearTail | None = None,
-    saturation: float | None = None,
 ) -> TrainResult:
     """Train len(anchors) neurons (neuron i anchored at edit row anchors[i]) until the stop rule holds.
 
@@ -218,9 +217,6 @@ def train_cached(
     max_neurons), the attempt ends unsuccessfully once cfg.stall_steps steps pass without fewer
     wrong rows: the caller's retry anchors more rows. Wrong rows that all have neurons train on.
     fast: the model's factored tail (patching/fasttail.py), used for the loop's logits when given.
-    saturation: a relu neuron that will run capped (relu-cap) is trained in that form
-    (layer.capped_as_run), so the stop rule sees the outputs the layer will give; None trains it
-    as `activation`.
     """
     t0 = time.perf_counter()
     gen = torch.Generator().manual_seed(seed)
@@ -273,10 +269,7 @@ def train_cached(
             anchor_rows = torch.arange(copies + K, device=device)[:, None] * R + anchors[None, :].to(device)
             bound = bound.select(rows) if bound is not None else None
         pre = q_all @ nr.keys.T + nr.biases  # [C*R, n]
-        if saturation is not None:
-            act = capped_as_run(pre, R, saturation)  # [C*R, n]
-        else:
-            act = activate(pre, activation)  # type: ignore[arg-type]
+        act = activate(pre, activation)  # type: ignore[arg-type]
         if bound is not None:
             logits = bound(act, nr.values)  # [C*R, V]: one [n, V] product instead of [C*R, V]
         else:

@@ -7,7 +7,7 @@ import torch
 
 from patching.config import TrainConfig
 from patching.gate import HeldoutTensors
-from patching.layer import activate, capped_as_run, neuron_output
+from patching.layer import activate, neuron_output
 from patching.saturation import band, cap, saturations
 from patching.trainer import Neurons
 from tests.test_patching_behaviour import batch, predict, setup
@@ -62,31 +62,6 @@ def test_a_neuron_silent_on_the_edit_keeps_its_weights() -> None:
     assert torch.isfinite(capped.keys).all()
     assert torch.equal(capped.keys[1], nr.keys[1]) and torch.equal(capped.values[1], nr.values[1])
     assert torch.allclose(capped.keys[0], torch.tensor([3.0, 0.0]))
-
-
-def test_the_training_form_of_a_capped_neuron_is_the_output_the_layer_will_give() -> None:
-    gen = torch.Generator().manual_seed(0)
-    d, n, edit_rows = 8, 5, 3
-    keys, q = torch.randn(n, d, generator=gen), torch.randn(12, d, generator=gen)
-    biases = torch.randn(n, generator=gen)
-    biases[4] = -100.0  # silent on every edit row: cap keeps it as it is
-    nr = Neurons(keys, biases, torch.randn(n, d, generator=gen))
-    pre = q @ keys.T + biases  # [12, n], the edit's rows first
-    for s in (1.0, 3.0):
-        trained = capped_as_run(pre, edit_rows, s) @ nr.values
-        assert torch.allclose(trained, out(cap(nr, q[:edit_rows], s), q, "relu-cap"), atol=1e-5)
-    # a row at a third of the peak already gets the peak's output; the plain relu gave it a third
-    peak = torch.tensor([[3.0], [1.0]])
-    assert torch.equal(capped_as_run(peak, 1, 3.0), torch.tensor([[3.0], [3.0]]))
-
-
-def test_an_edit_trained_in_its_capped_form_is_right_as_the_layer_runs_it() -> None:
-    patcher, _, edits = setup(train=TrainConfig(max_steps=300, activation="relu-cap", train_capped=True))
-    targets = 1 - predict(patcher.model, edits)
-    for i in range(5):
-        outcome = patcher.edit(batch(edits[i : i + 1], targets[i : i + 1]), edit_id=f"e{i}")
-        assert outcome.status == "accepted", outcome.reasons
-        assert predict(patcher.model, edits[i : i + 1]).item() == targets[i].item()
 
 
 def test_the_engine_tries_the_bold_cap_first_then_one() -> None:
