@@ -66,7 +66,8 @@ class TrainConfig:
     # stop rule: edit activation minus the largest memory activation at least this
     stop_rel_margin: float = 0.5
     # stop rule: every trained row's target logit at least this far above the runner-up (edit and
-    # train equivalents); 0 = the argmax right, as the paper's rule
+    # train equivalents); 0 = the argmax right, as the paper's rule. 2.0 ran most zsRE edits to
+    # max_steps (5x the edit time) for no gain behind context (docs/results/levers-21.md)
     stop_logit_margin: float = 0.0
     # generation: one neuron per wrong target token, at most this many (reference caps at 5)
     max_neurons: int = 5
