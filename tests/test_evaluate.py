@@ -192,6 +192,25 @@ def test_a_stopped_stream_resumed_ends_as_the_uninterrupted_one(tmp_path: Path) 
         Resume.read(tmp_path / "first.json")
 
 
+def test_a_trainer_setting_added_after_a_run_stopped_blocks_its_resume_only_off_its_default() -> None:
+    from dataclasses import asdict
+
+    from patching.config import TrainConfig
+    from patching.eval.resume import differences
+
+    now = asdict(TrainConfig(equivalent_steps=300))
+    there = {k: v for k, v in now.items() if k != "stop_logit_margin"}  # a report written before the knob
+    assert differences("train_config", there, now) == []
+    assert differences("train_config", there, {**now, "stop_logit_margin": 2.0}) == [
+        "train_config.stop_logit_margin is 2.0 now; the stopped run had no such setting"
+    ]
+    assert differences("train_config", {**there, "lr": 0.5}, now) == [
+        "train_config.lr differs from the stopped run (0.5 there, 0.01 now)"
+    ]
+    assert differences("train_config", {**now, "gone": 1}, now) == ["train_config.gone is no setting now (1 there)"]
+    assert differences("seed", 0, 1) == ["seed differs from the stopped run (0 there, 1 now)"]
+
+
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_a_background_evaluate_can_be_stopped_for_its_partial_report(signum: int) -> None:
     # a shell's background job starts with SIGINT ignored: the run must still stop on kill -INT / kill

@@ -11,12 +11,13 @@ model, so one stream, not a restart.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from patching import patchfile
+from patching.config import GateConfig, TrainConfig
 from patching.engine import Patcher
 from patching.trainer import Neurons
 
@@ -27,6 +28,35 @@ class ResumeError(ValueError):
 
 # what must match between the stopped run and the resumed one (else it is another stream)
 SAME = ("editor", "base", "data", "seed", "train_equivalents", "train_config", "gate_config")
+
+
+# a setting added to the trainer or the gate after a run stopped is not in its report: at its
+# default it is the behaviour the run had (a new knob is off by default), so the run may go on
+ADDED_AT_DEFAULT: dict[str, dict[str, Any]] = {
+    "train_config": asdict(TrainConfig()),
+    "gate_config": asdict(GateConfig()),
+}
+
+
+def differences(key: str, there: Any, now: Any) -> list[str]:
+    """What differs in setting `key` between the stopped run and this one; [] = the same run.
+    Inside train_config and gate_config, a field the stopped run's report lacks counts as the same
+    when its value now is the field's default."""
+    if there == now:
+        return []
+    defaults = ADDED_AT_DEFAULT.get(key)
+    if defaults is None or not isinstance(there, Mapping) or not isinstance(now, Mapping):
+        return [f"{key} differs from the stopped run ({there!r} there, {now!r} now)"]
+    out = []
+    for field in sorted(set(there) | set(now)):
+        if field not in now:
+            out.append(f"{key}.{field} is no setting now ({there[field]!r} there)")
+        elif field not in there:
+            if field not in defaults or now[field] != defaults[field]:
+                out.append(f"{key}.{field} is {now[field]!r} now; the stopped run had no such setting")
+        elif there[field] != now[field]:
+            out.append(f"{key}.{field} differs from the stopped run ({there[field]!r} there, {now[field]!r} now)")
+    return out
 
 
 def patches_path(report: Path) -> Path:
@@ -75,11 +105,9 @@ class Resume:
     def check(self, now: dict[str, Any]) -> None:
         """Refuse a resume whose settings differ from the stopped run's (`now`: the same keys)."""
         for key in SAME:
-            if self.report.get(key) != now.get(key):
-                raise ResumeError(
-                    f"cannot resume: {key} differs from the stopped run "
-                    f"({self.report.get(key)!r} there, {now.get(key)!r} now)"
-                )
+            found = differences(key, self.report.get(key), now.get(key))
+            if found:
+                raise ResumeError("cannot resume: " + "; ".join(found))
         if not self.report.get("sequential", True):
             raise ResumeError("cannot resume a single-edit (--single) run")
 
