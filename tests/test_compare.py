@@ -37,3 +37,11 @@ def test_trainer_and_gate_settings_that_differ_label_the_runs() -> None:
     assert label(a, ["trainer.equivalent_steps"]) == "tpatcher equivalent_steps=100"
     first, second = (line.split(" | ")[0] for line in table([a, b]).splitlines()[2:])
     assert first.endswith("equivalent_steps=100") and second.endswith("equivalent_steps=300")
+    # a report written before a setting existed ran with its default: not a difference at the default
+    old = report(2, True, 1.0, train_config={"equivalent_steps": 300}, gate_config={"retries": 2})
+    assert differing([old, b]) == []
+    margin = report(
+        2, True, 1.0, train_config={"equivalent_steps": 300, "stop_logit_margin": 0.5}, gate_config={"retries": 2}
+    )
+    assert differing([old, margin]) == ["trainer.stop_logit_margin"]
+    assert label(old, ["trainer.stop_logit_margin"]) == "tpatcher stop_logit_margin=0.0"

@@ -10,9 +10,11 @@ stopped (a longer run had more later edits to survive), and locality is each run
 from __future__ import annotations
 
 import statistics
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict
 from typing import Any
 
+from patching.config import GateConfig, TrainConfig
 from patching.eval import metrics
 
 _SETTINGS = ("context_augment", "augment_source", "site_depth", "train_equivalents", "dtype")
@@ -24,11 +26,25 @@ COLUMNS = (
 )  # fmt: skip
 
 
+# each config field's defaults: a report written before a setting existed lacks it, and its run had
+# that setting's default (a new knob is off by default)
+CONFIG_DEFAULTS: dict[str, dict[str, Any]] = {
+    "train_config": asdict(TrainConfig()),
+    "gate_config": asdict(GateConfig()),
+}
+
+
+def with_defaults(field: str, config: Mapping[str, Any] | None) -> dict[str, Any]:
+    """A report's train_config or gate_config with the settings added since it was written filled
+    in at their defaults; {} for a run without one (an editor other than tpatcher)."""
+    return {**CONFIG_DEFAULTS[field], **config} if config else {}
+
+
 def differing(reports: Sequence[dict[str, Any]]) -> list[str]:
     """The trainer and gate settings ("trainer.equivalent_steps") whose values differ among the reports."""
     out = []
     for section, field in _CONFIGS.items():
-        configs = [r.get(field) or {} for r in reports]
+        configs = [with_defaults(field, r.get(field)) for r in reports]
         for key in sorted(set().union(*configs)):
             if len({repr(c.get(key)) for c in configs}) > 1:
                 out.append(f"{section}.{key}")
@@ -42,7 +58,7 @@ def label(report: dict[str, Any], settings: Sequence[str] = ()) -> str:
     parts += [f"{k}={report[k]}" for k in _SETTINGS if report.get(k) not in (None, False, 0)]
     for dotted in settings:
         section, key = dotted.split(".", 1)
-        config = report.get(_CONFIGS[section]) or {}
+        config = with_defaults(_CONFIGS[section], report.get(_CONFIGS[section]))
         parts.append(f"{key}={config.get(key)}")
     if not report.get("sequential", True):
         parts.append("single")

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from patching import patchfile
-from patching.config import GateConfig, TrainConfig
 from patching.engine import Patcher
+from patching.eval.compare import CONFIG_DEFAULTS
 from patching.trainer import Neurons
 
 
@@ -30,21 +30,13 @@ class ResumeError(ValueError):
 SAME = ("editor", "base", "data", "seed", "train_equivalents", "train_config", "gate_config")
 
 
-# a setting added to the trainer or the gate after a run stopped is not in its report: at its
-# default it is the behaviour the run had (a new knob is off by default), so the run may go on
-ADDED_AT_DEFAULT: dict[str, dict[str, Any]] = {
-    "train_config": asdict(TrainConfig()),
-    "gate_config": asdict(GateConfig()),
-}
-
-
 def differences(key: str, there: Any, now: Any) -> list[str]:
     """What differs in setting `key` between the stopped run and this one; [] = the same run.
     Inside train_config and gate_config, a field the stopped run's report lacks counts as the same
     when its value now is the field's default."""
     if there == now:
         return []
-    defaults = ADDED_AT_DEFAULT.get(key)
+    defaults = CONFIG_DEFAULTS.get(key)
     if defaults is None or not isinstance(there, Mapping) or not isinstance(now, Mapping):
         return [f"{key} differs from the stopped run ({there!r} there, {now!r} now)"]
     out = []
