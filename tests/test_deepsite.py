@@ -124,6 +124,8 @@ def test_the_editors_gate_counts_what_real_decoding_shows_and_reset_restores_the
             assert out.gate["changed"] == sum(a != b for a, b in zip(after, before, strict=True))
             assert out.gate["retention_failed"] == 0
         assert accepted >= 1
+        # training went through the frozen stack: no weight gradient computed, the flags restored
+        assert all(p.grad is None and p.requires_grad for p in adapter.base.model.parameters())
         assert ed.neurons > 0 and ed.memory.shape[0] > ed.memory_base
         ed.reset()
         assert ed.neurons == 0 and ed.memory.shape[0] == ed.memory_base

@@ -107,6 +107,8 @@ def test_the_editor_makes_an_edit_right_and_shards_and_merges_on_schedule(tmp_pa
     # the edit's own, above the threshold. Greedy generation routes on the prompt alone, which may
     # score lower: WISE's published gap between the two scorings (arXiv 2502.11177)
     assert rec.status == "applied" and adapter.token_accuracy(["Who?"], ["Paris"]) == [1.0]  # type: ignore[attr-defined]
+    # trained through the frozen stack: no weight gradient computed on the base, the flags restored
+    assert all(p.grad is None and p.requires_grad for p in adapter.base.model.parameters())  # type: ignore[attr-defined]
     # shard_edits 1: the edit became a shard and the current side memory starts again from W
     assert len(editor.shards) == 1 and torch.equal(editor.current, editor.main) and editor.merged is None
     editor.edit("Which?", "Rome", "1")

@@ -51,7 +51,7 @@ from torch.utils.hooks import RemovableHandle
 from patching.arch import FFNSite, get_module, locate
 from patching.augment import augment_prefixes, with_context
 from patching.bases.tasks import TaskAdapter
-from patching.eval.deepsite import StackTail, recording_stack, replay_logits, stack_layers
+from patching.eval.deepsite import StackTail, frozen, recording_stack, replay_logits, stack_layers
 from patching.eval.record import EditRecord
 
 
@@ -288,24 +288,25 @@ class WiseEditor:
         steps, score_e = 0, torch.zeros(0)
         self.editing = True
         try:
-            for steps in range(cfg.steps + 1):
-                self.current = side  # the hook reads it: the forward goes through the parameter
-                logits = replay_logits(self.site, tail, enc.rows_b, enc.rows_t)  # [R, vocab]
-                ce = F.cross_entropy(logits.float(), enc.targets)
-                score_e = route_scores(a_edit, side - self.main, seq_mask)  # [E]
-                score_u = route_scores(a_unrelated, side - self.main, unrelated.get("attention_mask"))  # [1]
-                act = margin_loss(score_e, score_u, cfg.alpha, cfg.beta, cfg.gamma)
-                right = bool((logits.argmax(-1) == enc.targets).all())
-                if (right and float(act.detach()) == 0.0) or steps == cfg.steps:
-                    break
-                opt.zero_grad(set_to_none=True)
-                (ce + act).backward()
-                assert side.grad is not None and self.grad_mask is not None
-                side.grad.mul_(self.grad_mask)
-                opt.step()
-                with torch.no_grad():  # every entry within norm_constraint of the main memory
-                    side.copy_(torch.maximum(torch.minimum(side, self.main + cfg.norm_constraint),
-                                             self.main - cfg.norm_constraint))  # fmt: skip
+            with frozen(self.adapter.base.model):
+                for steps in range(cfg.steps + 1):
+                    self.current = side  # the hook reads it: the forward goes through the parameter
+                    logits = replay_logits(self.site, tail, enc.rows_b, enc.rows_t)  # [R, vocab]
+                    ce = F.cross_entropy(logits.float(), enc.targets)
+                    score_e = route_scores(a_edit, side - self.main, seq_mask)  # [E]
+                    score_u = route_scores(a_unrelated, side - self.main, unrelated.get("attention_mask"))  # [1]
+                    act = margin_loss(score_e, score_u, cfg.alpha, cfg.beta, cfg.gamma)
+                    right = bool((logits.argmax(-1) == enc.targets).all())
+                    if (right and float(act.detach()) == 0.0) or steps == cfg.steps:
+                        break
+                    opt.zero_grad(set_to_none=True)
+                    (ce + act).backward()
+                    assert side.grad is not None and self.grad_mask is not None
+                    side.grad.mul_(self.grad_mask)
+                    opt.step()
+                    with torch.no_grad():  # every entry within norm_constraint of the main memory
+                        side.copy_(torch.maximum(torch.minimum(side, self.main + cfg.norm_constraint),
+                                                 self.main - cfg.norm_constraint))  # fmt: skip
         finally:
             self.editing = False
             self.current = side.detach().clone()
