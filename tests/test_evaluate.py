@@ -192,6 +192,52 @@ def test_a_stopped_stream_resumed_ends_as_the_uninterrupted_one(tmp_path: Path) 
         Resume.read(tmp_path / "first.json")
 
 
+def test_a_stopped_grace_stream_resumes_from_its_state_file_as_the_uninterrupted_one(tmp_path: Path) -> None:
+    """GRACE and WISE hold no neurons: a stopped run leaves the editor's state beside its report
+    (patching/eval/editorstate.py), and the resumed stream ends as the uninterrupted one."""
+    from safetensors.torch import load_file
+
+    from patching.eval.editorstate import read_state, state_path, write_state
+    from patching.eval.resume import Resume, ResumeError
+
+    data, base = load_eval_data(str(tiny_data(tmp_path))), str(tiny_base(tmp_path))
+    quiet = {"editor": "grace", "progress": lambda _msg: None, "curve_points": 0}
+    whole = run_evaluate(base, data, state=state_path(tmp_path / "whole.json"), **quiet)
+    assert whole["neurons"] > 3
+    first = run_evaluate(base, data, edits=3, state=state_path(tmp_path / "first.json"), **quiet)
+    (tmp_path / "first.json").write_text(json.dumps(first))
+    assert first["editor_config"] == {"eps_init": 1.0, "steps": 100}
+    resumed = run_evaluate(
+        base, data, resume=Resume.read(tmp_path / "first.json"), state=state_path(tmp_path / "resumed.json"), **quiet
+    )
+    same = ("status", "sr", "right_at_end")
+    assert [{k: r.get(k) for k in same} for r in resumed["rows"]] == [
+        {k: r.get(k) for k in same} for r in whole["rows"]
+    ]
+    for key in ("edits", "neurons", "sr", "er", "locality", "test_r"):
+        assert resumed[key] == whole[key], key
+    assert resumed["segments"] == 2 and resumed["editor_summary"]["actions"] == whole["editor_summary"]["actions"]
+    a, b = load_file(str(state_path(tmp_path / "whole.json"))), load_file(str(state_path(tmp_path / "resumed.json")))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # another radius is another stream
+    with pytest.raises(ResumeError, match="editor_config"):
+        run_evaluate(
+            base, data, resume=Resume.read(tmp_path / "first.json"), editor_options={"grace_eps": 2.0}, **quiet
+        )
+    # a state from another point of the stream than its report (a second Ctrl-C in the final passes)
+    st = read_state(state_path(tmp_path / "first.json"))
+    write_state(state_path(tmp_path / "first.json"), type(st)(st.editor, st.tensors, st.meta, rows=st.rows + 1))
+    with pytest.raises(ResumeError, match="after"):
+        Resume.read(tmp_path / "first.json")
+    state_path(tmp_path / "first.json").write_bytes(b"not safetensors")
+    with pytest.raises(ResumeError, match="safetensors"):
+        Resume.read(tmp_path / "first.json")
+    # an editor with no saved state is named
+    (tmp_path / "ft.json").write_text(json.dumps({**first, "editor": "ft-last"}))
+    with pytest.raises(ResumeError, match="ft-last"):
+        Resume.read(tmp_path / "ft.json")
+
+
 def test_a_trainer_setting_added_after_a_run_stopped_blocks_its_resume_only_off_its_default() -> None:
     from dataclasses import asdict
 

@@ -119,6 +119,34 @@ def test_the_editor_makes_an_edit_right_and_shards_and_merges_on_schedule(tmp_pa
     editor.close()
 
 
+def test_a_stream_resumed_from_the_saved_state_trains_shards_and_merges_as_the_uninterrupted_one(
+    tmp_path: Path,
+) -> None:
+    from patching.eval.editorstate import read_state, write_state
+
+    cfg = {"prefixes": 1, "mask_ratio": 0.5, "steps": 5, "shard_edits": 2, "merge_edits": 4}
+    edits = [("Who?", "Paris"), ("Which?", "Rome"), ("Why?", "Oslo"), ("How?", "Bern"), ("When?", "Kiev")]
+    _, whole = _tiny(tmp_path, **cfg)
+    for i, (inp, target) in enumerate(edits):
+        whole.edit(inp, target, str(i))
+    end = whole.state()
+    whole.close()
+    _, first = _tiny(tmp_path, **cfg)
+    for i, (inp, target) in enumerate(edits[:3]):  # stopped inside the second shard
+        first.edit(inp, target, str(i))
+    write_state(tmp_path / "wise.state.safetensors", first.state())
+    first.close()
+    _, resumed = _tiny(tmp_path, **cfg)
+    resumed.load_state(read_state(tmp_path / "wise.state.safetensors"))
+    for i, (inp, target) in enumerate(edits[3:], start=3):
+        resumed.edit(inp, target, str(i))
+    again = resumed.state()
+    assert again.meta == end.meta and again.meta["merges"] == 1 and again.meta["shards"] == 0
+    assert again.tensors.keys() == end.tensors.keys()
+    assert all(torch.equal(again.tensors[k], end.tensors[k]) for k in end.tensors)
+    resumed.close()
+
+
 def test_a_classifier_is_refused_with_a_clear_error() -> None:
     from tests.test_patching_behaviour import setup
 

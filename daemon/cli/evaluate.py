@@ -132,8 +132,9 @@ def register(sub: Any, bench: Any) -> None:
         "--out",
         type=Path,
         default=None,
-        help="write the JSON report here (tpatcher: and the edits' neurons beside it, "
-        "REPORT.patches.safetensors, so that --resume can go on from it)",
+        help="write the JSON report here (and beside it, so that --resume can go on from it, "
+        "tpatcher: the edits' neurons, REPORT.patches.safetensors; grace, wise: the editor's state, "
+        "REPORT.state.safetensors)",
     )
     p.add_argument(
         "--resume",
@@ -141,7 +142,8 @@ def register(sub: Any, bench: Any) -> None:
         default=None,
         metavar="REPORT",
         help="go on with the stream of a stopped run (Ctrl-C / kill): the same command line plus "
-        "--resume with its report; its edits are re-applied, not trained again (default --out: REPORT)",
+        "--resume with its report; its edits are re-applied (tpatcher) or its editor's state loaded "
+        "(grace, wise), not trained again (default --out: REPORT)",
     )
     p.add_argument("--plot", type=Path, default=None, help="write a PNG plot here")
     p.add_argument(
@@ -191,6 +193,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         train = replace(train, activation=args.activation)
     if args.augment_copies is not None:
         train = replace(train, augment_copies=args.augment_copies)
+    from patching.eval.editorstate import state_path
     from patching.eval.resume import Resume, ResumeError, patches_path
 
     resume = None
@@ -242,6 +245,7 @@ def _evaluate(args: argparse.Namespace) -> int:
                 augment_source=args.augment_source,
                 resume=resume,
                 patches=patches_path(args.out) if args.out else None,
+                state=state_path(args.out) if args.out else None,
                 dtype=args.dtype,
             )
     except ResumeError as exc:  # a stopped run that does not fit this command line

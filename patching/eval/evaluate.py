@@ -12,7 +12,7 @@ import random
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ from patching.engine import Patcher
 from patching.eval import metrics
 from patching.eval.contexts import chat_prompt, contexts_for
 from patching.eval.editors import TPatcherEditor, make_editor
+from patching.eval.editorstate import write_state
 from patching.eval.evaldata import EvalData
 from patching.eval.record import Editor
 from patching.eval.resume import Resume, ResumeError, save_patches
@@ -103,6 +104,7 @@ def run_evaluate(
     augment_source: Source = "memory",
     resume: Resume | None = None,
     patches: Path | None = None,
+    state: Path | None = None,
     dtype: str = "auto",
 ) -> dict[str, Any]:
     """`sequential=False`: every edit on the unedited model (T = 1; the editor must have `reset()`);
@@ -112,7 +114,8 @@ def run_evaluate(
     `context_augment`: editors also train on each edit behind that many prefixes taken from
     `augment_source` (patching/augment.py).
     `patches` (tpatcher, sequential): write every accepted edit's neurons there at the end, also
-    when interrupted; `resume`: a stopped run of the same settings, continued (patching/eval/resume.py)."""
+    when interrupted; `state` (grace, wise, sequential): the editor's state, the same way;
+    `resume`: a stopped run of the same settings, continued (patching/eval/resume.py)."""
     t_start = time.perf_counter()
     torch_dtype = resolve_dtype(dtype, str(torch.get_default_device()))  # evaluate runs where torch's default is
     lb = load_base(base, dtype=torch_dtype)
@@ -136,8 +139,6 @@ def run_evaluate(
         "train_config": asdict(train.for_task(adapter.generation)) if editor == "tpatcher" else None,
         "gate_config": asdict(gate) if editor == "tpatcher" else None,
     }
-    if resume is not None:
-        resume.check({**settings, "sequential": sequential})
 
     def factory() -> Patcher:
         p = Patcher(lb.model, train=train, gate=gate)
@@ -152,6 +153,10 @@ def run_evaluate(
         **(editor_options or {}),
     }
     ed: Editor = make_editor(editor, adapter, factory, options)
+    if hasattr(ed, "settings"):  # grace, wise: their own settings make another stream too
+        settings["editor_config"] = ed.settings()
+    if resume is not None:
+        resume.check({**settings, "sequential": sequential})
     prefixes = augment_prefixes(adapter, [m.input for m in data.memory], context_augment, augment_source)
     if prefixes:
         progress(f"context augmentation: each edit also trained behind {len(prefixes)} prefixes, e.g. {prefixes[0]!r}")
@@ -242,8 +247,11 @@ def run_evaluate(
     except KeyboardInterrupt:
         interrupted = True
         progress("interrupted: writing the partial report")
+    # before the final passes: a second Ctrl-C keeps the edits
     if patches is not None and isinstance(ed, TPatcherEditor) and sequential:
-        save_patches(patches, ed.patcher)  # before the final passes: a second Ctrl-C keeps the edits
+        save_patches(patches, ed.patcher)
+    if state is not None and hasattr(ed, "state") and sequential:
+        write_state(state, replace(ed.state(), rows=len(rows)))
     done = [r for r in rows if "sr" in r]
     final_right = _right(adapter, edited) if sequential else []
     final_tf = adapter.token_accuracy([e.input for e in edited], [e.target for e in edited]) if sequential else []
@@ -314,9 +322,14 @@ def _replay(
     resume: Resume,
     progress: Callable[[str], None],
 ) -> None:
-    """Re-apply the stopped run's accepted edits, in order, on the fresh editor (tpatcher only)."""
+    """Re-apply the stopped run's accepted edits, in order, on the fresh editor (tpatcher), or load
+    the editor's state (grace, wise)."""
+    if resume.state is not None and hasattr(ed, "load_state"):
+        ed.load_state(resume.state)
+        progress(f"resumed after {len(rows)} mistakes: the {ed.name} state loaded ({ed.neurons} entries)")
+        return
     if not isinstance(ed, TPatcherEditor):
-        raise ResumeError("only tpatcher runs can be resumed")
+        raise ResumeError("only tpatcher, grace and wise runs can be resumed")
     accepted = [r for r in rows if r.get("status") == "accepted"]
     missing = [r["i"] for r in accepted if str(r["i"]) not in resume.neurons]
     if missing:

@@ -34,6 +34,7 @@ from torch.utils.hooks import RemovableHandle
 
 from patching.bases.tasks import TaskAdapter
 from patching.engine import Patcher
+from patching.eval.editorstate import EditorState
 from patching.eval.record import EditRecord
 from patching.trainer import Tail
 
@@ -215,6 +216,23 @@ class GraceEditor:
             book_values[entries] = values
             self.book = Codebook(self.book.keys, book_values, self.book.radii, self.book.labels)
         return EditRecord("applied", time.perf_counter() - t0, steps=steps, neurons=len(fresh))
+
+    def settings(self) -> dict[str, Any]:
+        """What makes another stream: a resumed run must have the same (patching/eval/resume.py)."""
+        return {"eps_init": self.eps_init, "steps": self.steps}
+
+    def state(self) -> EditorState:
+        """The codebook and the action counts, for `evaluate --resume` (patching/eval/editorstate.py)."""
+        b = self.book
+        tensors = {"keys": b.keys, "values": b.values, "radii": b.radii, "labels": b.labels}
+        return EditorState(self.name, tensors, {"actions": dict(self.actions)})
+
+    def load_state(self, state: EditorState) -> None:
+        t = state.tensors
+        if t["keys"].shape[1:] != (self.patcher.site.hidden_size,):
+            raise ValueError(f"a GRACE codebook of width {t['keys'].shape[1:]} does not fit this base's FFN")
+        self.book = Codebook(t["keys"], t["values"], t["radii"], t["labels"])
+        self.actions = {k: int(v) for k, v in state.meta["actions"].items()}
 
     def summary(self) -> dict[str, Any]:
         d = self.patcher.site.hidden_size

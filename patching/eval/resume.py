@@ -19,6 +19,7 @@ from typing import Any
 from patching import patchfile
 from patching.engine import Patcher
 from patching.eval.compare import CONFIG_DEFAULTS
+from patching.eval.editorstate import EditorState, read_state, state_path
 from patching.trainer import Neurons
 
 
@@ -26,8 +27,23 @@ class ResumeError(ValueError):
     """The stopped run cannot be continued by this command line (the message says why)."""
 
 
-# what must match between the stopped run and the resumed one (else it is another stream)
-SAME = ("editor", "base", "data", "seed", "train_equivalents", "train_config", "gate_config")
+# what must match between the stopped run and the resumed one (else it is another stream); the
+# settings named in a report only when set off their default are equal (None) when both are unset
+SAME = (
+    "editor",
+    "base",
+    "data",
+    "seed",
+    "train_equivalents",
+    "train_config",
+    "gate_config",
+    "editor_config",
+    "context_augment",
+    "augment_source",
+    "dtype",
+    "site_depth",
+)
+STATEFUL = ("grace", "wise")  # editors resumed from their state file (editorstate.py), not from neurons
 
 
 def differences(key: str, there: Any, now: Any) -> list[str]:
@@ -73,10 +89,12 @@ def load_patches(path: Path) -> dict[str, Neurons]:
 
 @dataclass
 class Resume:
-    """A stopped run: its report and the neurons of its accepted edits."""
+    """A stopped run: its report and the neurons of its accepted edits (tpatcher) or its editor's
+    state (grace, wise)."""
 
     report: dict[str, Any]
     neurons: dict[str, Neurons]
+    state: EditorState | None = None
 
     @classmethod
     def read(cls, report_path: Path) -> Resume:
@@ -86,11 +104,29 @@ class Resume:
             raise ResumeError(f"cannot resume {report_path}: not a JSON report ({exc})") from exc
         if not isinstance(report, dict) or not isinstance(report.get("rows"), list):
             raise ResumeError(f"cannot resume {report_path}: not a patchd evaluate report (no rows)")
+        editor = report.get("editor", "tpatcher")
+        if editor in STATEFUL:
+            path = state_path(report_path)
+            if not path.is_file():
+                raise ResumeError(f"cannot resume {report_path}: {path.name} is missing (written since 2026-12-06)")
+            try:
+                state = read_state(path)
+            except ValueError as exc:
+                raise ResumeError(f"cannot resume: {exc}") from exc
+            if state.editor != editor or state.rows != len(report["rows"]):
+                raise ResumeError(
+                    f"cannot resume: {path.name} holds {state.editor} after {state.rows} mistakes, the report "
+                    f"{editor} after {len(report['rows'])} (was the report written by another run?)"
+                )
+            return cls(report, {}, state)
+        if editor != "tpatcher":
+            raise ResumeError(f"cannot resume {report_path}: --editor {editor} runs cannot be resumed (tpatcher, "
+                              f"{', '.join(STATEFUL)} can)")  # fmt: skip
         path = patches_path(report_path)
         if not path.is_file():
             raise ResumeError(
                 f"cannot resume {report_path}: {path.name} is missing (reports written before "
-                "resuming existed, and runs of other editors, have none)"
+                "resuming existed have none)"
             )
         return cls(report, load_patches(path))
 

@@ -52,6 +52,7 @@ from patching.arch import FFNSite, get_module, locate
 from patching.augment import augment_prefixes, with_context
 from patching.bases.tasks import TaskAdapter
 from patching.eval.deepsite import StackTail, frozen, recording_stack, replay_logits, stack_layers
+from patching.eval.editorstate import EditorState
 from patching.eval.record import EditRecord
 
 
@@ -358,6 +359,48 @@ class WiseEditor:
             self.merged = self._merge()
             self.shards = []
             self.merges += 1
+
+    def settings(self) -> dict[str, Any]:
+        """What makes another stream: a resumed run must have the same (patching/eval/resume.py)."""
+        return asdict(self.config)
+
+    def state(self) -> EditorState:
+        """Everything an edit reads or changes, random generators included, for `evaluate --resume`:
+        the resumed stream then trains, shards and merges as the uninterrupted one would."""
+        tensors = {"current": self.current, "gen": self.gen.get_state()}
+        tensors.update({f"shard.{i}": s for i, s in enumerate(self.shards)})
+        if self.merged is not None:
+            tensors["merged"] = self.merged
+        if self.grad_mask is not None:
+            tensors["grad_mask"] = self.grad_mask
+        version, internal, gauss = self.rng.getstate()
+        meta = {
+            "count": self.count,
+            "min_score": self.min_score if math.isfinite(self.min_score) else None,
+            "merges": self.merges,
+            "shards": len(self.shards),
+            "routed": dict(self.routed),
+            "prefixes": self.prefixes,
+            "rng": [version, list(internal), gauss],
+        }
+        return EditorState(self.name, tensors, meta)
+
+    def load_state(self, state: EditorState) -> None:
+        t, m = state.tensors, state.meta
+        if t["current"].shape != self.main.shape:
+            raise ValueError(f"a WISE side memory of shape {tuple(t['current'].shape)} does not fit this base")
+        self.reset()
+        self.current = t["current"]
+        self.merged = t.get("merged")
+        self.shards = [t[f"shard.{i}"] for i in range(int(m["shards"]))]
+        self.grad_mask = t.get("grad_mask")
+        self.gen.set_state(t["gen"])
+        self.count, self.merges = int(m["count"]), int(m["merges"])
+        self.min_score = math.inf if m["min_score"] is None else float(m["min_score"])
+        self.routed = {k: int(v) for k, v in m["routed"].items()}
+        self.prefixes = m["prefixes"]
+        version, internal, gauss = m["rng"]
+        self.rng.setstate((version, tuple(internal), gauss))
 
     def summary(self) -> dict[str, Any]:
         return {
