@@ -36,9 +36,12 @@ class TrainConfig:
     # (1 - 2 band) and above (1 + 2 band) of it (patching/saturation.py). A single relu fires on a
     # half-space, so an input that projects BEYOND the edit on its key (FEVER: a longer paraphrase
     # of the claim, at 1.1-3.3x the edit's pre-activation) can never be left out by a threshold;
-    # a band leaves it out with one more neuron. Classification only (a generation edit's neuron
-    # fires on several rows at different strengths). 0 = off.
+    # a band leaves it out with one more neuron. 0 = off.
     band: float = 0.05
+    # the band on a generator too: each neuron's band spans its pre-activations on the edit's answer
+    # rows (a generation neuron fires on several at different strengths), and the banded edit must
+    # still generate its target. Off by default until measured (issue 20's CounterFact refusals).
+    band_generation: bool = False
     # Adam learning rate of the reference implementation
     lr: float = 1e-2
     # hard cap; the stop rule usually ends training after tens of steps

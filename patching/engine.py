@@ -245,18 +245,20 @@ class Patcher:
             if proposal is not None and proposal.accepted:
                 break
         assert proposal is not None
-        if not proposal.accepted and proposal.gate.reliable and self._band_applies(proposal):
-            proposal = self._banded(proposal)
+        if not proposal.accepted and proposal.gate.reliable and self._band_applies():
+            proposal = self._banded(proposal, enc)
         proposal.seconds = time.perf_counter() - t0
         proposal.train_seconds = train_s
         return proposal
 
-    def _band_applies(self, proposal: Proposal) -> bool:
+    def _band_applies(self) -> bool:
         """The band is the last try of a relu-cap edit that the gate refused only because its
-        neurons fired elsewhere (a held-out input or an earlier edit changed)."""
-        return self.train_cfg.activation == "relu-cap" and self.train_cfg.band > 0 and not self.generation
+        neurons fired elsewhere (a held-out input or an earlier edit changed); on a generator only
+        with trainer.band_generation."""
+        cfg = self.train_cfg
+        return cfg.activation == "relu-cap" and cfg.band > 0 and (not self.generation or cfg.band_generation)
 
-    def _banded(self, proposal: Proposal) -> Proposal:
+    def _banded(self, proposal: Proposal, enc: Encoded | EditTensors) -> Proposal:
         """The last attempt's trained neurons as a band around the edit (saturation.band), gated;
         the configured width first, then a narrower one (FEVER's 78 locality refusals of a 10,000-edit
         stream, each edit alone: 0.05 keeps 72, 0.02 keeps 77; docs/results/scale-20/)."""
@@ -266,6 +268,10 @@ class Patcher:
             verdict = gating.check(
                 neurons, self.train_cfg.activation, et, self.retention, self.heldout, self.tail, self.gate_cfg
             )
+            if verdict.passed and self.generation and not isinstance(enc, EditTensors):
+                if not self._generates(enc, neurons, proposal.edit_id):  # as for the regular attempts
+                    verdict.passed = False
+                    verdict.reasons.append("generate: greedy output differs from the target")
             if verdict.passed:
                 return Proposal(
                     proposal.edit_id, et, neurons, proposal.train, verdict, proposal.attempts, 0.0, None, banded=True

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -173,3 +175,36 @@ def test_the_tpatcher_editor_steps_aside_for_the_overhead_baseline_and_comes_bac
     with editor.disabled():
         assert torch.equal(predict(model, edits[:3]), before) and patcher.wrapper.n == 0
     assert torch.equal(predict(model, edits[:3]), 1 - before) and patcher.wrapper.n == n
+
+
+@pytest.mark.parametrize("on", [False, True])
+def test_a_generation_edit_refused_for_a_held_out_answer_is_kept_as_a_band_that_generates(
+    tmp_path: Path, on: bool
+) -> None:
+    """trainer.band_generation: the same rescue on a causal LM, each neuron's band spanning its
+    answer rows; the banded edit must still generate its target (the engine runs generate())."""
+    from patching.bases.load import load_base
+    from patching.bases.tasks import TaskAdapter
+    from patching.config import GateConfig
+    from patching.engine import Patcher
+    from tests.fixtures_models import tiny_llama_dir
+
+    adapter = TaskAdapter(load_base(str(tiny_llama_dir(tmp_path))))
+    train = TrainConfig(max_steps=300, activation="relu-cap", band_generation=on)
+    memory = [f"what is thing {i}? and how {i}" for i in range(40)]
+    heldout = ["what?"]
+    patcher = Patcher(adapter.base.model, train=train, gate=GateConfig())
+    patcher = adapter.patcher(patcher, memory, heldout, progress=False, cache=False)
+    before = adapter.predict(heldout)
+    # on this tiny random model every regular attempt at this edit moves the held-out answer
+    proposal = patcher.propose(adapter.edit("Where is Rome?", "1"), "rome")
+    assert proposal is not None and proposal.attempts == patcher.gate_cfg.retries + 1
+    if not on:
+        assert not proposal.accepted and not proposal.banded
+        assert proposal.gate.reasons == ["locality: 1 held-out prediction(s) changed (max 0)"]
+        return
+    assert proposal.accepted and proposal.banded
+    assert proposal.neurons.n % 2 == 0  # a rising and a falling edge per trained neuron
+    patcher.commit(proposal)
+    assert adapter.predict(["Where is Rome?"])[0].startswith("1")  # real greedy decoding
+    assert adapter.predict(heldout) == before
