@@ -51,7 +51,8 @@ from torch.utils.hooks import RemovableHandle
 from patching.arch import FFNSite, get_module, locate
 from patching.augment import augment_prefixes, with_context
 from patching.bases.tasks import TaskAdapter
-from patching.eval.deepsite import StackTail, frozen, recording_stack, replay_logits, stack_layers
+from patching.capture import frozen
+from patching.eval.deepsite import StackTail, recording_stack, replay_logits, stack_layers
 from patching.eval.editorstate import EditorState
 from patching.eval.record import EditRecord
 

@@ -23,10 +23,11 @@ import torch.nn.functional as F
 
 from patching import encode
 from patching.bases.tasks import TaskAdapter
+from patching.capture import frozen
 from patching.config import GateConfig
 from patching.encode import Encoded
 from patching.eval.mend import store
-from patching.eval.mend.stack import Cached, GradCapture, TopStack, frozen, select_targets, target_modules
+from patching.eval.mend.stack import Cached, GradCapture, TopStack, select_targets, target_modules
 from patching.eval.record import EditRecord
 from patching.loading import base_identity
 

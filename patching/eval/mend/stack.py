@@ -13,8 +13,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -201,16 +200,3 @@ class TopStack:
         if self.site.final_norm is not None:
             h = self.site.final_norm(h)
         return self.site.head(h)
-
-
-@contextmanager
-def frozen(model: nn.Module) -> Iterator[None]:
-    """No base parameter collects gradients inside (they are restored afterwards)."""
-    saved = [(p, p.requires_grad) for p in model.parameters()]
-    for p, _ in saved:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p, flag in saved:
-            p.requires_grad_(flag)
