@@ -255,6 +255,13 @@ def test_a_trainer_setting_added_after_a_run_stopped_blocks_its_resume_only_off_
     ]
     assert differences("train_config", {**now, "gone": 1}, now) == ["train_config.gone is no setting now (1 there)"]
     assert differences("seed", 0, 1) == ["seed differs from the stopped run (0 there, 1 now)"]
+    # a setting turned on after it was added: a report without it ran with it off
+    before = {k: v for k, v in now.items() if k != "band_generation"}
+    assert now["band_generation"] is True
+    assert differences("train_config", before, now) == [
+        "train_config.band_generation is True now; the stopped run had no such setting"
+    ]
+    assert differences("train_config", before, {**now, "band_generation": False}) == []
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])

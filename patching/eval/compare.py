@@ -26,17 +26,23 @@ COLUMNS = (
 )  # fmt: skip
 
 
-# each config field's defaults: a report written before a setting existed lacks it, and its run had
-# that setting's default (a new knob is off by default)
+# how a run whose report lacks a setting ran: a report written before the setting existed lacks it,
+# and its run had the setting's default (a new knob is off by default), except where a setting was
+# added and later turned on by default; those name the value they had before they existed
+ABSENT_MEANS: dict[str, dict[str, Any]] = {
+    # added 2026-12-06 and turned on the same day: before it, no generation edit was ever banded
+    "train_config": {"band_generation": False},
+    "gate_config": {},
+}
 CONFIG_DEFAULTS: dict[str, dict[str, Any]] = {
-    "train_config": asdict(TrainConfig()),
-    "gate_config": asdict(GateConfig()),
+    "train_config": {**asdict(TrainConfig()), **ABSENT_MEANS["train_config"]},
+    "gate_config": {**asdict(GateConfig()), **ABSENT_MEANS["gate_config"]},
 }
 
 
 def with_defaults(field: str, config: Mapping[str, Any] | None) -> dict[str, Any]:
     """A report's train_config or gate_config with the settings added since it was written filled
-    in at their defaults; {} for a run without one (an editor other than tpatcher)."""
+    in as its run had them (CONFIG_DEFAULTS); {} for a run without one (an editor other than tpatcher)."""
     return {**CONFIG_DEFAULTS[field], **config} if config else {}
 
 

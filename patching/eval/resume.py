@@ -49,7 +49,8 @@ STATEFUL = ("grace", "wise")  # editors resumed from their state file (editorsta
 def differences(key: str, there: Any, now: Any) -> list[str]:
     """What differs in setting `key` between the stopped run and this one; [] = the same run.
     Inside train_config and gate_config, a field the stopped run's report lacks counts as the same
-    when its value now is the field's default."""
+    when its value now is the one that run had (compare.CONFIG_DEFAULTS: the field's default, or
+    how runs went before it existed where it was turned on later)."""
     if there == now:
         return []
     defaults = CONFIG_DEFAULTS.get(key)
