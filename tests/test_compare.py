@@ -45,3 +45,17 @@ def test_trainer_and_gate_settings_that_differ_label_the_runs() -> None:
     )
     assert differing([old, margin]) == ["trainer.stop_logit_margin"]
     assert label(old, ["trainer.stop_logit_margin"]) == "tpatcher stop_logit_margin=0.0"
+
+
+def test_editors_without_trainer_settings_are_labelled_by_name_beside_tpatcher_runs() -> None:
+    a = report(2, True, 1.0, train_config={"equivalent_steps": 100}, gate_config={"retries": 2})
+    b = report(2, True, 1.0, train_config={"equivalent_steps": 300}, gate_config={"retries": 2})
+    grace = {**report(2, True, 0.0), "editor": "grace", "train_config": None, "gate_config": None}
+    # only the tpatcher runs' own difference, not every setting grace lacks
+    assert differing([a, grace]) == [] and differing([a, b, grace]) == ["trainer.equivalent_steps"]
+    assert label(grace, ["trainer.equivalent_steps"]) == "grace"
+    assert [line.split(" | ")[0].lstrip("| ") for line in table([a, b, grace]).splitlines()[2:]] == [
+        "tpatcher equivalent_steps=100",
+        "tpatcher equivalent_steps=300",
+        "grace",
+    ]

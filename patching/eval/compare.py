@@ -47,10 +47,11 @@ def with_defaults(field: str, config: Mapping[str, Any] | None) -> dict[str, Any
 
 
 def differing(reports: Sequence[dict[str, Any]]) -> list[str]:
-    """The trainer and gate settings ("trainer.equivalent_steps") whose values differ among the reports."""
+    """The trainer and gate settings ("trainer.equivalent_steps") whose values differ among the
+    reports that have them (tpatcher's; grace, wise and mend runs have none)."""
     out = []
     for section, field in _CONFIGS.items():
-        configs = [with_defaults(field, r.get(field)) for r in reports]
+        configs = [with_defaults(field, r.get(field)) for r in reports if r.get(field)]
         for key in sorted(set().union(*configs)):
             if len({repr(c.get(key)) for c in configs}) > 1:
                 out.append(f"{section}.{key}")
@@ -64,8 +65,9 @@ def label(report: dict[str, Any], settings: Sequence[str] = ()) -> str:
     parts += [f"{k}={report[k]}" for k in _SETTINGS if report.get(k) not in (None, False, 0)]
     for dotted in settings:
         section, key = dotted.split(".", 1)
-        config = with_defaults(_CONFIGS[section], report.get(_CONFIGS[section]))
-        parts.append(f"{key}={config.get(key)}")
+        if report.get(_CONFIGS[section]):  # another editor has no such setting
+            config = with_defaults(_CONFIGS[section], report[_CONFIGS[section]])
+            parts.append(f"{key}={config.get(key)}")
     if not report.get("sequential", True):
         parts.append("single")
     return " ".join(parts)
