@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import torch
+from tqdm import tqdm
 
 from daemon.logs import get_logger
 from daemon.tools.bench_daemon import machine_facts
@@ -255,6 +256,7 @@ def _run(report: dict[str, Any], work: Path, data_dir: Path | None, address: str
         base_labels = _base_predictions(work, model, heldout)
         downstream = _Downstream(storage.root, base, model.base.directory)
         i = report["next"]
+        bar = tqdm(total=total, initial=i, desc="bench scale", unit="edit", dynamic_ncols=True)
         while True:
             # a window ends here; a run stopped while measuring it measures it again on --resume
             if report["current"] and (i % window == 0 or i == total):
@@ -279,10 +281,14 @@ def _run(report: dict[str, Any], work: Path, data_dir: Path | None, address: str
             report["current"].append(row)
             i += 1
             report["next"] = i
+            ok = [r["outcome"] in ("patched", "already_fixed") for r in report["current"]]
+            bar.update(1)
+            bar.set_postfix(window_sr=f"{sum(ok) / len(ok):.3f}", last=row["outcome"], refresh=False)
             if i % window == window - 1 or (i == total - 1 and total % window):
                 # the parent version: one patch short of the window's end; a watcher holds it
                 publisher.publish_if_changed()
                 downstream.ask("check")
+        bar.close()
         _finish(report, total)
         report["partial"] = i < total
         downstream.close()
