@@ -30,13 +30,6 @@ class TrainConfig:
     # When the capped neuron fails the gate, the same neuron capped at 1 (the relu's output on the
     # edit, never more elsewhere) is tried before a retry. 1 = no boost.
     saturation: float = 3.0
-    # relu-cap: the activation p the cap is measured from (full output p v from p / saturation on):
-    # "edit" = the neuron's largest on the edit's own rows; "trained" = on every row it trained on,
-    # train equivalents and context prefixes included, so that a prefixed copy firing harder than
-    # the bare edit keeps the output it trained to (capping at the edit's peak cost 16 of 160
-    # trained prefixes their answer; docs/results/levers-21/probe-capping.json). Unmeasured in a
-    # stream: "edit" stays the default until an A/B says otherwise
-    cap_peak: str = "edit"
     # relu-cap only: when every attempt failed the gate because the neurons fired where they must
     # not (a held-out input or an earlier edit changed), the last attempt's neurons are tried once
     # more as a band: full output only within +-band of the edit's own pre-activation, zero below
@@ -135,8 +128,6 @@ class TrainConfig:
             raise ValueError(f"trainer.stop_logit_margin must be >= 0, got {self.stop_logit_margin!r}")
         if not self.saturation >= 1.0:
             raise ValueError(f"trainer.saturation must be >= 1, got {self.saturation!r}")
-        if self.cap_peak not in ("edit", "trained"):
-            raise ValueError(f"trainer.cap_peak must be 'edit' or 'trained', got {self.cap_peak!r}")
         if not 0.0 <= self.band < 0.5:
             raise ValueError(f"trainer.band must be in [0, 0.5), got {self.band!r}")
         if self.init not in ("fisher", "margin", "reference"):

@@ -221,7 +221,7 @@ class Patcher:
                 result = self._train(enc, et, anchors, obj, attempt, eq)
                 train_s += result.seconds
                 tries += 1
-                for neurons, saturation in self._as_run(result.neurons, et, eq):
+                for neurons, saturation in self._as_run(result.neurons, et):
                     verdict = gating.check(
                         neurons,
                         self.train_cfg.activation,
@@ -278,17 +278,12 @@ class Patcher:
                 )
         return proposal  # the refused verdict of the regular attempts stands
 
-    def _as_run(
-        self, nr: Neurons, et: EditTensors, extra: EditTensors | None = None
-    ) -> list[tuple[Neurons, float | None]]:
+    def _as_run(self, nr: Neurons, et: EditTensors) -> list[tuple[Neurons, float | None]]:
         """The trained neurons as the layer will run them, each way to gate in turn: as trained, or
-        (relu-cap) capped at the configured saturation, then at 1 (patching/saturation.py), from
-        their peak on the edit's rows or (trainer.cap_peak "trained") on the equivalents' too."""
-        cfg = self.train_cfg
-        if cfg.activation != "relu-cap":
+        (relu-cap) capped at the configured saturation, then at 1 (patching/saturation.py)."""
+        if self.train_cfg.activation != "relu-cap":
             return [(nr, None)]
-        q = et.q if extra is None or cfg.cap_peak == "edit" else torch.cat([et.q, extra.q])  # [R (+K*R), d]
-        return [(cap(nr, q, s), s) for s in saturations(cfg.saturation)]
+        return [(cap(nr, et.q, s), s) for s in saturations(self.train_cfg.saturation)]
 
     def _train(
         self,

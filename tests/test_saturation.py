@@ -208,33 +208,3 @@ def test_a_generation_edit_refused_for_a_held_out_answer_is_kept_as_a_band_that_
     patcher.commit(proposal)
     assert adapter.predict(["Where is Rome?"])[0].startswith("1")  # real greedy decoding
     assert adapter.predict(heldout) == before
-
-
-@pytest.mark.parametrize("peak", ["edit", "trained"])
-def test_cap_peak_trained_keeps_an_equivalent_that_fires_harder_its_trained_output(peak: str) -> None:
-    """trainer.cap_peak: a train equivalent (a context prefix) whose row fires harder than the
-    edit's is capped down to the edit's output with "edit", and keeps its relu output with "trained"."""
-    from patching.trainer import EditTensors
-
-    patcher, _, edits = setup(train=TrainConfig(max_steps=300, activation="relu-cap", cap_peak=peak))
-    ids = edits[:1]
-    et = patcher.cache(batch(ids, 1 - predict(patcher.model, ids)))
-    both = EditTensors(  # the edit, and an equivalent at 1.5 times its FFN input
-        torch.cat([et.q, 1.5 * et.q]),
-        torch.cat([et.ffn, et.ffn]),
-        torch.cat([et.residual, et.residual]),
-        torch.cat([et.targets, et.targets]),
-        group=torch.tensor([0, 1]),
-    )
-    proposal = patcher.propose(both, "harder")
-    assert proposal is not None and proposal.accepted and proposal.saturation is not None
-    q_eq = 1.5 * et.q
-    trained = out(proposal.train.neurons, q_eq, "relu")  # what the equivalent trained to get
-    as_run = out(proposal.neurons, q_eq, "relu-cap")
-    assert float((q_eq @ proposal.train.neurons.keys.T + proposal.train.neurons.biases).max()) > float(
-        (et.q @ proposal.train.neurons.keys.T + proposal.train.neurons.biases).max()
-    )  # it fires harder than the edit
-    if peak == "trained":
-        assert torch.allclose(as_run, trained, rtol=1e-4, atol=1e-6)
-    else:
-        assert as_run.norm() < trained.norm() * 0.99
