@@ -222,22 +222,10 @@ class Patcher:
                 train_s += result.seconds
                 tries += 1
                 for neurons, saturation in self._as_run(result.neurons, et):
-                    verdict = gating.check(
-                        neurons,
-                        self.train_cfg.activation,
-                        et,
-                        self.retention,
-                        self.heldout,
-                        self.tail,
-                        self.gate_cfg,
-                    )
                     # the stop rule is the trainer's proxy; the gate has the final word (a neuron that still
                     # fires on a memory row is kept only if no held-out prediction and no earlier edit moved)
+                    verdict = self._gate(neurons, et, enc, edit_id)
                     proposal = Proposal(edit_id, et, neurons, result, verdict, tries, 0.0, saturation)
-                    if proposal.accepted and self.generation and not isinstance(enc, EditTensors):
-                        if not self._generates(enc, neurons, edit_id):
-                            verdict.passed = False
-                            verdict.reasons.append("generate: greedy output differs from the target")
                     if proposal.accepted:
                         break
                 if proposal is not None and proposal.accepted:
@@ -265,18 +253,23 @@ class Patcher:
         et = proposal.edit
         for width in (self.train_cfg.band, self.train_cfg.band * BAND_NARROWER):
             neurons = band(proposal.train.neurons, et.q, width)
-            verdict = gating.check(
-                neurons, self.train_cfg.activation, et, self.retention, self.heldout, self.tail, self.gate_cfg
-            )
-            if verdict.passed and self.generation and not isinstance(enc, EditTensors):
-                if not self._generates(enc, neurons, proposal.edit_id):  # as for the regular attempts
-                    verdict.passed = False
-                    verdict.reasons.append("generate: greedy output differs from the target")
+            verdict = self._gate(neurons, et, enc, proposal.edit_id)
             if verdict.passed:
                 return Proposal(
                     proposal.edit_id, et, neurons, proposal.train, verdict, proposal.attempts, 0.0, None, banded=True
                 )
         return proposal  # the refused verdict of the regular attempts stands
+
+    def _gate(self, nr: Neurons, et: EditTensors, enc: Encoded | EditTensors, edit_id: str) -> gating.GateResult:
+        """The gate's verdict on candidate neurons; on a generator with the edit encoded (not only
+        cached), a passing candidate must also make real greedy generate() give the target."""
+        cfg = self.train_cfg
+        verdict = gating.check(nr, cfg.activation, et, self.retention, self.heldout, self.tail, self.gate_cfg)
+        if verdict.passed and self.generation and not isinstance(enc, EditTensors):
+            if not self._generates(enc, nr, edit_id):
+                verdict.passed = False
+                verdict.reasons.append("generate: greedy output differs from the target")
+        return verdict
 
     def _as_run(self, nr: Neurons, et: EditTensors) -> list[tuple[Neurons, float | None]]:
         """The trained neurons as the layer will run them, each way to gate in turn: as trained, or
