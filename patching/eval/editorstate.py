@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 HEADER_KEY = "patchd_editor_state"  # the header entry holding {"editor": ..., "meta": ...} as JSON
 
@@ -53,9 +53,9 @@ def write_state(path: Path, state: EditorState) -> None:
 def read_state(path: Path) -> EditorState:
     """The state written by `write_state`; anything else raises ValueError saying what is wrong."""
     try:
-        with safe_open(str(path), framework="pt") as f:
+        with safe_open(str(path), framework="pt") as f:  # one read: the header and the tensors
             header = (f.metadata() or {}).get(HEADER_KEY)
-        tensors = load_file(str(path))
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError) as exc:
         raise ValueError(f"{path}: not a safetensors editor state ({exc})") from exc
     if header is None:
