@@ -60,3 +60,17 @@ def test_window_figures() -> None:
     w = summarize_window(rows)
     assert w["latency_ms_median"] == 50.5 and w["latency_ms_p95"] == 95.0 and w["sr"] == 0.99
     assert w["outcomes"] == {"patched": 99, "gate_rejected": 1}
+
+
+def test_a_window_that_published_nothing_reports_the_version_served() -> None:
+    """A window whose last edits were not patched publishes nothing new: its version is the last
+    one published (kept in the report for --resume), not None."""
+    from types import SimpleNamespace
+
+    from daemon.tools.bench_scale import _note_published
+
+    report: dict[str, object] = {}
+    assert _note_published(report, None) is None  # nothing published yet
+    assert _note_published(report, SimpleNamespace(number=3, size=1200)) == {"number": 3, "size": 1200}
+    assert _note_published(report, None) == {"number": 3, "size": 1200}
+    assert report["last_published"] == {"number": 3, "size": 1200}

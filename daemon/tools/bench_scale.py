@@ -286,7 +286,7 @@ def _run(report: dict[str, Any], work: Path, data_dir: Path | None, address: str
             bar.set_postfix(window_sr=f"{sum(ok) / len(ok):.3f}", last=row["outcome"], refresh=False)
             if i % window == window - 1 or (i == total - 1 and total % window):
                 # the parent version: one patch short of the window's end; a watcher holds it
-                publisher.publish_if_changed()
+                _note_published(report, publisher.publish_if_changed())
                 downstream.ask("check")
         bar.close()
         _finish(report, total)
@@ -374,10 +374,13 @@ def _measure(
     storage.reset()
     published = publisher.publish_if_changed()
     publish_bytes = storage.written
+    # nothing new since the parent version (the window's last edits were not patched): the version
+    # served is the parent, and this publish wrote 0 bytes
+    served = _note_published(report, published)
     fetched = downstream.ask("check")  # the watcher held the parent version
     loaded = downstream.ask("load")  # a downstream service starting now
-    if published is not None and not fetched["version"] == loaded["version"] == published.number:
-        raise RuntimeError(f"downstream serves {fetched} / {loaded}, not version {published.number}")
+    if served is not None and not fetched["version"] == loaded["version"] == served["number"]:
+        raise RuntimeError(f"downstream serves {fetched} / {loaded}, not version {served['number']}")
     wrapper = model.patcher.wrapper
     return {
         "er": round(er, 4),
@@ -388,13 +391,22 @@ def _measure(
         "neurons": wrapper.n,
         "memory_rows": len(model.patcher.memory),
         **overhead,
-        "version": published.number if published else None,
-        "version_bytes": published.size if published else None,
+        "version": served["number"] if served else None,
+        "version_bytes": served["size"] if served else None,
         "publish_bytes": publish_bytes,
         "fetch_bytes": fetched["read_bytes"],
         "fetch_s": fetched["seconds"],
         "load_s": loaded["seconds"],
     }
+
+
+def _note_published(report: dict[str, Any], published: Any) -> dict[str, int] | None:
+    """The version downstream is served: this publish's, or the last one's (kept in the report so
+    that a resumed run knows it too)."""
+    if published is not None:
+        report["last_published"] = {"number": published.number, "size": published.size}
+    last: dict[str, int] | None = report.get("last_published")
+    return last
 
 
 def _outcomes(report: dict[str, Any]) -> list[str]:
@@ -547,13 +559,14 @@ def _finish(report: dict[str, Any], total: int) -> dict[str, Any]:
 
 
 def _print_window(w: dict[str, Any]) -> None:
+    restart = "not measured" if w["restart_s"] is None else f"{w['restart_s']}s"
     print(
         f"[{w['end']:>6} edits] edit {w['latency_ms_median']:.0f} ms (p95 {w['latency_ms_p95']:.0f}; train "
         f"{w['train_ms_median']:.0f}, gate {w['gate_ms_median']:.0f}) | SR {w['sr']:.3f} ER {w['er']:.3f} "
         f"loc {w['locality']:.3f} | {w['neurons']} neurons, M {w['memory_rows']} | overhead b1 "
         f"{100 * w['overhead_b1']:+.1f}% b16 {100 * w['overhead_b16']:+.1f}% | version {w['version_bytes']} B, "
         f"publish {w['publish_bytes']} B, fetch {w['fetch_bytes']} B, load {w['load_s']:.2f}s | restart "
-        f"{w['restart_s']}s | RSS {w['rss_mb']:.0f} MB",
+        f"{restart} | RSS {w['rss_mb']:.0f} MB",
         flush=True,
     )
 
