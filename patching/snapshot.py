@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from patching.engine import EditState
 from patching.trainer import EditTensors
@@ -87,9 +87,9 @@ def load(path: Path, expect: Mapping[str, str]) -> tuple[EditState, dict[str, st
     try:
         from safetensors import safe_open
 
-        with safe_open(str(path), "pt") as f:
+        with safe_open(str(path), "pt") as f:  # one read: the metadata and the tensors
             meta = dict(f.metadata() or {})
-        tensors = load_file(str(path))
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
     except FileNotFoundError:
         raise SnapshotUnusable("no snapshot") from None
     except (SafetensorError, OSError, ValueError) as exc:
