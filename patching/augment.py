@@ -16,6 +16,13 @@ Where the prefixes come from (`source`):
 Used by the daemon (`[policy] context_prefixes`, daemon/model.py) and by `patchd evaluate
 --context-augment`; evaluation keeps its context pool out of the memory texts, so a prefix is
 never a text cr is measured behind.
+
+Chat copies (`evaluate --chat-copies N`, a generator whose tokenizer has a chat template): the edit's
+prompt also trained as the last user turn of a chat, after one of a few training system prompts and
+an earlier exchange whose question is one of the prefixes, as a chat client sends it. A prefix
+trains the neuron behind plain text only: inside the template (cr_chat) the fix held 0.21-0.24 of
+the time against cr 0.68-0.72 (docs/results/levers-21.md). The training system prompts and replies
+are not those cr_chat asks with (patching/eval/contexts.py).
 """
 
 from __future__ import annotations
@@ -33,6 +40,52 @@ SOURCES: tuple[Source, ...] = ("memory", "generated")
 # seed words a generator continues into prefixes (source "generated")
 AUGMENT_SEEDS = ("The", "In", "However,", "I", "This", "When", "A", "It", "We", "There")
 AUGMENT_TOKENS = 10  # tokens of each generated prefix
+
+
+# chat copies: system prompts and earlier replies to train with (None = the template's own default
+# system prompt); never the ones cr_chat is measured with (patching/eval/contexts.py)
+TRAIN_SYSTEMS: tuple[str | None, ...] = (None, "You answer questions about the world.", "Be brief and factual.")
+TRAIN_REPLIES = ("Let me think.", "Good question.", "I do not know.")
+
+
+class Prompt(str):
+    """A generator's finished prompt (a chat template applied): TaskAdapter.text sends it as it is,
+    without the base's question format around it."""
+
+
+def chat_form(tokenizer: Any, prompt: str, earlier: str, system: str | None, reply: str) -> Prompt | None:
+    """`prompt` as the last user turn of a chat, after `system` (None: no system turn, so the
+    template's default) and an earlier exchange (`earlier`, `reply`); None without a chat template."""
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    messages = [] if system is None else [{"role": "system", "content": system}]
+    messages += [
+        {"role": "user", "content": earlier},
+        {"role": "assistant", "content": reply},
+        {"role": "user", "content": prompt},
+    ]
+    return Prompt(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+
+
+def chat_copies(tokenizer: Any, prompt: str, prefixes: Sequence[str], n: int, offset: int = 0) -> list[Prompt]:
+    """n chat forms of `prompt` (the base's question format already applied): earlier questions
+    from `prefixes` and the training systems and replies, rotating with `offset` (an edit's number)
+    so that a stream's edits see them all; [] without a chat template or prefixes."""
+    if not prefixes or not getattr(tokenizer, "chat_template", None):
+        return []
+    out = []
+    for j in range(n):
+        k = offset * n + j
+        form = chat_form(
+            tokenizer,
+            prompt,
+            prefixes[k % len(prefixes)],
+            TRAIN_SYSTEMS[k % len(TRAIN_SYSTEMS)],
+            TRAIN_REPLIES[(k // len(TRAIN_SYSTEMS)) % len(TRAIN_REPLIES)],
+        )
+        assert form is not None
+        out.append(form)
+    return out
 
 
 def with_context(context: str, text: str) -> str:

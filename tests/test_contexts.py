@@ -46,6 +46,42 @@ def test_the_chat_form_puts_the_prompt_last_after_a_system_prompt_and_an_earlier
     assert text.index("Tilda Swinton is a vegan.") < text.index("Question: Who?")
 
 
+def test_chat_copies_rotate_training_turns_that_cr_chat_never_asks_with() -> None:
+    from patching.augment import TRAIN_SYSTEMS, Prompt, chat_copies
+    from patching.eval.contexts import EARLIER_REPLY, SYSTEM_PROMPT
+
+    tok = byte_tokenizer()
+    prefixes = ["It rained.", "Cats purr.", "Snow is cold."]
+    assert chat_copies(tok, "Question: Who?\nAnswer:", prefixes, 2) == []  # no template
+    tok.chat_template = (
+        "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}<assistant>{% endif %}"
+    )
+    first, second = (chat_copies(tok, "Question: Who?\nAnswer:", prefixes, 2, offset=k) for k in (0, 1))
+    assert len(first) == 2 and all(isinstance(c, Prompt) for c in first + second)
+    assert all(c.endswith("<user>Question: Who?\nAnswer:\n<assistant>") for c in first + second)
+    # earlier questions are the prefixes, rotating with the edit's number: edit 1 goes on from edit 0
+    assert [p for c in first + second for p in prefixes if f"<user>{p}" in c] == [*prefixes, prefixes[0]]
+    assert not first[0].startswith("<system>") and first[1].startswith(f"<system>{TRAIN_SYSTEMS[1]}")
+    assert not any(SYSTEM_PROMPT in c or EARLIER_REPLY in c for c in first + second)
+    assert chat_copies(tok, "Question: Who?\nAnswer:", [], 2) == []
+
+
+def test_a_chat_copy_is_encoded_as_it_is_without_the_question_format(tmp_path: Path) -> None:
+    from patching.augment import chat_copies
+    from patching.bases.load import load_base
+    from patching.bases.tasks import TaskAdapter
+
+    template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}[assistant]"
+    adapter = TaskAdapter(load_base(str(tiny_llama_dir(tmp_path, template))))
+    (copy,) = chat_copies(adapter.base.tokenizer, adapter.text("Who?"), ["It rained."], 1)
+    assert adapter.text(copy) == copy and adapter.text("Who?") != "Who?"
+    enc = adapter.edit("Who?", "Paris", [copy])
+    tok = adapter.base.tokenizer
+    prompt_ids = tok(str(copy))["input_ids"]
+    assert enc.batch["input_ids"][1, : len(prompt_ids)].tolist() == prompt_ids  # example 1: the chat form
+
+
 @pytest.mark.parametrize("task", ["fever", "zsre", "counterfact"])
 def test_built_in_context_texts_are_nothing_an_editor_trains_on(task: str) -> None:
     data = load_eval_data(task)
@@ -131,6 +167,8 @@ def test_context_augmentation_trains_each_edit_behind_memory_prefixes_never_the_
     assert len(seen) == report["edits"]
     for inp, trained in seen:  # every edit trained behind both prefixes, and on nothing else
         assert trained == tuple(with_context(c, inp) for c in prefixes)
+    with pytest.raises(ValueError, match="--chat-copies needs a generator whose tokenizer has a chat template"):
+        run_evaluate(str(tiny_base(tmp_path)), data, edits=1, context_augment=2, chat_copies=1, progress=print)
 
 
 def test_a_generators_prefixes_are_its_own_continuations_of_seed_words(tmp_path: Path) -> None:

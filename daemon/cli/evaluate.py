@@ -129,6 +129,15 @@ def register(sub: Any, bench: Any) -> None:
         "generated = a generator's own continuations of up to 10 seed words (a classifier: memory)",
     )
     p.add_argument(
+        "--chat-copies",
+        type=int,
+        default=0,
+        metavar="N",
+        help="with --context-augment, on a generator with a chat template: each edit is also trained as N chat "
+        "forms of its prompt (a training system prompt and an earlier exchange whose question is one of the "
+        "prefixes; never the ones cr_chat is asked with); default 0",
+    )
+    p.add_argument(
         "--out",
         type=Path,
         default=None,
@@ -243,6 +252,7 @@ def _evaluate(args: argparse.Namespace) -> int:
                 train_equivalents=args.train_equivalents,
                 context_augment=args.context_augment,
                 augment_source=args.augment_source,
+                chat_copies=args.chat_copies,
                 resume=resume,
                 patches=patches_path(args.out) if args.out else None,
                 state=state_path(args.out) if args.out else None,

@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from patching import encode
 from patching import gate as gating
+from patching.augment import Prompt
 from patching.bases.datasets import Example
 from patching.bases.load import LoadedBase, cache_root
 from patching.bases.qa import exact_match, greedy_answers, greedy_ids, prompt_for
@@ -52,7 +53,7 @@ class TaskAdapter:
         """A generator's prompt for a question (generators read one text, never a pair)."""
         if not isinstance(question, str):
             raise ValueError("a text pair cannot be asked of a generator: send the question as one text")
-        if not self.generation:
+        if not self.generation or isinstance(question, Prompt):  # a chat form is already a prompt
             return question
         assert self.base.prompt_format is not None  # load_base gives every generator one
         return prompt_for(question, self.base.prompt_format)

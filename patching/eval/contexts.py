@@ -22,6 +22,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from patching.augment import chat_form
 from patching.bases.datasets import Example
 
 CONTEXT_POOL = 100  # memory inputs held out of M as context texts (built-in tasks)
@@ -51,13 +52,5 @@ def contexts_for(i: int, own: Sequence[str], pool: Sequence[str], k: int = CONTE
 def chat_prompt(tokenizer: Any, prompt: str, earlier: str) -> str | None:
     """`prompt` as the last user turn of a chat, after a system prompt and an earlier exchange;
     None when the tokenizer has no chat template."""
-    if not getattr(tokenizer, "chat_template", None):
-        return None
-    messages = [
-        {"role": "system", "content": SYSTEM_PROMPT},
-        {"role": "user", "content": earlier},
-        {"role": "assistant", "content": EARLIER_REPLY},
-        {"role": "user", "content": prompt},
-    ]
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return str(text)
+    form = chat_form(tokenizer, prompt, earlier, SYSTEM_PROMPT, EARLIER_REPLY)
+    return None if form is None else str(form)

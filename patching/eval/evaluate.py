@@ -20,6 +20,7 @@ import torch
 from tqdm import tqdm
 
 from patching.augment import Source, augment_prefixes, with_context
+from patching.augment import chat_copies as chat_copies_of
 from patching.bases.load import load_base, resolve_dtype
 from patching.bases.tasks import TaskAdapter
 from patching.config import GateConfig, TrainConfig
@@ -102,6 +103,7 @@ def run_evaluate(
     train_equivalents: bool = False,
     context_augment: int = 0,
     augment_source: Source = "memory",
+    chat_copies: int = 0,
     resume: Resume | None = None,
     patches: Path | None = None,
     state: Path | None = None,
@@ -112,7 +114,8 @@ def run_evaluate(
     `train_equivalents`: editors also train on each edit's `train_equivalents` (never on the
     `equivalents` that GR measures).
     `context_augment`: editors also train on each edit behind that many prefixes taken from
-    `augment_source` (patching/augment.py).
+    `augment_source` (patching/augment.py); `chat_copies`: and as that many chat forms of its
+    prompt (a generator with a chat template; their earlier questions are those prefixes).
     `patches` (tpatcher, sequential): write every accepted edit's neurons there at the end, also
     when interrupted; `state` (grace, wise, sequential): the editor's state, the same way;
     `resume`: a stopped run of the same settings, continued (patching/eval/resume.py)."""
@@ -133,6 +136,7 @@ def run_evaluate(
         **({"context_augment": context_augment} if context_augment else {}),
         # "generated" was the only source before the setting existed: unnamed, so those reports resume
         **({"augment_source": augment_source} if context_augment and augment_source != "generated" else {}),
+        **({"chat_copies": chat_copies} if chat_copies else {}),
         **({"dtype": str(torch_dtype).removeprefix("torch.")} if torch_dtype != torch.float32 else {}),
         # tpatcher below the last FFN (patching/eval/deepsite.py)
         **({"site_depth": depth} if (depth := (editor_options or {}).get("site_depth")) is not None else {}),
@@ -160,6 +164,8 @@ def run_evaluate(
     prefixes = augment_prefixes(adapter, [m.input for m in data.memory], context_augment, augment_source)
     if prefixes:
         progress(f"context augmentation: each edit also trained behind {len(prefixes)} prefixes, e.g. {prefixes[0]!r}")
+    if chat_copies and not (adapter.generation and getattr(lb.tokenizer, "chat_template", None) and prefixes):
+        raise ValueError("--chat-copies needs a generator whose tokenizer has a chat template, and --context-augment")
     if not sequential and not hasattr(ed, "reset"):
         raise ValueError(
             f"editor {editor!r} cannot reset to the base: single-edit runs need tpatcher, mend, grace or wise"
@@ -203,6 +209,7 @@ def run_evaluate(
             trained = (
                 *(ex.train_equivalents if train_equivalents else ()),
                 *(with_context(c, ex.input) for c in prefixes),
+                *chat_copies_of(lb.tokenizer, adapter.text(ex.input), prefixes, chat_copies, offset=i),
             )
             rec = ed.edit(ex.input, ex.target, edit_id=str(i), train_equivalents=trained)
             right = adapter.right(adapter.predict([ex.input])[0], ex.target)

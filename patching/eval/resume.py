@@ -40,6 +40,7 @@ SAME = (
     "editor_config",
     "context_augment",
     "augment_source",
+    "chat_copies",
     "dtype",
     "site_depth",
 )
