@@ -261,6 +261,9 @@ def _evaluate(args: argparse.Namespace) -> int:
     except ResumeError as exc:  # a stopped run that does not fit this command line
         print(f"error: {exc}")
         return 2
+    except ValueError as exc:  # settings the base cannot run (--chat-copies without a chat template ...)
+        print(f"error: {exc}")
+        return 2
     summary = {
         k: report[k]
         for k in (
