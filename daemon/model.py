@@ -35,11 +35,11 @@ from typing import Any
 
 from daemon.caches import ModelSetupError, build_caches, cache_key, memory_inputs
 from daemon.logs import get_logger
-from daemon.settings import Settings, resolve_device
+from daemon.settings import Settings, SettingsError, resolve_device
 from memory.records import InputValue, MistakeRecord, PatchIn, PatchRecord
 from memory.store import Store
 from patching import patchfile, snapshot
-from patching.augment import augment_prefixes, with_context
+from patching.augment import augment_prefixes, chat_copies, with_context
 from patching.bases.load import LoadedBase, load_base, resolve_dtype
 from patching.bases.tasks import TaskAdapter
 from patching.encode import Encoded
@@ -56,6 +56,10 @@ REPLAY_CHECKED = ("passed", "reliable", "retention_failed", "changed")
 
 # context prefixes a generator's patches train behind when [policy] context_prefixes is unset
 GENERATOR_PREFIXES = 10
+
+# chat forms a patch also trains as when [policy] context_chat_copies is unset (a generator with a chat
+# template and context prefixes)
+CHAT_COPIES = 0
 
 # the chain over no patch at all; each accepted patch extends it (PatchedModel._link)
 GENESIS = hashlib.sha256(b"patchd engine snapshot").hexdigest()
@@ -81,6 +85,7 @@ class PatchedModel:
         snapshot_path: Path | None = None,
         snapshot_meta: dict[str, str] | None = None,
         prefixes: Sequence[str] = (),
+        chat_copies: int = 0,
     ):
         self.settings = settings
         self.base = base
@@ -90,6 +95,7 @@ class PatchedModel:
         self.snapshot_path = snapshot_path  # None: no snapshot (a model built outside the daemon)
         self.snapshot_meta = snapshot_meta or {}  # what a usable snapshot must have been written for
         self.prefixes = list(prefixes)  # context augmentation: each patch also trained behind these
+        self.chat_copies = chat_copies  # and as this many chat forms (earlier questions: the prefixes)
         self._chain = GENESIS  # over the accepted patches in the model, in order
         self._patches = 0  # accepted patches in the model
         self._snapshot_at = 0  # patches the newest snapshot on disk covers
@@ -148,6 +154,9 @@ class PatchedModel:
         prefixes = augment_prefixes(adapter, memory, count, policy.context_prefix_source)
         if prefixes:
             log.info("context augmentation: each patch also trained behind these", prefixes=prefixes)
+        chat_copies = _chat_copies(policy.context_chat_copies, adapter, prefixes)
+        if chat_copies:
+            log.info("context augmentation: each patch also trained in chat form", copies=chat_copies)
         seconds = time.perf_counter() - t0
         log.info(
             "model ready",
@@ -157,7 +166,7 @@ class PatchedModel:
             from_cache=cached,
             seconds=round(seconds, 2),
         )
-        return cls(settings, base, adapter, patcher, seconds, snapshot_path, snapshot_meta, prefixes)
+        return cls(settings, base, adapter, patcher, seconds, snapshot_path, snapshot_meta, prefixes, chat_copies)
 
     # ------------------------------------------------------------------ editing
 
@@ -177,9 +186,11 @@ class PatchedModel:
 
     def training_texts(self, mistake: MistakeRecord, equivalents: Sequence[str] = ()) -> list[str]:
         """The extra training texts of a mistake: its paraphrases, then its input (a pair's first
-        text) behind each context prefix (patching/augment.py)."""
+        text) behind each context prefix, then its chat forms (patching/augment.py; their turns
+        rotate with the mistake's id)."""
         first = mistake.input[0] if isinstance(mistake.input, tuple) else mistake.input
-        return [*equivalents, *(with_context(p, first) for p in self.prefixes)]
+        chats = chat_copies(self.base.tokenizer, self.adapter.text(first), self.prefixes, self.chat_copies, mistake.id)
+        return [*equivalents, *(with_context(p, first) for p in self.prefixes), *chats]
 
     def commit(self, proposal: Proposal, patch_id: int, row: PatchIn) -> None:
         """Apply an accepted proposal whose row the store already holds as `patch_id`; every
@@ -347,3 +358,17 @@ def edit_inputs(edit: InputValue, equivalents: Sequence[str]) -> list[InputValue
     if isinstance(edit, tuple):
         return [(text, edit[1]) for text in equivalents]
     return list(equivalents)
+
+
+def _chat_copies(setting: int | None, adapter: TaskAdapter, prefixes: Sequence[str]) -> int:
+    """Chat forms per patch: the setting, or unset the measured default where it applies; a count
+    the base cannot train (no chat template, or no prefixes for the earlier questions) is refused."""
+    usable = adapter.generation and bool(getattr(adapter.base.tokenizer, "chat_template", None)) and bool(prefixes)
+    if setting is None:
+        return CHAT_COPIES if usable else 0
+    if setting and not usable:
+        raise SettingsError(
+            f"policy.context_chat_copies = {setting}: needs a generator whose tokenizer has a chat template, "
+            "and context prefixes (policy.context_prefixes > 0)"
+        )
+    return setting

@@ -195,6 +195,11 @@ class PolicySettings:
     # where they come from: "memory" = the last memory inputs (M's own texts; they won on every
     # context figure), "generated" = a generator's own continuations of seed words (as WISE makes them)
     context_prefix_source: Source = "memory"
+    # a generator whose tokenizer has a chat template: train each patch also as this many chat forms
+    # of its question (a system prompt and an earlier exchange whose question is one of the context
+    # prefixes, patching/augment.py), so that the fix holds when a chat client asks it. Needs the
+    # prefixes. Unset = CHAT_COPIES for such a generator, 0 otherwise. 0 = off
+    context_chat_copies: int | None = None
     # whole event size: a correction is a sentence or two, not a document
     max_event_bytes: int = 65536
     # case usually carries meaning (names, acronyms), so reports differing in case stay distinct
@@ -482,6 +487,11 @@ def _check(s: Settings) -> None:
             s.policy.context_prefixes is None or 0 <= s.policy.context_prefixes <= 64,
             "policy.context_prefixes",
             "must be in 0..64 (0 turns it off; unset: 10 for a generator, 0 for a classifier)",
+        ),
+        (
+            s.policy.context_chat_copies is None or 0 <= s.policy.context_chat_copies <= 64,
+            "policy.context_chat_copies",
+            "must be in 0..64 (0 turns it off; unset: the measured default for a generator with a chat template)",
         ),
         (s.policy.max_event_bytes > 0, "policy.max_event_bytes", "must be > 0"),
         (

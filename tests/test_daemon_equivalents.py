@@ -7,12 +7,13 @@ import json
 import random
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
 from daemon.model import PatchedModel
-from daemon.settings import load_settings
+from daemon.settings import SettingsError, load_settings
 from daemon.worker import Worker
 from memory.store import Store
 from patching.augment import with_context
@@ -97,6 +98,30 @@ def test_worker_trains_behind_the_context_prefixes(tiny, tmp_path: Path) -> None
     want = model.adapter.edit(text, target, ["a paraphrase", *prefixed]).batch["input_ids"]
     assert len(seen) == 1 and seen[0].size == 4 and torch.equal(seen[0].batch["input_ids"], want)
     assert model.adapter.predict([text]) == [target]
+    assert model.chat_copies == 0  # a classifier has no chat form
+    with pytest.raises(SettingsError, match="policy.context_chat_copies = 2: needs a generator"):
+        PatchedModel.load(load_settings(config, {"PATCHD_POLICY_CONTEXT_CHAT_COPIES": "2"}))
+
+
+def test_chat_copies_where_the_base_can_train_them_and_the_default_only_there() -> None:
+    from types import SimpleNamespace
+
+    from daemon.model import CHAT_COPIES, _chat_copies
+
+    def adapter(generation: bool, template: str | None) -> Any:
+        return SimpleNamespace(
+            generation=generation, base=SimpleNamespace(tokenizer=SimpleNamespace(chat_template=template))
+        )
+
+    chat = adapter(True, "{{ messages }}")
+    assert _chat_copies(None, chat, ["a prefix"]) == CHAT_COPIES and _chat_copies(3, chat, ["a prefix"]) == 3
+    for unusable in (adapter(True, None), adapter(False, None)):
+        assert _chat_copies(None, unusable, ["a prefix"]) == 0 and _chat_copies(0, unusable, ["a prefix"]) == 0
+        with pytest.raises(SettingsError, match="policy.context_chat_copies"):
+            _chat_copies(1, unusable, ["a prefix"])
+    assert _chat_copies(None, chat, []) == 0  # no prefixes: no earlier questions
+    with pytest.raises(SettingsError, match="context prefixes"):
+        _chat_copies(2, chat, [])
 
 
 @pytest.mark.parametrize(
@@ -104,6 +129,7 @@ def test_worker_trains_behind_the_context_prefixes(tiny, tmp_path: Path) -> None
     [
         ({"PATCHD_POLICY_CONTEXT_PREFIXES": "65"}, "policy.context_prefixes"),
         ({"PATCHD_POLICY_CONTEXT_PREFIX_SOURCE": "web"}, "context_prefix_source"),
+        ({"PATCHD_POLICY_CONTEXT_CHAT_COPIES": "-1"}, "policy.context_chat_copies"),
     ],
 )
 def test_a_bad_context_prefix_setting_names_its_key(tmp_path: Path, env: dict[str, str], key: str) -> None:
