@@ -17,7 +17,7 @@ from typing import Any
 from patching.config import GateConfig, TrainConfig
 from patching.eval import metrics
 
-_SETTINGS = ("context_augment", "augment_source", "site_depth", "train_equivalents", "dtype")
+_SETTINGS = ("context_augment", "augment_source", "chat_copies", "site_depth", "train_equivalents", "dtype")
 # config section as the daemon and --set name it -> the report field holding it
 _CONFIGS = {"trainer": "train_config", "gate": "gate_config"}
 COLUMNS = (
