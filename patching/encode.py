@@ -125,12 +125,10 @@ def generation_ids(
     )
 
 
-def target_ids(tokenizer: Any, answer: str, stop: str = "\n", space: bool = True) -> list[int]:
+def target_ids(tokenizer: Any, answer: str, stop: str = "\n") -> list[int]:
     """The token ids a generator must write for `answer`: " " + answer + stop, tokenised apart from
-    the prompt (none for an empty answer). Editing and QA tuning (qa_tuning.py) share this rule.
-    space=False: no leading space, as a chat turn starts on a new line ("assistant\n" + answer)."""
-    text = ((" " if space else "") + answer.strip() + stop) if answer else ""
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    the prompt (none for an empty answer). Editing and QA tuning (qa_tuning.py) share this rule."""
+    return list(tokenizer((" " + answer.strip() + stop) if answer else "", add_special_tokens=False)["input_ids"])
 
 
 def generation(
@@ -142,16 +140,11 @@ def generation(
     decoder_start_id: int | None = None,
     all_rows: bool = False,
     stop: str = "\n",
-    unspaced: Sequence[bool] | None = None,
 ) -> Encoded:
-    """Text level: each target is " " + answer + stop (unspaced[i]: answer + stop), tokenised apart
-    from the prompt so that the rows line up with the target tokens exactly."""
+    """Text level: each target is " " + answer + stop, tokenised apart from the prompt so that the
+    rows line up with the target tokens exactly."""
     p_ids = [torch.tensor(tokenizer(p)["input_ids"], dtype=torch.long) for p in prompts]
-    flat = unspaced or [False] * len(answers)
-    t_ids = [
-        torch.tensor(target_ids(tokenizer, a, stop, space=not u), dtype=torch.long)
-        for a, u in zip(answers, flat, strict=True)
-    ]
+    t_ids = [torch.tensor(target_ids(tokenizer, a, stop), dtype=torch.long) for a in answers]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return generation_ids(
         p_ids, t_ids, seq2seq=seq2seq, pad_id=int(pad or 0), decoder_start_id=decoder_start_id, all_rows=all_rows

@@ -71,7 +71,6 @@ def test_a_chat_copy_is_encoded_as_it_is_without_the_question_format(tmp_path: P
     from patching.augment import chat_copies
     from patching.bases.load import load_base
     from patching.bases.tasks import TaskAdapter
-    from patching.encode import target_ids
 
     template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}[assistant]"
     adapter = TaskAdapter(load_base(str(tiny_llama_dir(tmp_path, template))))
@@ -81,9 +80,6 @@ def test_a_chat_copy_is_encoded_as_it_is_without_the_question_format(tmp_path: P
     tok = adapter.base.tokenizer
     prompt_ids = tok(str(copy))["input_ids"]
     assert enc.batch["input_ids"][1, : len(prompt_ids)].tolist() == prompt_ids  # example 1: the chat form
-    # its answer opens the assistant's turn, so it has no leading space; the bare question's has one
-    assert enc.targets[enc.rows_b == 1].tolist() == target_ids(tok, "Paris", space=False)
-    assert enc.targets[enc.rows_b == 0].tolist() == target_ids(tok, "Paris") != target_ids(tok, "Paris", space=False)
 
 
 @pytest.mark.parametrize("task", ["fever", "zsre", "counterfact"])

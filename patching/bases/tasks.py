@@ -74,8 +74,6 @@ class TaskAdapter:
                 [target] * len(inputs),
                 seq2seq=self.seq2seq,
                 decoder_start_id=self.decoder_start_id,
-                # a chat form's answer starts the assistant's turn on a new line: no leading space
-                unspaced=[isinstance(x, Prompt) for x in inputs],
             )
         return encode.classification(self.base.tokenizer, inputs, [self.label_id(target)] * len(inputs))
 
