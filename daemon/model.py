@@ -58,8 +58,10 @@ REPLAY_CHECKED = ("passed", "reliable", "retention_failed", "changed")
 GENERATOR_PREFIXES = 10
 
 # chat forms a patch also trains as when [policy] context_chat_copies is unset (a generator with a chat
-# template and context prefixes)
-CHAT_COPIES = 0
+# template and context prefixes). On zsre-smollm2's first 99 zsRE fixes, 3 took GR 0.69 -> 0.75, the
+# in-context hit rate 0.71 -> 0.78 and paraphrases behind context 0.40 -> 0.55 at equal SR, ER and
+# locality, for 1.9x the training steps (docs/results/levers-21.md)
+CHAT_COPIES = 3
 
 # the chain over no patch at all; each accepted patch extends it (PatchedModel._link)
 GENESIS = hashlib.sha256(b"patchd engine snapshot").hexdigest()

@@ -198,7 +198,7 @@ class PolicySettings:
     # a generator whose tokenizer has a chat template: train each patch also as this many chat forms
     # of its question (a system prompt and an earlier exchange whose question is one of the context
     # prefixes, patching/augment.py), so that the fix holds when a chat client asks it. Needs the
-    # prefixes. Unset = CHAT_COPIES for such a generator, 0 otherwise. 0 = off
+    # prefixes. Unset = 3 for such a generator (daemon/model.py CHAT_COPIES), 0 otherwise. 0 = off
     context_chat_copies: int | None = None
     # whole event size: a correction is a sentence or two, not a document
     max_event_bytes: int = 65536

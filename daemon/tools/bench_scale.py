@@ -216,8 +216,8 @@ def _run(report: dict[str, Any], work: Path, data_dir: Path | None, address: str
     env = _settings_env(work, base, address, 0)
     settings = load_settings(None, env)
     assert settings.database.url is not None
-    # runs written before [policy] context_prefixes existed trained without prefixes
-    earlier_prefixes = report.get("settings", {}).get("context_prefixes", 0)
+    # runs written before [policy] context_prefixes / context_chat_copies existed trained without them
+    earlier = {key: report.get("settings", {}).get(key, 0) for key in ("context_prefixes", "context_chat_copies")}
     report["settings"] = {
         "gate": asdict(settings.gate),
         "trainer": asdict(settings.trainer),
@@ -226,13 +226,15 @@ def _run(report: dict[str, Any], work: Path, data_dir: Path | None, address: str
     }
     t0 = time.perf_counter()
     model = PatchedModel.load(settings)
-    if report["next"] and len(model.prefixes) != earlier_prefixes:
-        report["settings"]["context_prefixes"] = earlier_prefixes  # the report stays the run's
-        raise SystemExit(
-            f"--resume: the run's patches trained behind {earlier_prefixes} context prefixes, this one would "
-            f"use {len(model.prefixes)}: set PATCHD_POLICY_CONTEXT_PREFIXES={earlier_prefixes} to go on"
-        )
-    report["settings"]["context_prefixes"] = len(model.prefixes)
+    now = {"context_prefixes": len(model.prefixes), "context_chat_copies": model.chat_copies}
+    for key, value in now.items():
+        if report["next"] and value != earlier[key]:
+            report["settings"].update(earlier)  # the report stays the run's
+            raise SystemExit(
+                f"--resume: the run's patches trained with {key} = {earlier[key]}, this one would use {value}: "
+                f"set PATCHD_POLICY_{key.upper()}={earlier[key]} to go on"
+            )
+    report["settings"].update(now)
     with Store.open(settings.database.url) as store:
         rebuilt = model.rebuild(store)
         print(
