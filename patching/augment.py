@@ -21,7 +21,9 @@ Chat copies (`evaluate --chat-copies N`, a generator whose tokenizer has a chat 
 prompt also trained as the last user turn of a chat, after one of a few training system prompts and
 an earlier exchange whose question is one of the prefixes, as a chat client sends it. A prefix
 trains the neuron behind plain text only: inside the template (cr_chat) the fix held 0.21-0.24 of
-the time against cr 0.68-0.72 (docs/results/levers-21.md). The training system prompts and replies
+the time against cr 0.68-0.72. Three chat copies raised GR, cr and cgr on zsre-smollm2 (0.69 ->
+0.75, 0.71 -> 0.78, 0.40 -> 0.55) but cr_chat only to 0.25 (docs/results/levers-21.md); the daemon
+trains them by default (`[policy] context_chat_copies`). The training system prompts and replies
 are not those cr_chat asks with (patching/eval/contexts.py).
 """
 
