@@ -319,3 +319,32 @@ def test_locality_nb_counts_the_edited_cases_neighbours_whose_answer_moved(tmp_p
     report = run_evaluate(str(base), load_eval_data(str(data)), edits=4, curve_points=0, progress=lambda _msg: None)
     assert report["sizes"]["neighbours"] == 2 and report["locality_nb"] == 0.5
     assert first["locality_nb"] is None  # no neighbours, no figure
+
+
+@pytest.mark.parametrize(
+    ("raised", "code", "said"),
+    [
+        (KeyboardInterrupt(), 130, "interrupted before the stream began: no report written"),
+        (ValueError("--chat-copies needs a generator"), 2, "error: --chat-copies needs a generator"),
+    ],
+)
+def test_the_evaluate_command_ends_with_a_line_not_a_traceback(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    raised: BaseException,
+    code: int,
+    said: str,
+) -> None:
+    """A signal before the first edit, or a setting the base cannot run, ends `patchd evaluate` with
+    one line and an exit code (a stopped stream is the partial report's business, tested above)."""
+    from daemon.cli import main
+    from patching.eval import evaluate
+
+    def refuse(*_args: object, **_kwargs: object) -> None:
+        raise raised
+
+    monkeypatch.setattr(evaluate, "run_evaluate", refuse)
+    args = ["evaluate", "--base", str(tiny_base(tmp_path)), "--data", str(tiny_data(tmp_path)), "--edits", "1"]
+    assert main(args) == code
+    assert said in capsys.readouterr().out

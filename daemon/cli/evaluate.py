@@ -264,6 +264,9 @@ def _evaluate(args: argparse.Namespace) -> int:
     except ValueError as exc:  # settings the base cannot run (--chat-copies without a chat template ...)
         print(f"error: {exc}")
         return 2
+    except KeyboardInterrupt:  # a signal before the first edit (a stopped stream returns its partial report)
+        print("interrupted before the stream began: no report written")
+        return 130
     summary = {
         k: report[k]
         for k in (
