@@ -32,6 +32,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
+from patching.prompt import Prompt
+
 if TYPE_CHECKING:  # settings import Source: `patchd --help` must not load torch
     from patching.bases.tasks import TaskAdapter
     from patching.encode import ModelInput
@@ -48,11 +50,6 @@ AUGMENT_TOKENS = 10  # tokens of each generated prefix
 # system prompt); never the ones cr_chat is measured with (patching/eval/contexts.py)
 TRAIN_SYSTEMS: tuple[str | None, ...] = (None, "You answer questions about the world.", "Be brief and factual.")
 TRAIN_REPLIES = ("Let me think.", "Good question.", "I do not know.")
-
-
-class Prompt(str):
-    """A generator's finished prompt (a chat template applied): TaskAdapter.text sends it as it is,
-    without the base's question format around it."""
 
 
 def chat_form(tokenizer: Any, prompt: str, earlier: str, system: str | None, reply: str) -> Prompt | None:

@@ -47,8 +47,9 @@ def test_the_chat_form_puts_the_prompt_last_after_a_system_prompt_and_an_earlier
 
 
 def test_chat_copies_rotate_training_turns_that_cr_chat_never_asks_with() -> None:
-    from patching.augment import TRAIN_SYSTEMS, Prompt, chat_copies
+    from patching.augment import TRAIN_SYSTEMS, chat_copies
     from patching.eval.contexts import EARLIER_REPLY, SYSTEM_PROMPT
+    from patching.prompt import Prompt
 
     tok = byte_tokenizer()
     prefixes = ["It rained.", "Cats purr.", "Snow is cold."]

@@ -20,13 +20,13 @@ from tqdm import tqdm
 
 from patching import encode
 from patching import gate as gating
-from patching.augment import Prompt
 from patching.bases.datasets import Example
 from patching.bases.load import LoadedBase, cache_root
 from patching.bases.qa import exact_match, greedy_answers, greedy_ids, prompt_for
 from patching.encode import Encoded, ModelInput
 from patching.engine import Patcher
 from patching.loading import base_identity
+from patching.prompt import Prompt
 
 BATCH = 64  # inputs per frozen forward while building memory / held-out caches
 
