@@ -39,7 +39,7 @@ from daemon.settings import Settings, SettingsError, resolve_device
 from memory.records import InputValue, MistakeRecord, PatchIn, PatchRecord
 from memory.store import Store
 from patching import patchfile, snapshot
-from patching.augment import augment_prefixes, chat_copies, with_context
+from patching.augment import augment_prefixes, chat_copies, chat_trainable, with_context
 from patching.bases.load import LoadedBase, load_base, resolve_dtype
 from patching.bases.tasks import TaskAdapter
 from patching.encode import Encoded
@@ -365,7 +365,7 @@ def edit_inputs(edit: InputValue, equivalents: Sequence[str]) -> list[InputValue
 def _chat_copies(setting: int | None, adapter: TaskAdapter, prefixes: Sequence[str]) -> int:
     """Chat forms per patch: the setting, or unset the measured default where it applies; a count
     the base cannot train (no chat template, or no prefixes for the earlier questions) is refused."""
-    usable = adapter.generation and bool(getattr(adapter.base.tokenizer, "chat_template", None)) and bool(prefixes)
+    usable = chat_trainable(adapter, prefixes)
     if setting is None:
         return CHAT_COPIES if usable else 0
     if setting and not usable:

@@ -52,6 +52,12 @@ TRAIN_SYSTEMS: tuple[str | None, ...] = (None, "You answer questions about the w
 TRAIN_REPLIES = ("Let me think.", "Good question.", "I do not know.")
 
 
+def chat_trainable(adapter: TaskAdapter, prefixes: Sequence[str]) -> bool:
+    """Whether a base can train chat copies: a generator whose tokenizer has a chat template, with
+    prefixes for the earlier questions."""
+    return adapter.generation and bool(getattr(adapter.base.tokenizer, "chat_template", None)) and bool(prefixes)
+
+
 def chat_form(tokenizer: Any, prompt: str, earlier: str, system: str | None, reply: str) -> Prompt | None:
     """`prompt` as the last user turn of a chat, after `system` (None: no system turn, so the
     template's default) and an earlier exchange (`earlier`, `reply`); None without a chat template."""

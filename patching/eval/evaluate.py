@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from patching.augment import Source, augment_prefixes, with_context
+from patching.augment import Source, augment_prefixes, chat_trainable, with_context
 from patching.augment import chat_copies as chat_copies_of
 from patching.bases.load import load_base, resolve_dtype
 from patching.bases.tasks import TaskAdapter
@@ -164,7 +164,7 @@ def run_evaluate(
     prefixes = augment_prefixes(adapter, [m.input for m in data.memory], context_augment, augment_source)
     if prefixes:
         progress(f"context augmentation: each edit also trained behind {len(prefixes)} prefixes, e.g. {prefixes[0]!r}")
-    if chat_copies and not (adapter.generation and getattr(lb.tokenizer, "chat_template", None) and prefixes):
+    if chat_copies and not chat_trainable(adapter, prefixes):
         raise ValueError("--chat-copies needs a generator whose tokenizer has a chat template, and --context-augment")
     if not sequential and not hasattr(ed, "reset"):
         raise ValueError(
