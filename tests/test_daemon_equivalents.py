@@ -137,3 +137,57 @@ def test_a_bad_context_prefix_setting_names_its_key(tmp_path: Path, env: dict[st
 
     with pytest.raises(SettingsError, match=key):
         load_settings(None, env)
+
+
+def test_a_chat_template_generator_trains_each_patch_in_its_chat_forms_by_default(tmp_path: Path) -> None:
+    """Unset policy on a tiny random Llama whose tokenizer has a chat template: the worker's engine
+    gets the edit, its input behind the 10 memory prefixes and CHAT_COPIES chat forms (their earlier
+    questions being prefixes), encoded as sent, and the patch fixes the edit."""
+    from daemon.model import CHAT_COPIES, GENERATOR_PREFIXES
+    from patching.prompt import Prompt
+    from tests.fixtures_models import tiny_llama_dir
+
+    template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}[assistant]"
+    base = tiny_llama_dir(tmp_path / "base", template)
+    data = tmp_path / "data"
+    data.mkdir()
+    memory = [f"what is thing {i}? and how {i}" for i in range(40)]
+    for name, texts in (("memory", memory), ("heldout", ["what?", "and how?", "no"])):
+        (data / f"{name}.jsonl").write_text("".join(json.dumps({"input": t}) + "\n" for t in texts))
+    config = write_config(
+        tmp_path / "p.toml", base=base, data=data, bootstrap="127.0.0.1:9", topic="t", state=tmp_path / "state"
+    )
+    settings = load_settings(config, {})
+    assert settings.policy.context_chat_copies is None
+    model = PatchedModel.load(settings)
+    assert model.chat_copies == CHAT_COPIES and len(model.prefixes) == GENERATOR_PREFIXES
+    seen: list[Encoded] = []
+    real_propose = model.patcher.propose
+
+    def spy(enc: Encoded, edit_id: str) -> object:
+        seen.append(enc)
+        return real_propose(enc, edit_id)
+
+    model.patcher.propose = spy  # type: ignore[method-assign]
+    question, target = "Where is Rome?", "1"
+    assert model.adapter.predict([question]) != [target]
+    with Store.open(settings.database.url) as store:
+        store.record_batch([report("ev-0", question, target, model=MODEL)])
+        mistake = store.next_mistake(MODEL)
+        assert mistake is not None
+        texts = model.training_texts(mistake)
+        chats = texts[GENERATOR_PREFIXES:]
+        assert texts[:GENERATOR_PREFIXES] == [with_context(p, question) for p in model.prefixes]
+        assert len(chats) == CHAT_COPIES and all(isinstance(c, Prompt) for c in chats)
+        asked = model.adapter.text(question)
+        assert all(c.endswith(f"[user] {asked}\n[assistant]") for c in chats)
+        assert all(any(f"[user] {p}\n" in c for p in model.prefixes) for c in chats)
+        worker = Worker(store, model, settings.policy, work_allowed=threading.Event(), ingest_done=threading.Event())
+        assert worker.process(mistake) == "patched"
+    (enc,) = seen
+    assert enc.size == 1 + GENERATOR_PREFIXES + CHAT_COPIES
+    tok = model.base.tokenizer
+    for i, chat in enumerate(chats, start=1 + GENERATOR_PREFIXES):  # each chat form encoded as it is
+        ids = tok(str(chat))["input_ids"]
+        assert enc.batch["input_ids"][i, : len(ids)].tolist() == ids
+    assert model.adapter.predict([question]) == [target]
