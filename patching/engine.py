@@ -46,6 +46,10 @@ class Proposal:
     saturation: float | None = None  # relu-cap: the cap the neurons were gated with (None: relu/gelu)
     train_seconds: float = 0.0  # training time of every attempt (the rest of `seconds` is forward + gate)
     banded: bool = False  # the neurons are a band (saturation.band): the regular attempts were refused
+    # every gated try in order (a training attempt is gated at each cap it is tried with): equivalents
+    # trained to its end, steps, the cap, and the gate's reasons
+    # (why an edit ended without its equivalents: docs/results/levers-21.md)
+    tries: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def accepted(self) -> bool:
@@ -208,6 +212,7 @@ class Patcher:
         proposal: Proposal | None = None
         tries = 0
         train_s = 0.0
+        history: list[dict[str, Any]] = []
         # equivalents help, never block: when every attempt with them fails (usually the gate: a
         # key wide enough for all the phrasings also fires on a held-out input), the whole retry
         # sequence runs again on the edit alone, as it would have without them
@@ -226,6 +231,14 @@ class Patcher:
                     # fires on a memory row is kept only if no held-out prediction and no earlier edit moved)
                     verdict = self._gate(neurons, et, enc, edit_id)
                     proposal = Proposal(edit_id, et, neurons, result, verdict, tries, 0.0, saturation)
+                    history.append(
+                        {
+                            "equivalents": result.equivalents,
+                            "steps": result.steps,
+                            "saturation": saturation,
+                            "reasons": list(verdict.reasons),
+                        }
+                    )
                     if proposal.accepted:
                         break
                 if proposal is not None and proposal.accepted:
@@ -237,6 +250,7 @@ class Patcher:
             proposal = self._banded(proposal, enc)
         proposal.seconds = time.perf_counter() - t0
         proposal.train_seconds = train_s
+        proposal.tries = history
         return proposal
 
     def _band_applies(self) -> bool:

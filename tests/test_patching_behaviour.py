@@ -183,6 +183,10 @@ def test_an_equivalent_whose_fit_moves_a_heldout_prediction_never_blocks_the_edi
     assert outcome.status == "accepted", outcome.reasons
     assert outcome.proposal is not None
     assert outcome.proposal.attempts == 2  # the attempt with the equivalent was rejected
+    *refused, last = outcome.proposal.tries  # and the proposal says why, try by try (one per cap tried)
+    assert refused and all(t["equivalents"] == 1 and t["reasons"] for t in refused)
+    assert any(r.startswith("locality") for t in refused for r in t["reasons"])
+    assert last["equivalents"] == 0 and last["reasons"] == []
     assert predict(model, edits[:1]).item() == target.item()
     assert torch.equal(predict(model, heldout), held_before)
 

@@ -67,6 +67,7 @@ class TPatcherEditor:
             attempts=p.attempts if p else 0,
             equivalents=p.train.equivalents if p else 0,
             saturation=p.saturation if p else None,
+            tries=p.tries if p else [],
         )
 
 

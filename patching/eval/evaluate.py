@@ -235,6 +235,8 @@ def run_evaluate(
                     "neurons": rec.neurons,
                     "gate": rec.gate,
                     "reasons": rec.reasons,
+                    # why a retried edit ended as it did (each gated try), only where there were several
+                    **({"tries": rec.tries} if len(rec.tries) > 1 else {}),
                 }
             )
             edited.append(ex)
