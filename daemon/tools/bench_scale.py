@@ -33,7 +33,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict
 from functools import partial
@@ -101,7 +101,9 @@ def run_scale_bench(
     report["settings_from_environment"] = _overrides()
     with broker(bootstrap, work / "kafka") if restart else _no_broker() as address, interruptible():
         try:
-            _run(report, work, data_dir, address)
+            # the report is rewritten after every edit, so a run killed without a chance to write it
+            # (SIGKILL, out of memory) resumes at most one edit back, as one stopped by SIGTERM does
+            _run(report, work, data_dir, address, save=lambda: _write(json_path, report))
         except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the partial report below
             log.warning("stopped: writing the partial report", next=report["next"])
         finally:
@@ -175,7 +177,9 @@ def _settings_env(work: Path, base: str, address: str | None, health_port: int) 
     }
 
 
-def _run(report: dict[str, Any], work: Path, data_dir: Path | None, address: str | None) -> None:
+def _run(
+    report: dict[str, Any], work: Path, data_dir: Path | None, address: str | None, save: Callable[[], None]
+) -> None:
     from daemon.model import PatchedModel
     from daemon.publisher import BaseInfo, Publisher
     from daemon.settings import load_settings
@@ -275,6 +279,7 @@ def _run(report: dict[str, Any], work: Path, data_dir: Path | None, address: str
                 report["current"] = []
                 _print_window(w)
                 plot_scale(_finish(report, total), work.with_suffix(".png"))
+                save()
             if i >= total:
                 break
             text, target, kind = stream_edits[i]
@@ -283,6 +288,7 @@ def _run(report: dict[str, Any], work: Path, data_dir: Path | None, address: str
             report["current"].append(row)
             i += 1
             report["next"] = i
+            save()
             ok = [r["outcome"] in ("patched", "already_fixed") for r in report["current"]]
             bar.update(1)
             bar.set_postfix(window_sr=f"{sum(ok) / len(ok):.3f}", last=row["outcome"], refresh=False)
