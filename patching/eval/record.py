@@ -22,7 +22,7 @@ class EditRecord:
     saturation: float | None = None  # relu-cap: the cap of the neurons gated last (None: relu/gelu)
     gate: dict[str, Any] = field(default_factory=dict)
     reasons: list[str] = field(default_factory=list)
-    # tpatcher: every gated try (equivalents trained, steps, the gate's reasons), engine.Proposal.tries
+    # tpatcher: every gated try (equivalents trained, steps, cap, the gate's reasons), engine.Proposal.tries
     tries: list[dict[str, Any]] = field(default_factory=list)
 
 
