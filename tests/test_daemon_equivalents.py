@@ -27,6 +27,19 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return prepare(tmp_path_factory.mktemp("tiny"))
 
 
+def proposed(model: PatchedModel) -> list[Encoded]:
+    """The encoded edits the model's engine is asked to patch from now on (appended as they come)."""
+    seen: list[Encoded] = []
+    real_propose = model.patcher.propose
+
+    def spy(enc: Encoded, edit_id: str) -> object:
+        seen.append(enc)
+        return real_propose(enc, edit_id)
+
+    model.patcher.propose = spy  # type: ignore[method-assign]
+    return seen
+
+
 @pytest.mark.parametrize("train_on_equivalents", [True, False])
 def test_worker_fits_the_reported_equivalents(tiny, tmp_path: Path, train_on_equivalents: bool) -> None:
     base, data = tiny
@@ -79,14 +92,7 @@ def test_worker_trains_behind_the_context_prefixes(tiny, tmp_path: Path) -> None
     assert model.prefixes == memory[-2:]
     text = sentence(random.Random(11), MISTAKE_WORDS[0])
     target = next(x for x in LABELS if x != model.adapter.predict([text])[0])
-    seen: list[Encoded] = []
-    real_propose = model.patcher.propose
-
-    def spy(enc: Encoded, edit_id: str) -> object:
-        seen.append(enc)
-        return real_propose(enc, edit_id)
-
-    model.patcher.propose = spy  # type: ignore[method-assign]
+    seen = proposed(model)
     with Store.open(settings.database.url) as store:
         store.record_batch([report("ev-0", text, target, model=MODEL, equivalents=("a paraphrase",))])
         mistake = store.next_mistake(MODEL)
@@ -161,14 +167,7 @@ def test_a_chat_template_generator_trains_each_patch_in_its_chat_forms_by_defaul
     assert settings.policy.context_chat_copies is None
     model = PatchedModel.load(settings)
     assert model.chat_copies == CHAT_COPIES and len(model.prefixes) == GENERATOR_PREFIXES
-    seen: list[Encoded] = []
-    real_propose = model.patcher.propose
-
-    def spy(enc: Encoded, edit_id: str) -> object:
-        seen.append(enc)
-        return real_propose(enc, edit_id)
-
-    model.patcher.propose = spy  # type: ignore[method-assign]
+    seen = proposed(model)
     question, target = "Where is Rome?", "1"
     assert model.adapter.predict([question]) != [target]
     with Store.open(settings.database.url) as store:
