@@ -80,6 +80,13 @@ class TrainConfig:
     # loss's descent direction (usually zero steps); "reference": q/|q|^2 and a random value
     # "fisher": the same with the key whitened by the memory covariance (larger margins, paraphrases fire)
     init: Literal["fisher", "margin", "reference"] = "fisher"
+    # what a margin / fisher key starts from: "edit", its row alone; "copies", the centroid of the
+    # edit's row and its equivalents' (context copies, chat copies, train equivalents), +1 at the
+    # weakest of them. An edit-row key fired at the start on 0.07-0.71 of its 13 copies for the
+    # zsRE edits that lost them all, and training widened it until held-out questions of the same
+    # template fired too; the centroid key fires on all of them at the start with no more held-out
+    # rows firing (docs/results/levers-21.md, the key-init probe)
+    init_from: Literal["edit", "copies"] = "edit"
     # the initial value is this multiple of the shortest one that makes the edit right: headroom
     # for paraphrases, which activate the neuron less than the edit itself
     value_scale: float = 1.0
@@ -132,6 +139,8 @@ class TrainConfig:
             raise ValueError(f"trainer.band must be in [0, 0.5), got {self.band!r}")
         if self.init not in ("fisher", "margin", "reference"):
             raise ValueError(f"trainer.init must be 'fisher', 'margin' or 'reference', got {self.init!r}")
+        if self.init_from not in ("edit", "copies"):
+            raise ValueError(f"trainer.init_from must be 'edit' or 'copies', got {self.init_from!r}")
         if self.init_threshold is not None and not 0.0 < self.init_threshold < 1.0:
             raise ValueError("trainer.init_threshold must be in (0, 1)")
         if self.mode not in ("cached", "reference"):

@@ -57,27 +57,39 @@ def margin_keys(
     memory: torch.Tensor,
     threshold: float = 0.5,
     whiten: tuple[torch.Tensor, torch.Tensor] | None = None,
+    rows: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """q [n, d], memory [N, d] -> keys, biases with pre-activation +1 on q_i.
 
     The direction is (q - mu), or P (q - mu) with `whiten` = (mu, P). The bias puts the firing
     threshold at `threshold` of the way from the closest memory row to the edit (0.5: half-way,
     so the closest memory row sits at -1 when threshold is 0.5).
+
+    rows [C, n, d] (C >= 1): every row neuron i must fire on, the edit's and its copies' (the
+    edit behind context prefixes, in a chat, in other words). The direction is then taken from
+    their centroid, and +1 and the threshold from the weakest of them, so that at the start the
+    neuron already fires on all of them where the memory allows (trainer.init_from = "copies").
     """
     if memory.shape[0] == 0:
         return reference_keys(q)
     mu = memory.mean(dim=0) if whiten is None else whiten[0]  # [d]
-    u = q - mu
+    u = (q if rows is None else rows.mean(dim=0)) - mu  # [n, d]
     direction = u if whiten is None else u @ whiten[1]  # P is symmetric
-    k0 = direction / (u * direction).sum(-1, keepdim=True)  # (q_i - mu) . k0_i = 1
+    k0 = direction / (u * direction).sum(-1, keepdim=True)  # (centroid_i - mu) . k0_i = 1
     # (memory - mu) @ k0 without materialising memory - mu
     m_max = (memory @ k0.T - (mu * k0).sum(-1)).max(dim=0).values  # [n] closest memory row, in edit units
-    c = m_max + threshold * (1.0 - m_max)
-    s = 1.0 / (1.0 - c)
+    top = torch.ones_like(m_max)  # [n] where the neuron's +1 goes: the edit (or the rows' centroid)
+    if rows is not None:
+        weakest = ((rows - mu) * k0[None]).sum(-1).min(dim=0).values  # [n] in the same units
+        # +1 at the weakest row when the memory leaves room below it; else at the centroid, and
+        # training pulls the rest up as far as the memory margins allow
+        top = torch.where(weakest > m_max + 1e-3, weakest, top)
+    c = m_max + threshold * (top - m_max)
+    s = 1.0 / (top - c)
     keys = k0 * s[:, None]
     biases = -s * ((mu * k0).sum(-1) + c)
     ref_k, ref_b = reference_keys(q)
-    hopeless = m_max >= 0.999  # a memory row at least as close as the edit: no margin to place
+    hopeless = m_max >= top - 1e-3  # a memory row at least as close as the edit: no margin to place
     keys[hopeless], biases[hopeless] = ref_k[hopeless], ref_b[hopeless]
     return keys, biases
 

@@ -93,12 +93,20 @@ def init_neurons(
     gen: torch.Generator,
     activation: str,
     whiten: tuple[torch.Tensor, torch.Tensor] | None = None,
+    extra: EditTensors | None = None,
 ) -> Neurons:
     """Starting weights of the neurons anchored at edit rows `anchors` (see patching/init.py).
 
-    Keys start from the edit's rows alone: starting from the centroid of the edit's and its train
-    equivalents' rows gave the same GR (zsRE, 40 sequential edits: 0.475 vs 0.45)."""
-    q = edit.q[anchors]
+    Keys start from the edit's rows alone, or with cfg.init_from = "copies" from the rows of the
+    edit and of its K equivalents in `extra` (K*R rows in the edit's row order, as train_cached
+    takes them). Train equivalents alone gained nothing that way (zsRE, 40 sequential edits: GR
+    0.475 vs 0.45); context copies did (TrainConfig.init_from)."""
+    q = edit.q[anchors]  # [n, d]
+    rows = None
+    if cfg.init_from == "copies" and extra is not None and extra.rows >= edit.rows:
+        R, K = edit.rows, extra.rows // edit.rows
+        copies = extra.q[: K * R].reshape(K, R, -1)[:, anchors]  # [K, n, d]
+        rows = torch.cat([q[None], copies])  # [1 + K, n, d]
     if cfg.init == "reference":
         keys, biases = init.reference_keys(q)
         values = init.random_values(q.shape, edit.ffn, cfg, gen)
@@ -106,7 +114,7 @@ def init_neurons(
         # the Patcher fills in the by-task default; a bare call gets the classification one
         threshold = cfg.for_task(generation=False).init_threshold
         assert threshold is not None
-        keys, biases = init.margin_keys(q, memory, threshold, whiten if cfg.init == "fisher" else None)
+        keys, biases = init.margin_keys(q, memory, threshold, whiten if cfg.init == "fisher" else None, rows)
         values = init.init_values(
             edit.q, edit.ffn, edit.residual, edit.targets, anchors, keys, biases, tail, activation, cfg.value_scale
         )
@@ -220,7 +228,7 @@ def train_cached(
     """
     t0 = time.perf_counter()
     gen = torch.Generator().manual_seed(seed)
-    nr = init_neurons(edit, anchors, memory, tail, cfg, gen, activation, whiten)
+    nr = init_neurons(edit, anchors, memory, tail, cfg, gen, activation, whiten, extra)
     params = [nr.keys.requires_grad_(), nr.biases.requires_grad_(), nr.values.requires_grad_()]
     opt = torch.optim.Adam(params, lr=cfg.lr)
     scorer = MemoryScorer(memory, cfg)
