@@ -84,8 +84,10 @@ class TrainConfig:
     # edit's row and its equivalents' (context copies, chat copies, train equivalents), +1 at the
     # weakest of them. An edit-row key fired at the start on 0.07-0.71 of its 13 copies for the
     # zsRE edits that lost them all, and training widened it until held-out questions of the same
-    # template fired too; the centroid key fires on all of them at the start with no more held-out
-    # rows firing (docs/results/levers-21.md, the key-init probe)
+    # template fired too; the centroid key fires on all of them at the start. In the stream it lost
+    # (first 100 zsRE mistakes, chat copies: cr 0.78 -> 0.65, GR 0.75 -> 0.71): placed at the weakest
+    # copy it starts wide, and the gate refused it for locality three times as often
+    # (docs/results/levers-21.md, "The key's start")
     init_from: Literal["edit", "copies"] = "edit"
     # the initial value is this multiple of the shortest one that makes the edit right: headroom
     # for paraphrases, which activate the neuron less than the edit itself
