@@ -1,7 +1,8 @@
 """Run from the repository root: python docs/results/levers-21/probe-key-pooled.py [DATA N SUBJ_LAYER]
 (defaults: counterfact 15 15; one JSON line per edit, a summary at the end). PROBE_START=k skips the
 first k edits (two processes can share a range); PROBE_MEMORY=n keeps n memory prompts (a smoke
-run). The memory's rows are cached under /work/runs/probe/ (safetensors) for the next run.
+run); PROBE_KINDS=a,b picks the features. The memory's rows are cached under /work/runs/probe/
+(safetensors) for the next run.
 
 Does a key read from more than the last position tell an edit's paraphrases from the memory where the
 last position alone cannot (probe-key-init.py: a logistic key over the last FFN's input reaches
@@ -16,6 +17,8 @@ FFN input:
                                                    its 13 copies against every memory position)
   last+subj [h_t, max_{s<=t} d(g_s)]
   free, last+free  the same with d fitted on every position of the bare edit prompt (no subject named)
+  loc, last+loc    the same with d fitted on one located token: the prompt's token least like any
+                   memory row at layer SUBJ_LAYER (no subject named either)
   .../rel   the same key with 4 same-subject, other-relation prompts as extra negatives
 Each key is a logistic fit on the 14 training rows (last position) against every memory position,
 thresholded half-way between the closest memory row and the weakest training row, as in
@@ -146,7 +149,19 @@ def score(w: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
     return X @ w[:-1] + w[-1]
 
 
-KINDS = ("last", "cmean", "subj", "last+subj", "last+subj/rel", "free", "last+free", "last+free/rel")
+ALL_KINDS = (
+    "last",
+    "cmean",
+    "subj",
+    "last+subj",
+    "last+subj/rel",
+    "free",
+    "last+free",
+    "last+free/rel",
+    "loc",
+    "last+loc",
+)
+KINDS = tuple(os.environ["PROBE_KINDS"].split(",")) if os.environ.get("PROBE_KINDS") else ALL_KINDS
 mem_in = [m.input for m in data.memory][: int(os.environ.get("PROBE_MEMORY", "1000000"))]
 prefixes = augment_prefixes(ad, mem_in, 10)
 cache = f"/work/runs/probe/pooled-memory-{DATA}-{SUBJ}-{len(mem_in)}.safetensors"
@@ -164,6 +179,7 @@ else:
     save_file({"h": torch.cat(mem_h), "g": torch.cat(mem_g), "lens": lens_t}, cache)
 Mh = torch.cat(mem_h)
 Mg = torch.cat(mem_g)
+Mg_unit = torch.nn.functional.normalize(Mg, dim=1)
 held = [rows(ad.text(e.input)) for e in data.heldout]
 print("memory rows", Mh.shape, "held-out", len(held), flush=True)
 
@@ -199,6 +215,25 @@ for i, ex in list(enumerate(stream[:N]))[int(os.environ.get("PROBE_START", "0"))
         det["subj"] = logistic(pos_g, Mg)
         rec["subj_rows"] = len(pos_g)
     det["free"] = logistic(tr[0][1], Mg)
+    # "loc": a locator instead of a named subject. The prompt's token whose layer-SUBJ row is least
+    # like any memory row (lowest max cosine; position 0 skipped: it is far from everything), then
+    # that token's text found last in each training text, as for the subject.
+    g0 = tr[0][1][1:]
+    near = torch.cat(
+        [
+            (torch.nn.functional.normalize(g0, dim=1) @ Mg_unit[j : j + 20000].T).amax(1, keepdim=True)
+            for j in range(0, len(Mg_unit), 20000)
+        ],
+        1,
+    ).amax(1)
+    star = 1 + int(near.argmin())
+    a, b = tok(prompt, return_offsets_mapping=True)["offset_mapping"][star]
+    piece = prompt[a:b].strip()
+    rec["loc_token"] = piece
+    rec["loc_in_subject"] = bool(subj) and piece in subj and prompt.find(subj) <= a < prompt.find(subj) + len(subj)
+    lp = [subj_pos(t, piece) if piece else None for t in train]
+    got = [g[p] for (_, g), p in zip(tr, lp, strict=True) if p is not None]
+    det["loc"] = logistic(torch.stack(got), Mg) if got else None
 
     def feats(
         kind: str, hg: tuple[torch.Tensor, torch.Tensor], det: dict[str, torch.Tensor | None] = det
