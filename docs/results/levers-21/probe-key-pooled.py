@@ -230,6 +230,7 @@ for i, ex in list(enumerate(stream[:N]))[int(os.environ.get("PROBE_START", "0"))
     a, b = tok(prompt, return_offsets_mapping=True)["offset_mapping"][star]
     piece = prompt[a:b].strip()
     rec["loc_token"] = piece
+    a += len(prompt[a:b]) - len(prompt[a:b].lstrip())  # the token's own leading space is not the subject's
     rec["loc_in_subject"] = bool(subj) and piece in subj and prompt.find(subj) <= a < prompt.find(subj) + len(subj)
     lp = [subj_pos(t, piece) if piece else None for t in train]
     got = [g[p] for (_, g), p in zip(tr, lp, strict=True) if p is not None]
