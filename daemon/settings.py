@@ -508,6 +508,11 @@ def _check(s: Settings) -> None:
         (s.publish.interval_s > 0, "publish.interval_s", "must be > 0"),
         (s.publish.keep_versions >= 1, "publish.keep_versions", "must be >= 1 (LATEST is always kept)"),
         (0 <= s.health.port <= 65535, "health.port", "must be in 0..65535 (0 disables)"),
+        (
+            not s.trainer.subject_key,
+            "trainer.subject_key",
+            "is for `patchd evaluate` only for now: patch files and versions do not carry its detectors yet",
+        ),
     ]
     for ok, key, message in rules:
         if not ok:

@@ -127,6 +127,13 @@ class TrainConfig:
     reference_check_every: int = 25
     mode: TrainerMode = "cached"
     seed: int = 0
+    # generation: a key that also reads the subject (patching/subject.py): each edit's neurons add
+    # c * (running max of a detector of its subject at layer subject_layer x depth), so a paraphrase
+    # or a context that names the subject opens them and another subject's fact does not. Probed on
+    # CounterFact's first 40: GR 0.87 against 0.21 for the last position alone (levers-21.md); off
+    # until its A/B in the stream. Not yet carried by patch files and versions: evaluate only.
+    subject_key: bool = False
+    subject_layer: float = 0.5
 
     def __post_init__(self) -> None:
         _check_positive(self, "lr", "max_steps", "act_topk", "mem_topk", "max_neurons", "check_every")
@@ -145,6 +152,10 @@ class TrainConfig:
             raise ValueError(f"trainer.init_from must be 'edit' or 'copies', got {self.init_from!r}")
         if self.init_threshold is not None and not 0.0 < self.init_threshold < 1.0:
             raise ValueError("trainer.init_threshold must be in (0, 1)")
+        if not 0.0 <= self.subject_layer < 1.0:
+            raise ValueError(f"trainer.subject_layer must be in [0, 1), got {self.subject_layer!r}")
+        if self.subject_key and self.mode != "cached":
+            raise ValueError("trainer.subject_key needs trainer.mode = 'cached'")
         if self.mode not in ("cached", "reference"):
             raise ValueError(f"trainer.mode must be 'cached' or 'reference', got {self.mode!r}")
         if not 0.0 <= self.augment_dropout < 1.0:

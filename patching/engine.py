@@ -24,11 +24,22 @@ from patching.capture import frozen_forward
 from patching.config import GateConfig, TrainConfig
 from patching.encode import Encoded
 from patching.fasttail import LinearTail, linear_tail
-from patching.init import whitening
-from patching.layer import PatchedFFN, activate, attach, detach, neuron_output, trained_as
+from patching.init import RIDGE, whitening
+from patching.layer import PatchedFFN, activate, attach, attach_subject, detach, neuron_output, trained_as
 from patching.memory_bank import MemoryBank, RowBank
 from patching.reference import train_reference
 from patching.saturation import BAND_NARROWER, band, cap, saturations
+from patching.subject import (
+    Detector,
+    Refs,
+    SequenceBank,
+    Sequences,
+    fit_detector,
+    inputs_of,
+    locate_token,
+    whitening_with,
+    with_column,
+)
 from patching.trainer import EditTensors, Neurons, Objective, TrainResult, train_cached
 
 Status = Literal["already_fixed", "accepted", "rejected"]
@@ -50,10 +61,45 @@ class Proposal:
     # trained to its end, steps, the cap, and the gate's reasons
     # (why an edit ended without its equivalents: docs/results/levers-21.md)
     tries: list[dict[str, Any]] = field(default_factory=list)
+    # trainer.subject_key: the edit's own layer-L_s rows and row positions, and its detector (None:
+    # none separates its subject from the memory, the neurons are ordinary ones). With a detector,
+    # `edit` and the neurons' keys carry m as one more column (patching/subject.py)
+    subject: SubjectEdit | None = None
 
     @property
     def accepted(self) -> bool:
         return self.gate.passed
+
+
+@dataclass
+class SubjectEdit:
+    seq: Sequences  # [1, T, d_s] example 0 (the edit itself)
+    t: torch.Tensor  # [R] position of each of the edit's rows
+    detector: Detector | None
+
+
+@dataclass
+class Caches:
+    """What an edit's neurons are trained and gated against: the Patcher's own caches, or the same
+    with a subject detector's m as one more column of every q."""
+
+    memory: torch.Tensor  # [N, d (+1)]
+    retention: EditTensors | None
+    heldout: gating.HeldoutTensors | None
+    whiten: tuple[torch.Tensor, torch.Tensor] | None
+
+
+@dataclass
+class SubjectCache:
+    """trainer.subject_key: layer-L_s rows of every sequence a cached row comes from, and where
+    each row of M, of the held-out cache and of the retention rows sits in them."""
+
+    site: FFNSite
+    memory: SequenceBank  # memory inputs, then each accepted edit's own sequence
+    heldout: SequenceBank
+    memory_refs: Refs
+    heldout_refs: Refs
+    retention_refs: Refs
 
 
 @dataclass
@@ -120,7 +166,23 @@ class Patcher:
         self._retention = RowBank(ref.device)
         self._edits: list[str] = []
         self._whiten: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._ridge = 0.0  # the fisher whitening's absolute ridge (subject columns reuse it)
         self._memory_base = 0  # rows of M that come from unrelated inputs, not from edits
+        self.subject: SubjectCache | None = None
+        if self.train_cfg.subject_key:
+            if not self.generation or getattr(model.config, "is_encoder_decoder", False):
+                raise ValueError("trainer.subject_key needs a causal LM (it reads the prompt's subject token)")
+            s_site = locate(model, arch, layer=int(self.train_cfg.subject_layer * self.site.layers))
+            attach_subject(self.site, self.wrapper, s_site)
+            dim = int(s_site.hidden_size)
+            self.subject = SubjectCache(
+                s_site,
+                SequenceBank(dim, ref.device),
+                SequenceBank(dim, ref.device),
+                Refs.empty(ref.device),
+                Refs.empty(ref.device),
+                Refs.empty(ref.device),
+            )
 
     # ------------------------------------------------------------------ caching
     def tail(self, ffn: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
@@ -130,16 +192,34 @@ class Patcher:
 
     def cache(self, enc: Encoded) -> EditTensors:
         """One frozen forward of the current model; the rows of `enc` at the patched layer."""
+        return self._capture(enc)[0]
+
+    def _capture(self, enc: Encoded) -> tuple[EditTensors, Sequences | None]:
+        """cache(), and with trainer.subject_key also layer L_s's input at every position of the batch."""
         batch = {k: v.to(self.memory.device) for k, v in enc.batch.items()}
-        cap, _ = frozen_forward(self.site, batch)
+        if self.subject is None:
+            cap, _ = frozen_forward(self.site, batch)
+            seqs = None
+        else:
+            with inputs_of(self.subject.site.ffn_in) as got:
+                cap, _ = frozen_forward(self.site, batch)
+            mask = batch.get("attention_mask")
+            valid = mask.bool() if mask is not None else torch.ones(got[-1].shape[:2], dtype=torch.bool)
+            seqs = Sequences(got[-1], valid.to(got[-1].device))
         q, ffn, res = cap.require()
         b, t = enc.rows_b.to(q.device), enc.rows_t.to(q.device)
-        return EditTensors(q[b, t].float(), ffn[b, t].float(), res[b, t].float(), enc.targets.to(q.device), group=b)
+        et = EditTensors(q[b, t].float(), ffn[b, t].float(), res[b, t].float(), enc.targets.to(q.device), group=b)
+        return et, seqs
 
     def build_memory(self, batches: Iterable[Encoded]) -> int:
         """Append the FFN inputs of every row of every batch to M. Returns the memory size."""
         for enc in batches:
-            self.add_memory(self.cache(enc).q)
+            et, seqs = self._capture(enc)
+            self._add_memory(et.q)
+            if self.subject is not None and seqs is not None:
+                first = self.subject.memory.add(seqs)
+                refs = self.subject.memory_refs.plus(first + enc.rows_b, enc.rows_t)
+                self.subject.memory_refs = refs
         return len(self.memory)
 
     def add_memory(self, rows: torch.Tensor) -> None:
@@ -148,6 +228,11 @@ class Patcher:
         Statistics derived from M (the fisher init's whitening) use these rows only, so a restart
         that replays stored edits derives exactly what an uninterrupted run derived.
         """
+        if self.subject is not None:
+            raise ValueError("trainer.subject_key needs M built from inputs (build_memory), not bare rows")
+        self._add_memory(rows)
+
+    def _add_memory(self, rows: torch.Tensor) -> None:
         self.memory.append(rows)
         self._memory_base = len(self.memory)
         self._whiten = None
@@ -156,7 +241,10 @@ class Patcher:
         parts: list[EditTensors] = []
         offset = 0
         for enc in batches:
-            et = self.cache(enc)
+            et, seqs = self._capture(enc)
+            if self.subject is not None and seqs is not None:
+                first = self.subject.heldout.add(seqs)
+                self.subject.heldout_refs = self.subject.heldout_refs.plus(first + enc.rows_b, enc.rows_t)
             assert et.group is not None
             et.group = et.group + offset
             offset += enc.size
@@ -205,10 +293,23 @@ class Patcher:
     def propose(self, enc: Encoded | EditTensors, edit_id: str) -> Proposal | None:
         """Train and gate neurons for one edit; None when the model is already right."""
         t0 = time.perf_counter()
+        if isinstance(enc, EditTensors):
+            if self.subject is not None:
+                raise ValueError("trainer.subject_key needs the encoded edit, not cached tensors")
+            full, seqs = enc, None
+        else:
+            full, seqs = self._capture(enc)
         # an encoded edit may carry train equivalents: examples 1.. of the batch, same target
-        et, extra = split_equivalents(enc if isinstance(enc, EditTensors) else self.cache(enc))
+        et, extra = split_equivalents(full)
         if self.is_right(et):
             return None
+        subject = None
+        if seqs is not None and isinstance(enc, Encoded):
+            subject, m = self._subject_edit(enc, full, seqs)
+            if subject.detector is not None and m is not None:
+                # m as one more column of every row the neurons are trained and gated on
+                et, extra = split_equivalents(replace(full, q=with_column(full.q, subject.detector.column(m))))
+        caches = self._caches(subject.detector if subject is not None else None)
         proposal: Proposal | None = None
         tries = 0
         train_s = 0.0
@@ -223,13 +324,13 @@ class Patcher:
                 anchors = self.anchors(et, attempt if grow else 0, eq)
                 strength = self.gate_cfg.retry_factor**attempt
                 obj = Objective.from_config(self.train_cfg, self.generation, strength)
-                result = self._train(enc, et, anchors, obj, attempt, eq)
+                result = self._train(enc, et, anchors, obj, attempt, caches, eq)
                 train_s += result.seconds
                 tries += 1
                 for neurons, saturation in self._as_run(result.neurons, et):
                     # the stop rule is the trainer's proxy; the gate has the final word (a neuron that still
                     # fires on a memory row is kept only if no held-out prediction and no earlier edit moved)
-                    verdict = self._gate(neurons, et, enc, edit_id)
+                    verdict = self._gate(neurons, et, enc, edit_id, caches, subject)
                     proposal = Proposal(edit_id, et, neurons, result, verdict, tries, 0.0, saturation)
                     history.append(
                         {
@@ -247,11 +348,82 @@ class Patcher:
                 break
         assert proposal is not None
         if not proposal.accepted and proposal.gate.reliable and self._band_applies():
-            proposal = self._banded(proposal, enc)
+            proposal = self._banded(proposal, enc, caches, subject)
         proposal.seconds = time.perf_counter() - t0
         proposal.train_seconds = train_s
         proposal.tries = history
+        proposal.subject = subject
         return proposal
+
+    def _subject_edit(
+        self, enc: Encoded, full: EditTensors, seqs: Sequences
+    ) -> tuple[SubjectEdit, torch.Tensor | None]:
+        """The edit's layer-L_s rows, and its subject detector with m [R] at every row of `full`
+        (the edit's and its copies'), or no detector when none separates it from the memory.
+
+        The positive rows: the prompt's token least like any memory row (subject.locate_token),
+        at its last occurrence in each example's prompt (the edit, its context and chat copies,
+        its equivalents); the negatives: every position of every memory sequence."""
+        assert self.subject is not None and full.group is not None and enc.prompts is not None
+        group, t_all = full.group, enc.rows_t.to(full.group.device)
+        edit = SubjectEdit(Sequences(seqs.g[:1], seqs.valid[:1]), t_all[group == 0], None)
+        neg = self.subject.memory.rows()
+        if not neg.shape[0]:
+            return edit, None
+        prompt = enc.prompts[0]
+        token = int(prompt[locate_token(seqs.g[0, : prompt.numel()], neg)])
+        positives = []
+        for i, p in enumerate(enc.prompts):
+            hits = (p[1:] == token).nonzero().flatten()  # position 0 never (see locate_token)
+            if hits.numel():
+                positives.append(seqs.g[i, 1 + int(hits[-1])])
+        fit = fit_detector(torch.stack(positives), neg) if positives else None
+        if fit is None:
+            return edit, None
+        edit.detector = Detector(fit[0], fit[1], self._subject_scale())
+        return edit, seqs.prefix_max(fit[0], fit[1], group, t_all)
+
+    def _subject_scale(self) -> float:
+        """The width of m's column: the mean norm of M's base rows, so that the key's subject term
+        moves as much per training step as its q part does."""
+        base = self.memory.view()[: self._memory_base]
+        return float(base.norm(dim=1).mean()) if base.shape[0] else 1.0
+
+    def _caches(self, detector: Detector | None) -> Caches:
+        """The caches to train and gate against; with a detector, m as one more column of each."""
+        memory, retention, heldout, whiten = self.memory.view(), self.retention, self.heldout, self.whitening()
+        if detector is None or self.subject is None:
+            return Caches(memory, retention, heldout, whiten)
+        sub, w, a = self.subject, detector.w, detector.a
+        if sub.memory_refs.seq.shape[0] != memory.shape[0]:
+            raise RuntimeError(f"{sub.memory_refs.seq.shape[0]} sequence refs for {memory.shape[0]} memory rows")
+        m = sub.memory.prefix_max(w, a, sub.memory_refs.seq, sub.memory_refs.t)  # [N]
+        if whiten is not None:
+            base = self.memory.view()[: self._memory_base]
+            whiten = whitening_with(whiten, base, detector.column(m[: self._memory_base])[:, 0], self._ridge)
+        memory = with_column(memory, detector.column(m))
+        if retention is not None:
+            refs = sub.retention_refs
+            retention = replace(
+                retention, q=with_column(retention.q, detector.column(sub.memory.prefix_max(w, a, refs.seq, refs.t)))
+            )
+        if heldout is not None:
+            refs = sub.heldout_refs
+            heldout = replace(
+                heldout, q=with_column(heldout.q, detector.column(sub.heldout.prefix_max(w, a, refs.seq, refs.t)))
+            )
+        return Caches(memory, retention, heldout, whiten)
+
+    def _layer_neurons(
+        self, nr: Neurons, subject: SubjectEdit | None
+    ) -> tuple[Neurons, tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None]:
+        """Trained neurons as the layer holds them: keys [n, d] and, for subject neurons (keys
+        [n, d + 1], the last entry on m's column), the detectors (w [n, d_s], a [n], c [n])."""
+        if subject is None or subject.detector is None:
+            return nr, None
+        det, n = subject.detector, nr.n
+        gains = nr.keys[:, -1] * det.scale  # k_last * (scale * m) = c * m
+        return Neurons(nr.keys[:, :-1], nr.biases, nr.values), (det.w.expand(n, -1), det.a.expand(n), gains)
 
     def _band_applies(self) -> bool:
         """The band is the last try of a relu-cap edit that the gate refused only because its
@@ -260,27 +432,37 @@ class Patcher:
         cfg = self.train_cfg
         return cfg.activation == "relu-cap" and cfg.band > 0 and (not self.generation or cfg.band_generation)
 
-    def _banded(self, proposal: Proposal, enc: Encoded | EditTensors) -> Proposal:
+    def _banded(
+        self, proposal: Proposal, enc: Encoded | EditTensors, caches: Caches, subject: SubjectEdit | None
+    ) -> Proposal:
         """The last attempt's trained neurons as a band around the edit (saturation.band), gated;
         the configured width first, then a narrower one (FEVER's 78 locality refusals of a 10,000-edit
         stream, each edit alone: 0.05 keeps 72, 0.02 keeps 77; docs/results/scale-20/)."""
         et = proposal.edit
         for width in (self.train_cfg.band, self.train_cfg.band * BAND_NARROWER):
             neurons = band(proposal.train.neurons, et.q, width)
-            verdict = self._gate(neurons, et, enc, proposal.edit_id)
+            verdict = self._gate(neurons, et, enc, proposal.edit_id, caches, subject)
             if verdict.passed:
                 return Proposal(
                     proposal.edit_id, et, neurons, proposal.train, verdict, proposal.attempts, 0.0, None, banded=True
                 )
         return proposal  # the refused verdict of the regular attempts stands
 
-    def _gate(self, nr: Neurons, et: EditTensors, enc: Encoded | EditTensors, edit_id: str) -> gating.GateResult:
+    def _gate(
+        self,
+        nr: Neurons,
+        et: EditTensors,
+        enc: Encoded | EditTensors,
+        edit_id: str,
+        caches: Caches,
+        subject: SubjectEdit | None = None,
+    ) -> gating.GateResult:
         """The gate's verdict on candidate neurons; on a generator with the edit encoded (not only
         cached), a passing candidate must also make real greedy generate() give the target."""
         cfg = self.train_cfg
-        verdict = gating.check(nr, cfg.activation, et, self.retention, self.heldout, self.tail, self.gate_cfg)
+        verdict = gating.check(nr, cfg.activation, et, caches.retention, caches.heldout, self.tail, self.gate_cfg)
         if verdict.passed and self.generation and not isinstance(enc, EditTensors):
-            if not self._generates(enc, nr, edit_id):
+            if not self._generates(enc, nr, edit_id, subject):
                 verdict.passed = False
                 verdict.reasons.append("generate: greedy output differs from the target")
         return verdict
@@ -299,6 +481,7 @@ class Patcher:
         anchors: torch.Tensor,
         obj: Objective,
         attempt: int,
+        caches: Caches,
         extra: EditTensors | None = None,
     ) -> TrainResult:
         seed = self.train_cfg.seed + attempt
@@ -320,13 +503,13 @@ class Patcher:
         return train_cached(
             et,
             anchors,
-            self.memory.view(),
+            caches.memory,
             self.tail,
             cfg,
             obj,
             trained_as(cfg.activation),
             seed,
-            whiten=self.whitening(),
+            whiten=caches.whiten,
             extra=extra,
             fast=self.fast_tail if cfg.fast_tail else None,
         )
@@ -337,13 +520,16 @@ class Patcher:
         if self.train_cfg.init != "fisher" or self._memory_base < 2:
             return None
         if self._whiten is None:
-            self._whiten = whitening(self.memory.view()[: self._memory_base])
+            base = self.memory.view()[: self._memory_base]
+            self._whiten = whitening(base, RIDGE)
+            self._ridge = RIDGE * float(base.var(dim=0).mean())  # the absolute ridge whitening() added
         return self._whiten
 
-    def _generates(self, enc: Encoded, nr: Neurons, edit_id: str) -> bool:
+    def _generates(self, enc: Encoded, nr: Neurons, edit_id: str, subject: SubjectEdit | None = None) -> bool:
         """Real greedy generate() with the neurons in place; they are removed again afterwards."""
         assert enc.prompts is not None and enc.target_ids is not None
-        self.wrapper.add(nr.keys, nr.biases, nr.values, edit_id)
+        plain, det = self._layer_neurons(nr, subject)
+        self.wrapper.add(plain.keys, plain.biases, plain.values, edit_id, subject=det)
         try:
             return generates(self.model, enc, self.memory.device)
         finally:
@@ -353,20 +539,30 @@ class Patcher:
         """Apply an accepted proposal: add its neurons, update every cache, extend M."""
         if not proposal.accepted:
             raise ValueError(f"edit {proposal.edit_id}: a rejected proposal is never committed")
-        nr = proposal.neurons
-        self.wrapper.add(nr.keys, nr.biases, nr.values, proposal.edit_id)
-        self._add_to_caches(nr)
+        nr, sub = proposal.neurons, proposal.subject
+        plain, det = self._layer_neurons(nr, sub)
+        caches = self._caches(sub.detector if sub is not None else None)  # before this edit's rows join
+        self.wrapper.add(plain.keys, plain.biases, plain.values, proposal.edit_id, subject=det)
+        self._add_to_caches(nr, caches)
         et = proposal.edit
+        q = et.q[:, :-1] if det is not None else et.q  # a subject edit's rows carry m as their last column
         self._retention.append(
             {
-                "q": et.q,
+                "q": q,
                 "ffn": et.ffn + self._delta(nr, et.q),
                 "residual": et.residual,
                 "targets": et.targets,
                 "group": torch.full_like(et.targets, len(self._edits)),
             }
         )
-        self.memory.append(et.q)
+        self.memory.append(q)
+        if self.subject is not None:
+            if sub is None:
+                raise ValueError("trainer.subject_key: a proposal without the edit's sequence cannot be committed")
+            seq = self.subject.memory.add(sub.seq)
+            ids = torch.full_like(sub.t, seq)
+            self.subject.memory_refs = self.subject.memory_refs.plus(ids, sub.t)
+            self.subject.retention_refs = self.subject.retention_refs.plus(ids, sub.t)
         self._edits.append(proposal.edit_id)
 
     def replay(self, enc: Encoded, edit_id: str, neurons: Neurons) -> gating.GateResult:
@@ -376,6 +572,7 @@ class Patcher:
         result; the neurons are committed either way, because the stored model is the truth.
         Stored neurons may come from the CPU (a file); they are moved to the caches' device here.
         """
+        self._not_subject("replaying stored edits")
         device = self.memory.device
         neurons = Neurons(neurons.keys.to(device), neurons.biases.to(device), neurons.values.to(device))
         et = self.cache(enc)
@@ -398,26 +595,29 @@ class Patcher:
     def _delta(self, nr: Neurons, q: torch.Tensor) -> torch.Tensor:
         return neuron_output(q, nr.keys, nr.biases, nr.values, self.train_cfg.activation)
 
-    def _add_to_caches(self, nr: Neurons) -> None:
+    def _add_to_caches(self, nr: Neurons, caches: Caches) -> None:
+        """The new neurons' output added to the held-out and retention caches; `caches` holds their
+        q as the neurons read them (with m's column for subject neurons)."""
         if self.heldout is not None:
+            hq = caches.heldout.q if caches.heldout is not None else self.heldout.q
             h = self.heldout = replace(self.heldout)  # a new object: checkpoints keep the old one
             # only rows where the new neurons fire can change; predictions_with skips the rest
-            h.pred, _ = gating.predictions_with(
-                nr, self.train_cfg.activation, h.q, h.ffn, h.residual, self.tail, h.pred
-            )
-            h.ffn = h.ffn + self._delta(nr, h.q)
+            h.pred, _ = gating.predictions_with(nr, self.train_cfg.activation, hq, h.ffn, h.residual, self.tail, h.pred)
+            h.ffn = h.ffn + self._delta(nr, hq)
         if len(self._retention):
             # in place, and only the rows where a new neuron fires: elsewhere its output is exactly
             # 0 (relu, relu-cap), so the other rows would not change by a bit; the act @ values
             # product is what neuron_output computes, on those rows alone
             r = self._retention.view()
-            act = activate(r["q"] @ nr.keys.T + nr.biases, self.train_cfg.activation)  # [R, m]
+            rq = caches.retention.q if caches.retention is not None else r["q"]
+            act = activate(rq @ nr.keys.T + nr.biases, self.train_cfg.activation)  # [R, m]
             rows = (act != 0).any(1).nonzero().flatten()
             if rows.numel():
                 r["ffn"][rows] += act[rows] @ nr.values
 
     def checkpoint(self) -> Checkpoint:
         """A snapshot of the editing state to roll back to (the retention ffn is copied: it changes in place)."""
+        self._not_subject("checkpoint and rollback")
         n = len(self._retention)
         ffn = self._retention.view()["ffn"].clone() if n else None
         return Checkpoint(len(self.memory), self.heldout, n, ffn, list(self._edits))
@@ -433,6 +633,7 @@ class Patcher:
 
     def export_state(self) -> EditState:
         """The edits' whole effect on this Patcher (see EditState); views, no copies."""
+        self._not_subject("exporting the edit state")
         h = self.heldout
         w = self.wrapper
         return EditState(
@@ -451,6 +652,7 @@ class Patcher:
         """Make a fresh Patcher (base M and held-out cache built, no edit yet) the one that
         exported `state`. Shapes are checked against this Patcher's own caches: a state from
         other memory or held-out inputs is refused, not half applied."""
+        self._not_subject("restoring an edit state")
         if self._edits or self.wrapper.n or len(self.memory) != self._memory_base:
             raise ValueError("restore_state needs a fresh Patcher: edits were already applied")
         h = self.heldout
@@ -474,6 +676,10 @@ class Patcher:
                 {"q": r.q, "ffn": r.ffn, "residual": r.residual, "targets": r.targets, "group": r.group}
             )
         self._edits = list(state.edits)
+
+    def _not_subject(self, what: str) -> None:
+        if self.subject is not None:
+            raise ValueError(f"trainer.subject_key: {what} does not carry subject detectors yet (evaluate only)")
 
     def detach(self) -> None:
         """Remove the wrapper: the model is the untouched base again."""

@@ -35,7 +35,11 @@ def reference_keys(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q / q.pow(2).sum(-1, keepdim=True), torch.zeros(q.shape[0], dtype=q.dtype, device=q.device)
 
 
-def whitening(memory: torch.Tensor, ridge: float = 1e-2) -> tuple[torch.Tensor, torch.Tensor]:
+# the whitening's ridge, relative to the mean variance
+RIDGE = 1e-2
+
+
+def whitening(memory: torch.Tensor, ridge: float = RIDGE) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean mu [d] and regularised inverse covariance P [d, d] of the memory rows.
 
     P (q - mu) is the Fisher direction separating one input from the memory distribution: it

@@ -54,6 +54,7 @@ from torch.utils.hooks import RemovableHandle
 
 from patching.arch import FFNSite
 from patching.config import Activation
+from patching.subject import running_max
 
 
 def activate(pre: torch.Tensor, activation: Activation) -> torch.Tensor:
@@ -158,12 +159,16 @@ def sparse_neuron_output(
     values: torch.Tensor,
     activation: Activation,
     packed: PackedKeys | None = None,
+    extra: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """neuron_output for q [R, d_in], with the value product over only the neurons that fire on
     some row: for relu and relu-cap every other activation is exactly 0, so the sum is the same.
-    `packed`: the keys' packed blocks, or None."""
+    `packed`: the keys' packed blocks, or None; `extra` [R, n]: added to the pre-activations (the
+    subject term c * m of subject neurons, patching/subject.py)."""
     rows = q.shape[0]
     pre = key_product(q, keys, biases, packed)  # [R, n], a new tensor
+    if extra is not None:
+        pre = pre + extra.to(pre.dtype)
     if activation != "gelu" and not pre.requires_grad:
         # in place, the same values as activate(): another [R, n] tensor is a fresh allocation
         # per call, large enough to be mapped and faulted in anew (~0.3 ms at 16 x 9,221)
@@ -196,16 +201,19 @@ def patch_at(
     neurons: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
     activation: Activation,
     packed: PackedKeys | None = None,
+    extra: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """out [B, T, d] + the neurons' output for q [B, T, d], at the `read` positions only
-    (`packed`: the keys' packed blocks, or None)."""
+    (`packed`: the keys' packed blocks, or None; `extra` [B, T, n]: added to the pre-activations)."""
     keys, biases, values = neurons
     if read is None or q.ndim != 3:
         flat = q.reshape(-1, q.shape[-1])  # [B*T, d]
-        delta = sparse_neuron_output(flat, keys, biases, values, activation, packed)
+        ex = extra.reshape(flat.shape[0], -1) if extra is not None else None
+        delta = sparse_neuron_output(flat, keys, biases, values, activation, packed, ex)
         return out + delta.reshape(out.shape).to(out.dtype)
     qr = q[:, read]  # [B, k, d]
-    delta = sparse_neuron_output(qr.reshape(-1, q.shape[-1]), keys, biases, values, activation, packed)
+    ex = extra[:, read].reshape(-1, extra.shape[-1]) if extra is not None else None
+    delta = sparse_neuron_output(qr.reshape(-1, q.shape[-1]), keys, biases, values, activation, packed, ex)
     out = out.clone()  # the base's output stays as it was (autograd may hold it)
     out[:, read] += delta.reshape(qr.shape[0], qr.shape[1], -1).to(out.dtype)
     return out
@@ -250,6 +258,17 @@ class PatchedFFN(nn.Module):
         self._spare: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         # when a list: each forward appends q at the positions it reads, [B, k, d] (patching/provenance.py)
         self.tap: list[torch.Tensor] | None = None
+        # subject neurons (patching/subject.py): (w [n, d_s], a [n], c [n]) per neuron, zeros for an
+        # ordinary one; None while no neuron has a detector. attach_subject hooks layer L_s, whose
+        # pre-hook leaves the running max m [B, T, n] in `_m` for this forward; `_carry` [B, n] is
+        # m at the last position of the previous call, used when that call's sequences go on
+        # (decoding with a KV cache: `continuing`, set with `valid` by the model's pre-hook)
+        self.det: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self.subject_layer: int | None = None
+        self._m: torch.Tensor | None = None
+        self._carry: torch.Tensor | None = None
+        self.continuing = False
+        self.mask: torch.Tensor | None = None  # [B, past + T] the call's attention mask, if given
 
     @property
     def n(self) -> int:
@@ -264,8 +283,14 @@ class PatchedFFN(nn.Module):
         read, self.read = (None if self.dense else self.read), None
         if self.tap is not None:
             self.tap.append((q if read is None or q.ndim != 3 else q[:, read]).detach().float())
+        extra = None
+        if self.det is not None and self.n:
+            m, self._m = self._m, None
+            if m is None or m.shape[-1] != self.n:
+                raise RuntimeError("subject neurons ran without the running max of their layer (attach_subject)")
+            extra = m * self.det[2].to(m)  # [B, T, n]: c * m
         if self.n:
-            out = patch_at(out, q, read, self._neurons(q.dtype), self.activation, self._packed(q.dtype))
+            out = patch_at(out, q, read, self._neurons(q.dtype), self.activation, self._packed(q.dtype), extra)
         if self.candidate is not None:
             # trained as its activation trains (a relu-cap neuron is capped after)
             out = patch_at(out, q.float(), read, self.candidate, trained_as(self.activation))
@@ -294,11 +319,29 @@ class PatchedFFN(nn.Module):
     def _pack_valid(self) -> bool:
         return self._pack_of is not None and self._pack_of[0] is self.keys and self._pack_of[1] == self.keys._version
 
-    def add(self, keys: torch.Tensor, biases: torch.Tensor, values: torch.Tensor, edit_id: str) -> None:
-        """Append neurons keys [m, d], biases [m], values [m, d], all belonging to `edit_id`."""
+    def subject_scores(self, g: torch.Tensor) -> torch.Tensor:
+        """Detector scores w . g + a [B, T, n] of layer L_s's input g [B, T, d_s]."""
+        assert self.det is not None
+        w, a, _ = self.det
+        return g.float() @ w.T + a
+
+    def add(
+        self,
+        keys: torch.Tensor,
+        biases: torch.Tensor,
+        values: torch.Tensor,
+        edit_id: str,
+        subject: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    ) -> None:
+        """Append neurons keys [m, d], biases [m], values [m, d], all belonging to `edit_id`;
+        `subject`: their detectors (w [m, d_s], a [m], c [m]) when they are subject neurons."""
         if keys.ndim != 2 or keys.shape != values.shape or biases.shape != (keys.shape[0],):
             raise ValueError(f"bad neuron shapes {tuple(keys.shape)} {tuple(biases.shape)} {tuple(values.shape)}")
         n, m = self.n, int(keys.shape[0])
+        if subject is not None or self.det is not None:
+            if subject is not None and self.subject_layer is None:
+                raise ValueError("subject neurons need attach_subject first")
+            self._add_subject(n, m, subject)
         packed_before = self._pack_valid()
         grow = self._spare is None or self._spare[0].shape[0] < n + m
         if (
@@ -331,6 +374,19 @@ class PatchedFFN(nn.Module):
         if packed_before:  # rows [0, n) are as they were packed
             self._pack_of = (self.keys, self.keys._version)
 
+    def _add_subject(self, n: int, m: int, subject: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None) -> None:
+        """Grow the detectors by m rows (zeros for ordinary neurons: m = 0, c = 0, no effect)."""
+        ref = self.keys
+        if subject is None:
+            assert self.det is not None
+            subject = (self.det[0].new_zeros(m, self.det[0].shape[1]), ref.new_zeros(m), ref.new_zeros(m))
+        w, a, c = (t.detach().to(ref) for t in subject)
+        if w.shape[0] != m or a.shape != (m,) or c.shape != (m,):
+            raise ValueError(f"bad detector shapes {tuple(w.shape)} {tuple(a.shape)} {tuple(c.shape)} for {m} neurons")
+        if self.det is None:
+            self.det = (w.new_zeros(n, w.shape[1]), ref.new_zeros(n), ref.new_zeros(n))
+        self.det = (torch.cat([self.det[0], w]), torch.cat([self.det[1], a]), torch.cat([self.det[2], c]))
+
     def restore(self, keys: torch.Tensor, biases: torch.Tensor, values: torch.Tensor, edit_ids: Sequence[str]) -> None:
         """Put back a whole neuron set at once (a restart from a snapshot, patching/snapshot.py):
         keys [n, d], biases [n], values [n, d] and the edit id of each neuron, into an empty layer."""
@@ -357,6 +413,9 @@ class PatchedFFN(nn.Module):
         self.biases = self.biases.index_select(0, idx)
         self.values = self.values.index_select(0, idx)
         self.edit_ids = [self.edit_ids[i] for i in keep]
+        if self.det is not None:
+            kept = tuple(t.index_select(0, idx) for t in self.det)
+            self.det = (kept[0], kept[1], kept[2]) if bool((kept[2] != 0).any()) else None
         self._cast = None
         return removed
 
@@ -368,12 +427,14 @@ class PatchedFFN(nn.Module):
         """The base layer for a moment, then the same neuron tensors back (no copy): the baseline
         of an overhead measurement and of the base's own answers."""
         keys, biases, values, ids = self.keys, self.biases, self.values, list(self.edit_ids)
+        det = self.det
         self.clear()
         try:
             yield
         finally:
             self.clear()
             self.restore(keys, biases, values, ids)
+            self.det = det
 
 
 _HOOKS: dict[int, list[RemovableHandle]] = {}  # id(PatchedFFN) -> its hooks (ffn_in, the model)
@@ -412,9 +473,13 @@ def attach(site: FFNSite, activation: Activation) -> PatchedFFN:
 
     def set_read(module: nn.Module, _args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         wrapper.read = read_positions(site.spec.kind, kwargs, getattr(module, "config", None))
+        wrapper.continuing = continues(kwargs)
+        mask = kwargs.get("attention_mask")
+        wrapper.mask = mask if isinstance(mask, torch.Tensor) and mask.ndim == 2 else None
 
     def clear_read(_module: nn.Module, _args: tuple[Any, ...], _out: Any) -> None:
         wrapper.read = None  # never left for a later call that bypasses the model's forward
+        wrapper.mask, wrapper.continuing, wrapper._m = None, False, None
 
     hooks.append(site.model.register_forward_pre_hook(set_read, with_kwargs=True))
     hooks.append(site.model.register_forward_hook(clear_read))
@@ -422,6 +487,52 @@ def attach(site: FFNSite, activation: Activation) -> PatchedFFN:
     wrapper.dense = not site.last
     setattr(site.ffn_out_parent, site.ffn_out_name, wrapper)
     return wrapper
+
+
+def continues(kwargs: dict[str, Any]) -> bool:
+    """A top-level forward goes on with the sequences of the previous one: decoding with a KV cache
+    that already holds positions (a Cache object, `cache` in transformers 5, `past_key_values`
+    before; or a cache_position past 0)."""
+    for name in ("cache", "past_key_values"):
+        length = getattr(kwargs.get(name), "get_seq_length", None)
+        if callable(length):
+            return int(length()) > 0
+    position = kwargs.get("cache_position")
+    return isinstance(position, torch.Tensor) and bool(position.numel()) and int(position[0]) > 0
+
+
+def attach_subject(site: FFNSite, wrapper: PatchedFFN, subject_site: FFNSite) -> None:
+    """Hook layer L_s (`subject_site`) so that subject neurons see their running max (idempotent).
+
+    At each forward through layer L_s the detectors score its FFN input g [B, T, d_s] and the
+    running max over the positions so far is left for the patched layer. A continuing call (one
+    decoding step) starts from the carried max of the previous call; any other call starts anew.
+    Greedy and sampled generate() keep their sequences in order; beam search reorders them
+    between steps, which the carried max does not follow."""
+    if wrapper.subject_layer is not None:
+        if wrapper.subject_layer != subject_site.layer_index:
+            raise ValueError(f"subject neurons read layer {wrapper.subject_layer}, not {subject_site.layer_index}")
+        return
+    if subject_site.layer_index >= site.layer_index:
+        raise ValueError("the subject layer must lie below the patched layer")
+
+    def on_g(_module: nn.Module, args: tuple[Any, ...]) -> None:
+        if wrapper.det is None or not wrapper.n:
+            wrapper._carry = None
+            return
+        g = args[0]  # [B, T, d_s]
+        d = wrapper.subject_scores(g)
+        mask = wrapper.mask
+        valid = mask[:, -g.shape[1] :].bool() if mask is not None and mask.shape[1] >= g.shape[1] else None
+        carry = wrapper._carry
+        if not wrapper.continuing or carry is None or carry.shape != (g.shape[0], wrapper.n):
+            carry = None
+        m = running_max(d, valid, carry)
+        wrapper._m = m
+        wrapper._carry = m[:, -1]
+
+    _HOOKS[id(wrapper)].append(subject_site.ffn_in.register_forward_pre_hook(on_g))
+    wrapper.subject_layer = subject_site.layer_index
 
 
 def patched(site: FFNSite) -> PatchedFFN | None:

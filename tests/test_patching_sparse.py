@@ -101,8 +101,8 @@ def test_only_the_read_positions_are_computed_and_the_value_product_only_for_fir
     seen: list[tuple[int, int]] = []
     real = layer.sparse_neuron_output
 
-    def spy(q, keys, biases, values, activation, packed=None):
-        out = real(q, keys, biases, values, activation, packed)
+    def spy(q, keys, biases, values, activation, packed=None, extra=None):
+        out = real(q, keys, biases, values, activation, packed, extra)
         seen.append((q.shape[0], int(layer.activate(q @ keys.T + biases, activation).any(0).sum())))
         return out
 

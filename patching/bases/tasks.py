@@ -265,8 +265,9 @@ class TaskAdapter:
         return patcher
 
     def _cache_path(self, patcher: Patcher, memory: Sequence[ModelInput], heldout: Sequence[ModelInput]) -> Path | None:
-        if patcher.wrapper.n:
-            return None  # the cache holds the unpatched model's tensors only
+        if patcher.wrapper.n or patcher.subject is not None:
+            # the cache holds the unpatched model's tensors only, without layer L_s's rows
+            return None
         return self._keyed_path(
             "activations",
             ".safetensors",

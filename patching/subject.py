@@ -1,0 +1,239 @@
+"""A key that also reads the subject (issue 21; docs/results/levers-21.md, "A key that also reads
+the subject"). Off by default: `trainer.subject_key`.
+
+On CounterFact the patched layer's input at the last position carries the relation, not the
+entity, so a neuron keyed on it alone either misses the edit's paraphrases or fires on other
+subjects' facts (GR 0.21 in the probe). A subject neuron p adds a second, causal term:
+
+    pre_p(t) = k_p . h_t + c_p * m_p(t) + b_p
+    m_p(t)   = clamp(max over s <= t of (w_p . g_s + a_p), -1, 1)
+
+h: the patched FFN's input; g: the FFN input of layer L_s (about half depth), where the entity is
+still legible; (w_p, a_p): a linear detector of the edit's subject, fitted once per edit and
+scaled so that every training row's subject token scores >= +1 and every memory position <= -1.
+m is a running max, so it needs one state per sequence and neuron in decoding (layer.py keeps it
+beside the KV cache) and is fixed per cached row: the cached trainer trains [k, c] as an ordinary
+key over the row [h, m] (engine.py appends m as one more column).
+
+The detector's positive is the subject's token, found without being told which: the prompt's
+token whose layer-L_s row is least like any memory row (the lowest max cosine), the token found
+in 36 of 39 CounterFact probes inside the subject.
+
+This module holds the pure tensor functions and the store of layer-L_s rows per sequence.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# m is clamped to [FLOOR, 1]: a padded position scores FLOOR and never raises the max
+FLOOR = -1.0
+
+
+def running_max(d: torch.Tensor, valid: torch.Tensor | None = None, carry: torch.Tensor | None = None) -> torch.Tensor:
+    """d [B, T, n] detector scores -> m [B, T, n] = clamp(max over s <= t, FLOOR, 1).
+
+    valid [B, T] (False: padding) and carry [B, n] (m at the last position of the previous call of
+    the same sequences: decoding with a KV cache) are optional."""
+    d = d.clamp(FLOOR, 1.0)
+    if valid is not None:
+        d = d.masked_fill(~valid[..., None], FLOOR)
+    if carry is not None:
+        d = torch.maximum(d, carry[:, None].to(d))  # max(carry, cummax d) = cummax(max(d, carry))
+    return d.cummax(1).values
+
+
+def locate_token(g: torch.Tensor, memory: torch.Tensor, chunk: int = 16384) -> int:
+    """g [P, d] rows of a prompt, memory [N, d] -> the position (>= 1) least like any memory row
+    (lowest max cosine). Position 0 is skipped: a first token's row is far from everything."""
+    if g.shape[0] < 2:
+        return 0
+    unit = F.normalize(g[1:].float(), dim=1)  # [P-1, d]
+    near = torch.full((unit.shape[0],), -2.0, device=g.device)
+    for i in range(0, memory.shape[0], chunk):
+        block = F.normalize(memory[i : i + chunk].float(), dim=1)
+        near = torch.maximum(near, (unit @ block.T).amax(1))
+    return 1 + int(near.argmin())
+
+
+def fit_detector(
+    pos: torch.Tensor, neg: torch.Tensor, l2: float = 1e-3, iterations: int = 60
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """A class-balanced L2 logistic fit of pos [P, d] against neg [N, d], scaled so that the weakest
+    positive scores +1 and the strongest negative -1: (w [d], a [], 0-dim). None when no threshold
+    separates them (the edit then gets an ordinary neuron)."""
+    pos, neg = pos.float(), neg.float()
+    mu, sd = neg.mean(0), neg.std(0) + 1e-4  # standardised: LBFGS converges in tens of steps
+    x = torch.cat([(pos - mu) / sd, (neg - mu) / sd])
+    y = torch.cat([torch.ones(len(pos)), torch.zeros(len(neg))]).to(x)
+    weight = torch.cat([torch.full((len(pos),), len(neg) / len(pos)), torch.ones(len(neg))]).to(x)
+    w = torch.zeros(x.shape[1], device=x.device, requires_grad=True)
+    b = torch.zeros((), device=x.device, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], max_iter=iterations, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = F.binary_cross_entropy_with_logits(x @ w + b, y, weight=weight) + l2 * w.pow(2).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)  # type: ignore[no-untyped-call]
+    k = w.detach() / sd  # back to raw rows: score = row . k + a
+    a = b.detach() - (mu * k).sum()
+    lo, hi = float((neg @ k).max() + a), float((pos @ k).min() + a)
+    if hi <= lo:
+        return None
+    mid, half = (hi + lo) / 2, (hi - lo) / 2
+    return k / half, (a - mid) / half
+
+
+def whitening_with(
+    whiten: tuple[torch.Tensor, torch.Tensor], memory: torch.Tensor, m: torch.Tensor, ridge: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fisher init's (mu [d], P [d, d]) over rows [q, m] instead of q, from the same memory rows
+    memory [N, d] and their m [N], by the block inverse (no new [d+1, d+1] inversion per edit):
+    P_aug = [[P + P s s' P / r, -P s / r], [-s' P / r, 1 / r]], with s = cov(q, m) [d] and
+    r = var(m) + ridge - s' P s (the Schur complement). `ridge` as init.whitening adds it."""
+    mu, prec = whiten
+    mm = m.mean()
+    s = (memory - mu).T @ (m - mm) / max(1, memory.shape[0] - 1)  # [d]
+    ps = prec @ s  # [d]
+    r = ((m - mm).pow(2).sum() / max(1, memory.shape[0] - 1) + ridge - s @ ps).clamp_min(1e-6)
+    top = torch.cat([prec + torch.outer(ps, ps) / r, -ps[:, None] / r], 1)
+    bottom = torch.cat([-ps / r, (1.0 / r)[None]])[None]
+    return torch.cat([mu, mm[None]]), torch.cat([top, bottom])
+
+
+@dataclass
+class Sequences:
+    """Layer-L_s rows of a batch: g [B, T, d_s] and valid [B, T] (False: padding)."""
+
+    g: torch.Tensor
+    valid: torch.Tensor
+
+    def prefix_max(self, w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """m [R] of the detector (w [d_s], a) at rows (example b [R], position t [R])."""
+        d = (self.g @ w + a)[..., None]  # [B, T, 1]
+        return running_max(d, self.valid)[b, t, 0]
+
+
+class SequenceBank:
+    """Layer-L_s rows of every sequence a cached row comes from (memory prompts, held-out inputs,
+    accepted edits), so that a new detector's m can be computed at every cached row: rows
+    [P_total, d_s] stored sequence after sequence, grown by doubling like MemoryBank."""
+
+    def __init__(self, dim: int, device: torch.device, capacity: int = 8192):
+        self._rows = torch.empty(capacity, dim, device=device)  # [capacity, d_s]
+        self._n = 0
+        self.starts: list[int] = []
+        self.lengths: list[int] = []
+        self._index: torch.Tensor | None = None  # [S, T_max] row of each (sequence, position); -1 pad
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def add(self, seqs: Sequences) -> int:
+        """Append every sequence of a batch; returns the id of the first (ids are consecutive)."""
+        first = len(self.starts)
+        for i in range(seqs.g.shape[0]):
+            rows = seqs.g[i][seqs.valid[i]]  # right padding: positions 0..len-1
+            m = int(rows.shape[0])
+            if self._n + m > self._rows.shape[0]:
+                grown = self._rows.new_empty(max(2 * self._rows.shape[0], self._n + m), self._rows.shape[1])
+                grown[: self._n] = self._rows[: self._n]
+                self._rows = grown
+            self._rows[self._n : self._n + m] = rows.float()
+            self.starts.append(self._n)
+            self.lengths.append(m)
+            self._n += m
+        self._index = None
+        return first
+
+    def truncate(self, sequences: int) -> None:
+        if sequences < len(self.starts):
+            self._n = self.starts[sequences]
+            del self.starts[sequences:], self.lengths[sequences:]
+            self._index = None
+
+    def rows(self, limit: int | None = None) -> torch.Tensor:
+        """The rows of the first `limit` sequences (all: None) [P, d_s], a view."""
+        end = self._n if limit is None or limit >= len(self.starts) else self.starts[limit]
+        return self._rows[:end]
+
+    def prefix_max(self, w: torch.Tensor, a: torch.Tensor, seq: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """m [R] of the detector (w [d_s], a) at rows (sequence id seq [R], position t [R])."""
+        if self._index is None or self._index.shape[0] != len(self.starts):
+            width = max(self.lengths, default=1)
+            pos = torch.arange(width, device=self._rows.device)
+            start = torch.tensor(self.starts, device=pos.device)[:, None]
+            length = torch.tensor(self.lengths, device=pos.device)[:, None]
+            self._index = torch.where(pos < length, start + pos, -1)  # [S, T_max]
+        scores = torch.cat([self._rows[: self._n] @ w + a, scores_pad(w)])  # [P + 1]: index -1 = FLOOR
+        d = scores[self._index][..., None]  # [S, T_max, 1]
+        return running_max(d, self._index >= 0)[seq, t, 0]
+
+
+def scores_pad(w: torch.Tensor) -> torch.Tensor:
+    return torch.full((1,), FLOOR, dtype=w.dtype, device=w.device)
+
+
+@contextmanager
+def inputs_of(module: nn.Module) -> Iterator[list[torch.Tensor]]:
+    """The first input of every forward of `module` while the block runs (g for layer L_s)."""
+    got: list[torch.Tensor] = []
+
+    def hook(_m: nn.Module, args: tuple[Any, ...]) -> None:
+        got.append(args[0].detach().float())
+
+    handle = module.register_forward_pre_hook(hook)
+    try:
+        yield got
+    finally:
+        handle.remove()
+
+
+@dataclass
+class Refs:
+    """Where each cached row of a set comes from: sequence id seq [R] in a SequenceBank and its
+    position t [R] there, in the set's row order."""
+
+    seq: torch.Tensor
+    t: torch.Tensor
+
+    @staticmethod
+    def empty(device: torch.device) -> Refs:
+        none = torch.zeros(0, dtype=torch.long, device=device)
+        return Refs(none, none.clone())
+
+    def plus(self, seq: torch.Tensor, t: torch.Tensor) -> Refs:
+        return Refs(torch.cat([self.seq, seq.to(self.seq)]), torch.cat([self.t, t.to(self.t)]))
+
+    def head(self, rows: int) -> Refs:
+        return Refs(self.seq[:rows], self.t[:rows])
+
+
+@dataclass(frozen=True)
+class Detector:
+    """One edit's subject detector: m = clamp(running max of w . g + a, -1, 1); `scale` is the
+    width of m's column beside q in the cached rows (so the trained key's last entry is c / scale)."""
+
+    w: torch.Tensor  # [d_s]
+    a: torch.Tensor  # [] 0-dim
+    scale: float
+
+    def column(self, m: torch.Tensor) -> torch.Tensor:
+        """m [R] -> the column [R, 1] appended to q."""
+        return (m * self.scale)[:, None]
+
+
+def with_column(q: torch.Tensor, column: torch.Tensor) -> torch.Tensor:
+    """q [R, d], column [R, 1] -> [R, d + 1]."""
+    return torch.cat([q, column.to(q)], 1)

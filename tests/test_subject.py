@@ -1,0 +1,265 @@
+"""The subject key (patching/subject.py): its tensor functions, the layer's running max in a real
+forward and in generate() with a KV cache, and sequential subject edits through the engine."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers as T
+
+from daemon.settings import SettingsError, load_settings
+from patching.arch import locate
+from patching.capture import capture
+from patching.config import GateConfig, TrainConfig
+from patching.encode import Encoded, generation_ids
+from patching.engine import Patcher
+from patching.layer import attach, attach_subject, continues, neuron_output
+from patching.subject import SequenceBank, Sequences, fit_detector, locate_token, running_max, whitening_with
+
+VOCAB = 200
+
+
+def llama(layers: int = 4, seed: int = 0) -> T.LlamaForCausalLM:
+    torch.manual_seed(seed)
+    cfg = T.LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        intermediate_size=64,
+        max_position_embeddings=128,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    return T.LlamaForCausalLM(cfg).eval()
+
+
+def test_running_max_goes_on_from_its_carry_and_ignores_padding() -> None:
+    g = torch.Generator().manual_seed(0)
+    d = torch.randn(3, 9, 5, generator=g) * 2
+    whole = running_max(d)
+    first = running_max(d[:, :4])
+    rest = running_max(d[:, 4:], carry=first[:, -1])
+    assert torch.equal(torch.cat([first, rest], 1), whole)  # one decoding step at a time = the whole prompt
+    assert float(whole.max()) <= 1.0 and float(whole.min()) >= -1.0
+    valid = torch.ones(3, 9, dtype=torch.bool)
+    valid[0, :3] = False  # left padding
+    big = d.clone()
+    big[0, :3] = 50.0  # padding that would fire if read
+    masked = running_max(big, valid)
+    assert torch.equal(masked[0, 3:], running_max(d[:1, 3:])[0])
+
+
+def test_the_detector_puts_every_positive_above_one_and_every_negative_below_minus_one() -> None:
+    g = torch.Generator().manual_seed(1)
+    neg = torch.randn(500, 16, generator=g)
+    pos = torch.randn(12, 16, generator=g) * 0.3 + 3.0 * torch.nn.functional.one_hot(torch.tensor(4), 16)
+    fit = fit_detector(pos, neg)
+    assert fit is not None
+    w, a = fit
+    assert float((pos @ w + a).min()) >= 1.0 - 1e-4
+    assert float((neg @ w + a).max()) <= -1.0 + 1e-4
+    assert fit_detector(neg[:5], neg) is None  # the positives are memory rows: nothing separates them
+
+
+def test_the_locator_finds_the_row_unlike_any_memory_row() -> None:
+    g = torch.Generator().manual_seed(2)
+    memory = torch.randn(300, 8, generator=g)
+    prompt = memory[[7, 8, 9, 10]].clone() + 0.01
+    prompt[2] = torch.randn(8, generator=g) * 5  # the new entity
+    assert locate_token(prompt, memory) == 2
+    prompt[0] = -memory[0] * 9  # position 0 is never taken (it is far from everything)
+    assert locate_token(prompt, memory) == 2
+
+
+def test_whitening_with_a_column_equals_inverting_the_whole_covariance() -> None:
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(400, 6, generator=g) @ torch.randn(6, 6, generator=g)
+    m = torch.tanh(q[:, 0] + torch.randn(400, generator=g))
+    ridge = 0.05
+    x = q - q.mean(0)
+    prec = torch.linalg.inv(x.T @ x / 399 + ridge * torch.eye(6))
+    mu_aug, p_aug = whitening_with((q.mean(0), prec), q, m, ridge)
+    full = torch.cat([q, m[:, None]], 1)
+    xf = full - full.mean(0)
+    direct = torch.linalg.inv(xf.T @ xf / 399 + ridge * torch.eye(7))
+    assert torch.allclose(mu_aug, full.mean(0), atol=1e-5)
+    assert torch.allclose(p_aug, direct, atol=1e-3, rtol=1e-3)
+
+
+def test_the_sequence_bank_gives_the_running_max_of_each_rows_own_prefix() -> None:
+    g = torch.Generator().manual_seed(4)
+    bank = SequenceBank(5, torch.device("cpu"), capacity=4)  # grows
+    rows = torch.randn(2, 6, 5, generator=g)
+    valid = torch.tensor([[True] * 6, [True] * 3 + [False] * 3])
+    first = bank.add(Sequences(rows, valid))
+    w, a = torch.randn(5, generator=g), torch.tensor(0.1)
+    seq, t = torch.tensor([first, first, first + 1]), torch.tensor([2, 5, 2])
+    want = Sequences(rows, valid).prefix_max(w, a, seq - first, t)
+    assert torch.equal(bank.prefix_max(w, a, seq, t), want)
+    assert len(bank) == 2 and bank.rows().shape == (9, 5)
+
+
+def subject_model(seed: int = 0) -> tuple[T.LlamaForCausalLM, int]:
+    """A 4-layer llama with 6 subject neurons on the last FFN reading layer 2, strong enough to
+    change greedy outputs; returns the model and d."""
+    model = llama(seed=seed)
+    site = locate(model)
+    wrapper = attach(site, "relu-cap")
+    attach_subject(site, wrapper, locate(model, layer=2))
+    g = torch.Generator().manual_seed(seed + 10)
+    d = site.hidden_size
+    keys, biases = torch.randn(6, d, generator=g) * 0.3, torch.zeros(6)
+    values = torch.randn(6, d, generator=g) * 8
+    w, a, c = torch.randn(6, d, generator=g), torch.randn(6, generator=g), torch.full((6,), 2.0)
+    wrapper.add(keys, biases, values, "e", subject=(w, a, c))
+    return model, d
+
+
+def test_a_forward_with_subject_neurons_equals_the_cached_rows_with_m_as_a_column() -> None:
+    model, d = subject_model()
+    site = locate(model)
+    wrapper = site.ffn_out
+    ids = torch.randint(3, VOCAB, (3, 11), generator=torch.Generator().manual_seed(5))
+    g_site = locate(model, layer=2)
+    got: list[torch.Tensor] = []
+    h = g_site.ffn_in.register_forward_pre_hook(lambda _m, args: got.append(args[0].detach()))
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+    h.remove()
+    # the same logits from the cached tensors: base FFN output, q, and m from layer 2's rows
+    with wrapper.without_neurons(), capture(site) as cap, torch.no_grad():
+        model(input_ids=ids)
+    q, ffn, res = cap.require()
+    det = wrapper.det
+    assert det is not None
+    m = running_max(got[-1] @ det[0].T + det[1])  # [B, T, n]
+    pre = q @ wrapper.keys.T + wrapper.biases + det[2] * m
+    delta = pre.clamp(0, 1) @ wrapper.values
+    assert int((pre > 0).sum()) > 0  # the neurons fire somewhere
+    want = site.head(site.final_norm(res + ffn + delta))
+    assert torch.allclose(logits, want, atol=1e-4)
+    # and the engine's form of it: one neuron over [q, m]
+    one = neuron_output(
+        torch.cat([q[0], m[0, :, :1]], -1),
+        torch.cat([wrapper.keys[:1], det[2][:1, None]], 1),
+        wrapper.biases[:1],
+        wrapper.values[:1],
+        "relu-cap",
+    )
+    assert torch.allclose(one, pre[0, :, :1].clamp(0, 1) @ wrapper.values[:1], atol=1e-5)
+
+
+def greedy_without_cache(model: T.LlamaForCausalLM, prompt: torch.Tensor, steps: int) -> torch.Tensor:
+    ids = prompt[None]
+    for _ in range(steps):
+        with torch.no_grad():
+            nxt = model(input_ids=ids, use_cache=False).logits[:, -1].argmax(-1)
+        ids = torch.cat([ids, nxt[:, None]], 1)
+    return ids[0, prompt.numel() :]
+
+
+def test_generate_with_a_kv_cache_carries_the_running_max_across_steps() -> None:
+    model, _ = subject_model(seed=1)
+    wrapper = locate(model).ffn_out
+    prompts = torch.randint(3, VOCAB, (4, 7), generator=torch.Generator().manual_seed(6))
+    for prompt in prompts:
+        out = model.generate(
+            input_ids=prompt[None], attention_mask=torch.ones(1, 7), max_new_tokens=8, do_sample=False, pad_token_id=0
+        )
+        got = out[0, 7:]  # generate() stops at <eos> (2)
+        assert torch.equal(got, greedy_without_cache(model, prompt, 8)[: got.numel()])
+        assert got.numel() == 8 or int(got[-1]) == 2
+    # left-padded batch generation gives each prompt's own answer (padding never raises m)
+    short = prompts[1, 2:]
+    batch = torch.stack([prompts[0], torch.cat([torch.zeros(2, dtype=torch.long), short])])
+    mask = torch.ones_like(batch)
+    mask[1, :2] = 0
+    out = model.generate(input_ids=batch, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    got = out[1, 7:]
+    want = greedy_without_cache(model, short, 6)
+    stop = int((want == 2).nonzero()[0]) + 1 if bool((want == 2).any()) else 6
+    assert torch.equal(got[:stop], want[:stop])
+    # without the subject neurons' gains the answers differ: the carried max is what is tested
+    assert wrapper.det is not None and float(wrapper.det[2].abs().sum()) > 0
+
+
+def gen_batch(prompts: list[torch.Tensor], targets: list[torch.Tensor], all_rows: bool = False) -> Encoded:
+    return generation_ids(prompts, targets, seq2seq=False, pad_id=0, all_rows=all_rows)
+
+
+def test_sequential_subject_edits_hold_in_the_real_model_and_leave_held_out_answers() -> None:
+    model = llama(seed=2)
+    patcher = Patcher(
+        model, train=TrainConfig(subject_key=True, max_steps=300, equivalent_steps=100), gate=GateConfig()
+    )
+    g = torch.Generator().manual_seed(7)
+    memory = [torch.randint(3, VOCAB, (8,), generator=g) for _ in range(120)]
+    heldout = [torch.randint(3, VOCAB, (8,), generator=g) for _ in range(40)]
+    patcher.build_memory(
+        [gen_batch(memory[i : i + 40], [torch.zeros(0, dtype=torch.long)] * 40, True) for i in (0, 40, 80)]
+    )
+    with torch.no_grad():
+        answers = [model(input_ids=p[None]).logits[0, -1].argmax()[None] for p in heldout]
+    patcher.build_heldout([gen_batch(heldout, answers)])
+    assert patcher.subject is not None and len(patcher.subject.memory) == 120
+    detectors = 0
+    edits = []
+    for i in range(6):
+        prompt = torch.randint(3, VOCAB, (8,), generator=g)
+        with torch.no_grad():
+            now = int(model(input_ids=prompt[None]).logits[0, -1].argmax())
+        target = torch.tensor([(now + 1 + i) % (VOCAB - 3) + 3])
+        # the edit and two context copies: the same prompt behind other tokens (as context_prefixes makes)
+        copies = [torch.cat([torch.randint(3, VOCAB, (4,), generator=g), prompt]) for _ in range(2)]
+        enc = gen_batch([prompt, *copies], [target] * 3)
+        out = patcher.edit(enc, edit_id=f"e{i}")
+        assert out.status == "accepted", out.reasons
+        assert out.proposal is not None and out.proposal.subject is not None
+        detectors += out.proposal.subject.detector is not None
+        edits.append((prompt, target))
+    assert detectors >= 3  # most edits found a separable subject token
+    assert patcher.wrapper.det is not None
+    with torch.no_grad():
+        for prompt, target in edits:  # retention, in the real model with the running max in place
+            assert int(model(input_ids=prompt[None]).logits[0, -1].argmax()) == int(target)
+        for p, a in zip(heldout, answers, strict=True):  # locality
+            assert int(model(input_ids=p[None]).logits[0, -1].argmax()) == int(a)
+    assert len(patcher.memory) == len(patcher.subject.memory_refs.seq)
+    with pytest.raises(ValueError, match="subject_key"):
+        patcher.export_state()
+
+
+def test_the_daemon_refuses_the_subject_key_naming_it(tmp_path) -> None:
+    cfg = tmp_path / "patchd.toml"
+    cfg.write_text('[model]\nname = "m"\n[trainer]\nsubject_key = true\n')
+    with pytest.raises(SettingsError, match="trainer.subject_key"):
+        load_settings(cfg, env={})
+
+
+def test_only_a_call_that_goes_on_with_a_filled_cache_continues_the_running_max() -> None:
+    cache = T.DynamicCache()
+    assert not continues({}) and not continues({"cache": cache}) and not continues({"past_key_values": cache})
+    model = llama()
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor([[5, 6, 7]]), use_cache=True)
+    filled = out.past_key_values
+    assert continues({"cache": filled}) and continues({"past_key_values": filled})
+    assert continues({"cache_position": torch.tensor([3])}) and not continues({"cache_position": torch.arange(3)})
+
+
+def test_a_new_prompt_starts_its_running_max_afresh() -> None:
+    model, _ = subject_model(seed=3)
+    wrapper = locate(model).ffn_out
+    b = torch.randint(3, VOCAB, (1, 6), generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        fresh = model(input_ids=b).logits
+        model.generate(
+            input_ids=b + 1, attention_mask=torch.ones_like(b), max_new_tokens=3, do_sample=False, pad_token_id=0
+        )
+        # a carry from the other prompt's last step, as high as it gets: it must not leak in
+        wrapper._carry = torch.ones(1, wrapper.n)
+        again = model(input_ids=b).logits
+    assert torch.equal(fresh, again)
