@@ -68,6 +68,7 @@ class TPatcherEditor:
             equivalents=p.train.equivalents if p else 0,
             saturation=p.saturation if p else None,
             tries=p.tries if p else [],
+            subject=(p.subject.detector is not None) if p and p.subject else None,
         )
 
 

@@ -237,6 +237,7 @@ def run_evaluate(
                     "reasons": rec.reasons,
                     # why a retried edit ended as it did (each gated try), only where there were several
                     **({"tries": rec.tries} if len(rec.tries) > 1 else {}),
+                    **({"subject_detector": rec.subject} if rec.subject is not None else {}),
                 }
             )
             edited.append(ex)
@@ -257,8 +258,8 @@ def run_evaluate(
         interrupted = True
         progress("interrupted: writing the partial report")
     # before the final passes: a second Ctrl-C keeps the edits
-    if patches is not None and isinstance(ed, TPatcherEditor) and sequential:
-        save_patches(patches, ed.patcher)
+    if patches is not None and isinstance(ed, TPatcherEditor) and sequential and ed.patcher.subject is None:
+        save_patches(patches, ed.patcher)  # a subject key's detectors are not in patch files yet: no resume
     if state is not None and hasattr(ed, "state") and sequential:
         write_state(state, replace(ed.state(), rows=len(rows)))
     done = [r for r in rows if "sr" in r]

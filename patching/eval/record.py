@@ -24,6 +24,8 @@ class EditRecord:
     reasons: list[str] = field(default_factory=list)
     # tpatcher: every gated try (equivalents trained, steps, cap, the gate's reasons), engine.Proposal.tries
     tries: list[dict[str, Any]] = field(default_factory=list)
+    # tpatcher with trainer.subject_key: whether the edit got a subject detector (None: not that mode)
+    subject: bool | None = None
 
 
 class Editor(Protocol):
