@@ -348,3 +348,15 @@ def test_the_evaluate_command_ends_with_a_line_not_a_traceback(
     args = ["evaluate", "--base", str(tiny_base(tmp_path)), "--data", str(tiny_data(tmp_path)), "--edits", "1"]
     assert main(args) == code
     assert said in capsys.readouterr().out
+
+
+def test_compare_with_a_missing_or_broken_report_says_which_one(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from daemon.cli import main
+
+    broken = tmp_path / "broken.json"
+    broken.write_text("{not json")
+    for path in (tmp_path / "missing.json", broken):
+        assert main(["evaluate", "--compare", str(path)]) == 2
+        assert f"--compare {path}: not a readable report" in capsys.readouterr().err

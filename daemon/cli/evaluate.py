@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -176,7 +177,13 @@ def _evaluate(args: argparse.Namespace) -> int:
     if args.compare:
         from patching.eval.compare import table
 
-        reports = [json.loads(p.read_text()) for p in args.compare]
+        reports = []
+        for path in args.compare:
+            try:
+                reports.append(json.loads(path.read_text()))
+            except (OSError, ValueError) as exc:
+                print(f"error: --compare {path}: not a readable report ({exc})", file=sys.stderr)
+                return 2
         print(table(reports))
         if args.plot:
             plot_reports(reports, args.plot)
