@@ -167,6 +167,7 @@ class Patcher:
         self._edits: list[str] = []
         self._whiten: tuple[torch.Tensor, torch.Tensor] | None = None
         self._ridge = 0.0  # the fisher whitening's absolute ridge (subject columns reuse it)
+        self._scale: float | None = None  # the subject column's width, from M's base rows (_subject_scale)
         self._memory_base = 0  # rows of M that come from unrelated inputs, not from edits
         self.subject: SubjectCache | None = None
         if self.train_cfg.subject_key:
@@ -236,6 +237,7 @@ class Patcher:
         self.memory.append(rows)
         self._memory_base = len(self.memory)
         self._whiten = None
+        self._scale = None
 
     def build_heldout(self, batches: Iterable[Encoded], with_labels: bool = False) -> int:
         parts: list[EditTensors] = []
@@ -385,9 +387,11 @@ class Patcher:
 
     def _subject_scale(self) -> float:
         """The width of m's column: the mean norm of M's base rows, so that the key's subject term
-        moves as much per training step as its q part does."""
-        base = self.memory.view()[: self._memory_base]
-        return float(base.norm(dim=1).mean()) if base.shape[0] else 1.0
+        moves as much per training step as its q part does. Computed once, as the whitening is."""
+        if self._scale is None:
+            base = self.memory.view()[: self._memory_base]
+            self._scale = float(base.norm(dim=1).mean()) if base.shape[0] else 1.0
+        return self._scale
 
     def _caches(self, detector: Detector | None) -> Caches:
         """The caches to train and gate against; with a detector, m as one more column of each."""

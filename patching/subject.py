@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from patching.memory_bank import MemoryBank
+
 # m is clamped to [FLOOR, 1]: a padded position scores FLOOR and never raises the max
 FLOOR = -1.0
 
@@ -128,11 +130,10 @@ class Sequences:
 class SequenceBank:
     """Layer-L_s rows of every sequence a cached row comes from (memory prompts, held-out inputs,
     accepted edits), so that a new detector's m can be computed at every cached row: rows
-    [P_total, d_s] stored sequence after sequence, grown by doubling like MemoryBank."""
+    [P_total, d_s] stored sequence after sequence in a MemoryBank (grown by doubling)."""
 
-    def __init__(self, dim: int, device: torch.device, capacity: int = 8192):
-        self._rows = torch.empty(capacity, dim, device=device)  # [capacity, d_s]
-        self._n = 0
+    def __init__(self, dim: int, device: torch.device):
+        self._rows = MemoryBank(dim, torch.float32, device)
         self.starts: list[int] = []
         self.lengths: list[int] = []
         self._index: torch.Tensor | None = None  # [S, T_max] row of each (sequence, position); -1 pad
@@ -145,44 +146,28 @@ class SequenceBank:
         first = len(self.starts)
         for i in range(seqs.g.shape[0]):
             rows = seqs.g[i][seqs.valid[i]]  # right padding: positions 0..len-1
-            m = int(rows.shape[0])
-            if self._n + m > self._rows.shape[0]:
-                grown = self._rows.new_empty(max(2 * self._rows.shape[0], self._n + m), self._rows.shape[1])
-                grown[: self._n] = self._rows[: self._n]
-                self._rows = grown
-            self._rows[self._n : self._n + m] = rows.float()
-            self.starts.append(self._n)
-            self.lengths.append(m)
-            self._n += m
+            self.starts.append(len(self._rows))
+            self.lengths.append(int(rows.shape[0]))
+            self._rows.append(rows)
         self._index = None
         return first
 
-    def truncate(self, sequences: int) -> None:
-        if sequences < len(self.starts):
-            self._n = self.starts[sequences]
-            del self.starts[sequences:], self.lengths[sequences:]
-            self._index = None
-
-    def rows(self, limit: int | None = None) -> torch.Tensor:
-        """The rows of the first `limit` sequences (all: None) [P, d_s], a view."""
-        end = self._n if limit is None or limit >= len(self.starts) else self.starts[limit]
-        return self._rows[:end]
+    def rows(self) -> torch.Tensor:
+        """Every stored row [P, d_s], a view."""
+        return self._rows.view()
 
     def prefix_max(self, w: torch.Tensor, a: torch.Tensor, seq: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """m [R] of the detector (w [d_s], a) at rows (sequence id seq [R], position t [R])."""
-        if self._index is None or self._index.shape[0] != len(self.starts):
+        if self._index is None:
             width = max(self.lengths, default=1)
             pos = torch.arange(width, device=self._rows.device)
             start = torch.tensor(self.starts, device=pos.device)[:, None]
             length = torch.tensor(self.lengths, device=pos.device)[:, None]
             self._index = torch.where(pos < length, start + pos, -1)  # [S, T_max]
-        scores = torch.cat([self._rows[: self._n] @ w + a, scores_pad(w)])  # [P + 1]: index -1 = FLOOR
+        pad = torch.full((1,), FLOOR, dtype=w.dtype, device=w.device)
+        scores = torch.cat([self.rows() @ w + a, pad])  # [P + 1]: index -1 scores FLOOR
         d = scores[self._index][..., None]  # [S, T_max, 1]
         return running_max(d, self._index >= 0)[seq, t, 0]
-
-
-def scores_pad(w: torch.Tensor) -> torch.Tensor:
-    return torch.full((1,), FLOOR, dtype=w.dtype, device=w.device)
 
 
 @contextmanager
@@ -215,9 +200,6 @@ class Refs:
 
     def plus(self, seq: torch.Tensor, t: torch.Tensor) -> Refs:
         return Refs(torch.cat([self.seq, seq.to(self.seq)]), torch.cat([self.t, t.to(self.t)]))
-
-    def head(self, rows: int) -> Refs:
-        return Refs(self.seq[:rows], self.t[:rows])
 
 
 @dataclass(frozen=True)

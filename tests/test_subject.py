@@ -91,7 +91,7 @@ def test_whitening_with_a_column_equals_inverting_the_whole_covariance() -> None
 
 def test_the_sequence_bank_gives_the_running_max_of_each_rows_own_prefix() -> None:
     g = torch.Generator().manual_seed(4)
-    bank = SequenceBank(5, torch.device("cpu"), capacity=4)  # grows
+    bank = SequenceBank(5, torch.device("cpu"))
     rows = torch.randn(2, 6, 5, generator=g)
     valid = torch.tensor([[True] * 6, [True] * 3 + [False] * 3])
     first = bank.add(Sequences(rows, valid))
