@@ -206,7 +206,7 @@ class Patcher:
                 cap, _ = frozen_forward(self.site, batch)
             mask = batch.get("attention_mask")
             valid = mask.bool() if mask is not None else torch.ones(got[-1].shape[:2], dtype=torch.bool)
-            seqs = Sequences(got[-1], valid.to(got[-1].device))
+            seqs = Sequences(got[-1], valid.to(got[-1].device), batch["input_ids"].to(got[-1].device))
         q, ffn, res = cap.require()
         b, t = enc.rows_b.to(q.device), enc.rows_t.to(q.device)
         et = EditTensors(q[b, t].float(), ffn[b, t].float(), res[b, t].float(), enc.targets.to(q.device), group=b)
@@ -363,17 +363,21 @@ class Patcher:
         """The edit's layer-L_s rows, and its subject detector with m [R] at every row of `full`
         (the edit's and its copies'), or no detector when none separates it from the memory.
 
-        The positive rows: the prompt's token least like any memory row (subject.locate_token),
-        at its last occurrence in each example's prompt (the edit, its context and chat copies,
-        its equivalents); the negatives: every position of every memory sequence."""
+        The positive rows: the prompt's token least like the memory (subject.locate_token), at its
+        last occurrence in each example's prompt (the edit, its context and chat copies, its
+        equivalents); the negatives: every position of every memory sequence (memory inputs and
+        accepted edits) that does not hold that token. A memory text about the same subject is no
+        negative: the detector is to find the subject wherever it is asked about, and the key's
+        part on the patched layer's own row keeps the neuron off such a text."""
         assert self.subject is not None and full.group is not None and enc.prompts is not None
         group, t_all = full.group, enc.rows_t.to(full.group.device)
-        edit = SubjectEdit(Sequences(seqs.g[:1], seqs.valid[:1]), t_all[group == 0], None)
-        neg = self.subject.memory.rows()
-        if not neg.shape[0]:
+        edit = SubjectEdit(Sequences(seqs.g[:1], seqs.valid[:1], seqs.ids[:1]), t_all[group == 0], None)
+        bank = self.subject.memory
+        if not len(bank):
             return edit, None
         prompt = enc.prompts[0]
-        token = int(prompt[locate_token(seqs.g[0, : prompt.numel()], neg)])
+        token = int(prompt[locate_token(seqs.g[0, : prompt.numel()], prompt.to(seqs.g.device), bank)])
+        neg = bank.rows_without(token)
         positives = []
         for i, p in enumerate(enc.prompts):
             hits = (p[1:] == token).nonzero().flatten()  # position 0 never (see locate_token)

@@ -52,17 +52,42 @@ def running_max(d: torch.Tensor, valid: torch.Tensor | None = None, carry: torch
     return d.cummax(1).values
 
 
-def locate_token(g: torch.Tensor, memory: torch.Tensor, chunk: int = 16384) -> int:
-    """g [P, d] rows of a prompt, memory [N, d] -> the position (>= 1) least like any memory row
-    (lowest max cosine). Position 0 is skipped: a first token's row is far from everything."""
+def locate_token(
+    g: torch.Tensor,
+    ids: torch.Tensor,
+    bank: SequenceBank,
+    nearest: int = 4,
+    common: float = 0.02,
+    chunk: int = 16384,
+) -> int:
+    """The prompt's position (>= 1) least like the memory: g [P, d] its rows, ids [P] its tokens.
+
+    A position's score is its cosine to the `nearest`-th most similar memory sequence (a sequence
+    scores its most similar row), among the sequences that do not hold the position's own token:
+    the subject of an edit may well be in a few memory texts (zsRE's memory holds other questions
+    about the same subjects), and those must not make it look familiar. Tokens in more than
+    `common` of the memory's sequences are never taken (a frequent word is no subject; without
+    its sequences, the rest would look new). Position 0 is skipped: a first token's row is far from
+    everything. Falls back to the lowest max cosine over every row when no position qualifies."""
     if g.shape[0] < 2:
         return 0
+    rows, seq_of, n_seq = bank.rows(), bank.sequence_of_rows(), len(bank)
     unit = F.normalize(g[1:].float(), dim=1)  # [P-1, d]
-    near = torch.full((unit.shape[0],), -2.0, device=g.device)
-    for i in range(0, memory.shape[0], chunk):
-        block = F.normalize(memory[i : i + chunk].float(), dim=1)
-        near = torch.maximum(near, (unit @ block.T).amax(1))
-    return 1 + int(near.argmin())
+    per_seq = torch.full((unit.shape[0], n_seq), -2.0, device=g.device)  # best cosine per sequence
+    for i in range(0, rows.shape[0], chunk):
+        sims = unit @ F.normalize(rows[i : i + chunk].float(), dim=1).T  # [P-1, c]
+        per_seq.scatter_reduce_(1, seq_of[i : i + chunk].expand(unit.shape[0], -1), sims, "amax")
+    score = torch.full((unit.shape[0],), 2.0, device=g.device)
+    for j, token in enumerate(ids[1:].tolist()):
+        holds = bank.holding(token)  # [S]
+        if int(holds.sum()) > common * n_seq:
+            continue
+        others = per_seq[j][~holds]
+        if others.numel() >= nearest:
+            score[j] = others.topk(nearest).values[-1]
+    if bool((score > 1.5).all()):
+        return 1 + int(per_seq.amax(1).argmin())
+    return 1 + int(score.argmin())
 
 
 def fit_detector(
@@ -116,10 +141,12 @@ def whitening_with(
 
 @dataclass
 class Sequences:
-    """Layer-L_s rows of a batch: g [B, T, d_s] and valid [B, T] (False: padding)."""
+    """Layer-L_s rows of a batch: g [B, T, d_s], valid [B, T] (False: padding) and the token ids
+    [B, T] (the locator leaves out sequences that hold the token it scores)."""
 
     g: torch.Tensor
     valid: torch.Tensor
+    ids: torch.Tensor
 
     def prefix_max(self, w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """m [R] of the detector (w [d_s], a) at rows (example b [R], position t [R])."""
@@ -134,9 +161,11 @@ class SequenceBank:
 
     def __init__(self, dim: int, device: torch.device):
         self._rows = MemoryBank(dim, torch.float32, device)
+        self._ids = MemoryBank(1, torch.long, device)  # [P, 1] the token of each row
         self.starts: list[int] = []
         self.lengths: list[int] = []
         self._index: torch.Tensor | None = None  # [S, T_max] row of each (sequence, position); -1 pad
+        self._seq_of: torch.Tensor | None = None  # [P] sequence id of each row
 
     def __len__(self) -> int:
         return len(self.starts)
@@ -149,12 +178,31 @@ class SequenceBank:
             self.starts.append(len(self._rows))
             self.lengths.append(int(rows.shape[0]))
             self._rows.append(rows)
+            self._ids.append(seqs.ids[i][seqs.valid[i]][:, None])
         self._index = None
+        self._seq_of = None
         return first
 
     def rows(self) -> torch.Tensor:
         """Every stored row [P, d_s], a view."""
         return self._rows.view()
+
+    def sequence_of_rows(self) -> torch.Tensor:
+        """[P] the sequence id of every stored row."""
+        if self._seq_of is None:
+            lengths = torch.tensor(self.lengths, device=self._rows.device, dtype=torch.long)
+            self._seq_of = torch.repeat_interleave(torch.arange(len(self.lengths), device=lengths.device), lengths)
+        return self._seq_of
+
+    def holding(self, token: int) -> torch.Tensor:
+        """[S] True for the sequences that hold `token`."""
+        held = torch.zeros(len(self.lengths), dtype=torch.bool, device=self._rows.device)
+        held[self.sequence_of_rows()[self._ids.view()[:, 0] == token]] = True
+        return held
+
+    def rows_without(self, token: int) -> torch.Tensor:
+        """The stored rows [P', d_s] of the sequences that do not hold `token`."""
+        return self.rows()[~self.holding(token)[self.sequence_of_rows()]]
 
     def prefix_max(self, w: torch.Tensor, a: torch.Tensor, seq: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """m [R] of the detector (w [d_s], a) at rows (sequence id seq [R], position t [R])."""

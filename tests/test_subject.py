@@ -64,14 +64,39 @@ def test_the_detector_puts_every_positive_above_one_and_every_negative_below_min
     assert fit_detector(neg[:5], neg) is None  # the positives are memory rows: nothing separates them
 
 
-def test_the_locator_finds_the_row_unlike_any_memory_row() -> None:
+def memory_bank(g: torch.Generator, sequences: int = 60, length: int = 5, dim: int = 8) -> SequenceBank:
+    """Random memory sequences; sequence i holds tokens 10 + (i + j) % 40 (every token in 5 of 60:
+    common, above the `common` the tests pass)."""
+    bank = SequenceBank(dim, torch.device("cpu"))
+    ids = torch.stack([10 + (torch.arange(length) + i) % 40 for i in range(sequences)])
+    rows = torch.randn(sequences, length, dim, generator=g)
+    bank.add(Sequences(rows, torch.ones(sequences, length, dtype=torch.bool), ids))
+    return bank
+
+
+def test_the_locator_finds_the_row_unlike_the_memory_even_where_a_few_memory_texts_hold_it() -> None:
     g = torch.Generator().manual_seed(2)
-    memory = torch.randn(300, 8, generator=g)
-    prompt = memory[[7, 8, 9, 10]].clone() + 0.01
-    prompt[2] = torch.randn(8, generator=g) * 5  # the new entity
-    assert locate_token(prompt, memory) == 2
-    prompt[0] = -memory[0] * 9  # position 0 is never taken (it is far from everything)
-    assert locate_token(prompt, memory) == 2
+    bank = memory_bank(g)
+    rows = bank.rows()
+    prompt = rows[[7, 8, 9, 10]].clone() + 0.01  # familiar rows ...
+    ids = bank._ids.view()[[7, 8, 9, 10], 0].clone()
+    prompt[2] = torch.randn(8, generator=g) * 5  # ... and a new entity, token 99
+    ids[2] = 99
+    assert locate_token(prompt, ids, bank, common=0.05) == 2
+    prompt[0] = -rows[0] * 9  # position 0 is never taken (it is far from everything)
+    assert locate_token(prompt, ids, bank, common=0.05) == 2
+    # two memory texts about the same entity (its token, a row like the prompt's): still found, and
+    # those texts are no negatives for its detector
+    about = torch.stack([prompt[2] + 0.05 * torch.randn(8, generator=g) for _ in range(2)])
+    bank.add(Sequences(about[:, None], torch.ones(2, 1, dtype=torch.bool), torch.tensor([[99], [99]])))
+    assert locate_token(prompt, ids, bank, common=0.05) == 2
+    assert bank.rows_without(99).shape[0] == rows.shape[0]
+    assert bank.holding(99).tolist() == [False] * 60 + [True, True]
+    # the old rule (the lowest max cosine to any row) loses it to those two texts
+    assert locate_token(prompt, ids, bank, common=0.0) != 2
+    # a frequent token (here in 5 of 62 texts, above `common`) is never taken, however new its row
+    ids[2] = 12
+    assert locate_token(prompt, ids, bank, common=0.05) != 2
 
 
 def test_whitening_with_a_column_equals_inverting_the_whole_covariance() -> None:
@@ -94,10 +119,11 @@ def test_the_sequence_bank_gives_the_running_max_of_each_rows_own_prefix() -> No
     bank = SequenceBank(5, torch.device("cpu"))
     rows = torch.randn(2, 6, 5, generator=g)
     valid = torch.tensor([[True] * 6, [True] * 3 + [False] * 3])
-    first = bank.add(Sequences(rows, valid))
+    ids = torch.randint(3, VOCAB, (2, 6), generator=g)
+    first = bank.add(Sequences(rows, valid, ids))
     w, a = torch.randn(5, generator=g), torch.tensor(0.1)
     seq, t = torch.tensor([first, first, first + 1]), torch.tensor([2, 5, 2])
-    want = Sequences(rows, valid).prefix_max(w, a, seq - first, t)
+    want = Sequences(rows, valid, ids).prefix_max(w, a, seq - first, t)
     assert torch.equal(bank.prefix_max(w, a, seq, t), want)
     assert len(bank) == 2 and bank.rows().shape == (9, 5)
 
