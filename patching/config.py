@@ -134,6 +134,9 @@ class TrainConfig:
     # until its A/B in the stream. Not yet carried by patch files and versions: evaluate only.
     subject_key: bool = False
     subject_layer: float = 0.5
+    # with subject_key: also train each edit's own rows with the subject term at its floor, so that
+    # the term adds to a key that already fires on the edit and never replaces it (with_floor_copy)
+    subject_floor: bool = False
 
     def __post_init__(self) -> None:
         _check_positive(self, "lr", "max_steps", "act_topk", "mem_topk", "max_neurons", "check_every")

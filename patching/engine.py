@@ -30,6 +30,7 @@ from patching.memory_bank import MemoryBank, RowBank
 from patching.reference import train_reference
 from patching.saturation import BAND_NARROWER, band, cap, saturations
 from patching.subject import (
+    FLOOR,
     Detector,
     Refs,
     SequenceBank,
@@ -311,6 +312,8 @@ class Patcher:
             if subject.detector is not None and m is not None:
                 # m as one more column of every row the neurons are trained and gated on
                 et, extra = split_equivalents(replace(full, q=with_column(full.q, subject.detector.column(m))))
+                if self.train_cfg.subject_floor:
+                    extra = with_floor_copy(et, extra, subject.detector)
         caches = self._caches(subject.detector if subject is not None else None)
         proposal: Proposal | None = None
         tries = 0
@@ -724,6 +727,18 @@ def split_equivalents(et: EditTensors) -> tuple[EditTensors, EditTensors | None]
         return EditTensors(et.q[m], et.ffn[m], et.residual[m], et.targets[m], group=group[m])
 
     return rows(group == 0), rows(group != 0)
+
+
+def with_floor_copy(et: EditTensors, extra: EditTensors | None, detector: Detector) -> EditTensors:
+    """trainer.subject_floor: the equivalents plus the edit's own rows with m at its floor, as one
+    more example. Trained with them, the key fires on the edit without the subject term, so that
+    term only adds (a paraphrase that lost the located token is still reached the last position's
+    way); where no key can, the equivalents are dropped and the edit is trained alone (propose)."""
+    q = et.q.clone()
+    q[:, -1] = detector.column(torch.full_like(q[:, -1], FLOOR))[:, 0]
+    last = int(extra.group.max()) if extra is not None and extra.group is not None else 0
+    floor = EditTensors(q, et.ffn, et.residual, et.targets, group=torch.full_like(et.targets, last + 1))
+    return floor if extra is None else _concat([extra, floor])
 
 
 def _concat(parts: list[EditTensors]) -> EditTensors:

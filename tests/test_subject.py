@@ -12,9 +12,19 @@ from patching.arch import locate
 from patching.capture import capture
 from patching.config import GateConfig, TrainConfig
 from patching.encode import Encoded, generation_ids
-from patching.engine import Patcher
+from patching.engine import Patcher, with_floor_copy
 from patching.layer import attach, attach_subject, continues, neuron_output
-from patching.subject import SequenceBank, Sequences, fit_detector, locate_token, running_max, whitening_with
+from patching.subject import (
+    Detector,
+    SequenceBank,
+    Sequences,
+    fit_detector,
+    locate_token,
+    running_max,
+    whitening_with,
+    with_column,
+)
+from patching.trainer import EditTensors
 
 VOCAB = 200
 
@@ -216,11 +226,11 @@ def gen_batch(prompts: list[torch.Tensor], targets: list[torch.Tensor], all_rows
     return generation_ids(prompts, targets, seq2seq=False, pad_id=0, all_rows=all_rows)
 
 
-def test_sequential_subject_edits_hold_in_the_real_model_and_leave_held_out_answers() -> None:
+@pytest.mark.parametrize("floor", [False, True])
+def test_sequential_subject_edits_hold_in_the_real_model_and_leave_held_out_answers(floor: bool) -> None:
     model = llama(seed=2)
-    patcher = Patcher(
-        model, train=TrainConfig(subject_key=True, max_steps=300, equivalent_steps=100), gate=GateConfig()
-    )
+    cfg = TrainConfig(subject_key=True, subject_floor=floor, max_steps=300, equivalent_steps=100)
+    patcher = Patcher(model, train=cfg, gate=GateConfig())
     g = torch.Generator().manual_seed(7)
     memory = [torch.randint(3, VOCAB, (8,), generator=g) for _ in range(120)]
     heldout = [torch.randint(3, VOCAB, (8,), generator=g) for _ in range(40)]
@@ -256,6 +266,26 @@ def test_sequential_subject_edits_hold_in_the_real_model_and_leave_held_out_answ
     assert len(patcher.memory) == len(patcher.subject.memory_refs.seq)
     with pytest.raises(ValueError, match="subject_key"):
         patcher.export_state()
+
+
+def test_the_floor_copy_is_the_edit_with_m_at_its_floor_as_one_more_example() -> None:
+    g = torch.Generator().manual_seed(5)
+    det = Detector(torch.randn(4, generator=g), torch.tensor(0.0), scale=3.0)
+
+    def rows(groups: list[int]) -> EditTensors:  # two rows per example, m = +1 (the subject is there)
+        n = 2 * len(groups)
+        q = with_column(torch.randn(n, 6, generator=g), det.column(torch.ones(n)))
+        group = torch.tensor(groups).repeat_interleave(2)
+        return EditTensors(q, torch.randn(n, 6, generator=g), torch.randn(n, 6, generator=g), torch.arange(n), group)
+
+    edit = rows([0])
+    alone = with_floor_copy(edit, None, det)
+    assert torch.equal(alone.q[:, :-1], edit.q[:, :-1]) and alone.q[:, -1].tolist() == [-3.0, -3.0]
+    assert alone.group is not None and alone.group.tolist() == [1, 1] and torch.equal(alone.targets, edit.targets)
+    copies = rows([1, 2])  # two context copies
+    both = with_floor_copy(edit, copies, det)
+    assert both.rows == 6 and both.group is not None and both.group.tolist() == [1, 1, 2, 2, 3, 3]
+    assert torch.equal(both.q[:4], copies.q) and both.q[4:, -1].tolist() == [-3.0, -3.0]
 
 
 def test_the_daemon_refuses_the_subject_key_naming_it(tmp_path) -> None:
