@@ -134,8 +134,9 @@ class TrainConfig:
     # until its A/B in the stream. Not yet carried by patch files and versions: evaluate only.
     subject_key: bool = False
     subject_layer: float = 0.5
-    # with subject_key: also train each edit's own rows with the subject term at its floor, so that
-    # the term adds to a key that already fires on the edit and never replaces it (with_floor_copy)
+    # with subject_key: the key starts as the plain one (the subject term at 0, whitening_apart) and
+    # each edit's own rows are also trained with the term at its floor, so that the term adds to a
+    # key that already fires on the edit and never replaces it (engine.with_floor_copy)
     subject_floor: bool = False
 
     def __post_init__(self) -> None:

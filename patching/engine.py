@@ -38,6 +38,7 @@ from patching.subject import (
     fit_detector,
     inputs_of,
     locate_token,
+    whitening_apart,
     whitening_with,
     with_column,
 )
@@ -411,7 +412,11 @@ class Patcher:
         m = sub.memory.prefix_max(w, a, sub.memory_refs.seq, sub.memory_refs.t)  # [N]
         if whiten is not None:
             base = self.memory.view()[: self._memory_base]
-            whiten = whitening_with(whiten, base, detector.column(m[: self._memory_base])[:, 0], self._ridge)
+            column = detector.column(m[: self._memory_base])[:, 0]
+            if self.train_cfg.subject_floor:  # the key starts as the plain one: c = 0
+                whiten = whitening_apart(whiten, column)
+            else:
+                whiten = whitening_with(whiten, base, column, self._ridge)
         memory = with_column(memory, detector.column(m))
         if retention is not None:
             refs = sub.retention_refs

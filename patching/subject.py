@@ -139,6 +139,17 @@ def whitening_with(
     return torch.cat([mu, mm[None]]), torch.cat([top, bottom])
 
 
+def whitening_apart(whiten: tuple[torch.Tensor, torch.Tensor], m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fisher init's (mu, P) over rows [q, m] with the m column left out of the key: P_aug =
+    [[P, 0], [0, 0]], so the init key is the plain one with c = 0 and training alone moves c.
+    whitening_with weighs m by 1 / var(m), which is 1 / ridge where every memory row has m at its
+    floor: the init is then all subject term (trainer.subject_floor's reason)."""
+    mu, prec = whiten
+    d = prec.shape[0]
+    top = torch.cat([prec, prec.new_zeros(d, 1)], 1)
+    return torch.cat([mu, m.mean()[None]]), torch.cat([top, prec.new_zeros(1, d + 1)])
+
+
 @dataclass
 class Sequences:
     """Layer-L_s rows of a batch: g [B, T, d_s], valid [B, T] (False: padding) and the token ids

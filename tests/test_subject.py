@@ -21,6 +21,7 @@ from patching.subject import (
     fit_detector,
     locate_token,
     running_max,
+    whitening_apart,
     whitening_with,
     with_column,
 )
@@ -122,6 +123,17 @@ def test_whitening_with_a_column_equals_inverting_the_whole_covariance() -> None
     direct = torch.linalg.inv(xf.T @ xf / 399 + ridge * torch.eye(7))
     assert torch.allclose(mu_aug, full.mean(0), atol=1e-5)
     assert torch.allclose(p_aug, direct, atol=1e-3, rtol=1e-3)
+
+
+def test_whitening_apart_gives_the_plain_key_with_no_subject_term() -> None:
+    g = torch.Generator().manual_seed(6)
+    q = torch.randn(50, 5, generator=g)
+    prec = torch.linalg.inv(torch.cov(q.T) + 0.01 * torch.eye(5))
+    m = -torch.ones(50)  # every memory row at the floor: whitening_with would weigh m by 1 / ridge
+    mu_aug, p_aug = whitening_apart((q.mean(0), prec), m)
+    row = torch.cat([torch.randn(5, generator=g), torch.ones(1)])
+    key = p_aug @ (row - mu_aug)
+    assert torch.allclose(key[:5], prec @ (row[:5] - q.mean(0))) and float(key[5]) == 0.0
 
 
 def test_the_sequence_bank_gives_the_running_max_of_each_rows_own_prefix() -> None:
