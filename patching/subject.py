@@ -16,8 +16,9 @@ beside the KV cache) and is fixed per cached row: the cached trainer trains [k, 
 key over the row [h, m] (engine.py appends m as one more column).
 
 The detector's positive is the subject's token, found without being told which: the prompt's
-token whose layer-L_s row is least like any memory row (the lowest max cosine), the token found
-in 36 of 39 CounterFact probes inside the subject.
+token whose layer-L_s row is least like the memory texts that do not hold it (locate_token: in the
+subject for 29 of 40 zsRE edits, whose memory asks about the same subjects; the lowest max cosine
+to any memory row, the first rule, found 16 there and 36 of 39 on CounterFact).
 
 This module holds the pure tensor functions and the store of layer-L_s rows per sequence.
 """
