@@ -411,11 +411,11 @@ class Patcher:
             raise RuntimeError(f"{sub.memory_refs.seq.shape[0]} sequence refs for {memory.shape[0]} memory rows")
         m = sub.memory.prefix_max(w, a, sub.memory_refs.seq, sub.memory_refs.t)  # [N]
         if whiten is not None:
-            base = self.memory.view()[: self._memory_base]
             column = detector.column(m[: self._memory_base])[:, 0]
             if self.train_cfg.subject_floor:  # the key starts as the plain one: c = 0
                 whiten = whitening_apart(whiten, column)
             else:
+                base = self.memory.view()[: self._memory_base]
                 whiten = whitening_with(whiten, base, column, self._ridge)
         memory = with_column(memory, detector.column(m))
         if retention is not None:

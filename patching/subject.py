@@ -78,7 +78,7 @@ def locate_token(
     for i in range(0, rows.shape[0], chunk):
         sims = unit @ F.normalize(rows[i : i + chunk].float(), dim=1).T  # [P-1, c]
         per_seq.scatter_reduce_(1, seq_of[i : i + chunk].expand(unit.shape[0], -1), sims, "amax")
-    score = torch.full((unit.shape[0],), 2.0, device=g.device)
+    score = torch.full((unit.shape[0],), float("inf"), device=g.device)  # inf: a position not taken
     for j, token in enumerate(ids[1:].tolist()):
         holds = bank.holding(token)  # [S]
         if int(holds.sum()) > common * n_seq:
@@ -86,7 +86,7 @@ def locate_token(
         others = per_seq[j][~holds]
         if others.numel() >= nearest:
             score[j] = others.topk(nearest).values[-1]
-    if bool((score > 1.5).all()):
+    if bool(score.isinf().all()):
         return 1 + int(per_seq.amax(1).argmin())
     return 1 + int(score.argmin())
 
