@@ -2,7 +2,7 @@
 for the first 40 mistakes of a report, beside the dataset's subject. Rules: cur = the lowest max cosine
 to any memory row (the first locator); kN = the lowest cosine to the N-th most similar memory
 sequence; df = the token in the fewest memory texts; xF = kN=4 among the memory texts that do not
-hold the token, tokens in more than F of the texts skipped (x0.02 is patching/subject.locate_token).
+hold the token, tokens in more than F of the texts skipped (x0.005 is patching/subject.locate_token; x0.02 was, before).
 
     python docs/results/levers-21/probe-subject-locator.py zsre \
         docs/results/levers-21/evaluate-zsre-40-subject.json > out.jsonl
@@ -46,6 +46,8 @@ subjects = {}
 if task == "counterfact":
     for r in json.load(open("../shared/data/raw/counterfact_easyedit/counterfact-edit.json")):
         subjects[r["prompt"]] = r["subject"]
+    for r in json.load(open("../shared/data/raw/mcounterfact_en/counterfact-train.json")):
+        subjects[r["src"]] = r["subject"]
     for r in json.load(open("../shared/data/raw/counterfact_rome_filtered/counterfact_filtered.json")):
         rw = r["requested_rewrite"]; subjects[rw["prompt"].replace("{}", rw["subject"])] = rw["subject"]
 if task == "zsre":
