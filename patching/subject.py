@@ -17,10 +17,10 @@ key over the row [h, m] (engine.py appends m as one more column).
 
 The detector's positive is the subject's token, found without being told which: the prompt's
 token whose layer-L_s row is least like the memory texts that do not hold it, among the tokens
-found in at most 0.5 % of the memory's texts (locate_token). It lands in the subject for 28 of 40 zsRE edits, whose
-memory asks about the same subjects, and 37 of 40 CounterFact edits; the first rule (the lowest
-max cosine to any memory row) found 16 and 37, and a 2 % bound 29 and 29: it let relation words
-such as "originally" or "affiliated" through on CounterFact
+found in at most 0.5 % of the memory's texts (locate_token). It lands in the subject for 28 of 40
+zsRE edits, whose memory asks about the same subjects, and 37 of 40 CounterFact edits; the first
+rule (the lowest max cosine to any memory row) found 16 and 37, and a 2 % bound 29 and 29: it let
+relation words such as "originally" or "affiliated" through on CounterFact
 (docs/results/levers-21/probe-subject-locator.py).
 
 This module holds the pure tensor functions and the store of layer-L_s rows per sequence.
