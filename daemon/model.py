@@ -333,6 +333,8 @@ class PatchedModel:
             stored = patchfile.decode(patch.neurons, where=f"patch {patch.id}", edit_id=str(mistake.id))
         except patchfile.PatchStateError as exc:
             raise ModelSetupError(str(exc)) from None
+        if stored.subject is not None:  # the daemon refuses trainer.subject_key (settings.py): never written by it
+            raise ModelSetupError(f"patch {patch.id} holds subject neurons, which the daemon cannot run yet")
         verdict = self.patcher.replay(enc, str(mistake.id), Neurons(stored.keys, stored.biases, stored.values))
         result.replayed += 1
         replayed = verdict.to_dict()

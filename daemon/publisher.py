@@ -598,7 +598,7 @@ def concat_neurons(
     kept: a version of bfloat16 neurons is bfloat16, bit for bit."""
     parts = [patchfile.decode(p.neurons, where=f"patch {p.id}", edit_id=str(p.mistake_id)) for p in patches]
     merged = patchfile.concat(parts, hidden_size)
-    blob = patchfile.encode(merged.keys, merged.biases, merged.values, merged.edit_ids, metadata)
+    blob = patchfile.encode(merged.keys, merged.biases, merged.values, merged.edit_ids, metadata, merged.subject)
     return blob, merged.edit_ids
 
 

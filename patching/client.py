@@ -122,7 +122,7 @@ def local_files(v: VerifiedVersion) -> list[tuple[str, bytes]]:
     if not v.segmented:
         return [(CONFIG_FILE, v.files[CONFIG_FILE]), (PATCHES_FILE, v.files[PATCHES_FILE])]
     config, patches = patch_set(v)
-    blob = patchfile.encode(patches.keys, patches.biases, patches.values, patches.edit_ids)
+    blob = patchfile.encode(patches.keys, patches.biases, patches.values, patches.edit_ids, subject=patches.subject)
     return [(CONFIG_FILE, patchfile.config_bytes(config)), (PATCHES_FILE, blob)]
 
 

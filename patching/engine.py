@@ -78,6 +78,8 @@ class SubjectEdit:
     seq: Sequences  # [1, T, d_s] example 0 (the edit itself)
     t: torch.Tensor  # [R] position of each of the edit's rows
     detector: Detector | None
+    # c [n] as a stored patch holds them (replay): the layer gets these bits, not key * scale again
+    gains: torch.Tensor | None = None
 
 
 @dataclass
@@ -438,7 +440,7 @@ class Patcher:
         if subject is None or subject.detector is None:
             return nr, None
         det, n = subject.detector, nr.n
-        gains = nr.keys[:, -1] * det.scale  # k_last * (scale * m) = c * m
+        gains = nr.keys[:, -1] * det.scale if subject.gains is None else subject.gains  # k_last * (scale * m) = c * m
         return Neurons(nr.keys[:, :-1], nr.biases, nr.values), (det.w.expand(n, -1), det.a.expand(n), gains)
 
     def _band_applies(self) -> bool:
@@ -581,23 +583,71 @@ class Patcher:
             self.subject.retention_refs = self.subject.retention_refs.plus(ids, sub.t)
         self._edits.append(proposal.edit_id)
 
-    def replay(self, enc: Encoded, edit_id: str, neurons: Neurons) -> gating.GateResult:
+    def replay(
+        self,
+        enc: Encoded,
+        edit_id: str,
+        neurons: Neurons,
+        subject: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+        scale: float | None = None,
+    ) -> gating.GateResult:
         """Re-apply a stored, previously accepted edit (restart recovery), in its original order.
 
         The gate is run again on the current caches so the caller can verify it against the stored
         result; the neurons are committed either way, because the stored model is the truth.
         Stored neurons may come from the CPU (a file); they are moved to the caches' device here.
+        `subject`: the neurons' detectors as the layer holds them (w [n, d_s], a [n], c [n]) and
+        `scale` the column width they were trained with (patchfile.SubjectTensors); with
+        trainer.subject_key every replayed edit also joins the layer-L_s bank, detector or not.
         """
-        self._not_subject("replaying stored edits")
         device = self.memory.device
         neurons = Neurons(neurons.keys.to(device), neurons.biases.to(device), neurons.values.to(device))
-        et = self.cache(enc)
-        verdict = gating.check(
-            neurons, self.train_cfg.activation, et, self.retention, self.heldout, self.tail, self.gate_cfg
-        )
+        if self.subject is None:
+            if subject is not None:
+                raise ValueError(f"edit {edit_id}: stored subject neurons need trainer.subject_key")
+            et, sub = self.cache(enc), None
+            retention, heldout = self.retention, self.heldout
+        else:
+            neurons, et, sub = self._replayed_subject(enc, edit_id, neurons, subject, scale)
+            caches = self._caches(sub.detector)
+            retention, heldout = caches.retention, caches.heldout
+        verdict = gating.check(neurons, self.train_cfg.activation, et, retention, heldout, self.tail, self.gate_cfg)
         stub = TrainResult(neurons, True, 0, 0.0, 0.0, 0.0)
-        self.commit(Proposal(edit_id, et, neurons, stub, gating.GateResult(passed=True), 0, 0.0))
+        proposal = Proposal(edit_id, et, neurons, stub, gating.GateResult(passed=True), 0, 0.0, subject=sub)
+        self.commit(proposal)
         return verdict
+
+    def _replayed_subject(
+        self,
+        enc: Encoded,
+        edit_id: str,
+        neurons: Neurons,
+        subject: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
+        scale: float | None,
+    ) -> tuple[Neurons, EditTensors, SubjectEdit]:
+        """A stored edit in the trained form commit() takes: the edit's rows, with m's column and
+        keys [n, d + 1] (the last entry c / scale) when its neurons have a detector."""
+        assert self.subject is not None
+        full, seqs = self._capture(enc)
+        assert full.group is not None and seqs is not None
+        et, _ = split_equivalents(full)
+        group, t_all = full.group, enc.rows_t.to(full.group.device)
+        sub = SubjectEdit(Sequences(seqs.g[:1], seqs.valid[:1], seqs.ids[:1]), t_all[group == 0], None)
+        if subject is None:
+            return neurons, et, sub
+        if scale is None or scale != self._subject_scale():
+            raise ValueError(
+                f"edit {edit_id}: its subject neurons were trained with column scale {scale}, this memory "
+                f"gives {self._subject_scale()} (another memory or base)"
+            )
+        device = self.memory.device
+        w, a, c = (x.to(device=device, dtype=torch.float32) for x in subject)
+        sub.detector = Detector(w[0], a[0], scale)
+        sub.gains = c
+        m = seqs.prefix_max(w[0], a[0], group[group == 0], t_all[group == 0])  # [R] the edit's own rows
+        et = replace(et, q=with_column(et.q, sub.detector.column(m)))
+        keys = torch.cat([neurons.keys, (c / scale)[:, None]], 1)
+        return Neurons(keys, neurons.biases, neurons.values), et, sub
 
     def edit(self, enc: Encoded, edit_id: str) -> EditOutcome:
         proposal = self.propose(enc, edit_id)

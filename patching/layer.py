@@ -415,7 +415,9 @@ class PatchedFFN(nn.Module):
         self.edit_ids = [self.edit_ids[i] for i in keep]
         if self.det is not None:
             kept = tuple(t.index_select(0, idx) for t in self.det)
-            self.det = (kept[0], kept[1], kept[2]) if bool((kept[2] != 0).any()) else None
+            # dropped only when no detector is left: a trained gain can be exactly 0 (an edit right at
+            # its init), and its detector is still the neuron's (patch files write it)
+            self.det = (kept[0], kept[1], kept[2]) if bool((kept[0] != 0).any()) else None
         self._cast = None
         return removed
 

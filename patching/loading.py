@@ -24,6 +24,7 @@ from patching.patchfile import (
     PatchStateError,
     PatchTensors,
     config_bytes,
+    of_layer,
     parse_patch_set,
     write_file,
 )
@@ -72,7 +73,7 @@ def base_identity(base_dir: str | Path) -> str:
 def save_patches(wrapper: PatchedFFN, out_dir: str | Path, config: PatchConfig) -> None:
     """A wrapper's neurons and their config as a patch set in `out_dir` (load_patched reads it back)."""
     out = Path(out_dir)
-    write_file(out / PATCHES_FILE, PatchTensors(wrapper.keys, wrapper.biases, wrapper.values, list(wrapper.edit_ids)))
+    write_file(out / PATCHES_FILE, of_layer(wrapper))
     (out / CONFIG_FILE).write_bytes(config_bytes(config))
 
 
@@ -130,13 +131,25 @@ def attach_patches(
     Everything is checked before the model is touched: a refused patch set leaves it unpatched.
     """
     from patching.arch import locate
-    from patching.layer import attach
+    from patching.layer import attach, attach_subject
 
     site = locate(model, arch)
     check_compatible(config, identity, model.config.model_type, site.hidden_size)
     if site.layer_index != config.layer:
         raise PatchStateError(f"patch set targets layer {config.layer}, this base's last layer is {site.layer_index}")
+    sub = patches.subject
+    subject_site = None
+    if sub is not None:  # subject neurons (patching/subject.py) read layer L_s's input too
+        if not 0 <= sub.layer < site.layer_index:
+            raise PatchStateError(f"the patch set's detectors read layer {sub.layer}, not one below {site.layer_index}")
+        subject_site = locate(model, arch, layer=sub.layer)
+        if int(sub.w.shape[1]) != subject_site.hidden_size:
+            width = subject_site.hidden_size
+            raise PatchStateError(f"detectors of width {sub.w.shape[1]} for layer {sub.layer} of width {width}")
     wrapper = attach(site, config.activation)  # type: ignore[arg-type]
+    if subject_site is not None:
+        attach_subject(site, wrapper, subject_site)
     for edit_id, rows in patches.by_edit():  # edit by edit, in their saved order
-        wrapper.add(patches.keys[rows], patches.biases[rows], patches.values[rows], edit_id)
+        det = None if sub is None else (sub.w[rows], sub.a[rows], sub.c[rows])
+        wrapper.add(patches.keys[rows], patches.biases[rows], patches.values[rows], edit_id, subject=det)
     return model

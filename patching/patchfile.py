@@ -7,6 +7,15 @@ A patch file is safetensors with three tensors and the edit id of every neuron i
     values  [n, d]   their value vectors (added to the FFN's output, scaled by the activation)
     metadata         {"edit_ids": JSON list of n strings, plus whatever the writer adds}
 
+Subject neurons (trainer.subject_key, patching/subject.py) add three tensors, written only when a
+neuron has a detector, so a file without one is byte for byte what it was before:
+
+    subject_w [n, d_s]  each neuron's detector over layer L_s's FFN input (zeros: an ordinary neuron)
+    subject_a [n]       the detector's bias
+    subject_c [n]       the gain c of the subject term c * m in the neuron's pre-activation
+    metadata            "subject_layer" (L_s) and "subject_scale" (the width of m's column in
+                        training: a replay recovers the trained key's entry as c / scale)
+
 Used by the store (one patch's neurons per row: daemon/model.py), the publisher (a version's
 patches.safetensors: daemon/publisher.py), the downstream client and `patchd export`
 (patching/client.py, patching/loading.py), and `patchd evaluate --resume` (patching/eval/resume.py).
@@ -28,14 +37,36 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # torch is imported where tensors are made: patch_config.json readers stay light
     import torch
 
+    from patching.layer import PatchedFFN
+
 CODE_VERSION = "0.1.0"
 PATCHES_FILE = "patches.safetensors"
 CONFIG_FILE = "patch_config.json"
 TENSORS = ("keys", "biases", "values")
+SUBJECT_TENSORS = ("subject_w", "subject_a", "subject_c")
 
 
 class PatchStateError(ValueError):
     """A patch file or set that cannot be used (unreadable, inconsistent, or for another base)."""
+
+
+@dataclass(frozen=True)
+class SubjectTensors:
+    """The detectors of a patch set's neurons: w [n, d_s], a [n], c [n] (zeros for an ordinary
+    neuron), the layer L_s they read and the column scale they were trained with."""
+
+    w: torch.Tensor
+    a: torch.Tensor
+    c: torch.Tensor
+    layer: int
+    scale: float | None  # None: written outside training (a downstream reader needs only c)
+
+    def rows(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """(w, a, c) of the neurons at `index`; None when none of them has a detector."""
+        w = self.w[index]
+        if not bool((w != 0).any()):
+            return None
+        return w, self.a[index], self.c[index]
 
 
 @dataclass(frozen=True)
@@ -47,17 +78,25 @@ class PatchTensors:
     values: torch.Tensor
     edit_ids: list[str]
     metadata: dict[str, str] = field(default_factory=dict)  # other metadata the writer added
+    subject: SubjectTensors | None = None  # subject neurons' detectors, when any neuron has one
 
     @property
     def n(self) -> int:
         return int(self.keys.shape[0])
 
-    def of_edit(self, edit_id: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(keys, biases, values) of one edit's neurons, in their saved order."""
+    def _index(self, edit_id: str) -> torch.Tensor:
         import torch
 
-        idx = torch.tensor([j for j, e in enumerate(self.edit_ids) if e == edit_id], dtype=torch.long)
+        return torch.tensor([j for j, e in enumerate(self.edit_ids) if e == edit_id], dtype=torch.long)
+
+    def of_edit(self, edit_id: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(keys, biases, values) of one edit's neurons, in their saved order."""
+        idx = self._index(edit_id)
         return self.keys[idx], self.biases[idx], self.values[idx]
+
+    def subject_of_edit(self, edit_id: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """(w, a, c) of one edit's neurons; None when they are ordinary neurons."""
+        return None if self.subject is None else self.subject.rows(self._index(edit_id))
 
     def by_edit(self) -> list[tuple[str, slice]]:
         """(edit id, its rows) for each run of one edit's neurons, in order (a patched layer adds them so)."""
@@ -76,6 +115,7 @@ def encode(
     values: torch.Tensor,
     edit_ids: Sequence[str],
     metadata: dict[str, str] | None = None,
+    subject: SubjectTensors | None = None,
 ) -> bytes:
     """The patch file's bytes; the tensors are copied to the CPU as they are (dtype kept)."""
     n = int(keys.shape[0])
@@ -88,8 +128,19 @@ def encode(
         raise PatchStateError(f"{len(edit_ids)} edit ids for {n} neurons")
     from safetensors.torch import save
 
-    tensors = {name: t.detach().to("cpu").contiguous() for name, t in zip(TENSORS, (keys, biases, values), strict=True)}
+    parts = {"keys": keys, "biases": biases, "values": values}
     meta = {**(metadata or {}), "edit_ids": json.dumps([str(e) for e in edit_ids])}
+    if subject is not None:
+        if subject.w.ndim != 2 or subject.w.shape[0] != n or subject.a.shape != (n,) or subject.c.shape != (n,):
+            raise PatchStateError(
+                f"detectors must be subject_w [n, d_s], subject_a [n], subject_c [n] for n = {n}; got "
+                f"{tuple(subject.w.shape)}, {tuple(subject.a.shape)}, {tuple(subject.c.shape)}"
+            )
+        parts |= {"subject_w": subject.w, "subject_a": subject.a, "subject_c": subject.c}
+        meta["subject_layer"] = str(subject.layer)
+        if subject.scale is not None:
+            meta["subject_scale"] = repr(float(subject.scale))
+    tensors = {name: t.detach().to("cpu").contiguous() for name, t in parts.items()}
     return _canonical(bytes(save(tensors, metadata=meta)))
 
 
@@ -119,8 +170,11 @@ def decode(data: bytes, where: str = PATCHES_FILE, edit_id: str | None = None) -
         with_meta = _metadata(data)
     except (SafetensorError, ValueError, OSError) as exc:
         raise PatchStateError(f"{where}: not a safetensors file: {exc}") from exc
-    if set(tensors) != set(TENSORS):
-        raise PatchStateError(f"{where}: expected tensors keys, biases, values, got {sorted(tensors)}")
+    if set(tensors) not in (set(TENSORS), set(TENSORS + SUBJECT_TENSORS)):
+        raise PatchStateError(
+            f"{where}: expected tensors keys, biases, values (and subject_w, subject_a, subject_c), "
+            f"got {sorted(tensors)}"
+        )
     keys, biases, values = (tensors[k] for k in TENSORS)
     n = int(keys.shape[0]) if keys.ndim == 2 else -1
     if n < 0 or values.shape != keys.shape or biases.shape != (n,):
@@ -142,7 +196,36 @@ def decode(data: bytes, where: str = PATCHES_FILE, edit_id: str | None = None) -
             raise PatchStateError(f"{where}: holds neurons of edits {sorted(set(ids))}, not only of {edit_id}")
     if len(ids) != n:
         raise PatchStateError(f"{where}: {len(ids)} edit ids for {n} neurons")
-    return PatchTensors(keys, biases, values, ids, with_meta)
+    subject = _subject(tensors, with_meta, n, where) if "subject_w" in tensors else None
+    return PatchTensors(keys, biases, values, ids, with_meta, subject)
+
+
+def _subject(tensors: dict[str, torch.Tensor], meta: dict[str, str], n: int, where: str) -> SubjectTensors:
+    """The detectors of a decoded file, checked for shape; their metadata leaves `meta`."""
+    w, a, c = (tensors[k] for k in SUBJECT_TENSORS)
+    if w.ndim != 2 or w.shape[0] != n or a.shape != (n,) or c.shape != (n,):
+        raise PatchStateError(
+            f"{where}: detector shapes {tuple(w.shape)}, {tuple(a.shape)}, {tuple(c.shape)} are not "
+            f"subject_w [n, d_s], subject_a [n], subject_c [n] for n = {n}"
+        )
+    try:
+        layer = int(meta.pop("subject_layer"))
+        raw_scale = meta.pop("subject_scale", None)
+        scale = None if raw_scale is None else float(raw_scale)
+    except (KeyError, ValueError) as exc:
+        raise PatchStateError(f"{where}: detectors without a readable subject_layer ({exc!r})") from exc
+    return SubjectTensors(w, a, c, layer, scale)
+
+
+def of_layer(wrapper: PatchedFFN, scale: float | None = None) -> PatchTensors:
+    """Every neuron a patched layer holds, with its detectors when any neuron has one; `scale`:
+    the column width the Patcher trained them with (None outside training: a downstream reader
+    needs only c)."""
+    subject = None
+    if wrapper.det is not None and wrapper.subject_layer is not None:
+        w, a, c = wrapper.det
+        subject = SubjectTensors(w, a, c, wrapper.subject_layer, scale)
+    return PatchTensors(wrapper.keys, wrapper.biases, wrapper.values, list(wrapper.edit_ids), subject=subject)
 
 
 def concat(parts: Sequence[PatchTensors], hidden_size: int, dtype: torch.dtype | None = None) -> PatchTensors:
@@ -161,12 +244,37 @@ def concat(parts: Sequence[PatchTensors], hidden_size: int, dtype: torch.dtype |
         torch.cat([p.biases for p in parts]),
         torch.cat([p.values for p in parts]),
         [e for p in parts for e in p.edit_ids],
+        subject=_concat_subjects(parts),
     )
+
+
+def _concat_subjects(parts: Sequence[PatchTensors]) -> SubjectTensors | None:
+    """The parts' detectors one after the other, zeros for a part of ordinary neurons; None when
+    no part has any. Every part with detectors must read the same layer with the same scale."""
+    import torch
+
+    with_det = [p.subject for p in parts if p.subject is not None]
+    if not with_det:
+        return None
+    first = with_det[0]
+    if any((s.layer, s.scale) != (first.layer, first.scale) for s in with_det):
+        raise PatchStateError("patches with detectors on other subject layers or scales cannot be joined")
+    w, a, c = [], [], []
+    for p in parts:
+        s = p.subject
+        if s is None:
+            s = SubjectTensors(
+                first.w.new_zeros(p.n, first.w.shape[1]), first.a.new_zeros(p.n), first.c.new_zeros(p.n), 0, None
+            )
+        w.append(s.w)
+        a.append(s.a)
+        c.append(s.c)
+    return SubjectTensors(torch.cat(w), torch.cat(a), torch.cat(c), first.layer, first.scale)
 
 
 def write_file(path: Path, patches: PatchTensors) -> None:
     """Write a patch file atomically (temporary file, then rename): a reader never sees half of one."""
-    data = encode(patches.keys, patches.biases, patches.values, patches.edit_ids, patches.metadata)
+    data = encode(patches.keys, patches.biases, patches.values, patches.edit_ids, patches.metadata, patches.subject)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_bytes(data)

@@ -99,7 +99,8 @@ def test_evaluate_resume_file_is_the_same_format(tmp_path: Path) -> None:
     keys, biases, values = _neurons(3, 4, torch.bfloat16, seed=3)
     patchfile.write_file(tmp_path / "r.patches.safetensors", PatchTensors(keys, biases, values, ["1", "2", "2"]))
     loaded = load_patches(tmp_path / "r.patches.safetensors")
-    assert list(loaded) == ["1", "2"] and _bits(loaded["2"].keys) == _bits(keys[1:])
+    assert list(loaded.neurons) == ["1", "2"] and _bits(loaded.neurons["2"].keys) == _bits(keys[1:])
+    assert loaded.detectors == {} and loaded.scale is None
     (tmp_path / "bad.safetensors").write_bytes(b"junk")
     with pytest.raises(ResumeError, match="safetensors"):
         load_patches(tmp_path / "bad.safetensors")

@@ -238,24 +238,26 @@ def gen_batch(prompts: list[torch.Tensor], targets: list[torch.Tensor], all_rows
     return generation_ids(prompts, targets, seq2seq=False, pad_id=0, all_rows=all_rows)
 
 
-@pytest.mark.parametrize("floor", [False, True])
-def test_sequential_subject_edits_hold_in_the_real_model_and_leave_held_out_answers(floor: bool) -> None:
+Stream = tuple[
+    T.LlamaForCausalLM, Patcher, list[torch.Tensor], list[torch.Tensor], list[tuple[torch.Tensor, torch.Tensor]], int
+]
+
+
+def subject_stream(floor: bool, edits: int = 6) -> Stream:
+    """A subject-key Patcher on a 4-layer llama with a memory of 120 random prompts and 40
+    held-out ones, after `edits` sequential edits (each with two context copies); returns the
+    model, the patcher, the memory and held-out prompts, the (prompt, target) of each accepted
+    edit and how many got a detector."""
     model = llama(seed=2)
     cfg = TrainConfig(subject_key=True, subject_floor=floor, max_steps=300, equivalent_steps=100)
     patcher = Patcher(model, train=cfg, gate=GateConfig())
     g = torch.Generator().manual_seed(7)
     memory = [torch.randint(3, VOCAB, (8,), generator=g) for _ in range(120)]
     heldout = [torch.randint(3, VOCAB, (8,), generator=g) for _ in range(40)]
-    patcher.build_memory(
-        [gen_batch(memory[i : i + 40], [torch.zeros(0, dtype=torch.long)] * 40, True) for i in (0, 40, 80)]
-    )
-    with torch.no_grad():
-        answers = [model(input_ids=p[None]).logits[0, -1].argmax()[None] for p in heldout]
-    patcher.build_heldout([gen_batch(heldout, answers)])
-    assert patcher.subject is not None and len(patcher.subject.memory) == 120
+    build(patcher, memory, heldout)
     detectors = 0
-    edits = []
-    for i in range(6):
+    done = []
+    for i in range(edits):
         prompt = torch.randint(3, VOCAB, (8,), generator=g)
         with torch.no_grad():
             now = int(model(input_ids=prompt[None]).logits[0, -1].argmax())
@@ -267,17 +269,108 @@ def test_sequential_subject_edits_hold_in_the_real_model_and_leave_held_out_answ
         assert out.status == "accepted", out.reasons
         assert out.proposal is not None and out.proposal.subject is not None
         detectors += out.proposal.subject.detector is not None
-        edits.append((prompt, target))
+        done.append((prompt, target))
+    return model, patcher, memory, heldout, done, detectors
+
+
+def build(patcher: Patcher, memory: list[torch.Tensor], heldout: list[torch.Tensor]) -> list[torch.Tensor]:
+    """M from the memory prompts and the held-out cache with the model's own answers (returned)."""
+    patcher.build_memory(
+        [gen_batch(memory[i : i + 40], [torch.zeros(0, dtype=torch.long)] * 40, True) for i in (0, 40, 80)]
+    )
+    with torch.no_grad():
+        answers = [patcher.model(input_ids=p[None]).logits[0, -1].argmax()[None] for p in heldout]
+    patcher.build_heldout([gen_batch(heldout, answers)])
+    return answers
+
+
+@pytest.mark.parametrize("floor", [False, True])
+def test_sequential_subject_edits_hold_in_the_real_model_and_leave_held_out_answers(floor: bool) -> None:
+    model, patcher, _memory, heldout, edits, detectors = subject_stream(floor)
+    assert patcher.subject is not None and len(patcher.subject.memory) == 120 + len(edits)
     assert detectors >= 3  # most edits found a separable subject token
     assert patcher.wrapper.det is not None
+    heldout_cache = patcher.heldout
+    assert heldout_cache is not None
     with torch.no_grad():
         for prompt, target in edits:  # retention, in the real model with the running max in place
             assert int(model(input_ids=prompt[None]).logits[0, -1].argmax()) == int(target)
-        for p, a in zip(heldout, answers, strict=True):  # locality
+        for p, a in zip(heldout, heldout_cache.pred.tolist(), strict=True):  # locality
             assert int(model(input_ids=p[None]).logits[0, -1].argmax()) == int(a)
     assert len(patcher.memory) == len(patcher.subject.memory_refs.seq)
     with pytest.raises(ValueError, match="subject_key"):
         patcher.export_state()
+
+
+def test_subject_patches_replay_and_load_as_the_run_left_them(tmp_path) -> None:
+    """evaluate --resume and a downstream load: the detectors go through the patch file bit for
+    bit, a replay rebuilds the run's layer (and its bank of layer-L_s sequences), and a base with
+    the patch set attached answers as the patched model does."""
+    from patching import patchfile
+    from patching.eval.resume import load_patches, save_patches
+    from patching.loading import attach_patches
+
+    model, patcher, memory, heldout, edits, detectors = subject_stream(floor=True, edits=4)
+    assert detectors >= 2
+    path = tmp_path / "run.patches.safetensors"
+    save_patches(path, patcher)
+    saved = load_patches(path)
+    assert saved.scale == patcher._subject_scale() and set(saved.detectors) <= set(saved.neurons)
+    assert len(saved.detectors) == detectors
+
+    again = Patcher(llama(seed=2), train=patcher.train_cfg, gate=GateConfig())
+    build(again, memory, heldout)
+    for i, (prompt, target) in enumerate(edits):
+        edit_id = f"e{i}"
+        verdict = again.replay(
+            gen_batch([prompt], [target]), edit_id, saved.neurons[edit_id], saved.detectors.get(edit_id), saved.scale
+        )
+        assert verdict.passed, verdict.reasons
+    one, two = patcher.wrapper, again.wrapper
+    assert one.det is not None and two.det is not None
+    mine, theirs = (one.keys, one.biases, one.values, *one.det), (two.keys, two.biases, two.values, *two.det)
+    assert all(torch.equal(x, y) for x, y in zip(mine, theirs, strict=True))
+    assert again.subject is not None and len(again.subject.memory) == 120 + len(edits)
+    assert torch.allclose(again.memory.view(), patcher.memory.view(), atol=1e-5)
+    with pytest.raises(ValueError, match="column scale"):
+        again.replay(gen_batch([edits[0][0]], [edits[0][1]]), "x", saved.neurons["e0"], saved.detectors["e0"], 1.0)
+
+    # downstream: the patch set onto a fresh copy of the base
+    site = locate(model)
+    ids = list(one.edit_ids)
+    config = patchfile.PatchConfig("id", "llama", site.layer_index, "relu-cap", site.hidden_size, one.n, ids)
+    loaded = attach_patches(llama(seed=2), config, patchfile.read_file(path), "id")
+    batch = torch.stack([p for p, _ in edits] + heldout[:8])
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=batch).logits, model(input_ids=batch).logits)
+    plain = Patcher(llama(seed=2), train=TrainConfig(), gate=GateConfig())
+    with pytest.raises(ValueError, match="need trainer.subject_key"):
+        plain.replay(gen_batch([edits[0][0]], [edits[0][1]]), "e0", saved.neurons["e0"], saved.detectors["e0"], 1.0)
+
+
+def test_a_patch_file_keeps_detectors_bit_for_bit_and_writes_them_only_when_there() -> None:
+    from patching import patchfile
+
+    g = torch.Generator().manual_seed(3)
+    keys, biases, values = torch.randn(3, 4, generator=g), torch.randn(3, generator=g), torch.randn(3, 4, generator=g)
+    plain = patchfile.encode(keys, biases, values, ["1", "2", "2"])
+    assert patchfile.decode(plain).subject is None and b"subject" not in plain
+    w = torch.cat([torch.zeros(1, 5), torch.randn(2, 5, generator=g)])  # edit 1: an ordinary neuron
+    sub = patchfile.SubjectTensors(w, torch.randn(3, generator=g), torch.randn(3, generator=g), 2, 1.5)
+    back = patchfile.decode(patchfile.encode(keys, biases, values, ["1", "2", "2"], subject=sub))
+    assert back.subject is not None and (back.subject.layer, back.subject.scale) == (2, 1.5)
+    for x, y in zip((sub.w, sub.a, sub.c), (back.subject.w, back.subject.a, back.subject.c), strict=True):
+        assert torch.equal(x, y)
+    assert back.subject_of_edit("1") is None and back.metadata == {}
+    got = back.subject_of_edit("2")
+    assert got is not None and torch.equal(got[2], sub.c[1:])
+    # joined with a part of ordinary neurons: zeros there
+    joined = patchfile.concat([patchfile.decode(plain), back], 4)
+    assert joined.subject is not None and joined.subject.w.shape == (6, 5)
+    assert float(joined.subject.w[:3].abs().sum()) == 0
+    short = patchfile.SubjectTensors(w[:2], sub.a, sub.c, 2, 1.0)
+    with pytest.raises(patchfile.PatchStateError, match="subject_w"):
+        patchfile.encode(keys, biases, values, ["1", "2", "2"], subject=short)
 
 
 def test_the_floor_copy_is_the_edit_with_m_at_its_floor_as_one_more_example() -> None:

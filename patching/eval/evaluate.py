@@ -258,8 +258,8 @@ def run_evaluate(
         interrupted = True
         progress("interrupted: writing the partial report")
     # before the final passes: a second Ctrl-C keeps the edits
-    if patches is not None and isinstance(ed, TPatcherEditor) and sequential and ed.patcher.subject is None:
-        save_patches(patches, ed.patcher)  # a subject key's detectors are not in patch files yet: no resume
+    if patches is not None and isinstance(ed, TPatcherEditor) and sequential:
+        save_patches(patches, ed.patcher)
     if state is not None and hasattr(ed, "state") and sequential:
         write_state(state, replace(ed.state(), rows=len(rows)))
     done = [r for r in rows if "sr" in r]
@@ -341,14 +341,17 @@ def _replay(
     if not isinstance(ed, TPatcherEditor):
         raise ResumeError("only tpatcher, grace and wise runs can be resumed")
     accepted = [r for r in rows if r.get("status") == "accepted"]
-    missing = [r["i"] for r in accepted if str(r["i"]) not in resume.neurons]
+    saved = resume.saved
+    missing = [r["i"] for r in accepted if str(r["i"]) not in saved.neurons]
     if missing:
         raise ResumeError(f"cannot resume: no neurons saved for accepted edits {missing[:5]}")
     differs = 0
     for r in tqdm(accepted, desc="replaying", unit="edit"):
         ex = stream[r["i"]]
         # the edit alone: only its own rows were gated, kept for retention and added to M
-        verdict = ed.patcher.replay(adapter.edit(ex.input, ex.target), str(r["i"]), resume.neurons[str(r["i"])])
+        edit_id = str(r["i"])
+        enc = adapter.edit(ex.input, ex.target)
+        verdict = ed.patcher.replay(enc, edit_id, saved.neurons[edit_id], saved.detectors.get(edit_id), saved.scale)
         differs += not verdict.passed
     progress(
         f"resumed after {len(rows)} mistakes: {len(accepted)} edits re-applied"

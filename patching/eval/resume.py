@@ -14,13 +14,16 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from patching import patchfile
 from patching.engine import Patcher
 from patching.eval.compare import CONFIG_DEFAULTS
 from patching.eval.editorstate import EditorState, read_state, state_path
 from patching.trainer import Neurons
+
+if TYPE_CHECKING:
+    import torch
 
 
 class ResumeError(ValueError):
@@ -75,18 +78,33 @@ def patches_path(report: Path) -> Path:
 
 
 def save_patches(path: Path, patcher: Patcher) -> None:
-    """Every neuron of the patched layer with the edit id it belongs to (patching/patchfile.py)."""
-    w = patcher.wrapper
-    patchfile.write_file(path, patchfile.PatchTensors(w.keys, w.biases, w.values, list(w.edit_ids)))
+    """Every neuron of the patched layer with the edit id it belongs to, and with trainer.subject_key
+    the detectors and the column scale they were trained with (patching/patchfile.py)."""
+    scale = patcher._subject_scale() if patcher.subject is not None else None
+    patchfile.write_file(path, patchfile.of_layer(patcher.wrapper, scale))
 
 
-def load_patches(path: Path) -> dict[str, Neurons]:
-    """edit id -> its neurons (keys [m, d], biases [m], values [m, d]), in the saved order."""
+@dataclass
+class Saved:
+    """A stopped run's neurons: edit id -> (keys [m, d], biases [m], values [m, d]), and for subject
+    neurons edit id -> their detectors (w [m, d_s], a [m], c [m]) with the column scale."""
+
+    neurons: dict[str, Neurons]
+    detectors: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+    scale: float | None = None
+
+
+def load_patches(path: Path) -> Saved:
     try:
         saved = patchfile.read_file(path)
     except patchfile.PatchStateError as exc:
         raise ResumeError(f"{path}: not a patchd evaluate patches file ({exc})") from exc
-    return {edit_id: Neurons(*saved.of_edit(edit_id)) for edit_id in dict.fromkeys(saved.edit_ids)}
+    edits = list(dict.fromkeys(saved.edit_ids))
+    detectors = {e: d for e in edits if (d := saved.subject_of_edit(e)) is not None}
+    scale = saved.subject.scale if saved.subject is not None else None
+    if detectors and scale is None:
+        raise ResumeError(f"{path}: subject neurons without the column scale they were trained with")
+    return Saved({e: Neurons(*saved.of_edit(e)) for e in edits}, detectors, scale)
 
 
 @dataclass
@@ -95,7 +113,7 @@ class Resume:
     state (grace, wise)."""
 
     report: dict[str, Any]
-    neurons: dict[str, Neurons]
+    saved: Saved
     state: EditorState | None = None
 
     @classmethod
@@ -120,7 +138,7 @@ class Resume:
                     f"cannot resume: {path.name} holds {state.editor} after {state.rows} mistakes, the report "
                     f"{editor} after {len(report['rows'])} (was the report written by another run?)"
                 )
-            return cls(report, {}, state)
+            return cls(report, Saved({}, {}), state)
         if editor != "tpatcher":
             raise ResumeError(f"cannot resume {report_path}: --editor {editor} runs cannot be resumed (tpatcher, "
                               f"{', '.join(STATEFUL)} can)")  # fmt: skip
