@@ -138,6 +138,11 @@ class TrainConfig:
     # each edit's own rows are also trained with the term at its floor, so that the term adds to a
     # key that already fires on the edit and never replaces it (engine.with_floor_copy)
     subject_floor: bool = False
+    # with subject_key: how the detector's positive token is found (subject.locate_token). "memory":
+    # the prompt token least like the memory texts without it; "surprise": the token the base least
+    # expected (-log p given the tokens before it), a name's first piece. Both only among tokens in
+    # at most 0.5 % of the memory's texts
+    subject_locator: str = "memory"
 
     def __post_init__(self) -> None:
         _check_positive(self, "lr", "max_steps", "act_topk", "mem_topk", "max_neurons", "check_every")
@@ -158,6 +163,8 @@ class TrainConfig:
             raise ValueError("trainer.init_threshold must be in (0, 1)")
         if not 0.0 <= self.subject_layer < 1.0:
             raise ValueError(f"trainer.subject_layer must be in [0, 1), got {self.subject_layer!r}")
+        if self.subject_locator not in ("memory", "surprise"):
+            raise ValueError(f"trainer.subject_locator must be 'memory' or 'surprise', got {self.subject_locator!r}")
         if self.subject_key and self.mode != "cached":
             raise ValueError("trainer.subject_key needs trainer.mode = 'cached'")
         if self.mode not in ("cached", "reference"):

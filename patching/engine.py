@@ -199,18 +199,23 @@ class Patcher:
         """One frozen forward of the current model; the rows of `enc` at the patched layer."""
         return self._capture(enc)[0]
 
-    def _capture(self, enc: Encoded) -> tuple[EditTensors, Sequences | None]:
-        """cache(), and with trainer.subject_key also layer L_s's input at every position of the batch."""
+    def _capture(self, enc: Encoded, surprise: bool = False) -> tuple[EditTensors, Sequences | None]:
+        """cache(), and with trainer.subject_key also layer L_s's input at every position of the batch
+        (and with `surprise` the base's surprise at each token of example 0: the locator's)."""
         batch = {k: v.to(self.memory.device) for k, v in enc.batch.items()}
         if self.subject is None:
             cap, _ = frozen_forward(self.site, batch)
             seqs = None
         else:
             with inputs_of(self.subject.site.ffn_in) as got:
-                cap, _ = frozen_forward(self.site, batch)
+                cap, logits = frozen_forward(self.site, batch)
             mask = batch.get("attention_mask")
             valid = mask.bool() if mask is not None else torch.ones(got[-1].shape[:2], dtype=torch.bool)
-            seqs = Sequences(got[-1], valid.to(got[-1].device), batch["input_ids"].to(got[-1].device))
+            ids = batch["input_ids"].to(got[-1].device)
+            seqs = Sequences(got[-1], valid.to(got[-1].device), ids)
+            if surprise:
+                logp = logits[0, :-1].float().log_softmax(-1)  # [T-1, V]: token t+1 given tokens <= t
+                seqs.surprise = torch.cat([logp.new_zeros(1), -logp.gather(1, ids[0, 1:, None])[:, 0]])  # [T]
         q, ffn, res = cap.require()
         b, t = enc.rows_b.to(q.device), enc.rows_t.to(q.device)
         et = EditTensors(q[b, t].float(), ffn[b, t].float(), res[b, t].float(), enc.targets.to(q.device), group=b)
@@ -304,7 +309,7 @@ class Patcher:
                 raise ValueError("trainer.subject_key needs the encoded edit, not cached tensors")
             full, seqs = enc, None
         else:
-            full, seqs = self._capture(enc)
+            full, seqs = self._capture(enc, surprise=self.train_cfg.subject_locator == "surprise")
         # an encoded edit may carry train equivalents: examples 1.. of the batch, same target
         et, extra = split_equivalents(full)
         if self.is_right(et):
@@ -382,7 +387,9 @@ class Patcher:
         if not len(bank):
             return edit, None
         prompt = enc.prompts[0]
-        token = int(prompt[locate_token(seqs.g[0, : prompt.numel()], prompt.to(seqs.g.device), bank)])
+        n = prompt.numel()
+        surprise = seqs.surprise[:n] if seqs.surprise is not None else None
+        token = int(prompt[locate_token(seqs.g[0, :n], prompt.to(seqs.g.device), bank, surprise=surprise)])
         neg = bank.rows_without(token)
         positives = []
         for i, p in enumerate(enc.prompts):

@@ -63,6 +63,7 @@ def locate_token(
     nearest: int = 4,
     common: float = 0.005,
     chunk: int = 16384,
+    surprise: torch.Tensor | None = None,
 ) -> int:
     """The prompt's position (>= 1) least like the memory: g [P, d] its rows, ids [P] its tokens.
 
@@ -72,9 +73,16 @@ def locate_token(
     about the same subjects), and those must not make it look familiar. Tokens in more than
     `common` of the memory's sequences are never taken (a frequent word is no subject; without
     its sequences, the rest would look new). Position 0 is skipped: a first token's row is far from
-    everything. Falls back to the lowest max cosine over every row when no position qualifies."""
+    everything. Falls back to the lowest max cosine over every row when no position qualifies.
+
+    `surprise` [P] (-log p of each token under the base given those before it; trainer.subject_locator
+    = "surprise"): the rare position the base least expected instead, no cosine needed."""
     if g.shape[0] < 2:
         return 0
+    if surprise is not None:
+        rare = [j for j, token in enumerate(ids[1:].tolist()) if int(bank.holding(token).sum()) <= common * len(bank)]
+        pool = torch.tensor(rare, dtype=torch.long) if rare else torch.arange(g.shape[0] - 1)
+        return 1 + int(pool[surprise[1:].float().cpu()[pool].argmax()])
     rows, seq_of, n_seq = bank.rows(), bank.sequence_of_rows(), len(bank)
     unit = F.normalize(g[1:].float(), dim=1)  # [P-1, d]
     per_seq = torch.full((unit.shape[0], n_seq), -2.0, device=g.device)  # best cosine per sequence
@@ -157,11 +165,13 @@ def whitening_apart(whiten: tuple[torch.Tensor, torch.Tensor], m: torch.Tensor) 
 @dataclass
 class Sequences:
     """Layer-L_s rows of a batch: g [B, T, d_s], valid [B, T] (False: padding) and the token ids
-    [B, T] (the locator leaves out sequences that hold the token it scores)."""
+    [B, T] (the locator leaves out sequences that hold the token it scores); surprise [T]: -log p
+    of example 0's tokens under the base (0 at position 0), when the locator asks for it."""
 
     g: torch.Tensor
     valid: torch.Tensor
     ids: torch.Tensor
+    surprise: torch.Tensor | None = None
 
     def prefix_max(self, w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """m [R] of the detector (w [d_s], a) at rows (example b [R], position t [R])."""

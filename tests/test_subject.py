@@ -110,6 +110,20 @@ def test_the_locator_finds_the_row_unlike_the_memory_even_where_a_few_memory_tex
     assert locate_token(prompt, ids, bank, common=0.05) != 2
 
 
+def test_the_surprise_locator_takes_the_least_expected_rare_token() -> None:
+    g = torch.Generator().manual_seed(4)
+    bank = memory_bank(g)  # tokens 10..49, each in 5 of the 60 texts
+    prompt = torch.randn(5, 8, generator=g)
+    ids = torch.tensor([10, 11, 98, 99, 12])
+    surprise = torch.tensor([0.0, 9.0, 3.0, 6.0, 1.0])
+    # token 11 is the most surprising but common (5 of 60 texts); of the rare 98 and 99, 99 wins
+    assert locate_token(prompt, ids, bank, common=0.05, surprise=surprise) == 3
+    surprise[0] = 99.0  # position 0 is never taken
+    assert locate_token(prompt, ids, bank, common=0.05, surprise=surprise) == 3
+    # no rare token at all: the most surprising of every position
+    assert locate_token(prompt, torch.tensor([10, 11, 12, 13, 14]), bank, common=0.05, surprise=surprise) == 1
+
+
 def test_whitening_with_a_column_equals_inverting_the_whole_covariance() -> None:
     g = torch.Generator().manual_seed(3)
     q = torch.randn(400, 6, generator=g) @ torch.randn(6, 6, generator=g)
@@ -243,13 +257,15 @@ Stream = tuple[
 ]
 
 
-def subject_stream(floor: bool, edits: int = 6) -> Stream:
+def subject_stream(floor: bool, edits: int = 6, locator: str = "memory") -> Stream:
     """A subject-key Patcher on a 4-layer llama with a memory of 120 random prompts and 40
     held-out ones, after `edits` sequential edits (each with two context copies); returns the
     model, the patcher, the memory and held-out prompts, the (prompt, target) of each accepted
     edit and how many got a detector."""
     model = llama(seed=2)
-    cfg = TrainConfig(subject_key=True, subject_floor=floor, max_steps=300, equivalent_steps=100)
+    cfg = TrainConfig(
+        subject_key=True, subject_floor=floor, subject_locator=locator, max_steps=300, equivalent_steps=100
+    )
     patcher = Patcher(model, train=cfg, gate=GateConfig())
     g = torch.Generator().manual_seed(7)
     memory = [torch.randint(3, VOCAB, (8,), generator=g) for _ in range(120)]
@@ -284,9 +300,9 @@ def build(patcher: Patcher, memory: list[torch.Tensor], heldout: list[torch.Tens
     return answers
 
 
-@pytest.mark.parametrize("floor", [False, True])
-def test_sequential_subject_edits_hold_in_the_real_model_and_leave_held_out_answers(floor: bool) -> None:
-    model, patcher, _memory, heldout, edits, detectors = subject_stream(floor)
+@pytest.mark.parametrize(("floor", "locator"), [(False, "memory"), (True, "memory"), (True, "surprise")])
+def test_sequential_subject_edits_hold_in_the_real_model_and_leave_held_out_answers(floor: bool, locator: str) -> None:
+    model, patcher, _memory, heldout, edits, detectors = subject_stream(floor, locator=locator)
     assert patcher.subject is not None and len(patcher.subject.memory) == 120 + len(edits)
     assert detectors >= 3  # most edits found a separable subject token
     assert patcher.wrapper.det is not None
