@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from daemon.settings import Settings
-from memory.activations import ActivationKey, ActivationStore
+from memory.activations import SUBJECT_SPLITS, ActivationKey, ActivationStore
 from patching.bases.datasets import load_task
 from patching.bases.load import TASK_OF_BASE, LoadedBase
 from patching.bases.tasks import TaskAdapter
@@ -43,7 +43,10 @@ def build_caches(
     assert settings.state.dir is not None  # resolved by load_settings
     stored = ActivationStore.open(Path(settings.state.dir) / "activations", cache_key(base, patcher, memory, heldout))
     device = patcher.memory.device
-    if stored.rows("memory") and stored.rows("heldout"):
+    subject = patcher.subject is not None  # trainer.subject_key: the rows' layer-L_s sequences too
+    if stored.rows("memory") and stored.rows("heldout") and (not subject or stored.rows(SUBJECT_SPLITS[-1])):
+        if subject:
+            patcher.load_subject_base({split: stored.load(split, device) for split in SUBJECT_SPLITS})
         patcher.add_memory(stored.load("memory", device)["q"])
         rows = stored.load("heldout", device)
         patcher.heldout = HeldoutTensors(rows["q"], rows["ffn"], rows["residual"], rows["pred"], rows["group"])
@@ -56,6 +59,10 @@ def build_caches(
         stored.append("heldout", {"q": h.q, "ffn": h.ffn, "residual": h.residual, "pred": h.pred, "group": h.group})
     if not stored.rows("memory"):
         stored.append("memory", {"q": patcher.memory.view()})
+    if subject:  # last, each only when absent: the final split's rows say all of them are there
+        for split, tensors in patcher.subject_base().items():
+            if not stored.rows(split):
+                stored.append(split, tensors)
     return False
 
 
@@ -66,8 +73,11 @@ def cache_key(
     digest = hashlib.sha256(json.dumps([memory, heldout]).encode()).hexdigest()[:12]
     # a bfloat16 model's activations are other numbers: their own key (float32 keeps the old name)
     dtype = str(base.model.dtype).removeprefix("torch.")
+    # trainer.subject_key also keeps layer L_s's rows: their own key per L_s (M is computed again once)
+    sub = patcher.subject
+    subject = "" if sub is None else f"-subject{sub.site.layer_index}"
     return ActivationKey(
-        f"{base.name}-inputs-{digest}" + ("" if dtype == "float32" else f"-{dtype}"),
+        f"{base.name}-inputs-{digest}" + ("" if dtype == "float32" else f"-{dtype}") + subject,
         base_identity(base.directory),
         str(base.model.config.model_type),
         int(patcher.site.layer_index),

@@ -233,13 +233,13 @@ class PatchedModel:
 
     def patch_row(self, proposal: Proposal) -> PatchIn:
         """What the store keeps of a proposal: the neurons as safetensors bytes and the gate's verdict."""
-        nr = proposal.neurons
+        nr = self.patcher.stored(proposal)  # trainer.subject_key: with its detectors
         gate = _json_safe(proposal.gate.to_dict())
         gate["attempts"] = proposal.attempts
         gate["train_success"] = bool(proposal.train.success)
         gate["banded"] = proposal.banded
         return PatchIn(
-            neurons=patchfile.encode(nr.keys, nr.biases, nr.values, [proposal.edit_id] * nr.n),
+            neurons=patchfile.encode(nr.keys, nr.biases, nr.values, nr.edit_ids, subject=nr.subject),
             n_neurons=nr.n,
             layer=self.layer,
             activation=self.settings.trainer.activation,
@@ -333,9 +333,15 @@ class PatchedModel:
             stored = patchfile.decode(patch.neurons, where=f"patch {patch.id}", edit_id=str(mistake.id))
         except patchfile.PatchStateError as exc:
             raise ModelSetupError(str(exc)) from None
-        if stored.subject is not None:  # the daemon refuses trainer.subject_key (settings.py): never written by it
-            raise ModelSetupError(f"patch {patch.id} holds subject neurons, which the daemon cannot run yet")
-        verdict = self.patcher.replay(enc, str(mistake.id), Neurons(stored.keys, stored.biases, stored.values))
+        edit_id = str(mistake.id)
+        if (stored.subject is not None) != (self.patcher.subject is not None) and stored.subject_of_edit(edit_id):
+            raise ModelSetupError(f"patch {patch.id} holds subject neurons: set [trainer] subject_key = true")
+        scale = stored.subject.scale if stored.subject is not None else None
+        neurons = Neurons(stored.keys, stored.biases, stored.values)
+        try:
+            verdict = self.patcher.replay(enc, edit_id, neurons, stored.subject_of_edit(edit_id), scale)
+        except ValueError as exc:  # subject neurons for another memory (their column scale differs)
+            raise ModelSetupError(f"patch {patch.id}: {exc}") from None
         result.replayed += 1
         replayed = verdict.to_dict()
         differs = {k: (patch.gate.get(k), replayed[k]) for k in REPLAY_CHECKED if patch.gate.get(k) != replayed[k]}

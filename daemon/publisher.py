@@ -57,6 +57,7 @@ from memory.store import Store
 from patching import patchfile
 from patching.checkpoint import (
     FORMAT,
+    FORMAT_3,
     MANIFEST_FILE,
     CheckpointError,
     decode_manifest,
@@ -414,6 +415,7 @@ class Publisher:
                     },
                 )
                 sha = hashlib.sha256(blob).hexdigest()
+                layer = patchfile.header_of(blob)[1].get("subject_layer")
                 entry = {
                     "sha256": sha,
                     "size": len(blob),
@@ -422,6 +424,7 @@ class Publisher:
                     "first_patch": ids[0],
                     "last_patch": ids[-1],
                     "ids_sha256": key,
+                    **({"subject_layer": int(layer)} if layer is not None else {}),
                 }
                 new.append((segment_name(sha), blob))
             entries.append(entry)
@@ -432,8 +435,11 @@ class Publisher:
         added = [e for e in edits if e not in before_set]
         gate = gate_figures(patches)
         b = self.base
+        subject_layers = {e["subject_layer"] for e in entries if "subject_layer" in e}
+        if len(subject_layers) > 1:
+            raise RuntimeError(f"segments with detectors on layers {sorted(subject_layers)}: one model, one layer")
         body: dict[str, Any] = {
-            "format": FORMAT,
+            "format": FORMAT_3 if subject_layers else FORMAT,
             "model": self.model,
             "version": number,
             "parent": parent.number if parent else None,
@@ -445,6 +451,7 @@ class Publisher:
                 "layer": b.layer,
                 "activation": b.activation,
                 "hidden_size": b.hidden_size,
+                **({"subject_layer": subject_layers.pop()} if subject_layers else {}),
             },
             "neurons": neurons,
             "patches": len(patches),

@@ -263,9 +263,8 @@ _STORAGE_URI = re.compile(r"file://.+|s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)
 _TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
 
 
-def load_settings(path: Path | None, env: Mapping[str, str], daemon: bool = True) -> Settings:
-    """Defaults, then the TOML file at `path` (if any), then PATCHD_* variables from `env`.
-    `daemon=False` (patchd evaluate) also allows the settings that patch files cannot carry yet."""
+def load_settings(path: Path | None, env: Mapping[str, str]) -> Settings:
+    """Defaults, then the TOML file at `path` (if any), then PATCHD_* variables from `env`."""
     raw: Raw = {name: {} for name in SECTIONS}
     top: dict[str, tuple[Any, str]] = {}
     if path is not None:
@@ -280,7 +279,7 @@ def load_settings(path: Path | None, env: Mapping[str, str], daemon: bool = True
         source = f"from {top['device'][1]}" if "device" in top else "default"
         raise SettingsError(f"device ({source}): expected auto, cpu, cuda, cuda:N or mps, got {device!r}")
     settings = Settings(device=device, **sections)
-    _check(settings, daemon)
+    _check(settings)
     return _resolve(settings, env)
 
 
@@ -447,7 +446,7 @@ def _hint(key: str, options: list[str]) -> str:
     return f" (did you mean {close[0]!r}?)" if close else f" (known: {', '.join(sorted(options))})"
 
 
-def _check(s: Settings, daemon: bool = True) -> None:
+def _check(s: Settings) -> None:
     """Ranges and cross-key rules of the daemon's own sections (the patching ones check themselves)."""
     rules: list[tuple[bool, str, str]] = [
         (bool(s.model.name.strip()), "model.name", "must not be empty"),
@@ -509,11 +508,6 @@ def _check(s: Settings, daemon: bool = True) -> None:
         (s.publish.interval_s > 0, "publish.interval_s", "must be > 0"),
         (s.publish.keep_versions >= 1, "publish.keep_versions", "must be >= 1 (LATEST is always kept)"),
         (0 <= s.health.port <= 65535, "health.port", "must be in 0..65535 (0 disables)"),
-        (
-            not (daemon and s.trainer.subject_key),
-            "trainer.subject_key",
-            "is for `patchd evaluate` only for now: patch files and versions do not carry its detectors yet",
-        ),
     ]
     for ok, key, message in rules:
         if not ok:

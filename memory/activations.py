@@ -33,6 +33,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 SPLITS = ("memory", "heldout")  # M (kept silent by the memory loss) and the held-out locality set
+# trainer.subject_key: the layer-L_s rows of M's and the held-out set's input sequences (g, token
+# ids), their lengths, and the (sequence, position) of every row of M / of the held-out set
+SUBJECT_SPLITS = tuple(f"subject_{s}_{part}" for s in SPLITS for part in ("rows", "lengths", "refs"))
+ALL_SPLITS = SPLITS + SUBJECT_SPLITS
 INDEX = "index.json"
 FORMAT = 1  # bump when the index layout changes; older indexes are refused, not guessed at
 
@@ -83,7 +87,7 @@ class ActivationStore:
                     f"{directory} holds activations of {index.get('key')}, not of {asdict(key)}"
                 )
         else:
-            index = {"format": FORMAT, "key": asdict(key), "splits": {split: [] for split in SPLITS}}
+            index = {"format": FORMAT, "key": asdict(key), "splits": {split: [] for split in ALL_SPLITS}}
             _write_atomic(index_path, json.dumps(index, indent=1).encode())
         store = cls(directory, key, index)
         store._remove_unlisted()
@@ -144,9 +148,10 @@ class ActivationStore:
     # -- helpers ------------------------------------------------------------------------------
 
     def _shards(self, split: str) -> list[dict[str, Any]]:
-        if split not in SPLITS:
-            raise ValueError(f"unknown activation split {split!r}; expected one of {SPLITS}")
-        shards: list[dict[str, Any]] = self._index["splits"][split]
+        if split not in ALL_SPLITS:
+            raise ValueError(f"unknown activation split {split!r}; expected one of {ALL_SPLITS}")
+        # an index written before the subject splits existed simply has none of them yet
+        shards: list[dict[str, Any]] = self._index["splits"].setdefault(split, [])
         return shards
 
     def _check(self, split: str, tensors: Mapping[str, torch.Tensor]) -> int:
@@ -177,7 +182,7 @@ class ActivationStore:
         _write_atomic(self.directory / INDEX, json.dumps(self._index, indent=1).encode())
 
     def _remove_unlisted(self) -> None:
-        listed = {s["file"] for split in SPLITS for s in self._index["splits"][split]}
+        listed = {s["file"] for split in ALL_SPLITS for s in self._shards(split)}
         for path in self.directory.iterdir():
             if path.name != INDEX and path.name not in listed and path.name.endswith((".safetensors", ".tmp")):
                 path.unlink(missing_ok=True)

@@ -17,6 +17,11 @@ blocks of 16**k patches, so a publish that adds one patch writes one small segme
 and a reader that holds the parent's segments fetches only the new ones. The manifest names every
 segment's sha256, so the signature and checksum below cover every byte of the version.
 
+Format 3 is format 2 whose segments hold subject neurons (trainer.subject_key: patch files with
+detectors, patching/patchfile.py): "config" also names "subject_layer", and each such segment's
+entry says its "subject_layer". A reader that knows only formats 1 and 2 refuses it, where it
+would otherwise run the neurons without their subject term.
+
 Format 1 (versions published before segments, still read): a version directory holds
 patches.safetensors and patch_config.json and manifest.json, written last:
 
@@ -62,6 +67,8 @@ if TYPE_CHECKING:
 MANIFEST_FILE = "manifest.json"
 FORMAT_1 = "patchd-checkpoint/1"
 FORMAT = "patchd-checkpoint/2"  # what the publisher writes
+FORMAT_3 = "patchd-checkpoint/3"  # ... when a segment holds subject neurons
+SEGMENTED = (FORMAT, FORMAT_3)
 REQUIRED_FILES = (PATCHES_FILE, CONFIG_FILE)  # format 1
 CONFIG_FIELDS = ("model_type", "layer", "activation", "hidden_size")  # format 2's "config"
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -107,8 +114,8 @@ def decode_manifest(raw: bytes, model: str | None = None, number: int | None = N
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{MANIFEST_FILE} is not JSON: {exc}") from None
-    if not isinstance(body, dict) or body.get("format") not in (FORMAT, FORMAT_1):
-        raise CheckpointError(f"{MANIFEST_FILE} is not a {FORMAT} (or {FORMAT_1}) manifest")
+    if not isinstance(body, dict) or body.get("format") not in (*SEGMENTED, FORMAT_1):
+        raise CheckpointError(f"{MANIFEST_FILE} is not a {FORMAT} (or {FORMAT_3}, {FORMAT_1}) manifest")
     # equal bytes <=> the stored checksum is right AND nothing outside the parsed values changed
     if encode_manifest(body) != raw:
         raise CheckpointError(f"{MANIFEST_FILE} fails its checksum (changed after it was written)")
@@ -126,6 +133,9 @@ def decode_manifest(raw: bytes, model: str | None = None, number: int | None = N
         raise CheckpointError(f"{MANIFEST_FILE} has no config with {', '.join(CONFIG_FIELDS)}")
     if not isinstance(segments, list) or not all(_segment_entry(e) for e in segments):
         raise CheckpointError(f"{MANIFEST_FILE} lists its segments wrongly")
+    subject = body["format"] == FORMAT_3
+    if subject != isinstance(config.get("subject_layer"), int):
+        raise CheckpointError(f"{MANIFEST_FILE}: only a {FORMAT_3} manifest, and every one, names config.subject_layer")
     if sum(e["neurons"] for e in segments) != body.get("neurons"):
         raise CheckpointError(f"{MANIFEST_FILE}: its segments do not add up to {body.get('neurons')} neurons")
     return body
@@ -155,7 +165,7 @@ class VerifiedVersion:
 
     @property
     def segmented(self) -> bool:
-        return bool(self.manifest.get("format") == FORMAT)
+        return self.manifest.get("format") in SEGMENTED
 
     @cached_property
     def _segment_meta(self) -> list[dict[str, str]]:
@@ -262,7 +272,7 @@ def _read_verified(
             signed_by = trusted.verify(signed_bytes(manifest), manifest.get("signature"))
         except SigningError as exc:
             raise UntrustedVersion(f"version {number}: {exc}") from None
-    if manifest["format"] == FORMAT:
+    if manifest["format"] in SEGMENTED:
         segments = _read_segments(storage, model, number, manifest, held)
         v = VerifiedVersion(model, number, manifest, hashlib.sha256(raw).hexdigest(), {}, len(raw), signed_by, segments)
         if len(v.neuron_edits) != manifest["neurons"] or len(v.patch_ids) != manifest.get("patches"):

@@ -131,7 +131,8 @@ class TrainConfig:
     # c * (running max of a detector of its subject at layer subject_layer x depth), so a paraphrase
     # or a context that names the subject opens them and another subject's fact does not. Probed on
     # CounterFact's first 40: GR 0.87 against 0.21 for the last position alone (levers-21.md); off
-    # until its A/B in the stream. Not yet carried by patch files and versions: evaluate only.
+    # until its A/B in the stream. Patch files, engine snapshots and versions (patchd-checkpoint/3)
+    # carry the detectors.
     subject_key: bool = False
     subject_layer: float = 0.5
     # with subject_key: the key starts as the plain one (the subject term at 0, whitening_apart) and

@@ -19,6 +19,7 @@ from typing import Any, Literal
 import torch
 
 from patching import gate as gating
+from patching import patchfile
 from patching.arch import FFNSite, locate, tail_logits
 from patching.capture import frozen_forward
 from patching.config import GateConfig, TrainConfig
@@ -129,6 +130,22 @@ class EditState:
     heldout_ffn: torch.Tensor | None  # [H, d] held-out FFN outputs with every neuron in place
     heldout_pred: torch.Tensor | None  # [H] held-out predictions with every neuron in place
     retention: EditTensors | None  # rows of every accepted edit, group = edit number
+    subject: SubjectState | None = None  # trainer.subject_key: what the edits added for it
+
+
+@dataclass
+class SubjectState:
+    """trainer.subject_key's part of an EditState: the accepted edits' own layer-L_s sequences
+    (rows [P, d_s], token ids [P], lengths [E]; one per edit, after the memory inputs' sequences),
+    the sequence refs (seq, t) of M's edit rows [m, 2] and of the retention rows [R, 2], and the
+    layer's detectors (w [n, d_s], a [n], c [n]; None while no neuron has one)."""
+
+    rows: torch.Tensor
+    ids: torch.Tensor
+    lengths: torch.Tensor
+    memory_refs: torch.Tensor
+    retention_refs: torch.Tensor
+    detectors: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None
 
 
 @dataclass(frozen=True)
@@ -238,9 +255,41 @@ class Patcher:
         Statistics derived from M (the fisher init's whitening) use these rows only, so a restart
         that replays stored edits derives exactly what an uninterrupted run derived.
         """
-        if self.subject is not None:
-            raise ValueError("trainer.subject_key needs M built from inputs (build_memory), not bare rows")
+        if self.subject is not None and len(self.subject.memory_refs.seq) != len(self.memory) + rows.shape[0]:
+            raise ValueError(
+                "trainer.subject_key needs M built from inputs (build_memory), or the rows' sequences "
+                "put back first (load_subject_base), not bare rows"
+            )
         self._add_memory(rows)
+
+    def subject_base(self) -> dict[str, dict[str, torch.Tensor]]:
+        """trainer.subject_key, before any edit: the layer-L_s sequences behind M's rows and the
+        held-out rows and where each row sits in them, as the activation store's subject splits
+        (daemon/caches.py keeps them beside M; load_subject_base puts them back)."""
+        if self.subject is None or self._edits:
+            raise ValueError("subject_base needs trainer.subject_key and no edit yet")
+        sub, out = self.subject, {}
+        for name, bank, refs in (("memory", sub.memory, sub.memory_refs), ("heldout", sub.heldout, sub.heldout_refs)):
+            rows, ids, lengths = bank.since(0)
+            out[f"subject_{name}_rows"] = {"g": rows, "ids": ids}  # [P, d_s], [P]
+            out[f"subject_{name}_lengths"] = {"length": lengths}  # [S]
+            out[f"subject_{name}_refs"] = {"seq": refs.seq, "t": refs.t}  # [N] each
+        return out
+
+    def load_subject_base(self, parts: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
+        """Put back what subject_base() gave, before M's base rows (add_memory) and the held-out cache."""
+        if self.subject is None or len(self.subject.memory) or len(self.subject.heldout):
+            raise ValueError("load_subject_base needs trainer.subject_key and a fresh Patcher")
+        sub, device = self.subject, self.memory.device
+        for name, bank in (("memory", sub.memory), ("heldout", sub.heldout)):
+            rows, lengths = parts[f"subject_{name}_rows"], parts[f"subject_{name}_lengths"]["length"]
+            bank.append_raw(rows["g"], rows["ids"], lengths)
+            refs = parts[f"subject_{name}_refs"]
+            loaded = Refs(refs["seq"].to(device, torch.long), refs["t"].to(device, torch.long))
+            if name == "memory":
+                sub.memory_refs = loaded
+            else:
+                sub.heldout_refs = loaded
 
     def _add_memory(self, rows: torch.Tensor) -> None:
         self.memory.append(rows)
@@ -449,6 +498,17 @@ class Patcher:
         det, n = subject.detector, nr.n
         gains = nr.keys[:, -1] * det.scale if subject.gains is None else subject.gains  # k_last * (scale * m) = c * m
         return Neurons(nr.keys[:, :-1], nr.biases, nr.values), (det.w.expand(n, -1), det.a.expand(n), gains)
+
+    def stored(self, proposal: Proposal) -> patchfile.PatchTensors:
+        """A proposal's neurons as the layer holds them and a patch file stores them: keys [n, d],
+        and for subject neurons their detectors with the column scale (replay's inverse)."""
+        plain, det = self._layer_neurons(proposal.neurons, proposal.subject)
+        subject = None
+        if det is not None and self.wrapper.subject_layer is not None:
+            w, a, c = det
+            subject = patchfile.SubjectTensors(w, a, c, self.wrapper.subject_layer, self._subject_scale())
+        ids = [proposal.edit_id] * plain.n
+        return patchfile.PatchTensors(plain.keys, plain.biases, plain.values, ids, subject=subject)
 
     def _band_applies(self) -> bool:
         """The band is the last try of a relu-cap edit that the gate refused only because its
@@ -706,9 +766,20 @@ class Patcher:
 
     def export_state(self) -> EditState:
         """The edits' whole effect on this Patcher (see EditState); views, no copies."""
-        self._not_subject("exporting the edit state")
         h = self.heldout
         w = self.wrapper
+        subject = None
+        if self.subject is not None:
+            sub, base = self.subject, self._memory_base
+            rows, ids, lengths = sub.memory.since(len(sub.memory) - len(self._edits))  # one sequence per edit
+            subject = SubjectState(
+                rows,
+                ids,
+                lengths,
+                torch.stack([sub.memory_refs.seq[base:], sub.memory_refs.t[base:]], 1),
+                torch.stack([sub.retention_refs.seq, sub.retention_refs.t], 1),
+                w.det,
+            )
         return EditState(
             list(self._edits),
             list(w.edit_ids),
@@ -719,15 +790,19 @@ class Patcher:
             h.ffn if h is not None else None,
             h.pred if h is not None else None,
             self.retention,
+            subject,
         )
 
     def restore_state(self, state: EditState) -> None:
         """Make a fresh Patcher (base M and held-out cache built, no edit yet) the one that
         exported `state`. Shapes are checked against this Patcher's own caches: a state from
         other memory or held-out inputs is refused, not half applied."""
-        self._not_subject("restoring an edit state")
         if self._edits or self.wrapper.n or len(self.memory) != self._memory_base:
             raise ValueError("restore_state needs a fresh Patcher: edits were already applied")
+        if (self.subject is None) != (state.subject is None):
+            raise ValueError(
+                "the state was exported with trainer.subject_key " + ("off" if state.subject is None else "on")
+            )
         h = self.heldout
         if (h is None) != (state.heldout_ffn is None) or (
             h is not None and state.heldout_ffn is not None and state.heldout_ffn.shape != h.ffn.shape
@@ -736,9 +811,13 @@ class Patcher:
         if state.memory_rows.ndim != 2 or state.memory_rows.shape[1] != self.site.hidden_size:
             raise ValueError(f"memory rows {tuple(state.memory_rows.shape)} do not fit width {self.site.hidden_size}")
         device = self.memory.device
+        if state.subject is not None:
+            self._check_subject_state(state)
         self.wrapper.restore(
             state.keys.to(device), state.biases.to(device), state.values.to(device), state.neuron_edits
         )
+        if state.subject is not None:
+            self._restore_subject(state.subject)
         self.memory.append(state.memory_rows.to(device))  # M's base rows stay first (whitening reads those)
         if h is not None and state.heldout_ffn is not None and state.heldout_pred is not None:
             self.heldout = replace(h, ffn=state.heldout_ffn.to(device), pred=state.heldout_pred.to(device))
@@ -750,9 +829,35 @@ class Patcher:
             )
         self._edits = list(state.edits)
 
+    def _check_subject_state(self, state: EditState) -> None:
+        """Refuse a subject state that does not fit this Patcher before anything changes."""
+        assert self.subject is not None and state.subject is not None
+        sub, got = self.subject, state.subject
+        m = state.memory_rows.shape[0]
+        if got.lengths.shape != (len(state.edits),) or got.memory_refs.shape != (m, 2):
+            raise ValueError("the state's layer-L_s sequences do not match its edits and memory rows")
+        if got.rows.ndim != 2 or got.rows.shape[1] != sub.memory.rows().shape[1]:
+            raise ValueError(f"layer-L_s rows {tuple(got.rows.shape)} do not fit this subject layer")
+        det = got.detectors
+        if det is not None and (det[0].shape[0] != state.keys.shape[0] or det[0].shape[1] != got.rows.shape[1]):
+            raise ValueError("the state's detectors do not match its neurons")
+
+    def _restore_subject(self, got: SubjectState) -> None:
+        """The bank, refs and detectors of a checked SubjectState (restore_state)."""
+        assert self.subject is not None
+        sub, device = self.subject, self.memory.device
+        sub.memory.append_raw(got.rows, got.ids, got.lengths)
+        refs = got.memory_refs.to(device)
+        sub.memory_refs = sub.memory_refs.plus(refs[:, 0], refs[:, 1])
+        refs = got.retention_refs.to(device)
+        sub.retention_refs = Refs(refs[:, 0].clone(), refs[:, 1].clone())
+        if got.detectors is not None:
+            self.wrapper.restore_subject(got.detectors)
+
     def _not_subject(self, what: str) -> None:
         if self.subject is not None:
-            raise ValueError(f"trainer.subject_key: {what} does not carry subject detectors yet (evaluate only)")
+            # the layer-L_s bank has no truncate yet; only the benchmarks (bench.py, synthetic.py) roll back
+            raise ValueError(f"trainer.subject_key: {what} does not cover the subject detectors' bank yet")
 
     def detach(self) -> None:
         """Remove the wrapper: the model is the untouched base again."""

@@ -403,6 +403,17 @@ class PatchedFFN(nn.Module):
         self.edit_ids = list(edit_ids)
         self._cast = None
 
+    def restore_subject(self, det: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> None:
+        """Put back the detectors (w [n, d_s], a [n], c [n]) of the neurons restore() put back."""
+        w, a, c = det
+        n = self.n
+        if self.subject_layer is None:
+            raise ValueError("subject neurons need attach_subject first")
+        if w.ndim != 2 or w.shape[0] != n or a.shape != (n,) or c.shape != (n,):
+            raise ValueError(f"bad detector shapes {tuple(w.shape)} {tuple(a.shape)} {tuple(c.shape)} for {n} neurons")
+        ref = self.keys
+        self.det = (w.to(ref), a.to(ref), c.to(ref))
+
     def remove(self, edit_ids: Sequence[str]) -> int:
         """Remove every neuron of the given edits; returns how many were removed."""
         drop = set(edit_ids)

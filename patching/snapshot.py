@@ -8,6 +8,10 @@ with the history: minutes at 10,000 patches. A snapshot holds what those replays
     heldout_ffn [H, d], heldout_pred [H]          the held-out cache with every neuron in place
     retention_q / _ffn / _residual [R, d]         the rows of every accepted edit (the gate's
     retention_targets [R], retention_group [R]    retention check), group = edit number
+    subject_rows [P, d_s], subject_ids [P],       trainer.subject_key only (format 2): the edits'
+    subject_lengths [E], subject_memory_refs       layer-L_s sequences, the (sequence, position) of
+    [m, 2], subject_retention_refs [R, 2],         M's edit rows and of the retention rows, and the
+    subject_w [n, d_s], subject_a/_c [n]           layer's detectors (absent while none has one)
     metadata  format, edits (JSON list), neuron_edits (JSON list), plus the writer's own keys
               (daemon/model.py: the base identity, the layer, the activation, the input digest
               and a digest of the stored patches it covers)
@@ -29,10 +33,11 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 
-from patching.engine import EditState
+from patching.engine import EditState, SubjectState
 from patching.trainer import EditTensors
 
 FORMAT = "1"
+SUBJECT_FORMAT = "2"  # FORMAT plus the subject tensors: code that reads only "1" refuses it and replays
 _RETENTION = ("q", "ffn", "residual", "targets", "group")
 
 
@@ -56,11 +61,22 @@ def save(path: Path, state: EditState, meta: Mapping[str, str]) -> int:
             t = getattr(r, name)
             if t is not None:
                 tensors[f"retention_{name}"] = t
+    sub = state.subject
+    if sub is not None:
+        tensors |= {
+            "subject_rows": sub.rows,
+            "subject_ids": sub.ids,
+            "subject_lengths": sub.lengths,
+            "subject_memory_refs": sub.memory_refs,
+            "subject_retention_refs": sub.retention_refs,
+        }
+        if sub.detectors is not None:
+            tensors |= dict(zip(("subject_w", "subject_a", "subject_c"), sub.detectors, strict=True))
     # clones: safetensors refuses views into a larger buffer (M grows by doubling)
     cpu = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
     metadata = {
         **meta,
-        "format": FORMAT,
+        "format": FORMAT if sub is None else SUBJECT_FORMAT,
         "edits": json.dumps(state.edits),
         "neuron_edits": json.dumps(state.neuron_edits),
     }
@@ -94,8 +110,8 @@ def load(path: Path, expect: Mapping[str, str]) -> tuple[EditState, dict[str, st
         raise SnapshotUnusable("no snapshot") from None
     except (SafetensorError, OSError, ValueError) as exc:
         raise SnapshotUnusable(f"unreadable: {exc}") from None
-    if meta.get("format") != FORMAT:
-        raise SnapshotUnusable(f"format {meta.get('format')!r}, this code reads {FORMAT!r}")
+    if meta.get("format") not in (FORMAT, SUBJECT_FORMAT):
+        raise SnapshotUnusable(f"format {meta.get('format')!r}, this code reads {FORMAT!r} and {SUBJECT_FORMAT!r}")
     for key, value in expect.items():
         if meta.get(key) != value:
             raise SnapshotUnusable(f"written for {key} = {meta.get(key)!r}, not {value!r}")
@@ -120,9 +136,25 @@ def load(path: Path, expect: Mapping[str, str]) -> tuple[EditState, dict[str, st
             tensors.get("heldout_ffn"),
             tensors.get("heldout_pred"),
             retention,
+            _subject(tensors) if meta["format"] == SUBJECT_FORMAT else None,
         )
     except (KeyError, ValueError, TypeError) as exc:
         raise SnapshotUnusable(f"incomplete: {exc!r}") from None
     if len(state.neuron_edits) != state.keys.shape[0] or set(state.neuron_edits) - set(state.edits):
         raise SnapshotUnusable("its neurons and edits do not match")
     return state, meta
+
+
+def _subject(tensors: Mapping[str, torch.Tensor]) -> SubjectState:
+    """The subject part of a format-2 snapshot (KeyError when a tensor is missing: incomplete)."""
+    detectors = None
+    if "subject_w" in tensors:
+        detectors = (tensors["subject_w"], tensors["subject_a"], tensors["subject_c"])
+    return SubjectState(
+        tensors["subject_rows"],
+        tensors["subject_ids"],
+        tensors["subject_lengths"],
+        tensors["subject_memory_refs"],
+        tensors["subject_retention_refs"],
+        detectors,
+    )

@@ -212,6 +212,26 @@ class SequenceBank:
         """Every stored row [P, d_s], a view."""
         return self._rows.view()
 
+    def since(self, first: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Sequences first.. as (rows [P', d_s], token ids [P'], lengths [S']): what append_raw takes."""
+        start = self.starts[first] if first < len(self.starts) else len(self._rows)
+        lengths = torch.tensor(self.lengths[first:], dtype=torch.long)
+        return self._rows.view()[start:], self._ids.view()[start:, 0], lengths
+
+    def append_raw(self, rows: torch.Tensor, ids: torch.Tensor, lengths: torch.Tensor) -> None:
+        """Append sequences given as since() returns them (an engine snapshot restored)."""
+        if rows.ndim != 2 or ids.shape != (rows.shape[0],) or int(lengths.sum()) != rows.shape[0]:
+            raise ValueError(f"sequence rows {tuple(rows.shape)}, ids {tuple(ids.shape)} and lengths do not agree")
+        start = len(self._rows)
+        for n in lengths.tolist():
+            self.starts.append(start)
+            self.lengths.append(int(n))
+            start += int(n)
+        self._rows.append(rows.to(self._rows.device, torch.float32))
+        self._ids.append(ids.to(self._ids.device, torch.long)[:, None])
+        self._index = None
+        self._seq_of = None
+
     def sequence_of_rows(self) -> torch.Tensor:
         """[P] the sequence id of every stored row."""
         if self._seq_of is None:

@@ -314,8 +314,6 @@ def test_sequential_subject_edits_hold_in_the_real_model_and_leave_held_out_answ
         for p, a in zip(heldout, heldout_cache.pred.tolist(), strict=True):  # locality
             assert int(model(input_ids=p[None]).logits[0, -1].argmax()) == int(a)
     assert len(patcher.memory) == len(patcher.subject.memory_refs.seq)
-    with pytest.raises(ValueError, match="subject_key"):
-        patcher.export_state()
 
 
 def test_subject_patches_replay_and_load_as_the_run_left_them(tmp_path) -> None:
@@ -409,11 +407,12 @@ def test_the_floor_copy_is_the_edit_with_m_at_its_floor_as_one_more_example() ->
     assert torch.equal(both.q[:4], copies.q) and both.q[4:, -1].tolist() == [-3.0, -3.0]
 
 
-def test_the_daemon_refuses_the_subject_key_naming_it(tmp_path) -> None:
+def test_the_daemon_takes_the_subject_key_and_names_a_bad_locator(tmp_path) -> None:
     cfg = tmp_path / "patchd.toml"
     cfg.write_text('[model]\nname = "m"\n[trainer]\nsubject_key = true\n')
-    with pytest.raises(SettingsError, match="trainer.subject_key"):
-        load_settings(cfg, env={})
+    assert load_settings(cfg, env={}).trainer.subject_key
+    with pytest.raises(SettingsError, match="trainer.subject_locator"):
+        load_settings(cfg, env={"PATCHD_TRAINER_SUBJECT_LOCATOR": "first"})
 
 
 def test_only_a_call_that_goes_on_with_a_filled_cache_continues_the_running_max() -> None:
@@ -440,3 +439,70 @@ def test_a_new_prompt_starts_its_running_max_afresh() -> None:
         wrapper._carry = torch.ones(1, wrapper.n)
         again = model(input_ids=b).logits
     assert torch.equal(fresh, again)
+
+
+def test_a_subject_snapshot_restores_the_uninterrupted_run_bit_for_bit(tmp_path) -> None:
+    """The engine snapshot (format 2) carries the edits' layer-L_s sequences, their refs and the
+    detectors: a restart from it goes on exactly as the run that never stopped."""
+    from patching import snapshot
+
+    def fresh() -> Patcher:
+        model = llama(seed=2)
+        cfg = TrainConfig(subject_key=True, subject_floor=True, max_steps=300, equivalent_steps=100)
+        patcher = Patcher(model, train=cfg, gate=GateConfig())
+        g = torch.Generator().manual_seed(7)
+        memory = [torch.randint(3, VOCAB, (8,), generator=g) for _ in range(120)]
+        heldout = [torch.randint(3, VOCAB, (8,), generator=g) for _ in range(40)]
+        build(patcher, memory, heldout)
+        return patcher
+
+    g = torch.Generator().manual_seed(11)
+    base = llama(seed=2)
+    encs = []
+    for i in range(7):
+        prompt = torch.randint(3, VOCAB, (8,), generator=g)
+        with torch.no_grad():
+            now = int(base(input_ids=prompt[None]).logits[0, -1].argmax())
+        target = torch.tensor([(now + 1 + i) % (VOCAB - 3) + 3])
+        copies = [torch.cat([torch.randint(3, VOCAB, (4,), generator=g), prompt]) for _ in range(2)]
+        encs.append(gen_batch([prompt, *copies], [target] * 3))
+
+    def run(p: Patcher, span: range) -> None:
+        for i in span:
+            out = p.edit(encs[i], edit_id=f"e{i}")
+            assert out.status == "accepted", out.reasons
+
+    whole = fresh()
+    run(whole, range(6))
+    nxt = whole.propose(encs[6], "e6")
+    first = fresh()
+    run(first, range(3))
+    path = tmp_path / "engine.safetensors"
+    snapshot.save(path, first.export_state(), {"model": "tiny"})
+    restarted = fresh()
+    state, meta = snapshot.load(path, {"model": "tiny"})
+    assert meta["format"] == "2" and state.subject is not None
+    restarted.restore_state(state)
+    run(restarted, range(3, 6))
+
+    a, b = whole, restarted
+    assert a.subject is not None and b.subject is not None and a.wrapper.det is not None and b.wrapper.det is not None
+    pairs = [
+        (a.wrapper.keys, b.wrapper.keys),
+        (a.wrapper.values, b.wrapper.values),
+        *zip(a.wrapper.det, b.wrapper.det, strict=True),
+        (a.memory.view(), b.memory.view()),
+        (a.subject.memory.rows(), b.subject.memory.rows()),
+        (a.subject.memory_refs.seq, b.subject.memory_refs.seq),
+        (a.subject.retention_refs.t, b.subject.retention_refs.t),
+    ]
+    assert all(torch.equal(x, y) for x, y in pairs)
+    assert a.subject.memory.lengths == b.subject.memory.lengths
+    again = restarted.propose(encs[6], "e6")
+    assert nxt is not None and again is not None and nxt.gate.to_dict() == again.gate.to_dict()
+    assert torch.equal(nxt.neurons.keys, again.neurons.keys)
+    # a plain Patcher refuses it (and a subject one a plain state), changing nothing
+    plain = Patcher(llama(seed=2), train=TrainConfig(), gate=GateConfig())
+    with pytest.raises(ValueError, match="subject_key"):
+        plain.restore_state(state)
+    assert plain.wrapper.n == 0

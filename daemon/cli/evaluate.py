@@ -328,5 +328,5 @@ def _patch_settings(overrides: list[str]) -> tuple[TrainConfig, GateConfig]:
         if not sep or not dot or section not in ("trainer", "gate"):
             raise ValueError(f"--set {item!r}: expected trainer.KEY=VALUE or gate.KEY=VALUE")
         env[f"{ENV_PREFIX}{section.upper()}_{name.upper()}"] = value
-    settings = load_settings(None, env, daemon=False)
+    settings = load_settings(None, env)
     return settings.trainer, settings.gate
