@@ -334,7 +334,7 @@ class PatchedModel:
         except patchfile.PatchStateError as exc:
             raise ModelSetupError(str(exc)) from None
         edit_id = str(mistake.id)
-        if (stored.subject is not None) != (self.patcher.subject is not None) and stored.subject_of_edit(edit_id):
+        if stored.subject is not None and self.patcher.subject is None:
             raise ModelSetupError(f"patch {patch.id} holds subject neurons: set [trainer] subject_key = true")
         scale = stored.subject.scale if stored.subject is not None else None
         neurons = Neurons(stored.keys, stored.biases, stored.values)

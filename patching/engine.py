@@ -188,7 +188,7 @@ class Patcher:
         self._edits: list[str] = []
         self._whiten: tuple[torch.Tensor, torch.Tensor] | None = None
         self._ridge = 0.0  # the fisher whitening's absolute ridge (subject columns reuse it)
-        self._scale: float | None = None  # the subject column's width, from M's base rows (_subject_scale)
+        self._scale: float | None = None  # the subject column's width, from M's base rows (subject_scale)
         self._memory_base = 0  # rows of M that come from unrelated inputs, not from edits
         self.subject: SubjectCache | None = None
         if self.train_cfg.subject_key:
@@ -448,10 +448,10 @@ class Patcher:
         fit = fit_detector(torch.stack(positives), neg) if positives else None
         if fit is None:
             return edit, None
-        edit.detector = Detector(fit[0], fit[1], self._subject_scale())
+        edit.detector = Detector(fit[0], fit[1], self.subject_scale())
         return edit, seqs.prefix_max(fit[0], fit[1], group, t_all)
 
-    def _subject_scale(self) -> float:
+    def subject_scale(self) -> float:
         """The width of m's column: the mean norm of M's base rows, so that the key's subject term
         moves as much per training step as its q part does. Computed once, as the whitening is."""
         if self._scale is None:
@@ -506,7 +506,7 @@ class Patcher:
         subject = None
         if det is not None and self.wrapper.subject_layer is not None:
             w, a, c = det
-            subject = patchfile.SubjectTensors(w, a, c, self.wrapper.subject_layer, self._subject_scale())
+            subject = patchfile.SubjectTensors(w, a, c, self.wrapper.subject_layer, self.subject_scale())
         ids = [proposal.edit_id] * plain.n
         return patchfile.PatchTensors(plain.keys, plain.biases, plain.values, ids, subject=subject)
 
@@ -702,10 +702,10 @@ class Patcher:
         sub = SubjectEdit(Sequences(seqs.g[:1], seqs.valid[:1], seqs.ids[:1]), t_all[group == 0], None)
         if subject is None:
             return neurons, et, sub
-        if scale is None or scale != self._subject_scale():
+        if scale is None or scale != self.subject_scale():
             raise ValueError(
                 f"edit {edit_id}: its subject neurons were trained with column scale {scale}, this memory "
-                f"gives {self._subject_scale()} (another memory or base)"
+                f"gives {self.subject_scale()} (another memory or base)"
             )
         device = self.memory.device
         w, a, c = (x.to(device=device, dtype=torch.float32) for x in subject)

@@ -329,7 +329,7 @@ def test_subject_patches_replay_and_load_as_the_run_left_them(tmp_path) -> None:
     path = tmp_path / "run.patches.safetensors"
     save_patches(path, patcher)
     saved = load_patches(path)
-    assert saved.scale == patcher._subject_scale() and set(saved.detectors) <= set(saved.neurons)
+    assert saved.scale == patcher.subject_scale() and set(saved.detectors) <= set(saved.neurons)
     assert len(saved.detectors) == detectors
 
     again = Patcher(llama(seed=2), train=patcher.train_cfg, gate=GateConfig())

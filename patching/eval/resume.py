@@ -80,7 +80,7 @@ def patches_path(report: Path) -> Path:
 def save_patches(path: Path, patcher: Patcher) -> None:
     """Every neuron of the patched layer with the edit id it belongs to, and with trainer.subject_key
     the detectors and the column scale they were trained with (patching/patchfile.py)."""
-    scale = patcher._subject_scale() if patcher.subject is not None else None
+    scale = patcher.subject_scale() if patcher.subject is not None else None
     patchfile.write_file(path, patchfile.of_layer(patcher.wrapper, scale))
 
 

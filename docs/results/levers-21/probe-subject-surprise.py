@@ -7,7 +7,7 @@ m = -1 there, and the neuron silent). Rules, all over positions >= 1:
   xs    = the most surprising token among those with df <= 0.5 %
   xtop3 = locate_token's rule among the 3 most surprising tokens with df <= 0.5 %
 
-    python docs/results/levers-21/probe-subject-surprisal.py zsre REPORT.json N > out.jsonl
+    python docs/results/levers-21/probe-subject-surprise.py zsre REPORT.json N > out.jsonl
 """
 import json, sys, time
 import torch, torch.nn.functional as F
