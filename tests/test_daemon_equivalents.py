@@ -19,7 +19,7 @@ from memory.store import Store
 from patching.augment import with_context
 from patching.encode import Encoded
 from tests.test_memory_store import report
-from tests.tinybase import LABELS, MISTAKE_WORDS, MODEL, prepare, sentence, write_config
+from tests.tinybase import LABELS, MISTAKE_WORDS, MODEL, llama_daemon_config, prepare, sentence, write_config
 
 
 @pytest.fixture(scope="module")
@@ -151,18 +151,9 @@ def test_a_chat_template_generator_trains_each_patch_in_its_chat_forms_by_defaul
     questions being prefixes), encoded as sent, and the patch fixes the edit."""
     from daemon.model import CHAT_COPIES, GENERATOR_PREFIXES
     from patching.prompt import Prompt
-    from tests.fixtures_models import tiny_llama_dir
 
     template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}[assistant]"
-    base = tiny_llama_dir(tmp_path / "base", template)
-    data = tmp_path / "data"
-    data.mkdir()
-    memory = [f"what is thing {i}? and how {i}" for i in range(40)]
-    for name, texts in (("memory", memory), ("heldout", ["what?", "and how?", "no"])):
-        (data / f"{name}.jsonl").write_text("".join(json.dumps({"input": t}) + "\n" for t in texts))
-    config = write_config(
-        tmp_path / "p.toml", base=base, data=data, bootstrap="127.0.0.1:9", topic="t", state=tmp_path / "state"
-    )
+    config, _base = llama_daemon_config(tmp_path, 40, template)
     settings = load_settings(config, {})
     assert settings.policy.context_chat_copies is None
     model = PatchedModel.load(settings)

@@ -4,7 +4,6 @@ patchd-checkpoint/3 version that a downstream service loads into the same model.
 
 from __future__ import annotations
 
-import json
 import threading
 from pathlib import Path
 
@@ -17,9 +16,8 @@ from daemon.worker import Worker
 from memory.store import Store
 from patching import patchfile
 from patching.client import load_latest
-from tests.fixtures_models import tiny_llama_dir
 from tests.test_memory_store import report
-from tests.tinybase import MODEL, write_config
+from tests.tinybase import MODEL, llama_daemon_config
 
 ENV = {
     "PATCHD_TRAINER_SUBJECT_KEY": "true",
@@ -38,15 +36,7 @@ def layer_tensors(model: PatchedModel) -> list[torch.Tensor]:
 
 
 def test_subject_neurons_survive_the_store_a_restart_and_a_published_version(tmp_path: Path) -> None:
-    base = tiny_llama_dir(tmp_path / "base")
-    data = tmp_path / "data"
-    data.mkdir()
-    memory = [f"what is thing {i}? and how {i}" for i in range(60)]
-    for name, texts in (("memory", memory), ("heldout", ["what?", "and how?", "no"])):
-        (data / f"{name}.jsonl").write_text("".join(json.dumps({"input": t}) + "\n" for t in texts))
-    config = write_config(
-        tmp_path / "p.toml", base=base, data=data, bootstrap="127.0.0.1:9", topic="t", state=tmp_path / "state"
-    )
+    config, base = llama_daemon_config(tmp_path, 60)
     settings = load_settings(config, ENV)  # the daemon takes the subject key now
     model = PatchedModel.load(settings)
     assert model.patcher.subject is not None

@@ -187,6 +187,24 @@ level = "INFO"
     return path
 
 
+def llama_daemon_config(directory: Path, memory_texts: int, chat_template: str | None = None) -> tuple[Path, Path]:
+    """A tiny random Llama (tests/fixtures_models.tiny_llama_dir) under directory/base, question-like
+    memory and held-out inputs, and a daemon config for them (no broker reached); returns the
+    config and the base directory."""
+    from tests.fixtures_models import tiny_llama_dir
+
+    base = tiny_llama_dir(directory / "base", chat_template)
+    data = directory / "data"
+    data.mkdir()
+    memory = [f"what is thing {i}? and how {i}" for i in range(memory_texts)]
+    for name, texts in (("memory", memory), ("heldout", ["what?", "and how?", "no"])):
+        (data / f"{name}.jsonl").write_text("".join(json.dumps({"input": t}) + "\n" for t in texts))
+    config = write_config(
+        directory / "p.toml", base=base, data=data, bootstrap="127.0.0.1:9", topic="t", state=directory / "state"
+    )
+    return config, base
+
+
 def prepare(directory: Path) -> tuple[Path, Path]:
     """The tiny base and its memory / held-out JSONL files under `directory` (idempotent)."""
     directory.mkdir(parents=True, exist_ok=True)

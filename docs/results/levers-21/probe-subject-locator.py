@@ -10,6 +10,8 @@ hold the token, tokens in more than F of the texts skipped (x0.005 is patching/s
 import json, sys, time
 import torch, torch.nn.functional as F
 sys.path.insert(0, ".")  # run from the repository root
+sys.path.insert(0, "docs/results/levers-21")
+from probe_subjects import subjects_of
 from patching.bases.load import load_base
 from patching.bases.tasks import TaskAdapter
 from patching.engine import Patcher
@@ -42,17 +44,7 @@ assert row_ids.numel() == rows.shape[0], (row_ids.numel(), rows.shape)
 S_ = len(bank.lengths)
 has = {}
 
-subjects = {}
-if task == "counterfact":
-    for r in json.load(open("../shared/data/raw/counterfact_easyedit/counterfact-edit.json")):
-        subjects[r["prompt"]] = r["subject"]
-    for r in json.load(open("../shared/data/raw/mcounterfact_en/counterfact-train.json")):
-        subjects[r["src"]] = r["subject"]
-    for r in json.load(open("../shared/data/raw/counterfact_rome_filtered/counterfact_filtered.json")):
-        rw = r["requested_rewrite"]; subjects[rw["prompt"].replace("{}", rw["subject"])] = rw["subject"]
-if task == "zsre":
-    for r in json.load(open("../shared/data/raw/knowedit_zsre/ZsRE-test-all.json")):
-        subjects[r["prompt"]] = r["subject"]
+subjects = subjects_of(task)
 rep = json.load(open(report))["rows"]
 tok = lb.tokenizer
 S = len(bank.lengths)

@@ -12,6 +12,8 @@ m = -1 there, and the neuron silent). Rules, all over positions >= 1:
 import json, sys, time
 import torch, torch.nn.functional as F
 sys.path.insert(0, ".")  # run from the repository root
+sys.path.insert(0, "docs/results/levers-21")
+from probe_subjects import subjects_of
 from patching.bases.load import load_base
 from patching.bases.tasks import TaskAdapter
 from patching.engine import Patcher
@@ -44,18 +46,7 @@ for s in ids_of_seq:
     for t in s:
         df_of[t] = df_of.get(t, 0) + 1
 
-subjects = {}
-if task == "counterfact":
-    for r in json.load(open("../shared/data/raw/counterfact_easyedit/counterfact-edit.json")):
-        subjects[r["prompt"]] = r["subject"]
-    for r in json.load(open("../shared/data/raw/mcounterfact_en/counterfact-train.json")):
-        subjects[r["src"]] = r["subject"]
-    for r in json.load(open("../shared/data/raw/counterfact_rome_filtered/counterfact_filtered.json")):
-        rw = r["requested_rewrite"]
-        subjects[rw["prompt"].replace("{}", rw["subject"])] = rw["subject"]
-if task == "zsre":
-    for r in json.load(open("../shared/data/raw/knowedit_zsre/ZsRE-test-all.json")):
-        subjects[r["prompt"]] = r["subject"]
+subjects = subjects_of(task)
 tok = lb.tokenizer
 unit_mem = F.normalize(rows.float(), dim=1)
 for r in json.load(open(report))["rows"][:n]:
