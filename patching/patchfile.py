@@ -131,11 +131,7 @@ def encode(
     parts = {"keys": keys, "biases": biases, "values": values}
     meta = {**(metadata or {}), "edit_ids": json.dumps([str(e) for e in edit_ids])}
     if subject is not None:
-        if subject.w.ndim != 2 or subject.w.shape[0] != n or subject.a.shape != (n,) or subject.c.shape != (n,):
-            raise PatchStateError(
-                f"detectors must be subject_w [n, d_s], subject_a [n], subject_c [n] for n = {n}; got "
-                f"{tuple(subject.w.shape)}, {tuple(subject.a.shape)}, {tuple(subject.c.shape)}"
-            )
+        _check_detectors(subject.w, subject.a, subject.c, n, "detectors")
         parts |= {"subject_w": subject.w, "subject_a": subject.a, "subject_c": subject.c}
         meta["subject_layer"] = str(subject.layer)
         if subject.scale is not None:
@@ -203,11 +199,7 @@ def decode(data: bytes, where: str = PATCHES_FILE, edit_id: str | None = None) -
 def _subject(tensors: dict[str, torch.Tensor], meta: dict[str, str], n: int, where: str) -> SubjectTensors:
     """The detectors of a decoded file, checked for shape; their metadata leaves `meta`."""
     w, a, c = (tensors[k] for k in SUBJECT_TENSORS)
-    if w.ndim != 2 or w.shape[0] != n or a.shape != (n,) or c.shape != (n,):
-        raise PatchStateError(
-            f"{where}: detector shapes {tuple(w.shape)}, {tuple(a.shape)}, {tuple(c.shape)} are not "
-            f"subject_w [n, d_s], subject_a [n], subject_c [n] for n = {n}"
-        )
+    _check_detectors(w, a, c, n, f"{where}: detectors")
     try:
         layer = int(meta.pop("subject_layer"))
         raw_scale = meta.pop("subject_scale", None)
@@ -215,6 +207,15 @@ def _subject(tensors: dict[str, torch.Tensor], meta: dict[str, str], n: int, whe
     except (KeyError, ValueError) as exc:
         raise PatchStateError(f"{where}: detectors without a readable subject_layer ({exc!r})") from exc
     return SubjectTensors(w, a, c, layer, scale)
+
+
+def _check_detectors(w: torch.Tensor, a: torch.Tensor, c: torch.Tensor, n: int, what: str) -> None:
+    """PatchStateError unless w [n, d_s], a [n], c [n]: the writer's check and the reader's."""
+    if w.ndim != 2 or w.shape[0] != n or a.shape != (n,) or c.shape != (n,):
+        raise PatchStateError(
+            f"{what}: shapes {tuple(w.shape)}, {tuple(a.shape)}, {tuple(c.shape)} are not "
+            f"subject_w [n, d_s], subject_a [n], subject_c [n] for n = {n}"
+        )
 
 
 def of_layer(wrapper: PatchedFFN, scale: float | None = None) -> PatchTensors:

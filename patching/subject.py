@@ -79,9 +79,9 @@ def locate_token(
     = "surprise"): the rare position the base least expected instead, no cosine needed."""
     if g.shape[0] < 2:
         return 0
+    rare = rare_tokens(ids, bank, common)
     if surprise is not None:
-        rare = [j for j, token in enumerate(ids[1:].tolist()) if int(bank.holding(token).sum()) <= common * len(bank)]
-        pool = torch.tensor(rare, dtype=torch.long) if rare else torch.arange(g.shape[0] - 1)
+        pool = torch.tensor(list(rare), dtype=torch.long) if rare else torch.arange(g.shape[0] - 1)
         return 1 + int(pool[surprise[1:].float().cpu()[pool].argmax()])
     rows, seq_of, n_seq = bank.rows(), bank.sequence_of_rows(), len(bank)
     unit = F.normalize(g[1:].float(), dim=1)  # [P-1, d]
@@ -90,16 +90,24 @@ def locate_token(
         sims = unit @ F.normalize(rows[i : i + chunk].float(), dim=1).T  # [P-1, c]
         per_seq.scatter_reduce_(1, seq_of[i : i + chunk].expand(unit.shape[0], -1), sims, "amax")
     score = torch.full((unit.shape[0],), float("inf"), device=g.device)  # inf: a position not taken
-    for j, token in enumerate(ids[1:].tolist()):
-        holds = bank.holding(token)  # [S]
-        if int(holds.sum()) > common * n_seq:
-            continue
+    for j, holds in rare.items():
         others = per_seq[j][~holds]
         if others.numel() >= nearest:
             score[j] = others.topk(nearest).values[-1]
     if bool(score.isinf().all()):
         return 1 + int(per_seq.amax(1).argmin())
     return 1 + int(score.argmin())
+
+
+def rare_tokens(ids: torch.Tensor, bank: SequenceBank, common: float) -> dict[int, torch.Tensor]:
+    """Position - 1 -> the memory sequences holding its token [S] (bool), for each prompt position
+    >= 1 whose token is in at most `common` of the memory's sequences (ids [P]: the prompt)."""
+    out: dict[int, torch.Tensor] = {}
+    for j, token in enumerate(ids[1:].tolist()):
+        holds = bank.holding(token)
+        if int(holds.sum()) <= common * len(bank):
+            out[j] = holds
+    return out
 
 
 def fit_detector(
