@@ -14,6 +14,7 @@ ACTIVATIONS: tuple[str, ...] = get_args(Activation)  # the one list: settings ch
 # the frozen model's dtype ([model] dtype, --dtype): "auto" is bfloat16 on CUDA and float32 elsewhere;
 # the patch neurons are float32 whatever this is (patching/layer.py)
 DTYPES: tuple[str, ...] = ("auto", "float32", "bfloat16", "float16")
+LOCATORS: tuple[str, ...] = ("memory", "surprise", "name")  # trainer.subject_locator
 TrainerMode = Literal["cached", "reference"]
 
 
@@ -141,8 +142,9 @@ class TrainConfig:
     subject_floor: bool = False
     # with subject_key: how the detector's positive token is found (subject.locate_token). "memory":
     # the prompt token least like the memory texts without it; "surprise": the token the base least
-    # expected (-log p given the tokens before it), a name's first piece. Both only among tokens in
-    # at most 0.5 % of the memory's texts
+    # expected (-log p given the tokens before it), a name's first piece; "name": from that token to
+    # the last of its name (subject.end_of_name), where ROME finds the entity. All only among tokens
+    # in at most 0.5 % of the memory's texts
     subject_locator: str = "memory"
 
     def __post_init__(self) -> None:
@@ -164,8 +166,9 @@ class TrainConfig:
             raise ValueError("trainer.init_threshold must be in (0, 1)")
         if not 0.0 <= self.subject_layer < 1.0:
             raise ValueError(f"trainer.subject_layer must be in [0, 1), got {self.subject_layer!r}")
-        if self.subject_locator not in ("memory", "surprise"):
-            raise ValueError(f"trainer.subject_locator must be 'memory' or 'surprise', got {self.subject_locator!r}")
+        if self.subject_locator not in LOCATORS:
+            names = ", ".join(repr(a) for a in LOCATORS)
+            raise ValueError(f"trainer.subject_locator must be one of {names}, got {self.subject_locator!r}")
         if self.subject_key and self.mode != "cached":
             raise ValueError("trainer.subject_key needs trainer.mode = 'cached'")
         if self.mode not in ("cached", "reference"):

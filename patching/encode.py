@@ -17,6 +17,13 @@ import torch
 # hypothesis); the same type as memory.records.InputValue, so a stored report's input arrives as is
 ModelInput = str | tuple[str, str]
 
+# name_pieces codes (the subject locator "name", subject.end_of_name): how a token may extend a name
+# that began before it. PIECE: the rest of a word, or a capitalised word or number ("Rudolf| L|oman",
+# "Gliese| 667"); GLUE: a word that may sit inside a name but never ends one ("Dixon| of| Dock Green")
+NAME_OTHER, NAME_PIECE, NAME_GLUE = 0, 1, 2
+GLUE_WORDS = frozenset({"of", "the", "de", "da", "di", "von", "van", "del", "la", "le", "and", "&"})
+GLUE_MARKS = frozenset({".", "-", "'s", "'"})  # inside a word: "F.", "USA-64", "Moore's"
+
 
 @dataclass
 class Encoded:
@@ -27,6 +34,8 @@ class Encoded:
     # generation: the prompt alone per example, for the real generate() check; None otherwise
     prompts: list[torch.Tensor] | None = None
     target_ids: list[torch.Tensor] | None = None
+    # generation: example 0's prompt, each token's NAME_* code [P_0] (int8); None otherwise
+    name_pieces: torch.Tensor | None = None
 
     @property
     def size(self) -> int:
@@ -146,6 +155,27 @@ def generation(
     p_ids = [torch.tensor(tokenizer(p)["input_ids"], dtype=torch.long) for p in prompts]
     t_ids = [torch.tensor(target_ids(tokenizer, a, stop), dtype=torch.long) for a in answers]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return generation_ids(
+    enc = generation_ids(
         p_ids, t_ids, seq2seq=seq2seq, pad_id=int(pad or 0), decoder_start_id=decoder_start_id, all_rows=all_rows
     )
+    if p_ids and not all_rows:  # memory batches never locate a subject
+        enc.name_pieces = name_pieces(tokenizer, p_ids[0].tolist())
+    return enc
+
+
+def name_pieces(tokenizer: Any, ids: Sequence[int]) -> torch.Tensor:
+    """Each token's NAME_* code [P] (int8), read from its text: a token that starts a word carries a
+    space marker ("Ġ" in byte-level BPE, "▁" in SentencePiece, or a decoded leading space)."""
+    raws = tokenizer.convert_ids_to_tokens(list(ids))
+    out = torch.zeros(len(raws), dtype=torch.int8)
+    for j, (i, raw) in enumerate(zip(ids, raws, strict=True)):
+        piece = tokenizer.decode([i])
+        spaced = str(raw).startswith(("Ġ", "▁", " ")) or piece.startswith(" ")
+        body = piece.strip()
+        if not body:
+            continue
+        if spaced and body in GLUE_WORDS or not spaced and body in GLUE_MARKS:
+            out[j] = NAME_GLUE
+        elif (not spaced and body[0].isalnum()) or (spaced and (body[0].isupper() or body[0].isdigit())):
+            out[j] = NAME_PIECE
+    return out

@@ -358,7 +358,7 @@ class Patcher:
                 raise ValueError("trainer.subject_key needs the encoded edit, not cached tensors")
             full, seqs = enc, None
         else:
-            full, seqs = self._capture(enc, surprise=self.train_cfg.subject_locator == "surprise")
+            full, seqs = self._capture(enc, surprise=self.train_cfg.subject_locator != "memory")
         # an encoded edit may carry train equivalents: examples 1.. of the batch, same target
         et, extra = split_equivalents(full)
         if self.is_right(et):
@@ -438,7 +438,11 @@ class Patcher:
         prompt = enc.prompts[0]
         n = prompt.numel()
         surprise = seqs.surprise[:n] if seqs.surprise is not None else None
-        token = int(prompt[locate_token(seqs.g[0, :n], prompt.to(seqs.g.device), bank, surprise=surprise)])
+        name = enc.name_pieces if self.train_cfg.subject_locator == "name" else None
+        if name is not None and name.numel() != n:
+            raise ValueError(f"name_pieces holds {name.numel()} codes for a prompt of {n} tokens")
+        at = locate_token(seqs.g[0, :n], prompt.to(seqs.g.device), bank, surprise=surprise, name=name)
+        token = int(prompt[at])
         neg = bank.rows_without(token)
         positives = []
         for i, p in enumerate(enc.prompts):

@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from patching.encode import NAME_GLUE, NAME_OTHER
 from patching.memory_bank import MemoryBank
 
 # m is clamped to [FLOOR, 1]: a padded position scores FLOOR and never raises the max
@@ -64,6 +65,7 @@ def locate_token(
     common: float = 0.005,
     chunk: int = 16384,
     surprise: torch.Tensor | None = None,
+    name: torch.Tensor | None = None,
 ) -> int:
     """The prompt's position (>= 1) least like the memory: g [P, d] its rows, ids [P] its tokens.
 
@@ -76,13 +78,16 @@ def locate_token(
     everything. Falls back to the lowest max cosine over every row when no position qualifies.
 
     `surprise` [P] (-log p of each token under the base given those before it; trainer.subject_locator
-    = "surprise"): the rare position the base least expected instead, no cosine needed."""
+    = "surprise"): the rare position the base least expected instead, no cosine needed; that is most
+    often a name's first piece. With `name` [P] (encode.name_pieces; trainer.subject_locator = "name")
+    as well, the last token of the name it begins (end_of_name): where ROME finds the entity."""
     if g.shape[0] < 2:
         return 0
     rare = rare_tokens(ids, bank, common)
     if surprise is not None:
         pool = torch.tensor(list(rare), dtype=torch.long) if rare else torch.arange(g.shape[0] - 1)
-        return 1 + int(pool[surprise[1:].float().cpu()[pool].argmax()])
+        first = 1 + int(pool[surprise[1:].float().cpu()[pool].argmax()])
+        return end_of_name(first, name) if name is not None else first
     rows, seq_of, n_seq = bank.rows(), bank.sequence_of_rows(), len(bank)
     unit = F.normalize(g[1:].float(), dim=1)  # [P-1, d]
     per_seq = torch.full((unit.shape[0], n_seq), -2.0, device=g.device)  # best cosine per sequence
@@ -97,6 +102,20 @@ def locate_token(
     if bool(score.isinf().all()):
         return 1 + int(per_seq.amax(1).argmin())
     return 1 + int(score.argmin())
+
+
+def end_of_name(start: int, name: torch.Tensor) -> int:
+    """From position `start`, right while the next token may continue a name (name [P]: NAME_* codes),
+    then back over glue: "Prince| Edward| Island" -> " Island", "Dixon| of| Dock| Green" -> " Green",
+    "Moses| Magnum| belong" -> " Magnum". On probe-subject-span.py's edits this lands on the subject's
+    last token for 71 of 100 zsRE and 34 of 40 CounterFact prompts (the first piece alone: 9, 10)."""
+    codes = name.tolist()
+    j = start
+    while j + 1 < len(codes) and codes[j + 1] != NAME_OTHER:
+        j += 1
+    while j > start and codes[j] == NAME_GLUE:
+        j -= 1
+    return j
 
 
 def rare_tokens(ids: torch.Tensor, bank: SequenceBank, common: float) -> dict[int, torch.Tensor]:

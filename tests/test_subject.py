@@ -11,13 +11,14 @@ from daemon.settings import SettingsError, load_settings
 from patching.arch import locate
 from patching.capture import capture
 from patching.config import GateConfig, TrainConfig
-from patching.encode import Encoded, generation_ids
+from patching.encode import NAME_GLUE, NAME_OTHER, NAME_PIECE, Encoded, generation, generation_ids
 from patching.engine import Patcher, with_floor_copy
 from patching.layer import attach, attach_subject, continues, neuron_output
 from patching.subject import (
     Detector,
     SequenceBank,
     Sequences,
+    end_of_name,
     fit_detector,
     locate_token,
     running_max,
@@ -122,6 +123,48 @@ def test_the_surprise_locator_takes_the_least_expected_rare_token() -> None:
     assert locate_token(prompt, ids, bank, common=0.05, surprise=surprise) == 3
     # no rare token at all: the most surprising of every position
     assert locate_token(prompt, torch.tensor([10, 11, 12, 13, 14]), bank, common=0.05, surprise=surprise) == 1
+
+
+def word_tokenizer() -> T.PreTrainedTokenizerFast:
+    """Whole words as GPT-2 writes them ("Ġ" for a leading space), punctuation apart; built offline."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    words = "In ĠPrince ĠEdward ĠIsland , Ġan Ġofficial Ġlanguage Ġis Which Ġplace Ġdoes ĠDixon Ġof ĠDock"
+    words += " ĠGreen Ġexist Ġin ? What Ġday Ġwas ĠUSA - 64 Ġlaunched Ġ2000"
+    vocab = {w: i for i, w in enumerate(["<unk>", *words.split()])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return T.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<unk>")
+
+
+def test_name_pieces_are_read_from_the_text_and_the_name_locator_walks_to_its_end() -> None:
+    tok = word_tokenizer()
+    P, G, O = NAME_PIECE, NAME_GLUE, NAME_OTHER
+    cases = [
+        # text, codes of its tokens, the most surprising token -> where the walk ends
+        ("In Prince Edward Island, an official language is", [P, P, P, P, O, O, O, O, O], 1, 3),
+        ("Which place does Dixon of Dock Green exist in?", [P, O, O, P, G, P, P, O, O, O], 3, 6),
+        ("What day was USA-64 launched", [P, O, O, P, G, P, O], 3, 5),
+    ]
+    for text, codes, start, end in cases:
+        enc = generation(tok, [text, "Other " + text], [""] * 2)
+        assert enc.name_pieces is not None and enc.name_pieces.tolist() == codes  # example 0's prompt only
+        assert end_of_name(start, enc.name_pieces) == end
+    # glue never ends a name: "Dixon of" then a lower-case word stops at " Dixon"
+    assert end_of_name(0, torch.tensor([P, G, O], dtype=torch.int8)) == 0
+    assert end_of_name(2, torch.tensor([P, G, O], dtype=torch.int8)) == 2  # a name of one token
+    # memory batches carry none: they never locate a subject
+    assert generation(tok, ["In Prince Edward Island"], [""], all_rows=True).name_pieces is None
+    # the locator: the most surprising rare token, then the end of its name
+    g = torch.Generator().manual_seed(4)
+    bank = memory_bank(g)  # tokens 10..49, each in 5 of the 60 texts
+    ids = torch.tensor([10, 97, 98, 99, 11, 12])
+    surprise = torch.tensor([0.0, 9.0, 3.0, 2.0, 1.0, 1.0])
+    name = torch.tensor([O, P, P, G, P, O], dtype=torch.int8)
+    prompt = torch.randn(6, 8, generator=g)
+    assert locate_token(prompt, ids, bank, common=0.05, surprise=surprise) == 1
+    assert locate_token(prompt, ids, bank, common=0.05, surprise=surprise, name=name) == 4
 
 
 def test_whitening_with_a_column_equals_inverting_the_whole_covariance() -> None:
@@ -281,6 +324,8 @@ def subject_stream(floor: bool, edits: int = 6, locator: str = "memory") -> Stre
         # the edit and two context copies: the same prompt behind other tokens (as context_prefixes makes)
         copies = [torch.cat([torch.randint(3, VOCAB, (4,), generator=g), prompt]) for _ in range(2)]
         enc = gen_batch([prompt, *copies], [target] * 3)
+        if locator == "name":  # tokens 2..4 one name, as encode.name_pieces reads it from the text
+            enc.name_pieces = torch.tensor([0, 0, 0, 1, 2, 1, 0, 0], dtype=torch.int8)
         out = patcher.edit(enc, edit_id=f"e{i}")
         assert out.status == "accepted", out.reasons
         assert out.proposal is not None and out.proposal.subject is not None
@@ -300,7 +345,9 @@ def build(patcher: Patcher, memory: list[torch.Tensor], heldout: list[torch.Tens
     return answers
 
 
-@pytest.mark.parametrize(("floor", "locator"), [(False, "memory"), (True, "memory"), (True, "surprise")])
+@pytest.mark.parametrize(
+    ("floor", "locator"), [(False, "memory"), (True, "memory"), (True, "surprise"), (True, "name")]
+)
 def test_sequential_subject_edits_hold_in_the_real_model_and_leave_held_out_answers(floor: bool, locator: str) -> None:
     model, patcher, _memory, heldout, edits, detectors = subject_stream(floor, locator=locator)
     assert patcher.subject is not None and len(patcher.subject.memory) == 120 + len(edits)
