@@ -204,7 +204,8 @@ def patch_at(
     extra: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """out [B, T, d] + the neurons' output for q [B, T, d], at the `read` positions only
-    (`packed`: the keys' packed blocks, or None; `extra` [B, T, n]: added to the pre-activations)."""
+    (`packed`: the keys' packed blocks, or None; `extra`: added to the pre-activations, [B, T, n], or
+    [B, k, n] at the read positions when `read` picks them)."""
     keys, biases, values = neurons
     if read is None or q.ndim != 3:
         flat = q.reshape(-1, q.shape[-1])  # [B*T, d]
@@ -212,7 +213,7 @@ def patch_at(
         delta = sparse_neuron_output(flat, keys, biases, values, activation, packed, ex)
         return out + delta.reshape(out.shape).to(out.dtype)
     qr = q[:, read]  # [B, k, d]
-    ex = extra[:, read].reshape(-1, extra.shape[-1]) if extra is not None else None
+    ex = extra.reshape(-1, extra.shape[-1]) if extra is not None else None
     delta = sparse_neuron_output(qr.reshape(-1, q.shape[-1]), keys, biases, values, activation, packed, ex)
     out = out.clone()  # the base's output stays as it was (autograd may hold it)
     out[:, read] += delta.reshape(qr.shape[0], qr.shape[1], -1).to(out.dtype)
@@ -259,11 +260,15 @@ class PatchedFFN(nn.Module):
         # when a list: each forward appends q at the positions it reads, [B, k, d] (patching/provenance.py)
         self.tap: list[torch.Tensor] | None = None
         # subject neurons (patching/subject.py): (w [n, d_s], a [n], c [n]) per neuron, zeros for an
-        # ordinary one; None while no neuron has a detector. attach_subject hooks layer L_s, whose
-        # pre-hook leaves the running max m [B, T, n] in `_m` for this forward; `_carry` [B, n] is
-        # m at the last position of the previous call, used when that call's sequences go on
-        # (decoding with a KV cache: `continuing`, set with `valid` by the model's pre-hook)
+        # ordinary one; None while no neuron has a detector. The neurons of one edit share its
+        # detector, so the forward scores each distinct (w, a) once (`_table`: w_u [u, d_s], a_u [u]
+        # and each neuron's row inv [n], rebuilt when det changes; about 4 neurons per edit).
+        # attach_subject hooks layer L_s, whose pre-hook leaves the running max m [B, T, u] in `_m`
+        # for this forward; `_carry` [B, u] is m at the last position of the previous call, used
+        # when that call's sequences go on (decoding with a KV cache: `continuing`, set with `valid`
+        # by the model's pre-hook)
         self.det: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._table: tuple[tuple[torch.Tensor, ...], torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self.subject_layer: int | None = None
         self._m: torch.Tensor | None = None
         self._carry: torch.Tensor | None = None
@@ -286,9 +291,12 @@ class PatchedFFN(nn.Module):
         extra = None
         if self.det is not None and self.n:
             m, self._m = self._m, None
-            if m is None or m.shape[-1] != self.n:
+            w_u, _, inv = self.detectors()
+            if m is None or m.shape[-1] != w_u.shape[0]:
                 raise RuntimeError("subject neurons ran without the running max of their layer (attach_subject)")
-            extra = m * self.det[2].to(m)  # [B, T, n]: c * m
+            if read is not None and q.ndim == 3:
+                m = m[:, read]  # [B, k, u]: only the positions whose outputs are read
+            extra = m.index_select(-1, inv) * self.det[2].to(m)  # [B, T or k, n]: c * m of each neuron
         if self.n:
             out = patch_at(out, q, read, self._neurons(q.dtype), self.activation, self._packed(q.dtype), extra)
         if self.candidate is not None:
@@ -319,10 +327,19 @@ class PatchedFFN(nn.Module):
     def _pack_valid(self) -> bool:
         return self._pack_of is not None and self._pack_of[0] is self.keys and self._pack_of[1] == self.keys._version
 
-    def subject_scores(self, g: torch.Tensor) -> torch.Tensor:
-        """Detector scores w . g + a [B, T, n] of layer L_s's input g [B, T, d_s]."""
+    def detectors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The distinct detectors w_u [u, d_s], a_u [u], and the row of each neuron's inv [n]."""
         assert self.det is not None
-        w, a, _ = self.det
+        if self._table is None or self._table[0] is not self.det:
+            w, a, _ = self.det
+            rows, inv = torch.unique(torch.cat([w, a[:, None]], 1), dim=0, return_inverse=True)
+            self._table = (self.det, rows[:, :-1].contiguous(), rows[:, -1].contiguous(), inv)
+            self._carry = None  # its columns were the old table's rows
+        return self._table[1], self._table[2], self._table[3]
+
+    def subject_scores(self, g: torch.Tensor) -> torch.Tensor:
+        """Detector scores w . g + a [B, T, u] of layer L_s's input g [B, T, d_s], per distinct detector."""
+        w, a, _ = self.detectors()
         return g.float() @ w.T + a
 
     def add(
@@ -538,7 +555,7 @@ def attach_subject(site: FFNSite, wrapper: PatchedFFN, subject_site: FFNSite) ->
         mask = wrapper.mask
         valid = mask[:, -g.shape[1] :].bool() if mask is not None and mask.shape[1] >= g.shape[1] else None
         carry = wrapper._carry
-        if not wrapper.continuing or carry is None or carry.shape != (g.shape[0], wrapper.n):
+        if not wrapper.continuing or carry is None or carry.shape != (d.shape[0], d.shape[2]):
             carry = None
         m = running_max(d, valid, carry)
         wrapper._m = m

@@ -218,8 +218,9 @@ def subject_model(seed: int = 0) -> tuple[T.LlamaForCausalLM, int]:
     d = site.hidden_size
     keys, biases = torch.randn(6, d, generator=g) * 0.3, torch.zeros(6)
     values = torch.randn(6, d, generator=g) * 8
-    w, a, c = torch.randn(6, d, generator=g), torch.randn(6, generator=g), torch.full((6,), 2.0)
-    wrapper.add(keys, biases, values, "e", subject=(w, a, c))
+    # three edits' detectors, two neurons each (the layer scores each distinct detector once)
+    w, a = torch.randn(3, d, generator=g).repeat_interleave(2, 0), torch.randn(3, generator=g).repeat_interleave(2)
+    wrapper.add(keys, biases, values, "e", subject=(w, a, torch.tensor([2.0, 1.0] * 3)))
     return model, d
 
 
@@ -239,8 +240,8 @@ def test_a_forward_with_subject_neurons_equals_the_cached_rows_with_m_as_a_colum
         model(input_ids=ids)
     q, ffn, res = cap.require()
     det = wrapper.det
-    assert det is not None
-    m = running_max(got[-1] @ det[0].T + det[1])  # [B, T, n]
+    assert det is not None and wrapper.detectors()[0].shape[0] == 3
+    m = running_max(got[-1] @ det[0].T + det[1])  # [B, T, n]: every neuron's own detector
     pre = q @ wrapper.keys.T + wrapper.biases + det[2] * m
     delta = pre.clamp(0, 1) @ wrapper.values
     assert int((pre > 0).sum()) > 0  # the neurons fire somewhere
