@@ -157,6 +157,7 @@ class Checkpoint:
     retention_rows: int
     retention_ffn: torch.Tensor | None  # a copy: the bank's ffn rows are updated in place
     edits: list[str]
+    subject_sequences: int | None = None  # trainer.subject_key: the layer-L_s bank's length
 
 
 class Patcher:
@@ -754,10 +755,10 @@ class Patcher:
 
     def checkpoint(self) -> Checkpoint:
         """A snapshot of the editing state to roll back to (the retention ffn is copied: it changes in place)."""
-        self._not_subject("checkpoint and rollback")
         n = len(self._retention)
         ffn = self._retention.view()["ffn"].clone() if n else None
-        return Checkpoint(len(self.memory), self.heldout, n, ffn, list(self._edits))
+        seqs = len(self.subject.memory) if self.subject is not None else None
+        return Checkpoint(len(self.memory), self.heldout, n, ffn, list(self._edits), seqs)
 
     def rollback(self, cp: Checkpoint) -> None:
         """Undo every edit committed after `cp` (neurons, memory rows, caches)."""
@@ -767,6 +768,13 @@ class Patcher:
         if cp.retention_ffn is not None:
             self._retention.view()["ffn"].copy_(cp.retention_ffn)
         self.heldout, self._edits = cp.heldout, list(cp.edits)
+        if self.subject is not None:
+            if cp.subject_sequences is None:
+                raise ValueError("a checkpoint taken without trainer.subject_key")
+            sub = self.subject
+            sub.memory.truncate(cp.subject_sequences)
+            sub.memory_refs = sub.memory_refs.first(cp.memory_rows)
+            sub.retention_refs = sub.retention_refs.first(cp.retention_rows)
 
     def export_state(self) -> EditState:
         """The edits' whole effect on this Patcher (see EditState); views, no copies."""
@@ -857,11 +865,6 @@ class Patcher:
         sub.retention_refs = Refs(refs[:, 0].clone(), refs[:, 1].clone())
         if got.detectors is not None:
             self.wrapper.restore_subject(got.detectors)
-
-    def _not_subject(self, what: str) -> None:
-        if self.subject is not None:
-            # the layer-L_s bank has no truncate yet; only the benchmarks (bench.py, synthetic.py) roll back
-            raise ValueError(f"trainer.subject_key: {what} does not cover the subject detectors' bank yet")
 
     def detach(self) -> None:
         """Remove the wrapper: the model is the untouched base again."""

@@ -259,6 +259,17 @@ class SequenceBank:
         self._index = None
         self._seq_of = None
 
+    def truncate(self, n: int) -> None:
+        """Keep the first n sequences (Patcher.rollback)."""
+        if not 0 <= n <= len(self.starts):
+            raise ValueError(f"cannot truncate {len(self.starts)} sequences to {n}")
+        rows = self.starts[n] if n < len(self.starts) else len(self._rows)
+        self._rows.truncate(rows)
+        self._ids.truncate(rows)
+        del self.starts[n:], self.lengths[n:]
+        self._index = None
+        self._seq_of = None
+
     def sequence_of_rows(self) -> torch.Tensor:
         """[P] the sequence id of every stored row."""
         if self._seq_of is None:
@@ -320,6 +331,9 @@ class Refs:
 
     def plus(self, seq: torch.Tensor, t: torch.Tensor) -> Refs:
         return Refs(torch.cat([self.seq, seq.to(self.seq)]), torch.cat([self.t, t.to(self.t)]))
+
+    def first(self, n: int) -> Refs:
+        return Refs(self.seq[:n], self.t[:n])
 
 
 @dataclass(frozen=True)

@@ -554,3 +554,34 @@ def test_a_subject_snapshot_restores_the_uninterrupted_run_bit_for_bit(tmp_path)
     with pytest.raises(ValueError, match="subject_key"):
         plain.restore_state(state)
     assert plain.wrapper.n == 0
+
+
+def test_rollback_undoes_subject_edits_and_the_same_edit_then_trains_the_same() -> None:
+    """Patcher.checkpoint/rollback (the benchmarks' way back) with trainer.subject_key: the layer-L_s
+    bank, the refs and the detectors go back with the neurons."""
+    model, patcher, _memory, _heldout, _edits, _ = subject_stream(floor=True, edits=2)
+    sub = patcher.subject
+    assert sub is not None
+
+    def state() -> list[torch.Tensor]:
+        w = patcher.wrapper
+        assert w.det is not None
+        held = (w.keys, w.values, *w.det, sub.memory.rows(), sub.memory_refs.seq, sub.retention_refs.t)
+        return [t.clone() for t in held]
+
+    g = torch.Generator().manual_seed(11)
+    prompt = torch.randint(3, VOCAB, (8,), generator=g)
+    with torch.no_grad():
+        target = torch.tensor([(int(model(input_ids=prompt[None]).logits[0, -1].argmax()) + 5) % (VOCAB - 3) + 3])
+    copies = [torch.cat([torch.randint(3, VOCAB, (4,), generator=g), prompt]) for _ in range(2)]
+    enc = gen_batch([prompt, *copies], [target] * 3)
+    before, cp = state(), patcher.checkpoint()
+    first = patcher.edit(enc, edit_id="x")
+    assert first.status == "accepted" and len(sub.memory) == 120 + 3
+    patcher.rollback(cp)
+    assert len(sub.memory) == 120 + 2
+    for a, b in zip(state(), before, strict=True):
+        assert torch.equal(a, b)
+    again = patcher.edit(enc, edit_id="x")
+    assert again.proposal is not None and first.proposal is not None
+    assert torch.equal(again.proposal.neurons.keys, first.proposal.neurons.keys)
