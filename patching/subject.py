@@ -134,7 +134,10 @@ def fit_detector(
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """A class-balanced L2 logistic fit of pos [P, d] against neg [N, d], scaled so that the weakest
     positive scores +1 and the strongest negative -1: (w [d], a [], 0-dim). None when no threshold
-    separates them (the edit then gets an ordinary neuron)."""
+    separates them (the edit then gets an ordinary neuron), or when there is no negative at all (every
+    memory text holds the token: a common token a locator fell back to, as on a byte-level vocabulary)."""
+    if not len(pos) or not len(neg):
+        return None
     pos, neg = pos.float(), neg.float()
     mu, sd = neg.mean(0), neg.std(0) + 1e-4  # standardised: LBFGS converges in tens of steps
     x = torch.cat([(pos - mu) / sd, (neg - mu) / sd])

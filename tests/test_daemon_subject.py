@@ -23,6 +23,9 @@ ENV = {
     "PATCHD_TRAINER_SUBJECT_KEY": "true",
     "PATCHD_TRAINER_SUBJECT_FLOOR": "true",
     "PATCHD_TRAINER_SUBJECT_LAYER": "0.25",  # layer 0 of the tiny llama's 2
+    # the locator that reads the text (encode.name_pieces through the daemon's own encoding); on the
+    # byte-level vocabulary its walk can end on a letter every memory text holds (fit_detector: None)
+    "PATCHD_TRAINER_SUBJECT_LOCATOR": "name",
     "PATCHD_STATE_SNAPSHOT_EVERY": "0",  # snapshots only when asked for below
     "PATCHD_POLICY_CONTEXT_PREFIXES": "2",
 }

@@ -111,6 +111,13 @@ def test_the_locator_finds_the_row_unlike_the_memory_even_where_a_few_memory_tex
     assert locate_token(prompt, ids, bank, common=0.05) != 2
 
 
+def test_a_token_that_every_memory_text_holds_gets_no_detector() -> None:
+    g = torch.Generator().manual_seed(6)
+    pos = torch.randn(3, 8, generator=g)
+    assert fit_detector(pos, torch.zeros(0, 8)) is None  # no negative: nothing to tell it from
+    assert fit_detector(pos, torch.randn(40, 8, generator=g) - 5.0) is not None
+
+
 def test_the_surprise_locator_takes_the_least_expected_rare_token() -> None:
     g = torch.Generator().manual_seed(4)
     bank = memory_bank(g)  # tokens 10..49, each in 5 of the 60 texts
