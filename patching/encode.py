@@ -149,16 +149,18 @@ def generation(
     decoder_start_id: int | None = None,
     all_rows: bool = False,
     stop: str = "\n",
+    names: bool = False,
 ) -> Encoded:
     """Text level: each target is " " + answer + stop, tokenised apart from the prompt so that the
-    rows line up with the target tokens exactly."""
+    rows line up with the target tokens exactly. `names`: also example 0's name_pieces (an edit,
+    whose subject the engine may locate; no other batch needs them)."""
     p_ids = [torch.tensor(tokenizer(p)["input_ids"], dtype=torch.long) for p in prompts]
     t_ids = [torch.tensor(target_ids(tokenizer, a, stop), dtype=torch.long) for a in answers]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     enc = generation_ids(
         p_ids, t_ids, seq2seq=seq2seq, pad_id=int(pad or 0), decoder_start_id=decoder_start_id, all_rows=all_rows
     )
-    if p_ids and not all_rows:  # memory batches never locate a subject
+    if names and p_ids:
         enc.name_pieces = name_pieces(tokenizer, p_ids[0].tolist())
     return enc
 

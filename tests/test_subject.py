@@ -155,13 +155,13 @@ def test_name_pieces_are_read_from_the_text_and_the_name_locator_walks_to_its_en
         ("What day was USA-64 launched", [P, O, O, P, G, P, O], 3, 5),
     ]
     for text, codes, start, end in cases:
-        enc = generation(tok, [text, "Other " + text], [""] * 2)
+        enc = generation(tok, [text, "Other " + text], [""] * 2, names=True)
         assert enc.name_pieces is not None and enc.name_pieces.tolist() == codes  # example 0's prompt only
         assert end_of_name(start, enc.name_pieces) == end
     # glue never ends a name: "Dixon of" then a lower-case word stops at " Dixon"
     assert end_of_name(0, torch.tensor([P, G, O], dtype=torch.int8)) == 0
     assert end_of_name(2, torch.tensor([P, G, O], dtype=torch.int8)) == 2  # a name of one token
-    # memory batches carry none: they never locate a subject
+    # a batch that does not ask for them (memory batches among them) carries none
     assert generation(tok, ["In Prince Edward Island"], [""], all_rows=True).name_pieces is None
     # the locator: the most surprising rare token, then the end of its name
     g = torch.Generator().manual_seed(4)

@@ -74,6 +74,7 @@ class TaskAdapter:
                 [target] * len(inputs),
                 seq2seq=self.seq2seq,
                 decoder_start_id=self.decoder_start_id,
+                names=True,
             )
         return encode.classification(self.base.tokenizer, inputs, [self.label_id(target)] * len(inputs))
 
