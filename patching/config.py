@@ -130,22 +130,23 @@ class TrainConfig:
     seed: int = 0
     # generation: a key that also reads the subject (patching/subject.py): each edit's neurons add
     # c * (running max of a detector of its subject at layer subject_layer x depth), so a paraphrase
-    # or a context that names the subject opens them and another subject's fact does not. Probed on
-    # CounterFact's first 40: GR 0.87 against 0.21 for the last position alone (levers-21.md); off
-    # until its A/B in the stream. Patch files, engine snapshots and versions (patchd-checkpoint/3)
-    # carry the detectors.
-    subject_key: bool = False
+    # or a context that names the subject opens them and another subject's fact does not. None (the
+    # default): on for a decoder-only generator trained cached, off for any other model. In the
+    # stream on zsre-smollm2 (levers-21.md, "To the subject's last token") it holds the fix behind
+    # context and in the chat template far more often at no loss in GR. Patch files, engine
+    # snapshots and versions (patchd-checkpoint/3) carry the detectors.
+    subject_key: bool | None = None
     subject_layer: float = 0.5
     # with subject_key: the key starts as the plain one (the subject term at 0, whitening_apart) and
     # each edit's own rows are also trained with the term at its floor, so that the term adds to a
     # key that already fires on the edit and never replaces it (engine.with_floor_copy)
-    subject_floor: bool = False
+    subject_floor: bool = True
     # with subject_key: how the detector's positive token is found (subject.locate_token). "memory":
     # the prompt token least like the memory texts without it; "surprise": the token the base least
     # expected (-log p given the tokens before it), a name's first piece; "name": from that token to
     # the last of its name (subject.end_of_name), where ROME finds the entity. All only among tokens
     # in at most 0.5 % of the memory's texts
-    subject_locator: str = "memory"
+    subject_locator: str = "name"
 
     def __post_init__(self) -> None:
         _check_positive(self, "lr", "max_steps", "act_topk", "mem_topk", "max_neurons", "check_every")

@@ -192,10 +192,15 @@ class Patcher:
         self._scale: float | None = None  # the subject column's width, from M's base rows (subject_scale)
         self._memory_base = 0  # rows of M that come from unrelated inputs, not from edits
         self.subject: SubjectCache | None = None
-        if self.train_cfg.subject_key:
-            if not self.generation or getattr(model.config, "is_encoder_decoder", False):
+        causal = self.generation and not getattr(model.config, "is_encoder_decoder", False)
+        s_layer = int(self.train_cfg.subject_layer * self.site.layers)
+        wanted = self.train_cfg.subject_key
+        if wanted is None:  # the default: wherever it works (a layer below the patched one to read)
+            wanted = causal and self.train_cfg.mode == "cached" and s_layer < self.site.layer_index
+        if wanted:
+            if not causal:
                 raise ValueError("trainer.subject_key needs a causal LM (it reads the prompt's subject token)")
-            s_site = locate(model, arch, layer=int(self.train_cfg.subject_layer * self.site.layers))
+            s_site = locate(model, arch, layer=s_layer)
             attach_subject(self.site, self.wrapper, s_site)
             dim = int(s_site.hidden_size)
             self.subject = SubjectCache(

@@ -1,5 +1,5 @@
 """A key that also reads the subject (issue 21; docs/results/levers-21.md, "A key that also reads
-the subject"). Off by default: `trainer.subject_key`.
+the subject"). `trainer.subject_key`, on by default for a decoder-only generator (config.py).
 
 On CounterFact the patched layer's input at the last position carries the relation, not the
 entity, so a neuron keyed on it alone either misses the edit's paraphrases or fires on other

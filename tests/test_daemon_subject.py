@@ -77,3 +77,39 @@ def test_subject_neurons_survive_the_store_a_restart_and_a_published_version(tmp
     ids = model.base.tokenizer([q for q, _ in EDITS], return_tensors="pt", padding=True)
     with torch.no_grad():
         assert torch.equal(loaded.model(**ids).logits, model.base.model(**ids).logits)
+
+
+def test_a_store_of_plain_patches_restarts_under_the_default_subject_key(tmp_path: Path) -> None:
+    """An operator upgrading to the default subject key: the plain patches an older patchd stored
+    replay into the subject model with the same gate verdicts and outputs, and new patches get
+    their detectors beside them."""
+    config, _ = llama_daemon_config(tmp_path, 60)
+    plain_env = {**ENV, "PATCHD_TRAINER_SUBJECT_KEY": "false"}
+    auto_env = {k: v for k, v in ENV.items() if k != "PATCHD_TRAINER_SUBJECT_KEY"}  # unset: the default
+    plain = PatchedModel.load(load_settings(config, plain_env))
+    assert plain.patcher.subject is None
+    settings = load_settings(config, auto_env)
+    assert settings.trainer.subject_key is None
+    with Store.open(settings.database.url) as store:
+        store.record_batch([report(f"ev-{i}", q, t, model=MODEL) for i, (q, t) in enumerate(EDITS)])
+        worker = Worker(store, plain, settings.policy, work_allowed=threading.Event(), ingest_done=threading.Event())
+        for _ in EDITS[:2]:
+            mistake = store.next_mistake(MODEL)
+            assert mistake is not None
+            assert worker.process(mistake) == "patched"
+        ids = plain.base.tokenizer([q for q, _ in EDITS], return_tensors="pt", padding=True)
+        with torch.no_grad():
+            want = plain.base.model(**ids).logits
+
+        upgraded = PatchedModel.load(settings)
+        assert upgraded.patcher.subject is not None  # a generator with a layer below the patched one
+        got = upgraded.rebuild(store)
+        assert got.replayed == 2 and got.mismatches == []
+        with torch.no_grad():
+            torch.testing.assert_close(upgraded.base.model(**ids).logits, want, rtol=0, atol=1e-5)
+
+        worker = Worker(store, upgraded, settings.policy, work_allowed=threading.Event(), ingest_done=threading.Event())
+        mistake = store.next_mistake(MODEL)
+        assert mistake is not None
+        assert worker.process(mistake) == "patched"
+        assert len(store.accepted_patches(MODEL)) == 3

@@ -412,7 +412,7 @@ def test_subject_patches_replay_and_load_as_the_run_left_them(tmp_path) -> None:
     batch = torch.stack([p for p, _ in edits] + heldout[:8])
     with torch.no_grad():
         assert torch.equal(loaded(input_ids=batch).logits, model(input_ids=batch).logits)
-    plain = Patcher(llama(seed=2), train=TrainConfig(), gate=GateConfig())
+    plain = Patcher(llama(seed=2), train=TrainConfig(subject_key=False), gate=GateConfig())
     with pytest.raises(ValueError, match="need trainer.subject_key"):
         plain.replay(gen_batch([edits[0][0]], [edits[0][1]]), "e0", saved.neurons["e0"], saved.detectors["e0"], 1.0)
 
@@ -460,6 +460,23 @@ def test_the_floor_copy_is_the_edit_with_m_at_its_floor_as_one_more_example() ->
     both = with_floor_copy(edit, copies, det)
     assert both.rows == 6 and both.group is not None and both.group.tolist() == [1, 1, 2, 2, 3, 3]
     assert torch.equal(both.q[:4], copies.q) and both.q[4:, -1].tolist() == [-3.0, -3.0]
+
+
+def test_the_default_subject_key_is_on_only_for_a_decoder_with_a_layer_below_the_patched_one() -> None:
+    from tests.fixtures_models import tiny_model
+
+    def subject(model: torch.nn.Module, **train: object) -> bool:
+        return Patcher(model, train=TrainConfig(**train), gate=GateConfig()).subject is not None  # type: ignore[arg-type]
+
+    assert TrainConfig().subject_key is None
+    assert subject(llama(layers=4))  # half depth: layer 2, below the last (3)
+    assert not subject(llama(layers=2))  # half depth is the patched layer 1: nothing below to read
+    assert subject(llama(layers=2), subject_layer=0.25)
+    assert not subject(llama(layers=4), subject_key=False)
+    assert not subject(llama(layers=4), mode="reference")  # the subject key trains cached only
+    assert not subject(tiny_model("bert"))  # a classifier keeps the plain key
+    with pytest.raises(ValueError, match="causal LM"):
+        subject(tiny_model("bert"), subject_key=True)
 
 
 def test_the_daemon_takes_the_subject_key_and_names_a_bad_locator(tmp_path) -> None:
@@ -557,7 +574,7 @@ def test_a_subject_snapshot_restores_the_uninterrupted_run_bit_for_bit(tmp_path)
     assert nxt is not None and again is not None and nxt.gate.to_dict() == again.gate.to_dict()
     assert torch.equal(nxt.neurons.keys, again.neurons.keys)
     # a plain Patcher refuses it (and a subject one a plain state), changing nothing
-    plain = Patcher(llama(seed=2), train=TrainConfig(), gate=GateConfig())
+    plain = Patcher(llama(seed=2), train=TrainConfig(subject_key=False), gate=GateConfig())
     with pytest.raises(ValueError, match="subject_key"):
         plain.restore_state(state)
     assert plain.wrapper.n == 0
