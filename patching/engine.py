@@ -160,6 +160,26 @@ class Checkpoint:
     subject_sequences: int | None = None  # trainer.subject_key: the layer-L_s bank's length
 
 
+def _causal(model: torch.nn.Module, site: FFNSite) -> bool:
+    return site.spec.kind == "generation" and not getattr(model.config, "is_encoder_decoder", False)
+
+
+def _subject_layer(cfg: TrainConfig, site: FFNSite) -> int:
+    return int(cfg.subject_layer * site.layers)
+
+
+def resolved_config(model: torch.nn.Module, train: TrainConfig, site: FFNSite | None = None) -> TrainConfig:
+    """`train` with every default that depends on the model filled in: the task kind's (for_task)
+    and trainer.subject_key's (None: on for a causal LM trained cached whose subject layer lies
+    below the patched one, where it has a layer to read). Reports record this, not the Nones."""
+    site = site or locate(model)
+    cfg = train.for_task(site.spec.kind == "generation")
+    if cfg.subject_key is None:
+        on = _causal(model, site) and cfg.mode == "cached" and _subject_layer(cfg, site) < site.layer_index
+        cfg = replace(cfg, subject_key=on)
+    return cfg
+
+
 class Patcher:
     def __init__(
         self,
@@ -175,7 +195,7 @@ class Patcher:
         self.gate_cfg = gate or GateConfig()
         self.site: FFNSite = locate(model, arch)
         self.generation = self.site.spec.kind == "generation"
-        self.train_cfg = (train or TrainConfig()).for_task(self.generation)
+        self.train_cfg = resolved_config(model, train or TrainConfig(), self.site)
         self.wrapper: PatchedFFN = attach(self.site, self.train_cfg.activation)
         self.fast_tail: LinearTail | None = linear_tail(self.site)  # None: not an LM head of known form
         ref = next(model.parameters())
@@ -192,15 +212,10 @@ class Patcher:
         self._scale: float | None = None  # the subject column's width, from M's base rows (subject_scale)
         self._memory_base = 0  # rows of M that come from unrelated inputs, not from edits
         self.subject: SubjectCache | None = None
-        causal = self.generation and not getattr(model.config, "is_encoder_decoder", False)
-        s_layer = int(self.train_cfg.subject_layer * self.site.layers)
-        wanted = self.train_cfg.subject_key
-        if wanted is None:  # the default: wherever it works (a layer below the patched one to read)
-            wanted = causal and self.train_cfg.mode == "cached" and s_layer < self.site.layer_index
-        if wanted:
-            if not causal:
+        if self.train_cfg.subject_key:
+            if not _causal(model, self.site):
                 raise ValueError("trainer.subject_key needs a causal LM (it reads the prompt's subject token)")
-            s_site = locate(model, arch, layer=s_layer)
+            s_site = locate(model, arch, layer=_subject_layer(self.train_cfg, self.site))
             attach_subject(self.site, self.wrapper, s_site)
             dim = int(s_site.hidden_size)
             self.subject = SubjectCache(

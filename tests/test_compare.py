@@ -45,6 +45,12 @@ def test_trainer_and_gate_settings_that_differ_label_the_runs() -> None:
     )
     assert differing([old, margin]) == ["trainer.stop_logit_margin"]
     assert label(old, ["trainer.stop_logit_margin"]) == "tpatcher stop_logit_margin=0.0"
+    # the subject key existed off and was turned on later: a report without it ran the plain key
+    subject = report(
+        2, True, 1.0, train_config={"equivalent_steps": 300, "subject_key": True}, gate_config={"retries": 2}
+    )
+    assert differing([old, subject]) == ["trainer.subject_key"]
+    assert label(old, ["trainer.subject_key"]) == "tpatcher subject_key=False"
 
 
 def test_editors_without_trainer_settings_are_labelled_by_name_beside_tpatcher_runs() -> None:

@@ -12,7 +12,7 @@ from patching.arch import locate
 from patching.capture import capture
 from patching.config import GateConfig, TrainConfig
 from patching.encode import NAME_GLUE, NAME_OTHER, NAME_PIECE, Encoded, generation, generation_ids
-from patching.engine import Patcher, with_floor_copy
+from patching.engine import Patcher, resolved_config, with_floor_copy
 from patching.layer import attach, attach_subject, continues, neuron_output
 from patching.subject import (
     Detector,
@@ -469,6 +469,10 @@ def test_the_default_subject_key_is_on_only_for_a_decoder_with_a_layer_below_the
         return Patcher(model, train=TrainConfig(**train), gate=GateConfig()).subject is not None  # type: ignore[arg-type]
 
     assert TrainConfig().subject_key is None
+    # what reports record: the default resolved for the model
+    assert resolved_config(llama(layers=4), TrainConfig()).subject_key is True
+    assert resolved_config(llama(layers=2), TrainConfig()).subject_key is False
+    assert resolved_config(tiny_model("bert"), TrainConfig()).subject_key is False
     assert subject(llama(layers=4))  # half depth: layer 2, below the last (3)
     assert not subject(llama(layers=2))  # half depth is the patched layer 1: nothing below to read
     assert subject(llama(layers=2), subject_layer=0.25)

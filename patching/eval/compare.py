@@ -30,8 +30,14 @@ COLUMNS = (
 # and its run had the setting's default (a new knob is off by default), except where a setting was
 # added and later turned on by default; those name the value they had before they existed
 ABSENT_MEANS: dict[str, dict[str, Any]] = {
-    # added 2026-12-06 and turned on the same day: before it, no generation edit was ever banded
-    "train_config": {"band_generation": False},
+    "train_config": {
+        # added 2026-12-06 and turned on the same day: before it, no generation edit was ever banded
+        "band_generation": False,
+        # added off (2026-12-06, floor and locator 2026-12-06/07), on by default since 2026-12-07
+        "subject_key": False,
+        "subject_floor": False,
+        "subject_locator": "memory",
+    },
     "gate_config": {},
 }
 CONFIG_DEFAULTS: dict[str, dict[str, Any]] = {

@@ -24,7 +24,7 @@ from patching.augment import chat_copies as chat_copies_of
 from patching.bases.load import load_base, resolve_dtype
 from patching.bases.tasks import TaskAdapter
 from patching.config import GateConfig, TrainConfig
-from patching.engine import Patcher
+from patching.engine import Patcher, resolved_config
 from patching.eval import metrics
 from patching.eval.contexts import chat_prompt, contexts_for
 from patching.eval.editors import TPatcherEditor, make_editor
@@ -140,7 +140,7 @@ def run_evaluate(
         **({"dtype": str(torch_dtype).removeprefix("torch.")} if torch_dtype != torch.float32 else {}),
         # tpatcher below the last FFN (patching/eval/deepsite.py)
         **({"site_depth": depth} if (depth := (editor_options or {}).get("site_depth")) is not None else {}),
-        "train_config": asdict(train.for_task(adapter.generation)) if editor == "tpatcher" else None,
+        "train_config": asdict(resolved_config(lb.model, train)) if editor == "tpatcher" else None,
         "gate_config": asdict(gate) if editor == "tpatcher" else None,
     }
 
