@@ -131,7 +131,8 @@ class TrainConfig:
     # generation: a key that also reads the subject (patching/subject.py): each edit's neurons add
     # c * (running max of a detector of its subject at layer subject_layer x depth), so a paraphrase
     # or a context that names the subject opens them and another subject's fact does not. None (the
-    # default): on for a decoder-only generator trained cached, off for any other model. In the
+    # default): on for a decoder-only generator trained cached whose subject layer (int(subject_layer
+    # x layers)) lies below the patched one (engine.resolved_config), off for any other model. In the
     # stream on zsre-smollm2 (levers-21.md, "To the subject's last token") it holds the fix behind
     # context and in the chat template far more often at no loss in GR. Patch files, engine
     # snapshots and versions (patchd-checkpoint/3) carry the detectors.

@@ -190,3 +190,54 @@ def test_teacher_forced_scores_match_the_plain_definition_per_example(
     want = [plain(q, a) for q, a in zip(questions, answers, strict=True)]
     assert adapter.token_accuracy(questions, answers) == pytest.approx(want)
     assert adapter.token_accuracy(questions[:1], [""]) == [None]  # no answer tokens: no score
+
+
+def test_a_subject_patchers_rows_come_back_from_the_disk_cache_and_train_the_same(
+    tokenizer: PreTrainedTokenizerFast, model: LlamaForCausalLM, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """TaskAdapter.patcher with trainer.subject_key: the first build writes M, the held-out rows and
+    layer L_s's sequences behind both to the disk cache (a file of their own beside the plain key's);
+    a fresh Patcher then takes all of them from there without a forward, and an edit trains to the
+    same neurons on it as on the patcher that computed them."""
+    from patching.bases.load import load_base
+    from patching.bases.tasks import TaskAdapter
+    from patching.config import TrainConfig
+    from patching.engine import Patcher
+
+    monkeypatch.setenv("PATCHD_CACHE_DIR", str(tmp_path / "cache"))
+    model.save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    memory = [f"Which river flows through town number {i}?" for i in range(24)]
+    heldout = [f"Who founded company number {i}?" for i in range(8)]
+    subject = TrainConfig(subject_key=True, subject_layer=0.0)
+
+    def patcher(train: TrainConfig) -> tuple[TaskAdapter, Patcher]:
+        adapter = TaskAdapter(load_base(str(tmp_path / "base")))  # a model of its own for each Patcher
+        return adapter, adapter.patcher(Patcher(adapter.base.model, train=train), memory, heldout, progress=False)
+
+    patcher(TrainConfig(subject_key=False))
+    _, built = patcher(subject)
+    assert built.subject is not None and len(list((tmp_path / "cache" / "activations").iterdir())) == 2
+
+    def computed(*_args: object, **_kwargs: object) -> None:
+        raise AssertionError("the rows were computed again, not read from the cache")
+
+    monkeypatch.setattr(TaskAdapter, "memory_batches", computed)
+    monkeypatch.setattr(TaskAdapter, "heldout_batches", computed)
+    adapter, loaded = patcher(subject)
+    assert torch.equal(loaded.memory.view(), built.memory.view())
+    assert built.heldout is not None and loaded.heldout is not None
+    for name, value in vars(built.heldout).items():
+        got = getattr(loaded.heldout, name)
+        assert (got is None and value is None) or torch.equal(got, value), name
+    want, have = built.subject_base(), loaded.subject_base()
+    assert want.keys() == have.keys()
+    for split in want:
+        assert want[split].keys() == have[split].keys()
+        assert all(torch.equal(want[split][k], have[split][k]) for k in want[split]), split
+
+    enc = adapter.edit("Which river flows through the town of Epaspidoceras?", "Zyxw")
+    a, b = built.propose(enc, "0"), loaded.propose(enc, "0")
+    assert a is not None and b is not None and a.subject is not None
+    assert torch.equal(a.neurons.keys, b.neurons.keys) and torch.equal(a.neurons.values, b.neurons.values)
+    assert a.accepted == b.accepted

@@ -247,10 +247,19 @@ class TaskAdapter:
         cache: bool = True,
     ) -> Patcher:
         """Build M and the held-out cache, reusing tensors cached on disk for this exact base,
-        layer and input lists (a zsRE held-out set costs minutes of greedy decoding)."""
+        layer and input lists (a zsRE held-out set costs minutes of greedy decoding). With
+        trainer.subject_key the file also holds layer L_s's sequences behind those rows
+        (Patcher.subject_base, as "subject.SPLIT.NAME"), keyed by L_s as well."""
         path = self._cache_path(patcher, memory, heldout) if cache else None
         if path is not None and path.is_file():
-            tensors = load_file(str(path))
+            tensors = load_file(str(path), device=str(patcher.memory.device))
+            subject = {k: tensors.pop(k) for k in [k for k in tensors if k.startswith("subject.")]}
+            if patcher.subject is not None:
+                parts: dict[str, dict[str, torch.Tensor]] = {}
+                for key, value in subject.items():
+                    _, split, name = key.split(".")
+                    parts.setdefault(split, {})[name] = value
+                patcher.load_subject_base(parts)  # before M's rows: add_memory checks they match
             patcher.add_memory(tensors.pop("memory"))
             patcher.heldout = gating.HeldoutTensors(**{k[len("heldout.") :]: v for k, v in tensors.items()})
             return patcher
@@ -260,20 +269,25 @@ class TaskAdapter:
             path.parent.mkdir(parents=True, exist_ok=True)
             tensors = {"memory": patcher.memory.view().contiguous()}
             tensors.update({f"heldout.{k}": v.contiguous() for k, v in vars(patcher.heldout).items() if v is not None})
+            if patcher.subject is not None:
+                for split, named in patcher.subject_base().items():
+                    tensors.update({f"subject.{split}.{k}": v.contiguous() for k, v in named.items()})
             tmp = path.with_suffix(f".tmp{os.getpid()}")
             save_file(tensors, str(tmp))
             os.replace(tmp, path)  # never a half-written cache file
         return patcher
 
     def _cache_path(self, patcher: Patcher, memory: Sequence[ModelInput], heldout: Sequence[ModelInput]) -> Path | None:
-        if patcher.wrapper.n or patcher.subject is not None:
-            # the cache holds the unpatched model's tensors only, without layer L_s's rows
-            return None
+        if patcher.wrapper.n:
+            return None  # the cache holds the unpatched model's tensors only
+        # layer L_s's sequences are in the file too: their own key per L_s (the plain key's name unchanged)
+        subject = () if patcher.subject is None else (f"subject{patcher.subject.site.layer_index}",)
         return self._keyed_path(
             "activations",
             ".safetensors",
             patcher.site.spec.layers,
             str(patcher.site.layer_index),
+            *subject,
             self.base.prompt_format or "",
             _joined(memory),
             "\x01",
