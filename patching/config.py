@@ -115,10 +115,6 @@ class TrainConfig:
     # some or all of theirs, and on the first 100 mistakes 300 gave GR 0.58 -> 0.69, cr 0.60 -> 0.71
     # for 112 training steps per edit on average instead of 81 (docs/results/levers-21.md)
     equivalent_steps: int = 300
-    # when every try with all its copies (train equivalents, context and chat copies) is refused, one
-    # more retry sequence with the first half of them before the edit alone: an edit refused for
-    # locality with its copies otherwise keeps none, and holds behind no context (cr 0)
-    halve_copies: bool = False
     # generation: while a wrong answer token has no neuron anchored at it (a long answer whose wrong
     # tokens outnumber max_neurons), an attempt ends (unsuccessful) once this many steps pass without
     # fewer wrong tokens, so the retry that anchors more rows comes without max_steps first; 0 = off

@@ -384,17 +384,14 @@ class Patcher:
         et, extra = split_equivalents(full)
         if self.is_right(et):
             return None
-        subject, floor = None, None
+        subject = None
         if seqs is not None and isinstance(enc, Encoded):
             subject, m = self._subject_edit(enc, full, seqs)
             if subject.detector is not None and m is not None:
                 # m as one more column of every row the neurons are trained and gated on
                 et, extra = split_equivalents(replace(full, q=with_column(full.q, subject.detector.column(m))))
-                floor = subject.detector if self.train_cfg.subject_floor else None
-        # the copies each retry sequence trains with, before the edit alone
-        copy_sets = copy_fallbacks(et, extra, self.train_cfg.halve_copies)
-        if floor is not None:
-            copy_sets = [with_floor_copy(et, c, floor) for c in copy_sets]
+                if self.train_cfg.subject_floor:
+                    extra = with_floor_copy(et, extra, subject.detector)
         caches = self._caches(subject.detector if subject is not None else None)
         proposal: Proposal | None = None
         tries = 0
@@ -402,9 +399,8 @@ class Patcher:
         history: list[dict[str, Any]] = []
         # equivalents help, never block: when every attempt with them fails (usually the gate: a
         # key wide enough for all the phrasings also fires on a held-out input), the whole retry
-        # sequence runs again (with trainer.halve_copies on half of them first) on the edit alone,
-        # as it would have without them
-        for eq in (*copy_sets, None) if copy_sets[0] is not None else (None,):
+        # sequence runs again on the edit alone, as it would have without them
+        for eq in (extra, None) if extra is not None else (None,):
             for attempt in range(self.gate_cfg.retries + 1):
                 # more neurons only when the edit itself stayed wrong with the capped set
                 grow = attempt > 0 and proposal is not None and not proposal.gate.reliable
@@ -925,21 +921,6 @@ def split_equivalents(et: EditTensors) -> tuple[EditTensors, EditTensors | None]
         return EditTensors(et.q[m], et.ffn[m], et.residual[m], et.targets[m], group=group[m])
 
     return rows(group == 0), rows(group != 0)
-
-
-def copy_fallbacks(et: EditTensors, extra: EditTensors | None, halve: bool) -> list[EditTensors | None]:
-    """The copies (extra: K*R rows, K copies of the edit's R rows in order) each retry sequence
-    trains with before the edit alone: all K, and with `halve` then the first K // 2 (train
-    equivalents and context prefixes come before chat copies, so those go first); [None] when
-    there are none."""
-    if extra is None:
-        return [None]
-    k = extra.rows // et.rows if extra.rows % et.rows == 0 else 0
-    if not halve or k < 2:
-        return [extra]
-    n = (k // 2) * et.rows
-    group = extra.group[:n] if extra.group is not None else None
-    return [extra, EditTensors(extra.q[:n], extra.ffn[:n], extra.residual[:n], extra.targets[:n], group=group)]
 
 
 def with_floor_copy(et: EditTensors, extra: EditTensors | None, detector: Detector) -> EditTensors:

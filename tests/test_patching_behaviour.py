@@ -191,50 +191,6 @@ def test_an_equivalent_whose_fit_moves_a_heldout_prediction_never_blocks_the_edi
     assert torch.equal(predict(model, heldout), held_before)
 
 
-def test_halve_copies_keeps_the_first_half_when_all_copies_are_refused() -> None:
-    """trainer.halve_copies: copies [an ordinary input, a held-out input of another label]. Every try
-    with both fails the gate (locality); the next retry sequence trains with the first copy only and
-    passes, where without the setting the edit would be trained alone."""
-    patcher, heldout, edits = setup()
-    model = patcher.model
-    held_before = predict(model, heldout)
-    target = 1 - predict(model, edits[:1])
-    victim = (held_before != target).nonzero().flatten()[:1]
-    other = (predict(model, edits[1:]) != target).nonzero().flatten()[:1] + 1
-    patcher.gate_cfg = replace(patcher.gate_cfg, retries=0)
-    patcher.train_cfg = replace(patcher.train_cfg, halve_copies=True)
-    together = torch.cat([edits[:1], edits[other], heldout[victim]])
-    outcome = patcher.edit(batch(together, target.repeat(3)), edit_id="e0")
-    assert outcome.status == "accepted", outcome.reasons
-    assert outcome.proposal is not None
-    *refused, last = outcome.proposal.tries
-    assert refused and all(t["equivalents"] == 2 and t["reasons"] for t in refused)
-    assert last["equivalents"] == 1 and last["reasons"] == []  # the first copy kept, not the edit alone
-    assert predict(model, edits[other]).item() == target.item()
-    assert torch.equal(predict(model, heldout), held_before)
-
-
-def test_copy_fallbacks_halve_whole_copies_in_order() -> None:
-    """K copies of R rows: all of them, then the first K // 2 (whole copies, in order); one copy or
-    none is not halved."""
-    from patching.engine import copy_fallbacks
-    from patching.trainer import EditTensors
-
-    def rows(n: int, start: int = 0) -> EditTensors:
-        x = torch.arange(start, start + n, dtype=torch.float32)[:, None].repeat(1, 4)
-        return EditTensors(x, x, x, torch.zeros(n, dtype=torch.long), group=torch.arange(n) // 2 + 1)
-
-    edit, five = rows(2), rows(10, start=2)  # R = 2 rows, K = 5 copies
-    sets = copy_fallbacks(edit, five, halve=True)
-    assert len(sets) == 2 and sets[0] is five
-    half = sets[1]
-    assert half is not None and half.rows == 4 and torch.equal(half.q, five.q[:4])
-    assert half.group is not None and half.group.tolist() == [1, 1, 2, 2]
-    assert copy_fallbacks(edit, five, halve=False) == [five]
-    assert copy_fallbacks(edit, rows(2), halve=True)[1:] == []  # one copy: nothing to halve
-    assert copy_fallbacks(edit, None, halve=True) == [None]
-
-
 def test_the_stall_rule_never_cuts_short_an_edit_whose_wrong_rows_all_have_neurons() -> None:
     """Slow progress on an anchored row is still progress (the loss moves before the argmax does):
     only rows without a neuron can stall an attempt. Here the one row is anchored."""
