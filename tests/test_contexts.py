@@ -136,6 +136,9 @@ def test_a_generator_with_a_chat_template_is_asked_in_it_too(tmp_path: Path) -> 
     got = _in_context(adapter, ex, contexts)
     want_cr = [adapter.right(a, target) for a in adapter.predict([with_context(c, question) for c in contexts])]
     assert got["cr"] == sum(want_cr) / 2 >= 0.5
+    # each miss names its context and the answer given behind it
+    assert [m["context"] for m in got["cr_missed"]] == [c for c, ok in zip(contexts, want_cr, strict=True) if not ok]
+    assert all(not adapter.right(m["answer"], target) for m in got["cr_missed"])
     assert got["cgr"] == float(adapter.right(adapter.predict([with_context(contexts[0], paraphrase)])[0], target))
     chat = chat_prompt(adapter.base.tokenizer, adapter.text(question), contexts[0])
     assert chat is not None and got["cr_chat"] == float(adapter.right(adapter.predict_prompts([chat])[0], target))

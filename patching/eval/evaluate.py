@@ -43,11 +43,14 @@ def _right(adapter: TaskAdapter, examples: list[Any]) -> list[bool]:
     return [adapter.right(p, e.target) for p, e in zip(preds, examples, strict=True)]
 
 
-def _in_context(adapter: TaskAdapter, ex: Any, contexts: list[str]) -> dict[str, float | None]:
-    """cr, cgr and cr_chat of one edit just after it (None where it has no such input)."""
+def _in_context(adapter: TaskAdapter, ex: Any, contexts: list[str]) -> dict[str, Any]:
+    """cr, cgr and cr_chat of one edit just after it (None where it has no such input), and
+    `cr_missed`: each context the edit's own input failed behind, with the answer given there (the
+    failure analyses of issue 21 need the text, and a report cannot rebuild it cheaply)."""
     if not contexts:
         return {"cr": None, "cgr": None, "cr_chat": None}
-    own = _right(adapter, [type(ex)(with_context(c, ex.input), ex.target) for c in contexts])
+    answers = adapter.predict([with_context(c, ex.input) for c in contexts])
+    own = [adapter.right(a, ex.target) for a in answers]
     paras = [type(ex)(with_context(contexts[j % len(contexts)], q), ex.target) for j, q in enumerate(ex.equivalents)]
     para = _right(adapter, paras) if paras else []
     chat = None
@@ -59,6 +62,7 @@ def _in_context(adapter: TaskAdapter, ex: Any, contexts: list[str]) -> dict[str,
         "cr": sum(own) / len(own),
         "cgr": sum(para) / len(para) if para else None,
         "cr_chat": chat,
+        "cr_missed": [{"context": c, "answer": a} for c, a, ok in zip(contexts, answers, own, strict=True) if not ok],
     }
 
 
