@@ -193,8 +193,7 @@ class PolicySettings:
     # 5x the training time per patch (docs/results/levers-21.md). 0 = off
     context_prefixes: int | None = None
     # where they come from: "memory" = the last memory inputs (M's own texts; they won on every
-    # context figure), "memory-paired" = the same, every second prefix two of them joined (longer
-    # contexts), "generated" = a generator's own continuations of seed words (as WISE makes them)
+    # context figure), "generated" = a generator's own continuations of seed words (as WISE makes them)
     context_prefix_source: Source = "memory"
     # a generator whose tokenizer has a chat template: train each patch also as this many chat forms
     # of its question (a system prompt and an earlier exchange whose question is one of the context

@@ -9,12 +9,9 @@ engine's train equivalents: they help, they never block a patch (patching/engine
 Where the prefixes come from (`source`):
 - "memory": the last N inputs of the memory part (texts of M: unrelated to any edit by
   construction, and in the base's own input distribution);
-- "memory-paired": the same texts, every second prefix two of them joined, so that the prefixes
-  also span the longer contexts users send: behind a context of 11 words or more an edit's fix
-  failed 24 % of the time, behind 4 words or fewer 9 % (levers-21.md, "Which contexts fail");
 - "generated": a generator's own greedy continuations of a few seed words, as WISE makes them.
   A fine-tuned base's free text can be degenerate ("The -the-world-is-a-world"), so "memory" is
-  the default; a classifier always uses memory texts (paired if asked).
+  the default; a classifier always uses memory texts.
 
 Used by the daemon (`[policy] context_prefixes`, daemon/model.py) and by `patchd evaluate
 --context-augment`; evaluation keeps its context pool out of the memory texts, so a prefix is
@@ -41,8 +38,8 @@ if TYPE_CHECKING:  # settings import Source: `patchd --help` must not load torch
     from patching.bases.tasks import TaskAdapter
     from patching.encode import ModelInput
 
-Source = Literal["memory", "memory-paired", "generated"]
-SOURCES: tuple[Source, ...] = ("memory", "memory-paired", "generated")
+Source = Literal["memory", "generated"]
+SOURCES: tuple[Source, ...] = ("memory", "generated")
 
 # seed words a generator continues into prefixes (source "generated")
 AUGMENT_SEEDS = ("The", "In", "However,", "I", "This", "When", "A", "It", "We", "There")
@@ -113,18 +110,6 @@ def memory_prefixes(memory: Sequence[ModelInput], n: int) -> list[str]:
     return out[::-1]
 
 
-def paired_prefixes(memory: Sequence[ModelInput], n: int) -> list[str]:
-    """n prefixes from the last memory texts (memory_prefixes), every second one two texts joined:
-    prefix 2j is text 3j, prefix 2j+1 texts 3j+1 and 3j+2 (so about 1.5 n texts in all)."""
-    texts = memory_prefixes(memory, n + n // 2)
-    out: list[str] = []
-    while len(out) < n and texts:
-        out.append(texts.pop(0))
-        if len(out) < n and len(texts) >= 2:
-            out.append(with_context(texts.pop(0), texts.pop(0)))
-    return out
-
-
 def generated_prefixes(model: Any, tokenizer: Any, n: int) -> list[str]:
     """A generator's greedy continuation of up to AUGMENT_TOKENS tokens after each of n seed words."""
     from patching.bases.qa import greedy_ids  # generation only
@@ -145,6 +130,4 @@ def augment_prefixes(
         return []
     if source == "generated" and adapter.generation:
         return generated_prefixes(adapter.base.model, adapter.base.tokenizer, n)
-    if source == "memory-paired":
-        return paired_prefixes(memory, n)
     return memory_prefixes(memory, n)

@@ -187,10 +187,5 @@ def test_a_generators_prefixes_are_its_own_continuations_of_seed_words(tmp_path:
     # the default source: the last memory texts, a pair's first text, no blank or repeated one
     memory = ["a b", ("claim", "evidence"), "  ", "a b", "last"]
     assert augment_prefixes(adapter, memory, 3) == ["claim", "a b", "last"]
-    # memory-paired: every second prefix two memory texts joined, from the same end of the memory
-    memory = [f"m{i}" for i in range(10)]
-    assert augment_prefixes(adapter, memory, 4, source="memory-paired") == ["m4", "m5 m6", "m7", "m8 m9"]
-    assert augment_prefixes(adapter, memory, 3, source="memory-paired") == ["m6", "m7 m8", "m9"]
-    assert augment_prefixes(adapter, ["a", "b"], 5, source="memory-paired") == ["a", "b"]
     with pytest.raises(ValueError, match="prefix source 'web'"):
         augment_prefixes(adapter, memory, 1, source="web")  # type: ignore[arg-type]

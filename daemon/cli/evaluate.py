@@ -127,7 +127,6 @@ def register(sub: Any, bench: Any) -> None:
         choices=SOURCES,
         default="memory",
         help="where --context-augment's prefixes come from: memory = the last N memory inputs (default), "
-        "memory-paired = the same with every second prefix two memory inputs joined (longer contexts), "
         "generated = a generator's own continuations of up to 10 seed words (a classifier: memory)",
     )
     p.add_argument(
