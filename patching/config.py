@@ -75,11 +75,6 @@ class TrainConfig:
     # train equivalents); 0 = the argmax right, as the paper's rule. 2.0 ran most zsRE edits to
     # max_steps (5x the edit time) for no gain behind context (docs/results/levers-21.md)
     stop_logit_margin: float = 0.0
-    # generation: every trained row (edit and kept copies) must lead on the stop decision by this
-    # margin, as a hinge in the loss and in the stop rule: the target over the stop token, and on
-    # the last row the stop token over the best other (losses.stop_gap). 0 = off. Of the misses
-    # behind a context, most are that decision: an empty answer, or the answer and more
-    stop_token_margin: float = 0.0
     # generation: one neuron per wrong target token, at most this many. 10, not the reference's 5:
     # on zsRE's first 99 with context and chat copies, an answer of more rows than neurons lost its
     # copies at equivalent_steps; 10 kept all of them in 91 edits against 76, cr 0.87 against 0.84,
@@ -162,8 +157,6 @@ class TrainConfig:
         if self.activation not in ACTIVATIONS:
             names = ", ".join(repr(a) for a in ACTIVATIONS)
             raise ValueError(f"trainer.activation must be one of {names}, got {self.activation!r}")
-        if not self.stop_token_margin >= 0.0:
-            raise ValueError(f"trainer.stop_token_margin must be >= 0, got {self.stop_token_margin!r}")
         if not self.stop_logit_margin >= 0.0:
             raise ValueError(f"trainer.stop_logit_margin must be >= 0, got {self.stop_logit_margin!r}")
         if not self.saturation >= 1.0:

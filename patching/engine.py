@@ -622,7 +622,6 @@ class Patcher:
             whiten=caches.whiten,
             extra=extra,
             fast=self.fast_tail if cfg.fast_tail else None,
-            stop_id=int(et.targets[-1]) if self.generation else None,  # an answer's rows end at the stop
         )
 
     def whitening(self) -> tuple[torch.Tensor, torch.Tensor] | None:

@@ -29,29 +29,6 @@ def edit_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float(), targets)
 
 
-def logit_margin(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """logits [R, V], targets [R] -> [R]: the target's logit minus the largest other logit
-    (> 0 exactly where the argmax is the target)."""
-    top2 = logits.topk(2, dim=-1)  # [R, 2]: the best and the runner-up
-    target = logits.gather(-1, targets[:, None]).squeeze(-1)
-    best_other = torch.where(top2.indices[:, 0] == targets, top2.values[:, 1], top2.values[:, 0])
-    return target - best_other
-
-
-def stop_gap(logits: torch.Tensor, targets: torch.Tensor, stop_id: int) -> torch.Tensor:
-    """logits [R, V], targets [R] -> [R]: each row's lead on the decision where the answer stops.
-    A row whose target is the stop token: its lead over the best other token (the answer ends
-    here, not with more); any other row: the target's lead over the stop token (the answer goes
-    on, instead of ending early or never starting). > 0 exactly where that decision is right."""
-    target = logits.gather(-1, targets[:, None]).squeeze(-1)
-    return torch.where(targets == stop_id, logit_margin(logits, targets), target - logits[:, stop_id])
-
-
-def stop_gap_loss(gap: torch.Tensor, margin: float) -> torch.Tensor:
-    """Hinge on the stop decision: mean over rows of relu(margin - gap). gap [R] (stop_gap)."""
-    return F.relu(margin - gap).mean()
-
-
 def activation_loss(a: torch.Tensor, margin: float, k: int) -> torch.Tensor:
     """Push each neuron on for its edit: mean over neurons of top-k mean of exp(margin - a).
 

@@ -130,6 +130,15 @@ def augmented_q(q: torch.Tensor, cfg: TrainConfig, gen: torch.Generator) -> torc
     return torch.cat([q, copies * keep / (1.0 - cfg.augment_dropout)])
 
 
+def logit_margin(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """logits [R, V], targets [R] -> [R]: the target's logit minus the largest other logit
+    (> 0 exactly where the argmax is the target)."""
+    top2 = logits.topk(2, dim=-1)  # [R, 2]: the best and the runner-up
+    target = logits.gather(-1, targets[:, None]).squeeze(-1)
+    best_other = torch.where(top2.indices[:, 0] == targets, top2.values[:, 1], top2.values[:, 0])
+    return target - best_other
+
+
 def stop_met(edit_ok: bool, a_min: float, m_max: float, obj: Objective) -> bool:
     """The stop rule: the edit right, memory silent, and the edit's weakest anchor well above it."""
     return edit_ok and m_max < obj.stop_mem_margin and a_min - m_max >= obj.stop_rel_margin
@@ -143,10 +152,8 @@ def total_loss(
     m: torch.Tensor,
     obj: Objective,
     cfg: TrainConfig,
-    stop_id: int | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """l_e + l_a + c_m (l_abs + l_rel), + the stop hinge (cfg.stop_token_margin, a generator's
-    stop token stop_id). a_rows [C, n] activations at each neuron's anchor (all copies).
+    """l_e + l_a + c_m (l_abs + l_rel). a_rows [C, n] activations at each neuron's anchor (all copies).
     The parts stay tensors (detached): read them once after the loop (losses_of), not every step."""
     le = losses.edit_loss(logits, targets)
     la = losses.activation_loss(a_rows, obj.act_margin, cfg.act_topk)
@@ -154,10 +161,6 @@ def total_loss(
     lm_rel = losses.memory_rel_loss(m, a_edit, obj.rel_margin, cfg.mem_topk)
     total = le + la + obj.mem_weight * (lm_abs + lm_rel)
     parts = {"edit": le, "act": la, "mem_abs": lm_abs, "mem_rel": lm_rel}
-    if stop_id is not None and cfg.stop_token_margin > 0:
-        ls = losses.stop_gap_loss(losses.stop_gap(logits, targets, stop_id), cfg.stop_token_margin)
-        total = total + ls
-        parts["stop"] = ls
     return total, {k: v.detach() for k, v in parts.items()}
 
 
@@ -210,7 +213,6 @@ def train_cached(
     whiten: tuple[torch.Tensor, torch.Tensor] | None = None,
     extra: EditTensors | None = None,
     fast: LinearTail | None = None,
-    stop_id: int | None = None,
 ) -> TrainResult:
     """Train len(anchors) neurons (neuron i anchored at edit row anchors[i]) until the stop rule holds.
 
@@ -223,11 +225,7 @@ def train_cached(
     max_neurons), the attempt ends unsuccessfully once cfg.stall_steps steps pass without fewer
     wrong rows: the caller's retry anchors more rows. Wrong rows that all have neurons train on.
     fast: the model's factored tail (patching/fasttail.py), used for the loop's logits when given.
-    stop_id: a generator's stop token (the last row's target); with cfg.stop_token_margin > 0 every
-    trained row must lead on the stop decision by that margin (losses.stop_gap), in loss and stop rule.
     """
-    if stop_id is None or cfg.stop_token_margin <= 0:
-        stop_id = None
     t0 = time.perf_counter()
     gen = torch.Generator().manual_seed(seed)
     nr = init_neurons(edit, anchors, memory, tail, cfg, gen, activation, whiten, extra)
@@ -299,15 +297,9 @@ def train_cached(
                 if cfg.stop_logit_margin > 0:
                     # right with headroom, for the stop rule only (the stall and drop rules count wrong
                     # rows): behind a context or in other words the logits shift a little
-                    short = (losses.logit_margin(logits[:R], edit.targets) < cfg.stop_logit_margin).any()
-                    eq_margin = losses.logit_margin(logits[copies * R :], targets_all[copies * R :])  # [K*R]
+                    short = (logit_margin(logits[:R], edit.targets) < cfg.stop_logit_margin).any()
+                    eq_margin = logit_margin(logits[copies * R :], targets_all[copies * R :])  # [K*R]
                     eq_stop = (eq_margin >= cfg.stop_logit_margin).all()
-                if stop_id is not None:
-                    # the stop decision with headroom (where the answer ends: most misses behind a
-                    # context are an empty answer, or the answer and more, docs/results/levers-21.md)
-                    gap = losses.stop_gap(logits, targets_all, stop_id)  # [C*R]
-                    short = short | (gap[:R] < cfg.stop_token_margin).any()
-                    eq_stop = eq_stop & (gap[copies * R :] >= cfg.stop_token_margin).all()
                 m_top = m.max() if m.numel() else m.new_full((), float("-inf"))
                 numbers = torch.stack(
                     [
@@ -333,7 +325,7 @@ def train_cached(
                         break
         if last or (cfg.stall_steps and not cfg.fixed_steps and step - progress_step >= cfg.stall_steps):
             break
-        loss, info = total_loss(logits, targets_all, a_rows, a_edit, m, obj, cfg, stop_id)
+        loss, info = total_loss(logits, targets_all, a_rows, a_edit, m, obj, cfg)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

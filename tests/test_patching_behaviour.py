@@ -285,7 +285,7 @@ def test_edits_accepted_in_bfloat16_hold_after_a_save_a_load_and_a_fresh_forward
 
 
 def test_logit_margin_is_the_targets_lead_over_the_runner_up() -> None:
-    from patching.losses import logit_margin
+    from patching.trainer import logit_margin
 
     logits = torch.tensor([[3.0, 1.0, 0.5], [3.0, 1.0, 0.5], [2.0, 2.0, -1.0]])
     targets = torch.tensor([0, 2, 1])
@@ -315,56 +315,3 @@ def test_a_stop_margin_trains_the_edit_and_its_equivalents_past_it() -> None:
         assert torch.equal(predict(model, heldout), held_before)
         leads.append(lead)
     assert leads[1] > leads[0] + 0.05  # the margin bought headroom the plain rule did not
-
-
-def test_the_stop_gap_is_the_targets_lead_over_the_stop_token_and_the_stops_lead_at_the_end() -> None:
-    from patching.losses import stop_gap, stop_gap_loss
-
-    stop = 2
-    logits = torch.tensor([[3.0, 1.0, 2.5], [1.0, 0.5, 2.0], [1.0, 0.0, 4.0], [1.0, 3.5, 3.0]])
-    targets = torch.tensor([0, 0, 2, 2])  # two answer rows, then two rows that should stop
-    # row 0 leads the stop token by 0.5; row 1 trails it (an empty answer); row 2 stops with a lead
-    # of 3 over the best other; row 3 would write more (token 1 leads the stop by 0.5)
-    gap = stop_gap(logits, targets, stop)
-    assert torch.allclose(gap, torch.tensor([0.5, -1.0, 3.0, -0.5]))
-    assert torch.isclose(stop_gap_loss(gap, 1.0), torch.tensor((0.5 + 2.0 + 0.0 + 1.5) / 4))
-    assert stop_gap_loss(gap, 0.0) > 0  # the wrong rows cost something even with no margin
-
-
-def test_a_stop_token_margin_trains_every_row_past_it_on_the_stop_decision() -> None:
-    """train_cached with stop_token_margin: the edit's rows and its equivalents' lead on the stop
-    decision by the margin when training ends; the plain rule stops with far less headroom."""
-    from patching.losses import stop_gap
-    from patching.trainer import EditTensors, Objective, train_cached
-
-    torch.manual_seed(0)
-    d, vocab, rows, stop = 16, 12, 3, 0
-    head = torch.randn(d, vocab)
-
-    def tail(ffn: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        return (ffn + residual) @ head  # [R, V]
-
-    def tensors(n: int) -> EditTensors:
-        return EditTensors(
-            torch.randn(rows * n, d) + 2.0,
-            torch.zeros(rows * n, d),
-            torch.randn(rows * n, d) * 0.1,
-            torch.tensor([5, 7, stop]).repeat(n),
-        )
-
-    edit, extra = tensors(1), tensors(2)
-    extra.q = edit.q.repeat(2, 1) + 0.3 * torch.randn(2 * rows, d)  # the edit behind two contexts
-    memory = torch.randn(200, d) - 2.0
-    gaps = []
-    for margin in (0.0, 3.0):
-        cfg = TrainConfig(stop_token_margin=margin, max_steps=400, init_threshold=0.25)
-        obj = Objective.from_config(cfg, generation=True)
-        result = train_cached(edit, torch.arange(rows), memory, tail, cfg, obj, "relu", extra=extra, stop_id=stop)
-        assert result.success and result.equivalents == 2, (result.success, result.equivalents)
-        nr = result.neurons
-        q = torch.cat([edit.q, extra.q])
-        ffn = torch.cat([edit.ffn, extra.ffn]) + torch.relu(q @ nr.keys.T + nr.biases) @ nr.values
-        logits = tail(ffn, torch.cat([edit.residual, extra.residual]))
-        gap = stop_gap(logits, torch.cat([edit.targets, extra.targets]), stop)
-        gaps.append(float(gap.min()))
-    assert gaps[1] >= 3.0 > gaps[0], gaps
